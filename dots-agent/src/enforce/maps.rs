@@ -1,0 +1,234 @@
+//! Typed access to the pinned classifier maps, in terms of [`Prefix`] tables.
+
+use std::collections::BTreeMap;
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues},
+    Pod,
+};
+use dots_common::{IcmpTypeKey, Ipv4Key, Ipv6Key, PortKey, SlotCounters, SlotMask};
+
+use super::{
+    plan::{Prefix, Table},
+    EnforceError,
+};
+
+/// How a map key encodes a right-aligned prefix value.
+pub trait Codec {
+    type K: Pod;
+    const WIDTH: u8;
+    fn encode(bits: u128) -> Self::K;
+    fn decode(k: &Self::K) -> u128;
+}
+
+pub struct V4;
+pub struct V6;
+pub struct Port;
+pub struct IcmpType;
+
+impl Codec for V4 {
+    type K = Ipv4Key;
+    const WIDTH: u8 = 32;
+    fn encode(bits: u128) -> Ipv4Key {
+        Ipv4Key::new((bits as u32).to_be_bytes())
+    }
+    fn decode(k: &Ipv4Key) -> u128 {
+        u128::from(u32::from_be_bytes(k.addr))
+    }
+}
+
+impl Codec for V6 {
+    type K = Ipv6Key;
+    const WIDTH: u8 = 128;
+    fn encode(bits: u128) -> Ipv6Key {
+        Ipv6Key { addr: bits.to_be_bytes() }
+    }
+    fn decode(k: &Ipv6Key) -> u128 {
+        u128::from_be_bytes(k.addr)
+    }
+}
+
+impl Codec for Port {
+    type K = PortKey;
+    const WIDTH: u8 = 16;
+    fn encode(bits: u128) -> PortKey {
+        PortKey::new(bits as u16)
+    }
+    fn decode(k: &PortKey) -> u128 {
+        u128::from(u16::from_be_bytes(k.port))
+    }
+}
+
+impl Codec for IcmpType {
+    type K = IcmpTypeKey;
+    const WIDTH: u8 = 8;
+    fn encode(bits: u128) -> IcmpTypeKey {
+        IcmpTypeKey::new(bits as u8)
+    }
+    fn decode(k: &IcmpTypeKey) -> u128 {
+        u128::from(k.icmp_type)
+    }
+}
+
+/// A table of prefixes to values held in a kernel map.
+pub trait PrefixMap<V> {
+    fn name(&self) -> &'static str;
+    fn capacity(&self) -> u32;
+    fn read(&self) -> Result<std::collections::HashMap<Prefix, V>, EnforceError>;
+    fn upsert(&mut self, p: Prefix, v: V) -> Result<(), EnforceError>;
+    fn delete(&mut self, p: Prefix) -> Result<(), EnforceError>;
+}
+
+/// An LPM trie keyed by `C`.
+pub struct Lpm<C: Codec, V: Pod> {
+    pub name: &'static str,
+    pub capacity: u32,
+    pub map: LpmTrie<MapData, C::K, V>,
+}
+
+impl<C: Codec, V: Pod> PrefixMap<V> for Lpm<C, V> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn capacity(&self) -> u32 {
+        self.capacity
+    }
+    fn read(&self) -> Result<std::collections::HashMap<Prefix, V>, EnforceError> {
+        self.map
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| {
+                    let p = Prefix {
+                        bits: C::decode(&k.data()),
+                        len: k.prefix_len() as u8,
+                    };
+                    (p, v)
+                })
+                .map_err(EnforceError::map(self.name))
+            })
+            .collect()
+    }
+    fn upsert(&mut self, p: Prefix, v: V) -> Result<(), EnforceError> {
+        let key = Key::new(u32::from(p.len), C::encode(p.bits));
+        self.map.insert(&key, v, 0).map_err(EnforceError::map(self.name))
+    }
+    fn delete(&mut self, p: Prefix) -> Result<(), EnforceError> {
+        let key = Key::new(u32::from(p.len), C::encode(p.bits));
+        ignore_missing(self.map.remove(&key)).map_err(EnforceError::map(self.name))
+    }
+}
+
+/// An exact-match hash of host addresses (prefix length = the key's width).
+pub struct Exact<C: Codec> {
+    pub name: &'static str,
+    pub capacity: u32,
+    pub map: HashMap<MapData, C::K, SlotMask>,
+}
+
+impl<C: Codec> PrefixMap<SlotMask> for Exact<C> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn capacity(&self) -> u32 {
+        self.capacity
+    }
+    fn read(&self) -> Result<Table, EnforceError> {
+        self.map
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| {
+                    let p = Prefix {
+                        bits: C::decode(&k),
+                        len: C::WIDTH,
+                    };
+                    (p, v)
+                })
+                .map_err(EnforceError::map(self.name))
+            })
+            .collect()
+    }
+    fn upsert(&mut self, p: Prefix, v: SlotMask) -> Result<(), EnforceError> {
+        self.map
+            .insert(C::encode(p.bits), v, 0)
+            .map_err(EnforceError::map(self.name))
+    }
+    fn delete(&mut self, p: Prefix) -> Result<(), EnforceError> {
+        ignore_missing(self.map.remove(&C::encode(p.bits))).map_err(EnforceError::map(self.name))
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// The protocol array: index = IP protocol number.
+pub struct Protocols {
+    pub map: Array<MapData, SlotMask>,
+}
+
+impl Protocols {
+    pub const NAME: &'static str = dots_common::names::PROTO;
+
+    pub fn read(&self) -> Result<BTreeMap<u8, SlotMask>, EnforceError> {
+        let mut out = BTreeMap::new();
+        for proto in 0..=255u8 {
+            let m = self
+                .map
+                .get(&u32::from(proto), 0)
+                .map_err(EnforceError::map(Self::NAME))?;
+            if !m.is_empty() {
+                out.insert(proto, m);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set(&mut self, proto: u8, m: SlotMask) -> Result<(), EnforceError> {
+        self.map
+            .set(u32::from(proto), m, 0)
+            .map_err(EnforceError::map(Self::NAME))
+    }
+}
+
+/// Per-CPU values summed, and reset.
+pub struct PerCpu<V: Pod> {
+    pub name: &'static str,
+    pub map: PerCpuArray<MapData, V>,
+}
+
+impl PerCpu<SlotCounters> {
+    pub fn total(&self, index: u32) -> Result<SlotCounters, EnforceError> {
+        let values = self.map.get(&index, 0).map_err(EnforceError::map(self.name))?;
+        Ok(values.iter().fold(SlotCounters::default(), |acc, c| SlotCounters {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        }))
+    }
+}
+
+impl PerCpu<u64> {
+    pub fn total(&self, index: u32) -> Result<u64, EnforceError> {
+        let values = self.map.get(&index, 0).map_err(EnforceError::map(self.name))?;
+        Ok(values.iter().sum())
+    }
+}
+
+impl<V: Pod + Default + Clone> PerCpu<V> {
+    pub fn reset(&mut self, index: u32) -> Result<(), EnforceError> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, source)| EnforceError::Io {
+            action: "counting CPUs from",
+            path: what.into(),
+            source,
+        })?;
+        let zeros = PerCpuValues::try_from(vec![V::default(); cpus]).map_err(|source| EnforceError::Io {
+            action: "building per-CPU zeros for",
+            path: self.name.into(),
+            source,
+        })?;
+        self.map.set(index, zeros, 0).map_err(EnforceError::map(self.name))
+    }
+}

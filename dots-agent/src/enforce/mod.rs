@@ -1,0 +1,24 @@
+//! Enforcement: validated scopes -> classifier maps -> XDP drops.
+//!
+//! * [`spec`]: one slot as the data plane sees it, and its checks.
+//! * [`plan`]: the exact map contents for a set of slots (pure).
+//! * [`dataplane`]: loading, pinning and attaching the XDP program, and the
+//!   idempotent apply step that makes the maps match a desired set of slots.
+//! * [`counters`]: drop totals and rates.
+//! * [`test_run`]: `BPF_PROG_TEST_RUN`, for benchmarks and tests.
+
+pub mod counters;
+pub mod dataplane;
+mod error;
+mod maps;
+pub mod plan;
+pub mod spec;
+pub mod test_run;
+
+pub use counters::{Rates, RateMeter};
+pub use dataplane::{ApplyReport, AttachMode, Attachment, Dataplane, DataplaneOptions};
+pub use error::EnforceError;
+pub use spec::{Range, SlotId, SlotLimits, SlotSpec};
+
+/// Where maps and links are pinned unless configured otherwise.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/dots-agent";

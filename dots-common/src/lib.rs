@@ -1,0 +1,256 @@
+//! The contract between the XDP program (`dots-ebpf`) and user space.
+//!
+//! Every map's key and value is defined here once, as `#[repr(C)]` plain data,
+//! together with the pinned map names and the capacity limits. The classifier
+//! follows the bit-vector design (DESIGN principle 4): every field lookup returns
+//! a [`SlotMask`] of mitigation slots, the masks are ANDed, and any bit left is a
+//! drop charged to that slot.
+#![no_std]
+
+/// Number of concurrent mitigation slots. One bit per slot in a [`SlotMask`].
+pub const MAX_SLOTS: usize = 256;
+/// 64-bit words in a [`SlotMask`].
+pub const MASK_WORDS: usize = MAX_SLOTS / 64;
+/// Capacity of each source-prefix map (per address family and per kind:
+/// exact host addresses and shorter prefixes have a map each).
+pub const MAX_SOURCE_PREFIXES: u32 = 131_072;
+/// Capacity of each target-prefix map (per address family).
+pub const MAX_TARGET_PREFIXES: u32 = 16_384;
+/// Capacity of the exempt (never-block) prefix map, per address family.
+pub const MAX_EXEMPT_PREFIXES: u32 = 4_096;
+/// Capacity of each port/ICMP-type range trie. A range decomposes into at most
+/// 30 (ports) or 14 (ICMP types) prefixes, never one entry per value.
+pub const MAX_RANGE_PREFIXES: u32 = 65_536;
+
+/// Pinned map and program names. The pin path is `<bpffs dir>/<name>`.
+pub mod names {
+    pub const PROGRAM: &str = "dots_xdp";
+    pub const PASS_PROGRAM: &str = "dots_xdp_pass";
+    pub const POLICY: &str = "DOTS_POLICY";
+    pub const SRC4_EXACT: &str = "DOTS_SRC4_EXACT";
+    pub const SRC6_EXACT: &str = "DOTS_SRC6_EXACT";
+    pub const SRC4_LPM: &str = "DOTS_SRC4_LPM";
+    pub const SRC6_LPM: &str = "DOTS_SRC6_LPM";
+    pub const DST4_LPM: &str = "DOTS_DST4_LPM";
+    pub const DST6_LPM: &str = "DOTS_DST6_LPM";
+    pub const PROTO: &str = "DOTS_PROTO";
+    pub const SPORT: &str = "DOTS_SPORT";
+    pub const DPORT: &str = "DOTS_DPORT";
+    pub const ICMP_TYPE: &str = "DOTS_ICMP_TYPE";
+    pub const EXEMPT4: &str = "DOTS_EXEMPT4";
+    pub const EXEMPT6: &str = "DOTS_EXEMPT6";
+    pub const COUNTERS: &str = "DOTS_COUNTERS";
+    pub const STATS: &str = "DOTS_STATS";
+    /// All maps, in the order user space opens them.
+    pub const ALL_MAPS: [&str; 15] = [
+        POLICY, SRC4_EXACT, SRC6_EXACT, SRC4_LPM, SRC6_LPM, DST4_LPM, DST6_LPM, PROTO, SPORT,
+        DPORT, ICMP_TYPE, EXEMPT4, EXEMPT6, COUNTERS, STATS,
+    ];
+}
+
+/// A set of mitigation slots, one bit each.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SlotMask {
+    pub bits: [u64; MASK_WORDS],
+}
+
+impl SlotMask {
+    pub const EMPTY: SlotMask = SlotMask { bits: [0; MASK_WORDS] };
+
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        (self.bits[0] | self.bits[1] | self.bits[2] | self.bits[3]) == 0
+    }
+
+    #[inline(always)]
+    pub fn and(&self, other: &SlotMask) -> SlotMask {
+        SlotMask {
+            bits: [
+                self.bits[0] & other.bits[0],
+                self.bits[1] & other.bits[1],
+                self.bits[2] & other.bits[2],
+                self.bits[3] & other.bits[3],
+            ],
+        }
+    }
+
+    #[inline(always)]
+    pub fn or(&self, other: &SlotMask) -> SlotMask {
+        SlotMask {
+            bits: [
+                self.bits[0] | other.bits[0],
+                self.bits[1] | other.bits[1],
+                self.bits[2] | other.bits[2],
+                self.bits[3] | other.bits[3],
+            ],
+        }
+    }
+
+    /// Set `slot`'s bit. Slots at or past [`MAX_SLOTS`] are ignored.
+    #[inline(always)]
+    pub fn set(&mut self, slot: usize) {
+        if slot < MAX_SLOTS {
+            self.bits[slot / 64] |= 1u64 << (slot % 64);
+        }
+    }
+
+    #[inline(always)]
+    pub fn clear(&mut self, slot: usize) {
+        if slot < MAX_SLOTS {
+            self.bits[slot / 64] &= !(1u64 << (slot % 64));
+        }
+    }
+
+    #[inline(always)]
+    pub fn contains(&self, slot: usize) -> bool {
+        slot < MAX_SLOTS && self.bits[slot / 64] & (1u64 << (slot % 64)) != 0
+    }
+
+    /// A mask with only `slot` set.
+    pub fn single(slot: usize) -> SlotMask {
+        let mut m = SlotMask::EMPTY;
+        m.set(slot);
+        m
+    }
+}
+
+/// The single element of the `DOTS_POLICY` array: which slots are live, and the
+/// slots that do not constrain a field (they match every value of it).
+///
+/// A slot becomes visible to packets only when its bit is set in `active`,
+/// which user space does last, after every other map holds the slot's entries:
+/// that is what makes installing a slot atomic.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Slots currently enforced.
+    pub active: SlotMask,
+    /// Slots without target-protocol constraint.
+    pub any_proto: SlotMask,
+    /// Slots with neither source-port nor ICMP-type constraint.
+    pub any_l4: SlotMask,
+    /// Slots without target-port constraint.
+    pub any_dport: SlotMask,
+}
+
+// Trie keys are padded to a multiple of 8 bytes: the kernel stores the value
+// right after the key data in a trie node, and `SlotMask` needs 8-byte
+// alignment. Prefix lengths never reach into the padding, which stays zero.
+
+/// LPM trie (and hash) key for IPv4 addresses (`prefix_len` counts bits of `addr`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ipv4Key {
+    pub addr: [u8; 4],
+    pub pad: [u8; 4],
+}
+
+impl Ipv4Key {
+    #[inline(always)]
+    pub fn new(addr: [u8; 4]) -> Self {
+        Ipv4Key { addr, pad: [0; 4] }
+    }
+}
+
+/// LPM trie key data for IPv6 addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ipv6Key {
+    pub addr: [u8; 16],
+}
+
+/// LPM trie key data for a 16-bit port (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub port: [u8; 2],
+    pub pad: [u8; 6],
+}
+
+impl PortKey {
+    #[inline(always)]
+    pub fn new(port: u16) -> Self {
+        PortKey { port: port.to_be_bytes(), pad: [0; 6] }
+    }
+}
+
+/// LPM trie key data for an 8-bit ICMP or ICMPv6 type.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IcmpTypeKey {
+    pub icmp_type: u8,
+    pub pad: [u8; 7],
+}
+
+impl IcmpTypeKey {
+    #[inline(always)]
+    pub fn new(icmp_type: u8) -> Self {
+        IcmpTypeKey { icmp_type, pad: [0; 7] }
+    }
+}
+
+/// Per-slot, per-CPU drop counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotCounters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Indices of the per-CPU `DOTS_STATS` array: how the program classified packets.
+pub mod stats {
+    /// Packets seen.
+    pub const SEEN: u32 = 0;
+    /// Packets passed because they could not be parsed (unknown ethertype, truncated...).
+    pub const UNPARSED: u32 = 1;
+    /// Packets that matched a slot but were spared because of an exempt prefix.
+    pub const EXEMPT: u32 = 2;
+    /// Packets dropped.
+    pub const DROPPED: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] plain data without padding or pointers.
+    unsafe impl aya::Pod for super::SlotMask {}
+    unsafe impl aya::Pod for super::Policy {}
+    unsafe impl aya::Pod for super::Ipv4Key {}
+    unsafe impl aya::Pod for super::Ipv6Key {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::IcmpTypeKey {}
+    unsafe impl aya::Pod for super::SlotCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_bits() {
+        let mut m = SlotMask::EMPTY;
+        assert!(m.is_empty());
+        m.set(0);
+        m.set(255);
+        m.set(256); // out of range: ignored
+        assert!(m.contains(0) && m.contains(255) && !m.contains(1) && !m.contains(256));
+        assert_eq!(m.and(&SlotMask::single(255)), SlotMask::single(255));
+        m.clear(0);
+        assert_eq!(m, SlotMask::single(255));
+        assert_eq!(
+            SlotMask::single(3).or(&SlotMask::single(70)).bits,
+            [8, 64, 0, 0]
+        );
+    }
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(core::mem::size_of::<SlotMask>(), 32);
+        assert_eq!(core::mem::size_of::<Policy>(), 128);
+        assert_eq!(core::mem::size_of::<SlotCounters>(), 16);
+        assert_eq!(core::mem::size_of::<IcmpTypeKey>(), 8);
+        assert_eq!(core::mem::size_of::<Ipv4Key>(), 8);
+        assert_eq!(core::mem::size_of::<PortKey>(), 8);
+    }
+}

@@ -1,0 +1,19 @@
+//! XDP classifier of dots-agent.
+//!
+//! Each field of a packet (source address, target address, protocol, source
+//! port or ICMP type, target port) is looked up once and yields a bitmap of the
+//! mitigation slots it matches; the bitmaps are ANDed with the set of active
+//! slots. Any bit left means "drop", charged to every matching slot. The cost
+//! per packet is a fixed number of lookups, whatever the number of slots,
+//! prefixes or ranges (DESIGN principle 4). Layouts and names: `dots-common`.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod program;
+
+/// Host builds (`cargo check --workspace`) only need this to exist.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,67 @@
+//! Error types of the CoAP layer.
+
+use coap_lite::ResponseType;
+
+/// Errors returned by the endpoints and message helpers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoapError {
+    /// The peer sent bytes that are not a CoAP message.
+    #[error("malformed CoAP message: {0}")]
+    Malformed(String),
+    /// Transmission parameters out of range (see [`super::TransmissionParams::validate`]).
+    #[error("invalid transmission parameters: {0}")]
+    InvalidParams(&'static str),
+    /// `respond` was called with an id that is not (or no longer) pending.
+    #[error("no pending request with this id")]
+    UnknownRequest,
+    /// `notify` was called for a token that has no registered observer.
+    #[error("no observer registered with this token")]
+    UnknownObserver,
+    /// The message is bigger than what the peer (or the transport) accepts.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    /// The message cannot be encoded (e.g. an option value too long).
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+    /// A token must have 0 to 8 bytes.
+    #[error("invalid token length {0}")]
+    BadToken(usize),
+    /// The stream endpoint was released or aborted.
+    #[error("connection closed")]
+    Closed,
+}
+
+/// An error that the caller turns into a CoAP error response: a code and a
+/// diagnostic payload (RFC 7252 §5.5.2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ErrorResponse {
+    pub code: ResponseType,
+    pub diagnostic: String,
+}
+
+impl ErrorResponse {
+    pub fn new(code: ResponseType, diagnostic: impl Into<String>) -> Self {
+        ErrorResponse {
+            code,
+            diagnostic: diagnostic.into(),
+        }
+    }
+
+    /// The response message (without token: the endpoint sets it).
+    pub fn to_packet(&self) -> coap_lite::Packet {
+        super::msg::diagnostic_response(self.code, &self.diagnostic)
+    }
+}
+
+impl std::fmt::Display for ErrorResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {}",
+            coap_lite::MessageClass::Response(self.code),
+            self.diagnostic
+        )
+    }
+}
+
+impl std::error::Error for ErrorResponse {}

@@ -1,0 +1,112 @@
+//! `cargo xtask`: the project's own commands.
+//!
+//! * `setup`: install, idempotently, everything builds and tests need.
+//! * `build`: build everything, including the XDP object.
+//! * `test`: setup, build, then unit and integration tests.
+//! * `bench dataplane`: the XDP classifier's per-packet cost.
+
+mod bench;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Project tasks of dots-agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what builds and tests need (nightly rust-src, bpf-linker, Debian packages, bpffs).
+    Setup,
+    /// Build the workspace and the XDP object.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run setup, build everything, then all unit and integration tests.
+    Test {
+        /// Extra arguments passed to `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark and write its results under docs/ and target/bench/.
+    Bench {
+        #[arg(value_enum)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build { release } => build(release),
+        Cmd::Test { args } => {
+            setup::run()?;
+            build(false)?;
+            step("running unit and integration tests");
+            let mut cmd = cargo();
+            // Network-namespace tests share the kernel: one test thread keeps
+            // them from fighting over interfaces and CPU on a small machine.
+            cmd.args(["test", "--workspace", "--exclude", "dots-ebpf", "--", "--test-threads=1"]);
+            cmd.args(&args);
+            run(&mut cmd)
+        }
+        Cmd::Bench { which } => {
+            setup::run()?;
+            bench::run(which)
+        }
+    }
+}
+
+fn build(release: bool) -> Result<()> {
+    step("building the workspace and the XDP object");
+    let mut cmd = cargo();
+    cmd.args(["build", "--workspace", "--exclude", "dots-ebpf", "--all-targets"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+pub(crate) fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    // bpf-linker lives in ~/.cargo/bin; make sure build.rs finds it.
+    if let Some(home) = std::env::var_os("HOME") {
+        let bin = std::path::Path::new(&home).join(".cargo/bin");
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![bin];
+        paths.extend(std::env::split_paths(&path));
+        if let Ok(joined) = std::env::join_paths(paths) {
+            cmd.env("PATH", joined);
+        }
+    }
+    cmd
+}
+
+pub(crate) fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_else(|| ".".into())
+}
+
+pub(crate) fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
