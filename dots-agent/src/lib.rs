@@ -5,4 +5,5 @@
 //! what touches the system: the XDP data plane ([`enforce`]) and, as they land,
 //! transport, NAT correlation, discovery and the control socket.
 pub mod enforce;
+pub mod logging;
 pub mod packet;

@@ -8,12 +8,27 @@ use std::net::IpAddr;
 /// The L4 part of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16 },
-    Udp { sport: u16, dport: u16 },
-    Sctp { sport: u16, dport: u16 },
-    Dccp { sport: u16, dport: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    Sctp {
+        sport: u16,
+        dport: u16,
+    },
+    Dccp {
+        sport: u16,
+        dport: u16,
+    },
     /// ICMP for IPv4 sources, ICMPv6 for IPv6 ones.
-    Icmp { icmp_type: u8, code: u8 },
+    Icmp {
+        icmp_type: u8,
+        code: u8,
+    },
     /// Any other protocol number, with no header of its own.
     Other(u8),
 }
@@ -42,7 +57,14 @@ impl L4 {
                 h
             }
             L4::Udp { sport, dport } | L4::Sctp { sport, dport } => {
-                let mut h = vec![0u8; if matches!(self, L4::Udp { .. }) { 8 } else { 12 }];
+                let mut h = vec![
+                    0u8;
+                    if matches!(self, L4::Udp { .. }) {
+                        8
+                    } else {
+                        12
+                    }
+                ];
                 h[..2].copy_from_slice(&sport.to_be_bytes());
                 h[2..4].copy_from_slice(&dport.to_be_bytes());
                 h
@@ -67,7 +89,10 @@ pub enum ExtHeader {
     DestinationOptions,
     /// Fragment header; `offset` in 8-byte units. A non-zero offset means the
     /// L4 header is not in this packet, so none is written.
-    Fragment { offset: u16, more: bool },
+    Fragment {
+        offset: u16,
+        more: bool,
+    },
 }
 
 /// Description of one frame.
@@ -110,7 +135,11 @@ impl Frame {
         out.extend_from_slice(&self.dst_mac);
         out.extend_from_slice(&self.src_mac);
         for (i, vid) in self.vlans.iter().enumerate() {
-            let tpid: u16 = if i == 0 && self.vlans.len() > 1 { 0x88a8 } else { 0x8100 };
+            let tpid: u16 = if i == 0 && self.vlans.len() > 1 {
+                0x88a8
+            } else {
+                0x8100
+            };
             out.extend_from_slice(&tpid.to_be_bytes());
             out.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
         }
@@ -127,7 +156,11 @@ impl Frame {
     }
 
     fn l4_and_payload(&self, v6: bool, fragment: bool) -> Vec<u8> {
-        let mut body = if fragment { Vec::new() } else { self.l4.header() };
+        let mut body = if fragment {
+            Vec::new()
+        } else {
+            self.l4.header()
+        };
         let _ = v6;
         body.extend_from_slice(&self.payload);
         body
@@ -223,7 +256,14 @@ mod tests {
 
     #[test]
     fn ipv4_udp_layout() {
-        let f = Frame::new("192.0.2.1".parse().unwrap(), "198.51.100.2".parse().unwrap(), L4::Udp { sport: 1234, dport: 53 });
+        let f = Frame::new(
+            "192.0.2.1".parse().unwrap(),
+            "198.51.100.2".parse().unwrap(),
+            L4::Udp {
+                sport: 1234,
+                dport: 53,
+            },
+        );
         let b = f.build();
         assert_eq!(&b[12..14], &[0x08, 0x00]);
         assert_eq!(b[14], 0x45);
@@ -235,9 +275,22 @@ mod tests {
 
     #[test]
     fn vlan_and_ipv6_ext() {
-        let mut f = Frame::new("2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap(), L4::Icmp { icmp_type: 128, code: 0 });
+        let mut f = Frame::new(
+            "2001:db8::1".parse().unwrap(),
+            "2001:db8::2".parse().unwrap(),
+            L4::Icmp {
+                icmp_type: 128,
+                code: 0,
+            },
+        );
         f.vlans = vec![100, 200];
-        f.ipv6_ext = vec![ExtHeader::HopByHop, ExtHeader::Fragment { offset: 0, more: true }];
+        f.ipv6_ext = vec![
+            ExtHeader::HopByHop,
+            ExtHeader::Fragment {
+                offset: 0,
+                more: true,
+            },
+        ];
         let b = f.build();
         assert_eq!(&b[12..14], &[0x88, 0xa8]);
         assert_eq!(&b[16..18], &[0x81, 0x00]);

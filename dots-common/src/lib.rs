@@ -56,7 +56,9 @@ pub struct SlotMask {
 }
 
 impl SlotMask {
-    pub const EMPTY: SlotMask = SlotMask { bits: [0; MASK_WORDS] };
+    pub const EMPTY: SlotMask = SlotMask {
+        bits: [0; MASK_WORDS],
+    };
 
     #[inline(always)]
     pub fn is_empty(&self) -> bool {
@@ -171,7 +173,10 @@ pub struct PortKey {
 impl PortKey {
     #[inline(always)]
     pub fn new(port: u16) -> Self {
-        PortKey { port: port.to_be_bytes(), pad: [0; 6] }
+        PortKey {
+            port: port.to_be_bytes(),
+            pad: [0; 6],
+        }
     }
 }
 
@@ -186,7 +191,10 @@ pub struct IcmpTypeKey {
 impl IcmpTypeKey {
     #[inline(always)]
     pub fn new(icmp_type: u8) -> Self {
-        IcmpTypeKey { icmp_type, pad: [0; 7] }
+        IcmpTypeKey {
+            icmp_type,
+            pad: [0; 7],
+        }
     }
 }
 

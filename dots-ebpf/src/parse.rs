@@ -138,7 +138,10 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Option<Packet> {
     let mut off = off + 40;
     let mut first_fragment = true;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
-        if !matches!(next, IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT) {
+        if !matches!(
+            next,
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT
+        ) {
             break;
         }
         // Every extension header is at least 8 bytes long.

@@ -67,7 +67,10 @@ pub fn dots_xdp(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     charge(&matched, bytes);
     count_stat(stats::DROPPED);
-    debug!(&ctx, "drop proto {} first slot word {:x}", packet.proto, matched.bits[0]);
+    debug!(
+        &ctx,
+        "drop proto {} first slot word {:x}", packet.proto, matched.bits[0]
+    );
     xdp_action::XDP_DROP
 }
 
@@ -95,7 +98,10 @@ fn classify(packet: &Packet) -> SlotMask {
     if m.is_empty() {
         return m;
     }
-    let proto = DOTS_PROTO.get(packet.proto as u32).copied().unwrap_or_default();
+    let proto = DOTS_PROTO
+        .get(packet.proto as u32)
+        .copied()
+        .unwrap_or_default();
     m = m.and(&policy.any_proto.or(&proto));
     if m.is_empty() {
         return m;
@@ -107,7 +113,10 @@ fn classify(packet: &Packet) -> SlotMask {
             lookup(&DOTS_SPORT, PortKey::new(sport), 16),
             lookup(&DOTS_DPORT, PortKey::new(dport), 16),
         ),
-        L4::Icmp(t) => (lookup(&DOTS_ICMP_TYPE, IcmpTypeKey::new(t), 8), SlotMask::EMPTY),
+        L4::Icmp(t) => (
+            lookup(&DOTS_ICMP_TYPE, IcmpTypeKey::new(t), 8),
+            SlotMask::EMPTY,
+        ),
         L4::None => (SlotMask::EMPTY, SlotMask::EMPTY),
     };
     m = m.and(&policy.any_l4.or(&l4));
@@ -155,12 +164,20 @@ fn target6(addr: [u8; 16]) -> SlotMask {
 fn is_exempt(ip: &Ip) -> bool {
     match ip {
         Ip::V4(a) => {
-            DOTS_EXEMPT4.get(&Key::new(32, Ipv4Key::new(a.src))).is_some()
-                || DOTS_EXEMPT4.get(&Key::new(32, Ipv4Key::new(a.dst))).is_some()
+            DOTS_EXEMPT4
+                .get(&Key::new(32, Ipv4Key::new(a.src)))
+                .is_some()
+                || DOTS_EXEMPT4
+                    .get(&Key::new(32, Ipv4Key::new(a.dst)))
+                    .is_some()
         }
         Ip::V6(a) => {
-            DOTS_EXEMPT6.get(&Key::new(128, Ipv6Key { addr: a.src })).is_some()
-                || DOTS_EXEMPT6.get(&Key::new(128, Ipv6Key { addr: a.dst })).is_some()
+            DOTS_EXEMPT6
+                .get(&Key::new(128, Ipv6Key { addr: a.src }))
+                .is_some()
+                || DOTS_EXEMPT6
+                    .get(&Key::new(128, Ipv6Key { addr: a.dst }))
+                    .is_some()
         }
     }
 }

@@ -30,7 +30,10 @@ pub fn sh(args: &[&str]) -> Result<String> {
         .output()
         .with_context(|| format!("could not start {args:?}"))?;
     if !out.status.success() {
-        bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -91,7 +94,10 @@ impl Drop for Netns {
 /// Connects `a` in namespace `na` to `b` in namespace `nb` with a veth pair,
 /// both ends up.
 pub fn veth(na: &Netns, a: &str, nb: &Netns, b: &str) -> Result<()> {
-    sh(&["ip", "link", "add", a, "netns", &na.name, "type", "veth", "peer", "name", b, "netns", &nb.name])?;
+    sh(&[
+        "ip", "link", "add", a, "netns", &na.name, "type", "veth", "peer", "name", b, "netns",
+        &nb.name,
+    ])?;
     na.ip(&["link", "set", a, "up"])?;
     nb.ip(&["link", "set", b, "up"])?;
     Ok(())
@@ -121,7 +127,10 @@ impl Drop for BpffsDir {
 /// Mounts bpffs at /sys/fs/bpf when it is not there yet.
 pub fn ensure_bpffs() -> Result<()> {
     let mounts = fs::read_to_string("/proc/mounts")?;
-    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         sh(&["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"])?;
     }
     Ok(())
@@ -139,7 +148,8 @@ impl PacketSocket {
     pub fn open(iface: &str) -> Result<PacketSocket> {
         let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
         // SAFETY: plain socket(2) call; the fd is owned right after.
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto) };
+        let raw =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto) };
         if raw < 0 {
             bail!("socket(AF_PACKET): {}", std::io::Error::last_os_error());
         }
@@ -157,10 +167,17 @@ impl PacketSocket {
         sll.sll_ifindex = ifindex;
         // SAFETY: `sll` is a valid sockaddr_ll of the size given.
         let rc = unsafe {
-            libc::bind(fd.as_raw_fd(), &sll as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32)
+            libc::bind(
+                fd.as_raw_fd(),
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
         };
         if rc != 0 {
-            bail!("bind AF_PACKET to {iface}: {}", std::io::Error::last_os_error());
+            bail!(
+                "bind AF_PACKET to {iface}: {}",
+                std::io::Error::last_os_error()
+            );
         }
         Ok(PacketSocket { fd, ifindex })
     }
@@ -210,7 +227,7 @@ impl PacketSocket {
                 )
             };
             if n > 0 {
-                if from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                if from.sll_pkttype != libc::PACKET_OUTGOING {
                     out.push(buf[..n as usize].to_vec());
                 }
                 last = Instant::now();

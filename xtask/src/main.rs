@@ -53,7 +53,14 @@ fn main() -> Result<()> {
             let mut cmd = cargo();
             // Network-namespace tests share the kernel: one test thread keeps
             // them from fighting over interfaces and CPU on a small machine.
-            cmd.args(["test", "--workspace", "--exclude", "dots-ebpf", "--", "--test-threads=1"]);
+            cmd.args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "dots-ebpf",
+                "--",
+                "--test-threads=1",
+            ]);
             cmd.args(&args);
             run(&mut cmd)
         }
@@ -67,7 +74,13 @@ fn main() -> Result<()> {
 fn build(release: bool) -> Result<()> {
     step("building the workspace and the XDP object");
     let mut cmd = cargo();
-    cmd.args(["build", "--workspace", "--exclude", "dots-ebpf", "--all-targets"]);
+    cmd.args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "dots-ebpf",
+        "--all-targets",
+    ]);
     if release {
         cmd.arg("--release");
     }

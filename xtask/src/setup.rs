@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{run, step};
+use crate::{run as run_cmd, step};
 
 /// Debian packages the tests, demo and benchmarks use.
 const PACKAGES: &[&str] = &[
@@ -39,7 +39,9 @@ pub fn run() -> Result<()> {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("could not start {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -47,18 +49,34 @@ fn output(cmd: &mut Command) -> Result<String> {
 }
 
 fn nightly_rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
-        .unwrap_or_default();
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         step("nightly rust-src: present");
         return Ok(());
     }
     step("nightly rust-src: installing");
-    run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))
+    run_cmd(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into())
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into())
 }
 
 fn bpf_linker() -> Result<()> {
@@ -76,7 +94,7 @@ fn bpf_linker() -> Result<()> {
         "bpf-linker: building against the nightly toolchain's LLVM (LLVM_PREFIX={}); this takes a few minutes",
         prefix.display()
     ));
-    run(Command::new("cargo")
+    run_cmd(Command::new("cargo")
         .args([
             "install",
             "bpf-linker",
@@ -133,9 +151,12 @@ fn debian_packages() -> Result<()> {
         step("Debian packages: present");
         return Ok(());
     }
-    step(&format!("Debian packages: installing {}", missing.join(" ")));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
+    step(&format!(
+        "Debian packages: installing {}",
+        missing.join(" ")
+    ));
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
@@ -143,10 +164,13 @@ fn debian_packages() -> Result<()> {
 
 fn bpffs() -> Result<()> {
     let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
         step("bpffs at /sys/fs/bpf: mounted");
         return Ok(());
     }
     step("bpffs at /sys/fs/bpf: mounting");
-    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+    run_cmd(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
 }

@@ -54,11 +54,38 @@ mod tests {
     fn rates_from_deltas() {
         let t0 = Instant::now();
         let mut m = RateMeter::default();
-        assert_eq!(m.sample(t0, SlotCounters { packets: 0, bytes: 0 }), Rates::default());
-        let r = m.sample(t0 + Duration::from_secs(2), SlotCounters { packets: 200, bytes: 1000 });
-        assert_eq!(r, Rates { pps: 100, bps: 4000 });
+        assert_eq!(
+            m.sample(
+                t0,
+                SlotCounters {
+                    packets: 0,
+                    bytes: 0
+                }
+            ),
+            Rates::default()
+        );
+        let r = m.sample(
+            t0 + Duration::from_secs(2),
+            SlotCounters {
+                packets: 200,
+                bytes: 1000,
+            },
+        );
+        assert_eq!(
+            r,
+            Rates {
+                pps: 100,
+                bps: 4000
+            }
+        );
         // Counters reset: no negative rate.
-        let r = m.sample(t0 + Duration::from_secs(3), SlotCounters { packets: 5, bytes: 5 });
+        let r = m.sample(
+            t0 + Duration::from_secs(3),
+            SlotCounters {
+                packets: 5,
+                bytes: 5,
+            },
+        );
         assert_eq!(r, Rates::default());
     }
 }

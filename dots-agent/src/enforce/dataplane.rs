@@ -36,7 +36,17 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const LINK_PREFIX: &str = "link_";
 
 /// How to attach to an interface.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// Native (driver) mode, falling back to generic mode if the driver refuses.
@@ -126,7 +136,8 @@ impl Dataplane {
     /// Loads the classifier, creating or adopting the pinned maps.
     pub fn open(opts: &DataplaneOptions) -> Result<Dataplane, EnforceError> {
         check_bpffs(&opts.bpffs)?;
-        fs::create_dir_all(&opts.bpffs).map_err(|source| io_error("creating", &opts.bpffs, source))?;
+        fs::create_dir_all(&opts.bpffs)
+            .map_err(|source| io_error("creating", &opts.bpffs, source))?;
         let level = log_level_byte(opts.ebpf_log_level);
         let mut loader = EbpfLoader::new();
         let pins: Vec<PathBuf> = names::ALL_MAPS.iter().map(|n| opts.bpffs.join(n)).collect();
@@ -136,7 +147,9 @@ impl Dataplane {
         loader.override_global("AYA_LOG_LEVEL", &level, false);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(load_error)?;
         let program: &mut Xdp = xdp_program(&mut ebpf, names::PROGRAM)?;
-        program.load().map_err(|e| load_error_program(e, names::PROGRAM))?;
+        program
+            .load()
+            .map_err(|e| load_error_program(e, names::PROGRAM))?;
 
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
@@ -149,13 +162,28 @@ impl Dataplane {
         }
         macro_rules! lpm {
             ($name:expr, $cap:expr) => {
-                Lpm { name: $name, capacity: $cap, map: typed!($name) }
+                Lpm {
+                    name: $name,
+                    capacity: $cap,
+                    map: typed!($name),
+                }
             };
         }
-        use dots_common::{MAX_RANGE_PREFIXES as RANGES, MAX_SOURCE_PREFIXES as SOURCES, MAX_TARGET_PREFIXES as TARGETS};
+        use dots_common::{
+            MAX_RANGE_PREFIXES as RANGES, MAX_SOURCE_PREFIXES as SOURCES,
+            MAX_TARGET_PREFIXES as TARGETS,
+        };
         let policy = typed!(names::POLICY);
-        let src4_exact = Exact { name: names::SRC4_EXACT, capacity: SOURCES, map: typed!(names::SRC4_EXACT) };
-        let src6_exact = Exact { name: names::SRC6_EXACT, capacity: SOURCES, map: typed!(names::SRC6_EXACT) };
+        let src4_exact = Exact {
+            name: names::SRC4_EXACT,
+            capacity: SOURCES,
+            map: typed!(names::SRC4_EXACT),
+        };
+        let src6_exact = Exact {
+            name: names::SRC6_EXACT,
+            capacity: SOURCES,
+            map: typed!(names::SRC6_EXACT),
+        };
         let src4_lpm = lpm!(names::SRC4_LPM, SOURCES);
         let src6_lpm = lpm!(names::SRC6_LPM, SOURCES);
         let dst4 = lpm!(names::DST4_LPM, TARGETS);
@@ -163,11 +191,19 @@ impl Dataplane {
         let sport = lpm!(names::SPORT, RANGES);
         let dport = lpm!(names::DPORT, RANGES);
         let icmp_type = lpm!(names::ICMP_TYPE, RANGES);
-        let proto = Protocols { map: typed!(names::PROTO) };
+        let proto = Protocols {
+            map: typed!(names::PROTO),
+        };
         let exempt4 = lpm!(names::EXEMPT4, MAX_EXEMPT_PREFIXES);
         let exempt6 = lpm!(names::EXEMPT6, MAX_EXEMPT_PREFIXES);
-        let counters = PerCpu { name: names::COUNTERS, map: typed!(names::COUNTERS) };
-        let stats = PerCpu { name: names::STATS, map: typed!(names::STATS) };
+        let counters = PerCpu {
+            name: names::COUNTERS,
+            map: typed!(names::COUNTERS),
+        };
+        let stats = PerCpu {
+            name: names::STATS,
+            map: typed!(names::STATS),
+        };
         Ok(Dataplane {
             dir: opts.bpffs.clone(),
             ebpf,
@@ -206,7 +242,11 @@ impl Dataplane {
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attachment, EnforceError> {
         let pin = self.dir.join(format!("{LINK_PREFIX}{iface}"));
         if pin.exists() {
-            return Ok(Attachment { iface: iface.to_string(), mode: "pinned", pin });
+            return Ok(Attachment {
+                iface: iface.to_string(),
+                mode: "pinned",
+                pin,
+            });
         }
         if_index(iface)?;
         let modes: &[(XdpMode, &'static str)] = match mode {
@@ -219,11 +259,23 @@ impl Dataplane {
         for &(xdp_mode, mode_name) in modes {
             match program.attach(iface, xdp_mode) {
                 Ok(id) => {
-                    let attach_error = |source| EnforceError::Attach { iface: iface.to_string(), mode: mode_name, source };
+                    let attach_error = |source| EnforceError::Attach {
+                        iface: iface.to_string(),
+                        mode: mode_name,
+                        source,
+                    };
                     let link = program.take_link(id).map_err(attach_error)?;
-                    let link = FdLink::try_from(link).map_err(|e| EnforceError::Load(format!("XDP link of {iface} is not a bpf_link: {e}")))?;
-                    link.pin(&pin).map_err(|e| EnforceError::Load(format!("pinning {}: {e}", pin.display())))?;
-                    return Ok(Attachment { iface: iface.to_string(), mode: mode_name, pin });
+                    let link = FdLink::try_from(link).map_err(|e| {
+                        EnforceError::Load(format!("XDP link of {iface} is not a bpf_link: {e}"))
+                    })?;
+                    link.pin(&pin).map_err(|e| {
+                        EnforceError::Load(format!("pinning {}: {e}", pin.display()))
+                    })?;
+                    return Ok(Attachment {
+                        iface: iface.to_string(),
+                        mode: mode_name,
+                        pin,
+                    });
                 }
                 Err(source) => last = Some((mode_name, source)),
             }
@@ -239,9 +291,17 @@ impl Dataplane {
 
     /// Interfaces with a pinned link under `dir`.
     pub fn attachments(dir: &Path) -> Vec<String> {
-        let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Vec::new();
+        };
         let mut out: Vec<String> = entries
-            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix(LINK_PREFIX).map(String::from))
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix(LINK_PREFIX)
+                    .map(String::from)
+            })
             .collect();
         out.sort();
         out
@@ -257,8 +317,13 @@ impl Dataplane {
         };
         let mut removed = 0;
         for entry in entries {
-            let path = entry.map_err(|e| io_error("reading", dir, e))?.path();
-            fs::remove_file(&path).map_err(|e| io_error("unpinning", &path, e))?;
+            let entry = entry.map_err(|e| io_error("reading", dir, e))?;
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with(LINK_PREFIX) {
+                detach_pin(&path)?;
+            } else {
+                fs::remove_file(&path).map_err(|e| io_error("unpinning", &path, e))?;
+            }
             removed += 1;
         }
         fs::remove_dir(dir).map_err(|e| io_error("removing", dir, e))?;
@@ -270,7 +335,10 @@ impl Dataplane {
     /// in place, and switched off before any of its entries change, so no
     /// packet ever sees a half-installed slot. Invalid slots or a lack of map
     /// capacity are reported before anything is written.
-    pub fn apply(&mut self, desired: &BTreeMap<SlotId, SlotSpec>) -> Result<ApplyReport, EnforceError> {
+    pub fn apply(
+        &mut self,
+        desired: &BTreeMap<SlotId, SlotSpec>,
+    ) -> Result<ApplyReport, EnforceError> {
         for (slot, spec) in desired {
             spec.check(*slot, &self.limits)?;
         }
@@ -280,11 +348,15 @@ impl Dataplane {
             Some(m) => m,
             None => self.read_contents()?,
         };
-        let result = self.write(&want, &have);
-        if result.is_ok() {
-            self.mirror = Some(want);
-        }
-        result
+        let report = self.write(&want, &have)?;
+        self.mirror = Some(Contents {
+            policy: Policy {
+                active: want.slots,
+                ..want.policy
+            },
+            ..want
+        });
+        Ok(report)
     }
 
     fn check_capacity(&self, want: &Contents) -> Result<(), EnforceError> {
@@ -301,14 +373,21 @@ impl Dataplane {
         ];
         for (map, table) in tables {
             if table.len() > map.capacity() as usize {
-                return Err(EnforceError::MapFull { map: map.name(), needed: table.len(), capacity: map.capacity() });
+                return Err(EnforceError::MapFull {
+                    map: map.name(),
+                    needed: table.len(),
+                    capacity: map.capacity(),
+                });
             }
         }
         Ok(())
     }
 
     fn read_contents(&self) -> Result<Contents, EnforceError> {
-        let policy = self.policy.get(&0, 0).map_err(EnforceError::map(names::POLICY))?;
+        let policy = self
+            .policy
+            .get(&0, 0)
+            .map_err(EnforceError::map(names::POLICY))?;
         Ok(Contents {
             slots: policy.active,
             policy,
@@ -350,7 +429,10 @@ impl Dataplane {
         // Still active during the writes: active before, wanted after, untouched.
         let keep = active_now.and(&want.slots).and(&not(&changed));
         let mut report = ApplyReport::default();
-        let mut step = Policy { active: keep, ..want.policy };
+        let mut step = Policy {
+            active: keep,
+            ..want.policy
+        };
         if step != have.policy {
             self.set_policy(&step)?;
         }
@@ -396,12 +478,17 @@ impl Dataplane {
     }
 
     fn set_policy(&mut self, p: &Policy) -> Result<(), EnforceError> {
-        self.policy.set(0, p, 0).map_err(EnforceError::map(names::POLICY))
+        self.policy
+            .set(0, p, 0)
+            .map_err(EnforceError::map(names::POLICY))
     }
 
     /// Slots currently enforced, as the kernel sees them.
     pub fn active_slots(&self) -> Result<Vec<SlotId>, EnforceError> {
-        let p = self.policy.get(&0, 0).map_err(EnforceError::map(names::POLICY))?;
+        let p = self
+            .policy
+            .get(&0, 0)
+            .map_err(EnforceError::map(names::POLICY))?;
         Ok(slots_of(&p.active))
     }
 
@@ -414,7 +501,8 @@ impl Dataplane {
                 capacity: MAX_EXEMPT_PREFIXES,
             });
         }
-        let (v4, v6): (Vec<&IpNet>, Vec<&IpNet>) = prefixes.iter().partition(|p| matches!(p, IpNet::V4(_)));
+        let (v4, v6): (Vec<&IpNet>, Vec<&IpNet>) =
+            prefixes.iter().partition(|p| matches!(p, IpNet::V4(_)));
         sync_exempt(&mut self.exempt4, &v4)?;
         sync_exempt(&mut self.exempt6, &v6)
     }
@@ -443,7 +531,9 @@ impl Dataplane {
     pub fn pass_program_fd(&mut self) -> Result<std::os::fd::OwnedFd, EnforceError> {
         let program: &mut Xdp = xdp_program(&mut self.ebpf, names::PASS_PROGRAM)?;
         if program.fd().is_err() {
-            program.load().map_err(|e| load_error_program(e, names::PASS_PROGRAM))?;
+            program
+                .load()
+                .map_err(|e| load_error_program(e, names::PASS_PROGRAM))?;
         }
         program_fd(&mut self.ebpf, names::PASS_PROGRAM)
     }
@@ -465,7 +555,13 @@ fn sync_exempt<C: Codec>(map: &mut Lpm<C, u8>, prefixes: &[&IpNet]) -> Result<()
                 std::net::IpAddr::V4(a) => u128::from(u32::from(a)),
                 std::net::IpAddr::V6(a) => u128::from(a),
             };
-            (Prefix { bits, len: p.prefix_len() }, 1u8)
+            (
+                Prefix {
+                    bits,
+                    len: p.prefix_len(),
+                },
+                1u8,
+            )
         })
         .collect();
     let have = map.read()?;
@@ -481,14 +577,25 @@ fn sync_exempt<C: Codec>(map: &mut Lpm<C, u8>, prefixes: &[&IpNet]) -> Result<()
 }
 
 fn not(m: &SlotMask) -> SlotMask {
-    SlotMask { bits: m.bits.map(|w| !w) }
+    SlotMask {
+        bits: m.bits.map(|w| !w),
+    }
 }
 
 fn slots_of(m: &SlotMask) -> Vec<SlotId> {
-    (0..dots_common::MAX_SLOTS).filter(|s| m.contains(*s)).map(|s| s as SlotId).collect()
+    (0..dots_common::MAX_SLOTS)
+        .filter(|s| m.contains(*s))
+        .map(|s| s as SlotId)
+        .collect()
 }
 
+/// Detaches the link pinned at `pin` synchronously, then unpins it.
 fn detach_pin(pin: &Path) -> Result<bool, EnforceError> {
+    match super::sys::obj_get(pin) {
+        Ok(fd) => super::sys::link_detach(fd.as_fd()).map_err(|e| io_error("detaching", pin, e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_error("opening", pin, e)),
+    }
     match fs::remove_file(pin) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -504,7 +611,9 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, Enforc
 }
 
 fn if_index(iface: &str) -> Result<u32, EnforceError> {
-    let no_such = || EnforceError::NoSuchInterface { name: iface.to_string() };
+    let no_such = || EnforceError::NoSuchInterface {
+        name: iface.to_string(),
+    };
     let c = CString::new(iface).map_err(|_| no_such())?;
     // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
@@ -515,25 +624,46 @@ fn if_index(iface: &str) -> Result<u32, EnforceError> {
 
 /// bpffs must hold `dir` or, when it does not exist yet, its nearest ancestor.
 fn check_bpffs(dir: &Path) -> Result<(), EnforceError> {
-    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-    let c = CString::new(existing.as_os_str().as_encoded_bytes())
-        .map_err(|_| EnforceError::BpffsNotMounted { path: dir.to_path_buf() })?;
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let c = CString::new(existing.as_os_str().as_encoded_bytes()).map_err(|_| {
+        EnforceError::BpffsNotMounted {
+            path: dir.to_path_buf(),
+        }
+    })?;
     // SAFETY: statfs fills the zeroed struct; `c` outlives the call.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io_error("inspecting", existing, std::io::Error::last_os_error()));
+        return Err(io_error(
+            "inspecting",
+            existing,
+            std::io::Error::last_os_error(),
+        ));
     }
     if st.f_type as i64 != BPF_FS_MAGIC {
-        return Err(EnforceError::BpffsNotMounted { path: dir.to_path_buf() });
+        return Err(EnforceError::BpffsNotMounted {
+            path: dir.to_path_buf(),
+        });
     }
     Ok(())
 }
 
 fn io_error(action: &'static str, path: &Path, source: std::io::Error) -> EnforceError {
-    if matches!(source.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
-        return EnforceError::NotPermitted { action: format!("{action} {}", path.display()) };
+    if matches!(
+        source.raw_os_error(),
+        Some(libc::EPERM) | Some(libc::EACCES)
+    ) {
+        return EnforceError::NotPermitted {
+            action: format!("{action} {}", path.display()),
+        };
     }
-    EnforceError::Io { action, path: path.to_path_buf(), source }
+    EnforceError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -552,14 +682,18 @@ fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
 
 fn load_error(e: aya::EbpfError) -> EnforceError {
     if is_eperm(&e) {
-        return EnforceError::NotPermitted { action: "loading the XDP object".into() };
+        return EnforceError::NotPermitted {
+            action: "loading the XDP object".into(),
+        };
     }
     EnforceError::Load(format!("{e}: {}", chain(&e)))
 }
 
 fn load_error_program(e: ProgramError, name: &str) -> EnforceError {
     if is_eperm(&e) {
-        return EnforceError::NotPermitted { action: format!("loading program {name}") };
+        return EnforceError::NotPermitted {
+            action: format!("loading program {name}"),
+        };
     }
     let verifier_log = match &e {
         ProgramError::LoadError { verifier_log, .. } => format!("\nverifier log:\n{verifier_log}"),
@@ -570,12 +704,20 @@ fn load_error_program(e: ProgramError, name: &str) -> EnforceError {
 
 fn attach_failure(iface: &str, mode: &'static str, source: ProgramError) -> EnforceError {
     if matches!(source, ProgramError::UnknownInterface { .. }) {
-        return EnforceError::NoSuchInterface { name: iface.to_string() };
+        return EnforceError::NoSuchInterface {
+            name: iface.to_string(),
+        };
     }
     if is_eperm(&source) {
-        return EnforceError::NotPermitted { action: format!("attaching XDP to {iface}") };
+        return EnforceError::NotPermitted {
+            action: format!("attaching XDP to {iface}"),
+        };
     }
-    EnforceError::Attach { iface: iface.to_string(), mode, source }
+    EnforceError::Attach {
+        iface: iface.to_string(),
+        mode,
+        source,
+    }
 }
 
 fn chain(e: &dyn std::error::Error) -> String {

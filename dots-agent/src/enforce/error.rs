@@ -10,14 +10,20 @@ use super::SlotId;
 pub enum EnforceError {
     #[error("permission denied while {action}: run as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON")]
     NotPermitted { action: String },
-    #[error("{path} is not on a BPF filesystem (bpffs): mount it with `mount -t bpf bpf /sys/fs/bpf`")]
+    #[error(
+        "{path} is not on a BPF filesystem (bpffs): mount it with `mount -t bpf bpf /sys/fs/bpf`"
+    )]
     BpffsNotMounted { path: PathBuf },
     #[error("no such network interface: {name}")]
     NoSuchInterface { name: String },
     #[error("slot {slot} rejected: {reason}")]
     InvalidSlot { slot: SlotId, reason: String },
     #[error("map {map} is full: {needed} entries needed, capacity {capacity}")]
-    MapFull { map: &'static str, needed: usize, capacity: u32 },
+    MapFull {
+        map: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
     #[error("could not attach XDP to {iface} in {mode} mode: {source}")]
     Attach {
         iface: String,
@@ -59,7 +65,10 @@ impl EnforceError {
 fn is_eperm_map(e: &aya::maps::MapError) -> bool {
     match e {
         aya::maps::MapError::SyscallError(s) => {
-            matches!(s.io_error.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+            matches!(
+                s.io_error.raw_os_error(),
+                Some(libc::EPERM) | Some(libc::EACCES)
+            )
         }
         _ => false,
     }

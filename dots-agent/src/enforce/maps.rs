@@ -41,7 +41,9 @@ impl Codec for V6 {
     type K = Ipv6Key;
     const WIDTH: u8 = 128;
     fn encode(bits: u128) -> Ipv6Key {
-        Ipv6Key { addr: bits.to_be_bytes() }
+        Ipv6Key {
+            addr: bits.to_be_bytes(),
+        }
     }
     fn decode(k: &Ipv6Key) -> u128 {
         u128::from_be_bytes(k.addr)
@@ -110,7 +112,9 @@ impl<C: Codec, V: Pod> PrefixMap<V> for Lpm<C, V> {
     }
     fn upsert(&mut self, p: Prefix, v: V) -> Result<(), EnforceError> {
         let key = Key::new(u32::from(p.len), C::encode(p.bits));
-        self.map.insert(&key, v, 0).map_err(EnforceError::map(self.name))
+        self.map
+            .insert(&key, v, 0)
+            .map_err(EnforceError::map(self.name))
     }
     fn delete(&mut self, p: Prefix) -> Result<(), EnforceError> {
         let key = Key::new(u32::from(p.len), C::encode(p.bits));
@@ -160,7 +164,11 @@ impl<C: Codec> PrefixMap<SlotMask> for Exact<C> {
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }
@@ -202,17 +210,25 @@ pub struct PerCpu<V: Pod> {
 
 impl PerCpu<SlotCounters> {
     pub fn total(&self, index: u32) -> Result<SlotCounters, EnforceError> {
-        let values = self.map.get(&index, 0).map_err(EnforceError::map(self.name))?;
-        Ok(values.iter().fold(SlotCounters::default(), |acc, c| SlotCounters {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-        }))
+        let values = self
+            .map
+            .get(&index, 0)
+            .map_err(EnforceError::map(self.name))?;
+        Ok(values
+            .iter()
+            .fold(SlotCounters::default(), |acc, c| SlotCounters {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            }))
     }
 }
 
 impl PerCpu<u64> {
     pub fn total(&self, index: u32) -> Result<u64, EnforceError> {
-        let values = self.map.get(&index, 0).map_err(EnforceError::map(self.name))?;
+        let values = self
+            .map
+            .get(&index, 0)
+            .map_err(EnforceError::map(self.name))?;
         Ok(values.iter().sum())
     }
 }
@@ -224,11 +240,15 @@ impl<V: Pod + Default + Clone> PerCpu<V> {
             path: what.into(),
             source,
         })?;
-        let zeros = PerCpuValues::try_from(vec![V::default(); cpus]).map_err(|source| EnforceError::Io {
-            action: "building per-CPU zeros for",
-            path: self.name.into(),
-            source,
+        let zeros = PerCpuValues::try_from(vec![V::default(); cpus]).map_err(|source| {
+            EnforceError::Io {
+                action: "building per-CPU zeros for",
+                path: self.name.into(),
+                source,
+            }
         })?;
-        self.map.set(index, zeros, 0).map_err(EnforceError::map(self.name))
+        self.map
+            .set(index, zeros, 0)
+            .map_err(EnforceError::map(self.name))
     }
 }

@@ -5,7 +5,7 @@
 //! * [`dataplane`]: loading, pinning and attaching the XDP program, and the
 //!   idempotent apply step that makes the maps match a desired set of slots.
 //! * [`counters`]: drop totals and rates.
-//! * [`test_run`]: `BPF_PROG_TEST_RUN`, for benchmarks and tests.
+//! * [`sys`]: bpf(2) commands aya does not wrap (link detach, test run).
 
 pub mod counters;
 pub mod dataplane;
@@ -13,9 +13,9 @@ mod error;
 mod maps;
 pub mod plan;
 pub mod spec;
-pub mod test_run;
+pub mod sys;
 
-pub use counters::{Rates, RateMeter};
+pub use counters::{RateMeter, Rates};
 pub use dataplane::{ApplyReport, AttachMode, Attachment, Dataplane, DataplaneOptions};
 pub use error::EnforceError;
 pub use spec::{Range, SlotId, SlotLimits, SlotSpec};

@@ -52,7 +52,11 @@ pub fn range_to_prefixes(lower: u32, upper: u32, width: u8) -> Vec<Prefix> {
     let (mut lo, hi) = (u64::from(lower), u64::from(upper));
     while lo <= hi {
         // Largest aligned block starting at `lo` that stays inside the range.
-        let mut size_log = if lo == 0 { u32::from(width) } else { lo.trailing_zeros().min(u32::from(width)) };
+        let mut size_log = if lo == 0 {
+            u32::from(width)
+        } else {
+            lo.trailing_zeros().min(u32::from(width))
+        };
         while lo + (1u64 << size_log) - 1 > hi {
             size_log -= 1;
         }
@@ -279,7 +283,15 @@ mod tests {
 
     #[test]
     fn ranges_tile_exactly() {
-        for (lo, hi) in [(0, 65535), (1, 65534), (53, 53), (1024, 65535), (0, 0), (65535, 65535), (80, 443)] {
+        for (lo, hi) in [
+            (0, 65535),
+            (1, 65534),
+            (53, 53),
+            (1024, 65535),
+            (0, 0),
+            (65535, 65535),
+            (80, 443),
+        ] {
             covers_exactly(lo, hi, 16);
         }
         for (lo, hi) in [(0, 255), (8, 8), (3, 200), (255, 255)] {
@@ -309,7 +321,10 @@ mod tests {
     fn covering_prefixes_fold_into_longer_ones() {
         let mut slots = BTreeMap::new();
         slots.insert(0, spec(&["10.0.0.0/8"], &["198.51.100.0/24"]));
-        slots.insert(1, spec(&["10.1.0.0/16", "10.1.2.3/32"], &["198.51.100.0/24"]));
+        slots.insert(
+            1,
+            spec(&["10.1.0.0/16", "10.1.2.3/32"], &["198.51.100.0/24"]),
+        );
         slots.insert(2, spec(&["2001:db8::/32"], &["2001:db8:ffff::/48"]));
         let c = Contents::build(&slots);
         let both = SlotMask::single(0).or(&SlotMask::single(1));

@@ -119,13 +119,22 @@ impl SlotSpec {
             }
         }
         if let Some(r) = self.source_ports.iter().find(|r| r.lower > r.upper) {
-            return Err(bad(format!("source port range {}-{} is reversed", r.lower, r.upper)));
+            return Err(bad(format!(
+                "source port range {}-{} is reversed",
+                r.lower, r.upper
+            )));
         }
         if let Some(r) = self.target_ports.iter().find(|r| r.lower > r.upper) {
-            return Err(bad(format!("target port range {}-{} is reversed", r.lower, r.upper)));
+            return Err(bad(format!(
+                "target port range {}-{} is reversed",
+                r.lower, r.upper
+            )));
         }
         if let Some(r) = self.icmp_types.iter().find(|r| r.lower > r.upper) {
-            return Err(bad(format!("ICMP type range {}-{} is reversed", r.lower, r.upper)));
+            return Err(bad(format!(
+                "ICMP type range {}-{} is reversed",
+                r.lower, r.upper
+            )));
         }
         let family = |p: &IpNet| matches!(p.addr(), IpAddr::V4(_));
         let meets = self
@@ -163,22 +172,52 @@ mod tests {
         let limits = SlotLimits::default();
         let cases: Vec<(SlotId, SlotSpec, &str)> = vec![
             (256, spec(), "below 256"),
-            (1, SlotSpec { sources: vec![], ..spec() }, "no source"),
-            (1, SlotSpec { targets: vec![], ..spec() }, "no target"),
             (
                 1,
-                SlotSpec { sources: vec!["192.0.2.1/24".parse().unwrap()], ..spec() },
+                SlotSpec {
+                    sources: vec![],
+                    ..spec()
+                },
+                "no source",
+            ),
+            (
+                1,
+                SlotSpec {
+                    targets: vec![],
+                    ..spec()
+                },
+                "no target",
+            ),
+            (
+                1,
+                SlotSpec {
+                    sources: vec!["192.0.2.1/24".parse().unwrap()],
+                    ..spec()
+                },
                 "host bits",
             ),
             (
                 1,
-                SlotSpec { source_ports: vec![Range::new(9, 8)], ..spec() },
+                SlotSpec {
+                    source_ports: vec![Range::new(9, 8)],
+                    ..spec()
+                },
                 "source port range 9-8",
             ),
-            (1, SlotSpec { icmp_types: vec![Range::new(9, 8)], ..spec() }, "ICMP type"),
             (
                 1,
-                SlotSpec { targets: vec!["2001:db8::/32".parse().unwrap()], ..spec() },
+                SlotSpec {
+                    icmp_types: vec![Range::new(9, 8)],
+                    ..spec()
+                },
+                "ICMP type",
+            ),
+            (
+                1,
+                SlotSpec {
+                    targets: vec!["2001:db8::/32".parse().unwrap()],
+                    ..spec()
+                },
                 "address family",
             ),
         ];
@@ -197,9 +236,17 @@ mod tests {
         };
         let mut s = spec();
         s.sources.push("192.0.3.0/24".parse().unwrap());
-        assert!(s.check(0, &limits).unwrap_err().to_string().contains("limit is 1"));
+        assert!(s
+            .check(0, &limits)
+            .unwrap_err()
+            .to_string()
+            .contains("limit is 1"));
         let mut s = spec();
         s.source_ports = vec![Range::single(1), Range::single(2)];
-        assert!(s.check(0, &limits).unwrap_err().to_string().contains("ranges"));
+        assert!(s
+            .check(0, &limits)
+            .unwrap_err()
+            .to_string()
+            .contains("ranges"));
     }
 }

@@ -393,17 +393,15 @@ impl DatagramEndpoint {
             None => self.sent_non.remove(now, mid),
         };
         match kind {
-            Some(ConKind::Request(token)) => {
-                if self.core.cancel(&token) {
-                    events.push(Event::RequestReset { token });
-                }
+            Some(ConKind::Request(token)) if self.core.cancel(&token) => {
+                events.push(Event::RequestReset { token });
             }
             Some(ConKind::Notification(token)) => {
                 self.drop_observer(token, ObserverRemoval::Reset, events)
             }
             // An RST is the expected answer to a ping.
             Some(ConKind::Ping(ping)) => events.push(Event::Pong { ping }),
-            None => {}
+            Some(ConKind::Request(_)) | None => {}
         }
     }
 

@@ -152,8 +152,8 @@ impl StreamEndpoint {
 
     fn on_message(&mut self, now: Instant, packet: Packet, events: &mut Vec<Event>) {
         let is_signal = framing::is_signal(&packet);
-        if !self.peer_csm_seen && !(is_signal && u8::from(packet.header.code) == framing::CODE_CSM)
-        {
+        let is_csm = is_signal && u8::from(packet.header.code) == framing::CODE_CSM;
+        if !self.peer_csm_seen && !is_csm {
             let e = FrameError::Options("first message is not a CSM".into());
             return self.protocol_error(&e, events);
         }

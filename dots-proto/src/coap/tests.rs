@@ -736,3 +736,34 @@ mod stream {
         );
     }
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Peer bytes never panic an endpoint, whatever state it is in.
+        #[test]
+        fn arbitrary_input_never_panics(
+            datagrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 1..16),
+        ) {
+            let now = Instant::now();
+            let mut d = dgram(5);
+            let token = d.send_request(now, observe_get("m"), Delivery::Confirmable).unwrap();
+            let mut s = StreamEndpoint::new(StreamConfig::default(), 5).unwrap();
+            // Give the stream endpoint a valid CSM first so later bytes reach the request path.
+            let csm = framing::Signal::Csm { max_message_size: None, block_wise: false }.to_packet(Token::EMPTY);
+            s.handle_data(now, &framing::encode(&csm).unwrap()).unwrap();
+            for (i, bytes) in datagrams.iter().enumerate() {
+                let t = now + Duration::from_millis(i as u64 * 700);
+                let _ = d.handle_datagram(t, bytes);
+                let _ = d.handle_timeout(t);
+                let _ = s.handle_data(t, bytes);
+                let _ = s.handle_timeout(t);
+            }
+            let _ = d.cancel_request(now, &token);
+            drain(&mut d);
+            drain(&mut s);
+        }
+    }
+}

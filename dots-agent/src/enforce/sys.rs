@@ -1,0 +1,113 @@
+//! The few bpf(2) commands aya 0.14 does not expose.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a #[repr(C)] prefix of `union bpf_attr` for `cmd`, and
+    // any pointers in it reference live memory for the duration of the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// Opens a pinned BPF object.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut attr = ObjGet {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Detaches a bpf_link at once. Unpinning alone releases the link later, from
+/// a work queue, which leaves a short window of enforcement after "detach".
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let mut attr = LinkDetach {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+/// Result of one `BPF_PROG_TEST_RUN`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestRun {
+    /// The XDP action returned (1 = XDP_DROP, 2 = XDP_PASS).
+    pub action: u32,
+    /// Mean time per run, in nanoseconds, as measured by the kernel.
+    pub duration_ns: u32,
+}
+
+/// Runs an XDP program on `packet` `repeat` times in the kernel, without an
+/// interface: the data-plane benchmark's measurement.
+pub fn test_run(prog: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> io::Result<TestRun> {
+    /// The `test` member of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        pad: u32,
+    }
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut attr = TestAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: packet.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: packet.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(TestRun {
+        action: attr.retval,
+        duration_ns: attr.duration,
+    })
+}

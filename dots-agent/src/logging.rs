@@ -1,0 +1,24 @@
+//! Log output: human-readable lines or JSON objects, filtered by `RUST_LOG`
+//! (default `info`).
+
+use tracing_subscriber::{fmt, EnvFilter};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Human,
+    /// One JSON object per event, for log collectors.
+    Json,
+}
+
+/// Installs the global subscriber, writing to stderr. Safe to call once.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
