@@ -1,11 +1,38 @@
-//! Benchmarks (being written).
-use anyhow::{bail, Result};
+//! `cargo xtask bench dataplane`: the XDP classifier's per-packet cost with
+//! BPF_PROG_TEST_RUN, against an empty XDP program and against xdp-filter.
+//! The measuring program is the `bench-dataplane` binary of the `tests`
+//! crate, built in release mode; it writes `target/bench/dataplane.json` and
+//! the generated part of `docs/benchmarks.md`.
+
+use anyhow::Result;
+
+use crate::{cargo, run, step, workspace_root};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Which {
+    /// XDP classifier per-packet cost (BPF_PROG_TEST_RUN) vs an empty program and xdp-filter.
     Dataplane,
 }
 
-pub fn run(_which: Which) -> Result<()> {
-    bail!("benchmarks are not written yet")
+pub fn run(which: Which) -> Result<()> {
+    match which {
+        Which::Dataplane => dataplane(),
+    }
+}
+
+fn dataplane() -> Result<()> {
+    let root = workspace_root();
+    let json = root.join("target/bench/dataplane.json");
+    let doc = root.join("docs/benchmarks.md");
+    step("benchmarking the data plane (BPF_PROG_TEST_RUN; a few minutes)");
+    let mut cmd = cargo();
+    cmd.args(["run", "--release", "-p", "tests", "--bin", "bench-dataplane", "--"]);
+    cmd.arg("--json").arg(&json).arg("--doc").arg(&doc);
+    // Extra arguments for the measuring program, e.g. "--runs 11".
+    if let Ok(extra) = std::env::var("DOTS_BENCH_ARGS") {
+        cmd.args(extra.split_whitespace());
+    }
+    run(&mut cmd)?;
+    step(&format!("wrote {} and {}", json.display(), doc.display()));
+    Ok(())
 }

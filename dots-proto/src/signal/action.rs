@@ -1,0 +1,66 @@
+//! What the server role asks its I/O shell to do, and the data-plane
+//! results the shell hands back.
+
+use crate::model::{RedirectedSignal, ValidatedRequest};
+
+/// Identifies one mitigation: the client's cuid and its mitigation id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MitigationKey {
+    pub cuid: String,
+    pub mid: u32,
+}
+
+impl MitigationKey {
+    pub fn new(cuid: impl Into<String>, mid: u32) -> Self {
+        Self {
+            cuid: cuid.into(),
+            mid,
+        }
+    }
+}
+
+/// Drop counters of one mitigation as measured by the data plane.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub pkts: u64,
+    pub bytes: u64,
+    /// Current rates, computed by the data plane.
+    pub pps: u64,
+    pub bps: u64,
+}
+
+/// A side effect the server role wants performed. The shell reports the
+/// outcome through [`super::SignalServer::installed`],
+/// [`super::SignalServer::install_failed`], [`super::SignalServer::counters`]
+/// and [`super::SignalServer::consent`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Enforce `request` (creating or replacing the entry under `key`).
+    Install {
+        key: MitigationKey,
+        request: ValidatedRequest,
+    },
+    /// Stop enforcing `key`.
+    Remove { key: MitigationKey },
+    /// Report the counters of these enforced mitigations.
+    QueryCounters { keys: Vec<MitigationKey> },
+    /// Ask the operator whether `request` may be enforced (RFC 9066 §5.3.1).
+    AskConsent {
+        key: MitigationKey,
+        request: ValidatedRequest,
+    },
+    /// Monitor mode: the request was accepted and must only be logged.
+    Monitored {
+        key: MitigationKey,
+        request: ValidatedRequest,
+    },
+    /// Dial `target` instead of the current peer (RFC 9066 §5.2.2); a
+    /// [`Action::Close`] follows.
+    Redirect { target: RedirectedSignal },
+    /// No traffic from the peer for the whole missing-heartbeat span
+    /// (RFC 9066 §5.2.1), or the peer closed the stream: dial again and
+    /// hand the new connection to [`super::SignalServer::reconnect`].
+    SessionLost,
+    /// Close the current connection (for streams, after sending a Release).
+    Close,
+}

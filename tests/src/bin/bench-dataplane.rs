@@ -1,0 +1,682 @@
+//! `bench-dataplane`: the per-packet cost of the XDP classifier, measured with
+//! `BPF_PROG_TEST_RUN`, against an empty XDP program and against `xdp-filter`
+//! from xdp-tools. Run it through `cargo xtask bench dataplane`.
+//!
+//! Every measurement interleaves the program under test with the empty
+//! program (`dots_xdp_pass`, from the same object) on the same packet, `runs`
+//! times with `repeat` repetitions each, and keeps the median of each.
+//!
+//! Arguments: `--json FILE --doc FILE [--repeat N] [--runs N] [--quick]`.
+//! The doc's text between the `<!-- bench:begin -->` and `<!-- bench:end -->`
+//! markers is replaced; the rest (method, analysis) is kept.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use dots_agent::{
+    enforce::{sys, Dataplane, DataplaneOptions, Range, SlotId, SlotLimits, SlotSpec},
+    packet::{Frame, L4},
+};
+use ipnet::IpNet;
+use serde_json::{json, Value};
+use tests::{sh, BpffsDir, Netns};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const BEGIN: &str = "<!-- bench:begin -->";
+const END: &str = "<!-- bench:end -->";
+/// Where xdp-filter pins its maps and programs (fixed by xdp-tools).
+const XDP_FILTER_DIR: &str = "/sys/fs/bpf/xdp-filter";
+/// `xdp-filter`'s address maps are compiled with this many entries.
+const XDP_FILTER_CAPACITY: usize = 10_000;
+/// Rules added with one `xdp-filter ip` command each; the rest are written
+/// straight into its pinned maps.
+const XDP_FILTER_BY_COMMAND: usize = 1_000;
+
+struct Args {
+    json: PathBuf,
+    doc: PathBuf,
+    repeat: u32,
+    runs: usize,
+    quick: bool,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        json: PathBuf::from("target/bench/dataplane.json"),
+        doc: PathBuf::from("docs/benchmarks.md"),
+        repeat: 1_000_000,
+        runs: 9,
+        quick: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--json" => a.json = value()?.into(),
+            "--doc" => a.doc = value()?.into(),
+            "--repeat" => a.repeat = value()?.parse().context("--repeat")?,
+            "--runs" => a.runs = value()?.parse().context("--runs")?,
+            "--quick" => a.quick = true,
+            other => bail!("unknown argument {other:?} (expected --json, --doc, --repeat, --runs, --quick)"),
+        }
+    }
+    ensure!(a.runs >= 1 && a.repeat >= 1, "--runs and --repeat must be at least 1");
+    Ok(a)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+}
+
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+/// Host prefixes (/32, /128) or the shorter row set (/24, /48).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Host,
+    Short,
+}
+
+impl Kind {
+    fn len(self, f: Family) -> u8 {
+        match (self, f) {
+            (Kind::Host, Family::V4) => 32,
+            (Kind::Host, Family::V6) => 128,
+            (Kind::Short, Family::V4) => 24,
+            (Kind::Short, Family::V6) => 48,
+        }
+    }
+}
+
+/// The `i`-th source prefix of a family and kind. Host addresses come from
+/// 10.0.0.0/8 and 2001:db8:1::/64; /24s from 16.0.0.0 up, /48s from 2400::/12.
+fn prefix(f: Family, kind: Kind, i: usize) -> IpNet {
+    let i = i as u32;
+    let len = kind.len(f);
+    let addr: IpAddr = match (f, kind) {
+        (Family::V4, Kind::Host) => Ipv4Addr::from(0x0a00_0000 + i).into(),
+        (Family::V4, Kind::Short) => Ipv4Addr::from(0x1000_0000 + (i << 8)).into(),
+        (Family::V6, Kind::Host) => Ipv6Addr::from((0x2001_0db8_0001u128 << 80) | u128::from(i)).into(),
+        (Family::V6, Kind::Short) => Ipv6Addr::from((0x2400u128 << 112) | (u128::from(i) << 80)).into(),
+    };
+    IpNet::new(addr, len).expect("prefix length is valid")
+}
+
+/// A source inside the `i`-th prefix (host 7 of a shorter prefix).
+fn source_in(f: Family, kind: Kind, i: usize) -> IpAddr {
+    let p = prefix(f, kind, i);
+    match (p.network(), kind) {
+        (a, Kind::Host) => a,
+        (IpAddr::V4(a), Kind::Short) => Ipv4Addr::from(u32::from(a) + 7).into(),
+        (IpAddr::V6(a), Kind::Short) => Ipv6Addr::from(u128::from(a) + 7).into(),
+    }
+}
+
+/// A source outside every prefix the benchmark installs.
+fn miss_source(f: Family) -> IpAddr {
+    match f {
+        Family::V4 => Ipv4Addr::new(192, 0, 2, 1).into(),
+        Family::V6 => "2001:db8:dead::1".parse::<Ipv6Addr>().expect("literal").into(),
+    }
+}
+
+const TARGET_PORT: u16 = 53;
+const SOURCE_PORT: u16 = 40_000;
+
+/// A UDP frame from `src` to the slots' target, source port 40000, target port 53.
+fn packet(src: IpAddr) -> Vec<u8> {
+    let dst: IpAddr = match src {
+        IpAddr::V4(_) => Ipv4Addr::new(198, 51, 100, 10).into(),
+        IpAddr::V6(_) => "2001:db8:ffff::10".parse::<Ipv6Addr>().expect("literal").into(),
+    };
+    Frame::new(src, dst, L4::Udp { sport: SOURCE_PORT, dport: TARGET_PORT }).build()
+}
+
+/// `slots` slots sharing `prefixes` source prefixes of each family round-robin.
+/// Every slot constrains every field (target prefix, protocol, source and
+/// target port), so a hit walks every lookup of the classifier.
+fn slot_specs(slots: usize, prefixes: usize, kind: Kind) -> BTreeMap<SlotId, SlotSpec> {
+    let mut out = BTreeMap::new();
+    for s in 0..slots {
+        let mut sources = Vec::new();
+        for f in FAMILIES {
+            sources.extend((s..prefixes).step_by(slots).map(|i| prefix(f, kind, i)));
+        }
+        out.insert(
+            s as SlotId,
+            SlotSpec {
+                sources,
+                targets: vec!["198.51.100.0/24".parse().expect("literal"), "2001:db8:ffff::/48".parse().expect("literal")],
+                protocols: vec![17],
+                source_ports: vec![Range::new(1024, 65535)],
+                target_ports: vec![Range::single(TARGET_PORT)],
+                icmp_types: Vec::new(),
+            },
+        );
+    }
+    out
+}
+
+/// One row of results.
+struct Row {
+    program: &'static str,
+    family: Family,
+    path: &'static str,
+    slots: usize,
+    prefixes: usize,
+    prefix_len: u8,
+    ns: u32,
+    baseline: u32,
+}
+
+impl Row {
+    fn json(&self) -> Value {
+        json!({
+            "program": self.program,
+            "family": self.family.name(),
+            "path": self.path,
+            "slots": self.slots,
+            "prefixes": self.prefixes,
+            "prefix_len": self.prefix_len,
+            "ns_per_packet": self.ns,
+            "baseline_ns": self.baseline,
+        })
+    }
+
+    fn delta(&self) -> i64 {
+        i64::from(self.ns) - i64::from(self.baseline)
+    }
+}
+
+struct Bench {
+    repeat: u32,
+    runs: usize,
+}
+
+impl Bench {
+    /// Medians of `prog` and of the empty program `base` on `packet`, run in
+    /// alternation. Fails when `prog` does not return `expect`.
+    fn measure(&self, prog: BorrowedFd<'_>, base: BorrowedFd<'_>, packet: &[u8], expect: u32) -> Result<(u32, u32)> {
+        // Warm up caches, branch predictors and the CPU clock.
+        let warm = sys::test_run(prog, packet, (self.repeat / 10).max(1)).context("BPF_PROG_TEST_RUN")?;
+        ensure!(
+            warm.action == expect,
+            "program returned action {} instead of {expect} ({})",
+            warm.action,
+            if expect == XDP_DROP { "hit should drop" } else { "miss should pass" }
+        );
+        let (mut p, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..self.runs {
+            let rb = sys::test_run(base, packet, self.repeat).context("BPF_PROG_TEST_RUN (baseline)")?;
+            ensure!(rb.action == XDP_PASS, "the empty program returned {}", rb.action);
+            let rp = sys::test_run(prog, packet, self.repeat).context("BPF_PROG_TEST_RUN")?;
+            ensure!(rp.action == expect, "program returned action {} instead of {expect}", rp.action);
+            b.push(rb.duration_ns);
+            p.push(rp.duration_ns);
+        }
+        Ok((median(p), median(b)))
+    }
+}
+
+fn median(mut v: Vec<u32>) -> u32 {
+    v.sort_unstable();
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        ((u64::from(v[n / 2 - 1]) + u64::from(v[n / 2])) / 2) as u32
+    }
+}
+
+fn progress(what: &str) {
+    eprintln!("bench-dataplane: {what}");
+}
+
+/// The dots-ebpf rows.
+fn bench_dots(bench: &Bench, quick: bool, rows: &mut Vec<Row>) -> Result<()> {
+    let bpffs = BpffsDir::new()?;
+    let mut dp = Dataplane::open(&DataplaneOptions {
+        bpffs: bpffs.path.clone(),
+        // One slot may hold every prefix of both families.
+        limits: SlotLimits { max_sources: 4 * dots_common::MAX_SOURCE_PREFIXES as usize, ..Default::default() },
+        ..Default::default()
+    })
+    .context("loading the classifier")?;
+    let prog = dp.program_fd()?;
+    let base = dp.pass_program_fd()?;
+    let big = if quick { 10_000 } else { 100_000 };
+    let mut configs = vec![(0, 0)];
+    for slots in [1, 64, 256] {
+        for prefixes in [1, 1_000, big] {
+            // Every slot needs a source of its own.
+            if prefixes >= slots {
+                configs.push((slots, prefixes));
+            }
+        }
+    }
+    for kind in [Kind::Host, Kind::Short] {
+        for &(slots, prefixes) in &configs {
+            if kind == Kind::Short && slots == 0 {
+                continue; // nothing installed: the same as the host rows
+            }
+            let lens = format!("/{} and /{}", kind.len(Family::V4), kind.len(Family::V6));
+            progress(&format!("dots-ebpf: installing {slots} slots, {prefixes} {lens} prefixes per family"));
+            let t = Instant::now();
+            let report = dp.apply(&slot_specs(slots, prefixes, kind)).context("applying slots")?;
+            progress(&format!("  applied in {:.1}s ({} map writes); measuring", t.elapsed().as_secs_f64(), report.writes));
+            for f in FAMILIES {
+                let mut paths = vec![("miss", miss_source(f), XDP_PASS)];
+                if slots > 0 {
+                    paths.insert(0, ("hit", source_in(f, kind, prefixes / 2), XDP_DROP));
+                }
+                for (path, src, expect) in paths {
+                    let (ns, baseline) = bench
+                        .measure(prog.as_fd(), base.as_fd(), &packet(src), expect)
+                        .with_context(|| format!("dots-ebpf {} {path}, {slots} slots, {prefixes} prefixes", f.name()))?;
+                    progress(&format!("  {} {path}: {ns} ns/packet (empty program {baseline} ns)", f.name()));
+                    rows.push(Row { program: "dots-ebpf", family: f, path, slots, prefixes, prefix_len: kind.len(f), ns, baseline });
+                }
+            }
+        }
+    }
+    dp.apply(&BTreeMap::new())?;
+    drop(prog);
+    drop(base);
+    drop(dp);
+    drop(bpffs);
+    Ok(())
+}
+
+/// xdp-filter loaded on a veth in a namespace of our own; unloaded, and the
+/// namespace deleted, on drop.
+struct XdpFilter {
+    ns: Netns,
+    iface: &'static str,
+}
+
+impl XdpFilter {
+    fn load() -> Result<XdpFilter> {
+        if Path::new(XDP_FILTER_DIR).exists() {
+            bail!("{XDP_FILTER_DIR} exists: xdp-filter is loaded somewhere already; unload it (xdp-filter unload --all) first");
+        }
+        let ns = Netns::new("xf")?;
+        let xf = XdpFilter { ns, iface: "xf0" };
+        xf.ns.ip(&["link", "add", "xf0", "type", "veth", "peer", "name", "xf1"])?;
+        xf.ns.ip(&["link", "set", "xf0", "up"])?;
+        xf.ns.ip(&["link", "set", "xf1", "up"])?;
+        // Only the IPv4 and IPv6 features: no port or Ethernet parsing. Policy
+        // allow: unmatched packets pass, deny rules drop.
+        xf.run(&["xdp-filter", "load", "--policy", "allow", "--features", "ipv4,ipv6", "xf0"])?;
+        Ok(xf)
+    }
+
+    /// Runs a command in the namespace's network stack only: `ip netns exec`
+    /// would also give it a fresh /sys without our bpffs.
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let net = format!("--net=/run/netns/{}", self.ns.name);
+        let mut full = vec!["nsenter", net.as_str()];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// xdp-filter's own program (not a libxdp dispatcher), as pinned by xdp-filter.
+    fn program(&self) -> Result<(OwnedFd, String)> {
+        let dir = Path::new(XDP_FILTER_DIR).join("programs").join(self.iface);
+        let entry = fs::read_dir(&dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .next()
+            .with_context(|| format!("no program pinned in {}", dir.display()))??;
+        let pin = entry.path();
+        let fd = sys::obj_get(&pin).with_context(|| format!("opening {}", pin.display()))?;
+        let info: Value = serde_json::from_str(&sh(&["bpftool", "-j", "prog", "show", "pinned", &pin.to_string_lossy()])?)?;
+        let id = info["id"].as_u64().unwrap_or(0);
+        let name = info["name"].as_str().unwrap_or("?").to_string();
+        // What is attached to the interface: the program itself, or a dispatcher.
+        let net: Value = serde_json::from_str(&self.run(&["bpftool", "-j", "net", "show", "dev", self.iface])?)?;
+        let attached = net[0]["xdp"][0]["id"].as_u64().unwrap_or(0);
+        let how = if attached == id {
+            format!("program `{name}` (id {id}), attached directly to the veth (libxdp loaded no dispatcher)")
+        } else {
+            format!("program `{name}` (id {id}); the veth runs libxdp's dispatcher (id {attached}), which is not measured")
+        };
+        Ok((fd, how))
+    }
+
+    /// Adds deny rules for sources `from..to` of both families with one
+    /// `xdp-filter ip` command each.
+    fn add_by_command(&self, from: usize, to: usize) -> Result<()> {
+        for i in from..to {
+            for f in FAMILIES {
+                let addr = prefix(f, Kind::Host, i).addr().to_string();
+                self.run(&["xdp-filter", "ip", &addr, "--mode", "src"])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the same rules as `xdp-filter ip ADDR --mode src` does, straight
+    /// into its pinned per-CPU hash maps: value 1 (its "source" flag) per CPU.
+    fn add_direct(&self, from: usize, to: usize) -> Result<()> {
+        let cpus = possible_cpus()?;
+        let value = vec![1u64; cpus];
+        for f in FAMILIES {
+            let name = match f {
+                Family::V4 => "filter_ipv4",
+                Family::V6 => "filter_ipv6",
+            };
+            let pin = Path::new(XDP_FILTER_DIR).join(name);
+            let map = sys::obj_get(&pin).with_context(|| format!("opening {}", pin.display()))?;
+            for i in from..to {
+                let key: Vec<u8> = match prefix(f, Kind::Host, i).addr() {
+                    IpAddr::V4(a) => a.octets().to_vec(),
+                    IpAddr::V6(a) => a.octets().to_vec(),
+                };
+                map_update(map.as_fd(), &key, &value).with_context(|| format!("writing a rule into {}", pin.display()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for XdpFilter {
+    fn drop(&mut self) {
+        if let Err(e) = self.run(&["xdp-filter", "unload", self.iface]) {
+            eprintln!("bench-dataplane: unloading xdp-filter: {e:#}");
+        }
+        // The namespace (and the veth) go when `ns` drops, right after this.
+    }
+}
+
+/// `BPF_MAP_UPDATE_ELEM` (command 2) with `BPF_ANY`.
+fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u64]) -> std::io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut attr = Attr {
+        map_fd: map.as_raw_fd() as u32,
+        pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is the map-element member of `union bpf_attr`; key and
+    // value point to buffers of the map's key size and per-CPU value size.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 2 as libc::c_long, &mut attr as *mut Attr, std::mem::size_of::<Attr>() as libc::c_uint) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Number of possible CPUs (the per-CPU value count), from "0-1" style lists.
+fn possible_cpus() -> Result<usize> {
+    let text = fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        n = n.max(hi.parse::<usize>()? + 1);
+        let _: usize = lo.parse()?;
+    }
+    Ok(n)
+}
+
+/// Notes gathered while measuring xdp-filter, for the doc.
+#[derive(Default)]
+struct XdpFilterNotes {
+    program: String,
+    command_rules: usize,
+    command_secs: f64,
+    direct_rules: usize,
+    direct_secs: f64,
+}
+
+/// The xdp-filter rows. `base` is the empty dots program.
+fn bench_xdp_filter(bench: &Bench, quick: bool, base: BorrowedFd<'_>, rows: &mut Vec<Row>) -> Result<XdpFilterNotes> {
+    progress("xdp-filter: loading on a veth in a private network namespace");
+    let xf = XdpFilter::load()?;
+    let (prog, how) = xf.program()?;
+    let mut notes = XdpFilterNotes { program: how, ..Default::default() };
+    progress(&format!("  measuring {}", notes.program));
+    let counts: &[usize] = if quick { &[0, 1, 100, XDP_FILTER_CAPACITY] } else { &[0, 1, 1_000, XDP_FILTER_CAPACITY] };
+    let mut have = 0;
+    for &n in counts {
+        if n > have {
+            let by_command = n.min(XDP_FILTER_BY_COMMAND);
+            if by_command > have {
+                progress(&format!("  adding rules {have}..{by_command} per family with `xdp-filter ip` (one command each)"));
+                let t = Instant::now();
+                xf.add_by_command(have, by_command)?;
+                notes.command_secs += t.elapsed().as_secs_f64();
+                notes.command_rules += 2 * (by_command - have);
+                have = by_command;
+            }
+            if n > have {
+                progress(&format!("  writing rules {have}..{n} per family straight into xdp-filter's maps"));
+                let t = Instant::now();
+                xf.add_direct(have, n)?;
+                notes.direct_secs += t.elapsed().as_secs_f64();
+                notes.direct_rules += 2 * (n - have);
+                have = n;
+            }
+        }
+        for f in FAMILIES {
+            let mut paths = vec![("miss", miss_source(f), XDP_PASS)];
+            if n > 0 {
+                paths.insert(0, ("hit", source_in(f, Kind::Host, n / 2), XDP_DROP));
+            }
+            for (path, src, expect) in paths {
+                let (ns, baseline) = bench
+                    .measure(prog.as_fd(), base, &packet(src), expect)
+                    .with_context(|| format!("xdp-filter {} {path}, {n} rules", f.name()))?;
+                progress(&format!("  {n} rules, {} {path}: {ns} ns/packet (empty program {baseline} ns)", f.name()));
+                rows.push(Row { program: "xdp-filter", family: f, path, slots: 0, prefixes: n, prefix_len: Kind::Host.len(f), ns, baseline });
+            }
+        }
+    }
+    drop(prog);
+    drop(xf);
+    Ok(notes)
+}
+
+fn machine() -> String {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let xdp_tools = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", "xdp-tools"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    format!("- CPU: {model}, {cores} cores available\n- Kernel: {kernel}\n- xdp-tools (xdp-filter): {xdp_tools}\n")
+}
+
+fn find<'a>(rows: &'a [Row], program: &str, f: Family, path: &str, slots: usize, prefixes: usize, len: u8) -> Option<&'a Row> {
+    rows.iter().find(|r| {
+        r.program == program && r.family == f && r.path == path && r.slots == slots && r.prefixes == prefixes && r.prefix_len == len
+    })
+}
+
+fn table(out: &mut String, rows: &[Row], program: &str, lens: (u8, u8)) {
+    out.push_str("| family | path | slots | prefixes | prefix | ns/packet | empty program | above empty |\n");
+    out.push_str("|---|---|---:|---:|---|---:|---:|---:|\n");
+    for r in rows.iter().filter(|r| r.program == program && (r.prefix_len == lens.0 || r.prefix_len == lens.1)) {
+        let slots = if program == "xdp-filter" { "-".to_string() } else { r.slots.to_string() };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | /{} | {} | {} | {} |\n",
+            r.family.name(),
+            r.path,
+            slots,
+            r.prefixes,
+            r.prefix_len,
+            r.ns,
+            r.baseline,
+            r.delta()
+        ));
+    }
+}
+
+fn verdicts(rows: &[Row], big: usize) -> String {
+    let mut out = String::new();
+    for f in FAMILIES {
+        let host = Kind::Host.len(f);
+        let get = |path| find(rows, "dots-ebpf", f, path, 256, big, host);
+        let (Some(hit), Some(miss)) = (get("hit"), get("miss")) else {
+            out.push_str(&format!("- {}: no row at 256 slots and {big} prefixes\n", f.name()));
+            continue;
+        };
+        let ok = |b: bool| if b { "met" } else { "**not met**" };
+        out.push_str(&format!(
+            "- {} miss, 256 slots, {big} prefixes: {} ns above the empty program (target at most 100): {}\n",
+            f.name(),
+            miss.delta(),
+            ok(miss.delta() <= 100)
+        ));
+        out.push_str(&format!(
+            "- {} hit, 256 slots, {big} prefixes: {} ns above the empty program (target at most 200): {}\n",
+            f.name(),
+            hit.delta(),
+            ok(hit.delta() <= 200)
+        ));
+        // xdp-filter cannot hold `big` rules: compare with its largest row.
+        let largest = rows
+            .iter()
+            .filter(|r| r.program == "xdp-filter" && r.family == f)
+            .map(|r| r.prefixes)
+            .max();
+        if let Some(n) = largest {
+            for (path, ours) in [("hit", hit), ("miss", miss)] {
+                if let Some(xf) = find(rows, "xdp-filter", f, path, 0, n, host) {
+                    let same = if n == big { String::new() } else { format!(" (its maximum: {n} rules; it cannot hold {big})") };
+                    out.push_str(&format!(
+                        "- {} {path} vs xdp-filter at {n} rules{same}: {} vs {} ns/packet: {}\n",
+                        f.name(),
+                        ours.ns,
+                        xf.ns,
+                        ok(ours.ns <= xf.ns)
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn render(args: &Args, rows: &[Row], notes: Option<&XdpFilterNotes>, big: usize) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("{BEGIN}\n<!-- Generated by `cargo xtask bench dataplane`; edit outside the markers. -->\n\n"));
+    out.push_str("### Machine\n\n");
+    out.push_str(&machine());
+    out.push_str(&format!(
+        "- Measurement: BPF_PROG_TEST_RUN, {} repetitions per run, median of {} runs, each run alternated with the empty program\n\n",
+        args.repeat, args.runs
+    ));
+    out.push_str("### Targets (256 slots, host prefixes)\n\n");
+    out.push_str(&verdicts(rows, big));
+    out.push_str("\n### dots-ebpf, host prefixes (/32, /128)\n\n");
+    table(&mut out, rows, "dots-ebpf", (32, 128));
+    out.push_str("\n### dots-ebpf, shorter prefixes (/24, /48)\n\n");
+    table(&mut out, rows, "dots-ebpf", (24, 48));
+    out.push_str("\n### xdp-filter, exact source addresses\n\n");
+    if let Some(n) = notes {
+        out.push_str(&format!("Measured: {}.\n\n", n.program));
+        table(&mut out, rows, "xdp-filter", (32, 128));
+        if n.command_rules > 0 {
+            out.push_str(&format!(
+                "\nAdding {} rules with one `xdp-filter ip` command each took {:.1} s ({:.1} ms per rule).",
+                n.command_rules,
+                n.command_secs,
+                1000.0 * n.command_secs / n.command_rules as f64
+            ));
+        }
+        if n.direct_rules > 0 {
+            out.push_str(&format!(
+                " The other {} rules were written straight into its pinned maps in {:.2} s.",
+                n.direct_rules, n.direct_secs
+            ));
+        }
+        out.push_str(&format!(
+            " xdp-filter's address maps hold at most {XDP_FILTER_CAPACITY} entries each, so it has no row at {big} rules.\n"
+        ));
+    } else {
+        out.push_str("Not measured in this run.\n");
+    }
+    out.push_str(&format!("\n{END}\n"));
+    out
+}
+
+/// Replaces the generated section of `doc` (or writes a skeleton around it).
+fn write_doc(path: &Path, generated: &str) -> Result<()> {
+    let old = fs::read_to_string(path).unwrap_or_default();
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(b), Some(e)) if b < e => format!("{}{}{}", &old[..b], generated.trim_end(), &old[e + END.len()..]),
+        _ => format!("# Benchmarks\n\n## Data plane\n\n{generated}"),
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(path, new).with_context(|| format!("writing {}", path.display()))
+}
+
+fn main() -> Result<()> {
+    let args = args()?;
+    let bench = Bench { repeat: args.repeat, runs: args.runs };
+    let started = Instant::now();
+    let big = if args.quick { 10_000 } else { 100_000 };
+    let mut rows = Vec::new();
+    bench_dots(&bench, args.quick, &mut rows)?;
+
+    // The baseline for xdp-filter is the same empty program, loaded again.
+    let bpffs = BpffsDir::new()?;
+    let mut dp = Dataplane::open(&DataplaneOptions { bpffs: bpffs.path.clone(), ..Default::default() })?;
+    let base = dp.pass_program_fd()?;
+    let notes = bench_xdp_filter(&bench, args.quick, base.as_fd(), &mut rows)?;
+    drop(base);
+    drop(dp);
+    drop(bpffs);
+
+    let json = Value::Array(rows.iter().map(Row::json).collect());
+    if let Some(dir) = args.json.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(&args.json, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    write_doc(&args.doc, &render(&args, &rows, Some(&notes), big))?;
+    progress(&format!(
+        "done in {:.0}s: {} and {}",
+        started.elapsed().as_secs_f64(),
+        args.json.display(),
+        args.doc.display()
+    ));
+    Ok(())
+}
