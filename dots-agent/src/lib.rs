@@ -7,3 +7,4 @@
 pub mod enforce;
 pub mod logging;
 pub mod packet;
+pub mod pki;

@@ -25,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "libcoap3-bin",
     "hping3",
     "openssl",
+    "libssl-dev",
+    "pkg-config",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

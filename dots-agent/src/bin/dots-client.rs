@@ -4,6 +4,7 @@ use std::io::{Read, Write};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use dots_agent::pki::{self, San};
 use dots_proto::cbor;
 
 /// Call Home DOTS client: the ISP-side peer that agents dial, and tools
@@ -24,6 +25,26 @@ enum Command {
     /// Convert DOTS messages between JSON and CBOR.
     #[command(subcommand)]
     Cbor(CborCommand),
+    /// Create a test PKI: a CA, a certificate for this ISP-side client and one
+    /// per agent. For labs and trials; production uses its own CA.
+    ///
+    /// Example:
+    ///   dots-client pki --out pki --client-name isp.example --agent cpe1 --agent cpe2
+    Pki {
+        /// Directory to write ca.pem, client.pem/.key and agent-NAME.pem/.key to.
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// Name (DNS) or IP address agents will use as the reference
+        /// identifier of this client (repeatable; the first is also the CN).
+        #[arg(long = "client-name", value_name = "NAME|IP", default_value = "dots-client")]
+        client_names: Vec<String>,
+        /// Agent certificate to issue (repeatable): its DNS name and identity.
+        #[arg(long = "agent", value_name = "NAME")]
+        agents: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,7 +104,19 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&json)?);
             Ok(())
         }
+        Command::Pki { out, client_names, agents, days } => pki_command(&out, &client_names, &agents, days),
     }
+}
+
+fn pki_command(out: &std::path::Path, client_names: &[String], agents: &[String], days: u32) -> Result<()> {
+    let sans: Vec<San> = client_names.iter().map(|n| San::parse(n)).collect();
+    let lab = pki::create_lab_pki(out, &sans, agents, days)?;
+    println!("CA:      {}", lab.ca.display());
+    println!("client:  {} {}", lab.client_cert.display(), lab.client_key.display());
+    for (name, cert, key) in &lab.agents {
+        println!("agent {name}: {} {}", cert.display(), key.display());
+    }
+    Ok(())
 }
 
 fn to_hex(bytes: &[u8]) -> String {

@@ -1,0 +1,280 @@
+//! The server role's mitigations: one entry per (cuid, mid), its phase,
+//! lifetime and the data-plane counters, plus the overlap rule.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use super::action::{Counters, MitigationKey};
+use crate::model::{
+    AttackStatus, MitigationStatus, PortRange, Scope, ValidatedRequest, INDEFINITE_LIFETIME,
+};
+
+/// Where a mitigation stands. Only [`Phase::Active`] reports status 2:
+/// that phase is entered on the data plane's `installed` result alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the operator (consent = require).
+    AwaitingConsent,
+    /// `Install` emitted, not confirmed yet.
+    Installing,
+    /// Enforced by the data plane.
+    Active,
+    /// Monitor mode: accepted and logged, never enforced.
+    Monitoring,
+}
+
+/// One mitigation held by the server role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mitigation {
+    pub request: ValidatedRequest,
+    pub phase: Phase,
+    /// Last values reported by the data plane, if any.
+    pub counters: Option<Counters>,
+    /// From the client's last efficacy update.
+    pub attack_status: Option<AttackStatus>,
+    /// `None` for an indefinite lifetime.
+    pub expires: Option<Instant>,
+    pub(crate) last_notified: Instant,
+}
+
+impl Mitigation {
+    pub(crate) fn new(now: Instant, request: ValidatedRequest, phase: Phase) -> Self {
+        Self {
+            expires: expiry(now, request.lifetime),
+            request,
+            phase,
+            counters: None,
+            attack_status: None,
+            last_notified: now,
+        }
+    }
+
+    pub fn status(&self) -> MitigationStatus {
+        match self.phase {
+            Phase::Active => MitigationStatus::SuccessfullyMitigated,
+            _ => MitigationStatus::InProgress,
+        }
+    }
+
+    /// Whether the data plane holds (or is about to hold) this entry.
+    pub fn enforced(&self) -> bool {
+        matches!(self.phase, Phase::Installing | Phase::Active)
+    }
+
+    /// Restarts the lifetime with a newly granted one.
+    pub(crate) fn refresh(&mut self, now: Instant, request: ValidatedRequest) {
+        self.expires = expiry(now, request.lifetime);
+        self.request = request;
+    }
+
+    /// Remaining lifetime in whole seconds, or -1 for indefinite.
+    pub fn remaining(&self, now: Instant) -> i64 {
+        match self.expires {
+            None => INDEFINITE_LIFETIME,
+            Some(t) => i64::try_from(t.saturating_duration_since(now).as_secs()).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// The entry as it appears in a GET answer or a notification.
+    pub fn to_scope(&self, now: Instant) -> Scope {
+        let scope = Scope {
+            mid: Some(self.request.mid),
+            lifetime: Some(self.remaining(now)),
+            status: Some(self.status()),
+            attack_status: self.attack_status,
+            // The trigger flag is a request-only attribute.
+            trigger_mitigation: None,
+            ..self.request.scope.clone()
+        };
+        with_counters(scope, self.counters)
+    }
+}
+
+/// `scope` with the drop counters filled in (left out when never reported).
+pub(crate) fn with_counters(scope: Scope, counters: Option<Counters>) -> Scope {
+    match counters {
+        None => scope,
+        Some(c) => Scope {
+            bytes_dropped: Some(c.bytes),
+            bps_dropped: Some(c.bps),
+            pkts_dropped: Some(c.pkts),
+            pps_dropped: Some(c.pps),
+            ..scope
+        },
+    }
+}
+
+fn expiry(now: Instant, lifetime: i64) -> Option<Instant> {
+    u64::try_from(lifetime)
+        .ok()
+        .map(|secs| now + Duration::from_secs(secs))
+}
+
+fn prefixes_overlap(a: &[IpNet], b: &[IpNet]) -> bool {
+    a.iter()
+        .any(|x| b.iter().any(|y| x.contains(y) || y.contains(x)))
+}
+
+/// An empty list means "any", so it overlaps everything.
+fn ports_overlap(a: &[PortRange], b: &[PortRange]) -> bool {
+    let bounds = |r: &PortRange| (r.lower, r.upper.unwrap_or(r.lower));
+    a.is_empty()
+        || b.is_empty()
+        || a.iter().any(|x| {
+            let (xl, xu) = bounds(x);
+            b.iter().any(|y| {
+                let (yl, yu) = bounds(y);
+                xl <= yu && yl <= xu
+            })
+        })
+}
+
+fn protocols_overlap(a: &[u8], b: &[u8]) -> bool {
+    a.is_empty() || b.is_empty() || a.iter().any(|p| b.contains(p))
+}
+
+/// Whether two Call Home scopes can match the same packet: targets overlap
+/// (RFC 9132's rule) *and* sources overlap. The source condition is ours:
+/// on Call Home a client may block two different compromised devices
+/// attacking one target, and those requests must not supersede each other.
+/// ICMP type ranges are not compared (treated as overlapping).
+pub fn overlaps(a: &Scope, b: &Scope) -> bool {
+    prefixes_overlap(&a.target_prefix, &b.target_prefix)
+        && ports_overlap(&a.target_port_range, &b.target_port_range)
+        && protocols_overlap(&a.target_protocol, &b.target_protocol)
+        && prefixes_overlap(&a.source_prefix, &b.source_prefix)
+        && ports_overlap(&a.source_port_range, &b.source_port_range)
+}
+
+/// True when two requests differ only in their lifetime (a refresh).
+pub(crate) fn same_scope(a: &Scope, b: &Scope) -> bool {
+    Scope {
+        lifetime: None,
+        ..a.clone()
+    } == Scope {
+        lifetime: None,
+        ..b.clone()
+    }
+}
+
+/// All mitigations, ordered by key so iteration is deterministic.
+#[derive(Debug, Clone, Default)]
+pub struct Mitigations {
+    map: BTreeMap<MitigationKey, Mitigation>,
+}
+
+impl Mitigations {
+    pub fn get(&self, key: &MitigationKey) -> Option<&Mitigation> {
+        self.map.get(key)
+    }
+
+    pub(crate) fn get_mut(&mut self, key: &MitigationKey) -> Option<&mut Mitigation> {
+        self.map.get_mut(key)
+    }
+
+    pub(crate) fn insert(&mut self, key: MitigationKey, m: Mitigation) {
+        self.map.insert(key, m);
+    }
+
+    pub(crate) fn remove(&mut self, key: &MitigationKey) -> Option<Mitigation> {
+        self.map.remove(key)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&MitigationKey, &Mitigation)> {
+        self.map.iter()
+    }
+
+    pub fn of_cuid<'a>(
+        &'a self,
+        cuid: &'a str,
+    ) -> impl Iterator<Item = (&'a MitigationKey, &'a Mitigation)> {
+        self.map.iter().filter(move |(k, _)| k.cuid == cuid)
+    }
+
+    /// Other mitigations of the same cuid whose scope overlaps `req`'s.
+    pub(crate) fn overlapping(&self, req: &ValidatedRequest) -> Vec<MitigationKey> {
+        self.of_cuid(&req.cuid)
+            .filter(|(k, m)| k.mid != req.mid && overlaps(&m.request.scope, &req.scope))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    pub(crate) fn next_expiry(&self) -> Option<Instant> {
+        self.map.values().filter_map(|m| m.expires).min()
+    }
+
+    pub(crate) fn expired(&self, now: Instant) -> Vec<MitigationKey> {
+        self.map
+            .iter()
+            .filter(|(_, m)| m.expires.is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    pub(crate) fn keys_where(&self, pred: impl Fn(&Mitigation) -> bool) -> Vec<MitigationKey> {
+        self.map
+            .iter()
+            .filter(|(_, m)| pred(m))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(target: &str, source: &str, ports: &[(u16, u16)]) -> Scope {
+        Scope {
+            target_prefix: vec![target.parse().expect("prefix")],
+            source_prefix: vec![source.parse().expect("prefix")],
+            source_port_range: ports
+                .iter()
+                .map(|(l, u)| PortRange {
+                    lower: *l,
+                    upper: Some(*u),
+                })
+                .collect(),
+            ..Scope::default()
+        }
+    }
+
+    #[test]
+    fn overlap_needs_targets_and_sources() {
+        let a = scope("203.0.113.0/24", "192.0.2.0/28", &[]);
+        assert!(overlaps(&a, &scope("203.0.113.7/32", "192.0.2.1/32", &[])));
+        assert!(!overlaps(&a, &scope("198.51.100.0/24", "192.0.2.1/32", &[])));
+        assert!(!overlaps(&a, &scope("203.0.113.7/32", "192.0.2.99/32", &[])));
+        let p = scope("203.0.113.0/24", "192.0.2.0/28", &[(1000, 2000)]);
+        assert!(overlaps(&p, &a), "no ports = any port");
+        assert!(overlaps(
+            &p,
+            &scope("203.0.113.0/24", "192.0.2.0/28", &[(2000, 3000)])
+        ));
+        assert!(!overlaps(
+            &p,
+            &scope("203.0.113.0/24", "192.0.2.0/28", &[(2001, 3000)])
+        ));
+    }
+
+    #[test]
+    fn refresh_is_a_lifetime_only_change() {
+        let a = scope("203.0.113.0/24", "192.0.2.0/28", &[]);
+        let b = Scope {
+            lifetime: Some(5),
+            ..a.clone()
+        };
+        assert!(same_scope(&a, &b));
+        assert!(!same_scope(&a, &scope("203.0.113.0/25", "192.0.2.0/28", &[])));
+    }
+}
