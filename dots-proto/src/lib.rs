@@ -7,6 +7,8 @@
 //! * [`cbor`]: YANG names <-> CBOR keys, the comprehension rules, JSON <-> CBOR.
 //! * [`model`]: typed DOTS messages and their validation (RFC 9132, RFC 9066).
 //! * [`coap`]: CoAP message layer (RFC 7252, RFC 7641, RFC 8323 framing).
+//! * [`signal`]: the signal channel state machines of both roles.
 pub mod cbor;
 pub mod coap;
 pub mod model;
+pub mod signal;

@@ -6,7 +6,7 @@
 
 use anyhow::Result;
 
-use crate::{cargo, run, step, workspace_root};
+use crate::{cargo, step, workspace_root};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Which {
@@ -26,13 +26,21 @@ fn dataplane() -> Result<()> {
     let doc = root.join("docs/benchmarks.md");
     step("benchmarking the data plane (BPF_PROG_TEST_RUN; a few minutes)");
     let mut cmd = cargo();
-    cmd.args(["run", "--release", "-p", "tests", "--bin", "bench-dataplane", "--"]);
+    cmd.args([
+        "run",
+        "--release",
+        "-p",
+        "tests",
+        "--bin",
+        "bench-dataplane",
+        "--",
+    ]);
     cmd.arg("--json").arg(&json).arg("--doc").arg(&doc);
     // Extra arguments for the measuring program, e.g. "--runs 11".
     if let Ok(extra) = std::env::var("DOTS_BENCH_ARGS") {
         cmd.args(extra.split_whitespace());
     }
-    run(&mut cmd)?;
+    crate::run(&mut cmd)?;
     step(&format!("wrote {} and {}", json.display(), doc.display()));
     Ok(())
 }

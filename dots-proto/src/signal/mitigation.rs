@@ -73,7 +73,9 @@ impl Mitigation {
     pub fn remaining(&self, now: Instant) -> i64 {
         match self.expires {
             None => INDEFINITE_LIFETIME,
-            Some(t) => i64::try_from(t.saturating_duration_since(now).as_secs()).unwrap_or(i64::MAX),
+            Some(t) => {
+                i64::try_from(t.saturating_duration_since(now).as_secs()).unwrap_or(i64::MAX)
+            }
         }
     }
 
@@ -160,7 +162,7 @@ pub(crate) fn same_scope(a: &Scope, b: &Scope) -> bool {
 }
 
 /// All mitigations, ordered by key so iteration is deterministic.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Mitigations {
     map: BTreeMap<MitigationKey, Mitigation>,
 }
@@ -253,8 +255,14 @@ mod tests {
     fn overlap_needs_targets_and_sources() {
         let a = scope("203.0.113.0/24", "192.0.2.0/28", &[]);
         assert!(overlaps(&a, &scope("203.0.113.7/32", "192.0.2.1/32", &[])));
-        assert!(!overlaps(&a, &scope("198.51.100.0/24", "192.0.2.1/32", &[])));
-        assert!(!overlaps(&a, &scope("203.0.113.7/32", "192.0.2.99/32", &[])));
+        assert!(!overlaps(
+            &a,
+            &scope("198.51.100.0/24", "192.0.2.1/32", &[])
+        ));
+        assert!(!overlaps(
+            &a,
+            &scope("203.0.113.7/32", "192.0.2.99/32", &[])
+        ));
         let p = scope("203.0.113.0/24", "192.0.2.0/28", &[(1000, 2000)]);
         assert!(overlaps(&p, &a), "no ports = any port");
         assert!(overlaps(
@@ -275,6 +283,9 @@ mod tests {
             ..a.clone()
         };
         assert!(same_scope(&a, &b));
-        assert!(!same_scope(&a, &scope("203.0.113.0/25", "192.0.2.0/28", &[])));
+        assert!(!same_scope(
+            &a,
+            &scope("203.0.113.0/25", "192.0.2.0/28", &[])
+        ));
     }
 }

@@ -66,10 +66,15 @@ fn args() -> Result<Args> {
             "--repeat" => a.repeat = value()?.parse().context("--repeat")?,
             "--runs" => a.runs = value()?.parse().context("--runs")?,
             "--quick" => a.quick = true,
-            other => bail!("unknown argument {other:?} (expected --json, --doc, --repeat, --runs, --quick)"),
+            other => bail!(
+                "unknown argument {other:?} (expected --json, --doc, --repeat, --runs, --quick)"
+            ),
         }
     }
-    ensure!(a.runs >= 1 && a.repeat >= 1, "--runs and --repeat must be at least 1");
+    ensure!(
+        a.runs >= 1 && a.repeat >= 1,
+        "--runs and --repeat must be at least 1"
+    );
     Ok(a)
 }
 
@@ -116,8 +121,12 @@ fn prefix(f: Family, kind: Kind, i: usize) -> IpNet {
     let addr: IpAddr = match (f, kind) {
         (Family::V4, Kind::Host) => Ipv4Addr::from(0x0a00_0000 + i).into(),
         (Family::V4, Kind::Short) => Ipv4Addr::from(0x1000_0000 + (i << 8)).into(),
-        (Family::V6, Kind::Host) => Ipv6Addr::from((0x2001_0db8_0001u128 << 80) | u128::from(i)).into(),
-        (Family::V6, Kind::Short) => Ipv6Addr::from((0x2400u128 << 112) | (u128::from(i) << 80)).into(),
+        (Family::V6, Kind::Host) => {
+            Ipv6Addr::from((0x2001_0db8_0001u128 << 80) | u128::from(i)).into()
+        }
+        (Family::V6, Kind::Short) => {
+            Ipv6Addr::from((0x2400u128 << 112) | (u128::from(i) << 80)).into()
+        }
     };
     IpNet::new(addr, len).expect("prefix length is valid")
 }
@@ -136,7 +145,10 @@ fn source_in(f: Family, kind: Kind, i: usize) -> IpAddr {
 fn miss_source(f: Family) -> IpAddr {
     match f {
         Family::V4 => Ipv4Addr::new(192, 0, 2, 1).into(),
-        Family::V6 => "2001:db8:dead::1".parse::<Ipv6Addr>().expect("literal").into(),
+        Family::V6 => "2001:db8:dead::1"
+            .parse::<Ipv6Addr>()
+            .expect("literal")
+            .into(),
     }
 }
 
@@ -147,9 +159,20 @@ const SOURCE_PORT: u16 = 40_000;
 fn packet(src: IpAddr) -> Vec<u8> {
     let dst: IpAddr = match src {
         IpAddr::V4(_) => Ipv4Addr::new(198, 51, 100, 10).into(),
-        IpAddr::V6(_) => "2001:db8:ffff::10".parse::<Ipv6Addr>().expect("literal").into(),
+        IpAddr::V6(_) => "2001:db8:ffff::10"
+            .parse::<Ipv6Addr>()
+            .expect("literal")
+            .into(),
     };
-    Frame::new(src, dst, L4::Udp { sport: SOURCE_PORT, dport: TARGET_PORT }).build()
+    Frame::new(
+        src,
+        dst,
+        L4::Udp {
+            sport: SOURCE_PORT,
+            dport: TARGET_PORT,
+        },
+    )
+    .build()
 }
 
 /// `slots` slots sharing `prefixes` source prefixes of each family round-robin.
@@ -166,7 +189,10 @@ fn slot_specs(slots: usize, prefixes: usize, kind: Kind) -> BTreeMap<SlotId, Slo
             s as SlotId,
             SlotSpec {
                 sources,
-                targets: vec!["198.51.100.0/24".parse().expect("literal"), "2001:db8:ffff::/48".parse().expect("literal")],
+                targets: vec![
+                    "198.51.100.0/24".parse().expect("literal"),
+                    "2001:db8:ffff::/48".parse().expect("literal"),
+                ],
                 protocols: vec![17],
                 source_ports: vec![Range::new(1024, 65535)],
                 target_ports: vec![Range::single(TARGET_PORT)],
@@ -216,21 +242,41 @@ struct Bench {
 impl Bench {
     /// Medians of `prog` and of the empty program `base` on `packet`, run in
     /// alternation. Fails when `prog` does not return `expect`.
-    fn measure(&self, prog: BorrowedFd<'_>, base: BorrowedFd<'_>, packet: &[u8], expect: u32) -> Result<(u32, u32)> {
+    fn measure(
+        &self,
+        prog: BorrowedFd<'_>,
+        base: BorrowedFd<'_>,
+        packet: &[u8],
+        expect: u32,
+    ) -> Result<(u32, u32)> {
         // Warm up caches, branch predictors and the CPU clock.
-        let warm = sys::test_run(prog, packet, (self.repeat / 10).max(1)).context("BPF_PROG_TEST_RUN")?;
+        let warm =
+            sys::test_run(prog, packet, (self.repeat / 10).max(1)).context("BPF_PROG_TEST_RUN")?;
         ensure!(
             warm.action == expect,
             "program returned action {} instead of {expect} ({})",
             warm.action,
-            if expect == XDP_DROP { "hit should drop" } else { "miss should pass" }
+            if expect == XDP_DROP {
+                "hit should drop"
+            } else {
+                "miss should pass"
+            }
         );
         let (mut p, mut b) = (Vec::new(), Vec::new());
         for _ in 0..self.runs {
-            let rb = sys::test_run(base, packet, self.repeat).context("BPF_PROG_TEST_RUN (baseline)")?;
-            ensure!(rb.action == XDP_PASS, "the empty program returned {}", rb.action);
+            let rb =
+                sys::test_run(base, packet, self.repeat).context("BPF_PROG_TEST_RUN (baseline)")?;
+            ensure!(
+                rb.action == XDP_PASS,
+                "the empty program returned {}",
+                rb.action
+            );
             let rp = sys::test_run(prog, packet, self.repeat).context("BPF_PROG_TEST_RUN")?;
-            ensure!(rp.action == expect, "program returned action {} instead of {expect}", rp.action);
+            ensure!(
+                rp.action == expect,
+                "program returned action {} instead of {expect}",
+                rp.action
+            );
             b.push(rb.duration_ns);
             p.push(rp.duration_ns);
         }
@@ -258,7 +304,10 @@ fn bench_dots(bench: &Bench, quick: bool, rows: &mut Vec<Row>) -> Result<()> {
     let mut dp = Dataplane::open(&DataplaneOptions {
         bpffs: bpffs.path.clone(),
         // One slot may hold every prefix of both families.
-        limits: SlotLimits { max_sources: 4 * dots_common::MAX_SOURCE_PREFIXES as usize, ..Default::default() },
+        limits: SlotLimits {
+            max_sources: 4 * dots_common::MAX_SOURCE_PREFIXES as usize,
+            ..Default::default()
+        },
         ..Default::default()
     })
     .context("loading the classifier")?;
@@ -280,10 +329,23 @@ fn bench_dots(bench: &Bench, quick: bool, rows: &mut Vec<Row>) -> Result<()> {
                 continue; // nothing installed: the same as the host rows
             }
             let lens = format!("/{} and /{}", kind.len(Family::V4), kind.len(Family::V6));
-            progress(&format!("dots-ebpf: installing {slots} slots, {prefixes} {lens} prefixes per family"));
+            progress(&format!(
+                "dots-ebpf: installing {slots} slots, {prefixes} {lens} prefixes per family"
+            ));
             let t = Instant::now();
-            let report = dp.apply(&slot_specs(slots, prefixes, kind)).context("applying slots")?;
-            progress(&format!("  applied in {:.1}s ({} map writes); measuring", t.elapsed().as_secs_f64(), report.writes));
+            // Start each configuration from an empty classifier: re-applying
+            // a slot whose entries change while its policy bits stay the same
+            // leaves it inactive (Dataplane::write compares the final policy
+            // with the one before the apply, not with the intermediate one).
+            dp.apply(&BTreeMap::new()).context("clearing slots")?;
+            let report = dp
+                .apply(&slot_specs(slots, prefixes, kind))
+                .context("applying slots")?;
+            progress(&format!(
+                "  cleared and applied in {:.1}s ({} map writes); measuring",
+                t.elapsed().as_secs_f64(),
+                report.writes
+            ));
             for f in FAMILIES {
                 let mut paths = vec![("miss", miss_source(f), XDP_PASS)];
                 if slots > 0 {
@@ -292,9 +354,26 @@ fn bench_dots(bench: &Bench, quick: bool, rows: &mut Vec<Row>) -> Result<()> {
                 for (path, src, expect) in paths {
                     let (ns, baseline) = bench
                         .measure(prog.as_fd(), base.as_fd(), &packet(src), expect)
-                        .with_context(|| format!("dots-ebpf {} {path}, {slots} slots, {prefixes} prefixes", f.name()))?;
-                    progress(&format!("  {} {path}: {ns} ns/packet (empty program {baseline} ns)", f.name()));
-                    rows.push(Row { program: "dots-ebpf", family: f, path, slots, prefixes, prefix_len: kind.len(f), ns, baseline });
+                        .with_context(|| {
+                            format!(
+                                "dots-ebpf {} {path}, {slots} slots, {prefixes} prefixes",
+                                f.name()
+                            )
+                        })?;
+                    progress(&format!(
+                        "  {} {path}: {ns} ns/packet (empty program {baseline} ns)",
+                        f.name()
+                    ));
+                    rows.push(Row {
+                        program: "dots-ebpf",
+                        family: f,
+                        path,
+                        slots,
+                        prefixes,
+                        prefix_len: kind.len(f),
+                        ns,
+                        baseline,
+                    });
                 }
             }
         }
@@ -321,12 +400,21 @@ impl XdpFilter {
         }
         let ns = Netns::new("xf")?;
         let xf = XdpFilter { ns, iface: "xf0" };
-        xf.ns.ip(&["link", "add", "xf0", "type", "veth", "peer", "name", "xf1"])?;
+        xf.ns
+            .ip(&["link", "add", "xf0", "type", "veth", "peer", "name", "xf1"])?;
         xf.ns.ip(&["link", "set", "xf0", "up"])?;
         xf.ns.ip(&["link", "set", "xf1", "up"])?;
         // Only the IPv4 and IPv6 features: no port or Ethernet parsing. Policy
         // allow: unmatched packets pass, deny rules drop.
-        xf.run(&["xdp-filter", "load", "--policy", "allow", "--features", "ipv4,ipv6", "xf0"])?;
+        xf.run(&[
+            "xdp-filter",
+            "load",
+            "--policy",
+            "allow",
+            "--features",
+            "ipv4,ipv6",
+            "xf0",
+        ])?;
         Ok(xf)
     }
 
@@ -348,11 +436,19 @@ impl XdpFilter {
             .with_context(|| format!("no program pinned in {}", dir.display()))??;
         let pin = entry.path();
         let fd = sys::obj_get(&pin).with_context(|| format!("opening {}", pin.display()))?;
-        let info: Value = serde_json::from_str(&sh(&["bpftool", "-j", "prog", "show", "pinned", &pin.to_string_lossy()])?)?;
+        let info: Value = serde_json::from_str(&sh(&[
+            "bpftool",
+            "-j",
+            "prog",
+            "show",
+            "pinned",
+            &pin.to_string_lossy(),
+        ])?)?;
         let id = info["id"].as_u64().unwrap_or(0);
         let name = info["name"].as_str().unwrap_or("?").to_string();
         // What is attached to the interface: the program itself, or a dispatcher.
-        let net: Value = serde_json::from_str(&self.run(&["bpftool", "-j", "net", "show", "dev", self.iface])?)?;
+        let net: Value =
+            serde_json::from_str(&self.run(&["bpftool", "-j", "net", "show", "dev", self.iface])?)?;
         let attached = net[0]["xdp"][0]["id"].as_u64().unwrap_or(0);
         let how = if attached == id {
             format!("program `{name}` (id {id}), attached directly to the veth (libxdp loaded no dispatcher)")
@@ -391,7 +487,8 @@ impl XdpFilter {
                     IpAddr::V4(a) => a.octets().to_vec(),
                     IpAddr::V6(a) => a.octets().to_vec(),
                 };
-                map_update(map.as_fd(), &key, &value).with_context(|| format!("writing a rule into {}", pin.display()))?;
+                map_update(map.as_fd(), &key, &value)
+                    .with_context(|| format!("writing a rule into {}", pin.display()))?;
             }
         }
         Ok(())
@@ -426,7 +523,14 @@ fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u64]) -> std::io::Result
     };
     // SAFETY: `attr` is the map-element member of `union bpf_attr`; key and
     // value point to buffers of the map's key size and per-CPU value size.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 2 as libc::c_long, &mut attr as *mut Attr, std::mem::size_of::<Attr>() as libc::c_uint) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            2 as libc::c_long,
+            &mut attr as *mut Attr,
+            std::mem::size_of::<Attr>() as libc::c_uint,
+        )
+    };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -456,13 +560,25 @@ struct XdpFilterNotes {
 }
 
 /// The xdp-filter rows. `base` is the empty dots program.
-fn bench_xdp_filter(bench: &Bench, quick: bool, base: BorrowedFd<'_>, rows: &mut Vec<Row>) -> Result<XdpFilterNotes> {
+fn bench_xdp_filter(
+    bench: &Bench,
+    quick: bool,
+    base: BorrowedFd<'_>,
+    rows: &mut Vec<Row>,
+) -> Result<XdpFilterNotes> {
     progress("xdp-filter: loading on a veth in a private network namespace");
     let xf = XdpFilter::load()?;
     let (prog, how) = xf.program()?;
-    let mut notes = XdpFilterNotes { program: how, ..Default::default() };
+    let mut notes = XdpFilterNotes {
+        program: how,
+        ..Default::default()
+    };
     progress(&format!("  measuring {}", notes.program));
-    let counts: &[usize] = if quick { &[0, 1, 100, XDP_FILTER_CAPACITY] } else { &[0, 1, 1_000, XDP_FILTER_CAPACITY] };
+    let counts: &[usize] = if quick {
+        &[0, 1, 100, XDP_FILTER_CAPACITY]
+    } else {
+        &[0, 1, 1_000, XDP_FILTER_CAPACITY]
+    };
     let mut have = 0;
     for &n in counts {
         if n > have {
@@ -476,7 +592,9 @@ fn bench_xdp_filter(bench: &Bench, quick: bool, base: BorrowedFd<'_>, rows: &mut
                 have = by_command;
             }
             if n > have {
-                progress(&format!("  writing rules {have}..{n} per family straight into xdp-filter's maps"));
+                progress(&format!(
+                    "  writing rules {have}..{n} per family straight into xdp-filter's maps"
+                ));
                 let t = Instant::now();
                 xf.add_direct(have, n)?;
                 notes.direct_secs += t.elapsed().as_secs_f64();
@@ -493,8 +611,20 @@ fn bench_xdp_filter(bench: &Bench, quick: bool, base: BorrowedFd<'_>, rows: &mut
                 let (ns, baseline) = bench
                     .measure(prog.as_fd(), base, &packet(src), expect)
                     .with_context(|| format!("xdp-filter {} {path}, {n} rules", f.name()))?;
-                progress(&format!("  {n} rules, {} {path}: {ns} ns/packet (empty program {baseline} ns)", f.name()));
-                rows.push(Row { program: "xdp-filter", family: f, path, slots: 0, prefixes: n, prefix_len: Kind::Host.len(f), ns, baseline });
+                progress(&format!(
+                    "  {n} rules, {} {path}: {ns} ns/packet (empty program {baseline} ns)",
+                    f.name()
+                ));
+                rows.push(Row {
+                    program: "xdp-filter",
+                    family: f,
+                    path,
+                    slots: 0,
+                    prefixes: n,
+                    prefix_len: Kind::Host.len(f),
+                    ns,
+                    baseline,
+                });
             }
         }
     }
@@ -507,10 +637,19 @@ fn machine() -> String {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let xdp_tools = Command::new("dpkg-query")
         .args(["-W", "-f", "${Version}", "xdp-tools"])
         .output()
@@ -521,17 +660,39 @@ fn machine() -> String {
     format!("- CPU: {model}, {cores} cores available\n- Kernel: {kernel}\n- xdp-tools (xdp-filter): {xdp_tools}\n")
 }
 
-fn find<'a>(rows: &'a [Row], program: &str, f: Family, path: &str, slots: usize, prefixes: usize, len: u8) -> Option<&'a Row> {
+fn find<'a>(
+    rows: &'a [Row],
+    program: &str,
+    f: Family,
+    path: &str,
+    slots: usize,
+    prefixes: usize,
+    len: u8,
+) -> Option<&'a Row> {
     rows.iter().find(|r| {
-        r.program == program && r.family == f && r.path == path && r.slots == slots && r.prefixes == prefixes && r.prefix_len == len
+        r.program == program
+            && r.family == f
+            && r.path == path
+            && r.slots == slots
+            && r.prefixes == prefixes
+            && r.prefix_len == len
     })
 }
 
 fn table(out: &mut String, rows: &[Row], program: &str, lens: (u8, u8)) {
-    out.push_str("| family | path | slots | prefixes | prefix | ns/packet | empty program | above empty |\n");
+    out.push_str(
+        "| family | path | slots | prefixes | prefix | ns/packet | empty program | above empty |\n",
+    );
     out.push_str("|---|---|---:|---:|---|---:|---:|---:|\n");
-    for r in rows.iter().filter(|r| r.program == program && (r.prefix_len == lens.0 || r.prefix_len == lens.1)) {
-        let slots = if program == "xdp-filter" { "-".to_string() } else { r.slots.to_string() };
+    for r in rows
+        .iter()
+        .filter(|r| r.program == program && (r.prefix_len == lens.0 || r.prefix_len == lens.1))
+    {
+        let slots = if program == "xdp-filter" {
+            "-".to_string()
+        } else {
+            r.slots.to_string()
+        };
         out.push_str(&format!(
             "| {} | {} | {} | {} | /{} | {} | {} | {} |\n",
             r.family.name(),
@@ -552,7 +713,10 @@ fn verdicts(rows: &[Row], big: usize) -> String {
         let host = Kind::Host.len(f);
         let get = |path| find(rows, "dots-ebpf", f, path, 256, big, host);
         let (Some(hit), Some(miss)) = (get("hit"), get("miss")) else {
-            out.push_str(&format!("- {}: no row at 256 slots and {big} prefixes\n", f.name()));
+            out.push_str(&format!(
+                "- {}: no row at 256 slots and {big} prefixes\n",
+                f.name()
+            ));
             continue;
         };
         let ok = |b: bool| if b { "met" } else { "**not met**" };
@@ -577,7 +741,11 @@ fn verdicts(rows: &[Row], big: usize) -> String {
         if let Some(n) = largest {
             for (path, ours) in [("hit", hit), ("miss", miss)] {
                 if let Some(xf) = find(rows, "xdp-filter", f, path, 0, n, host) {
-                    let same = if n == big { String::new() } else { format!(" (its maximum: {n} rules; it cannot hold {big})") };
+                    let same = if n == big {
+                        String::new()
+                    } else {
+                        format!(" (its maximum: {n} rules; it cannot hold {big})")
+                    };
                     out.push_str(&format!(
                         "- {} {path} vs xdp-filter at {n} rules{same}: {} vs {} ns/packet: {}\n",
                         f.name(),
@@ -626,8 +794,16 @@ fn render(args: &Args, rows: &[Row], notes: Option<&XdpFilterNotes>, big: usize)
             ));
         }
         out.push_str(&format!(
-            " xdp-filter's address maps hold at most {XDP_FILTER_CAPACITY} entries each, so it has no row at {big} rules.\n"
+            " At that rate, {big} rules of each family would take about {:.0} s one command at a time.",
+            2.0 * big as f64 * n.command_secs / n.command_rules.max(1) as f64
         ));
+        if big > XDP_FILTER_CAPACITY {
+            out.push_str(&format!(
+                " But xdp-filter's address maps (per-CPU hashes) hold at most {XDP_FILTER_CAPACITY} entries each, \
+                 so it has no row at {big} rules: its largest row, {XDP_FILTER_CAPACITY}, is the anchor."
+            ));
+        }
+        out.push('\n');
     } else {
         out.push_str("Not measured in this run.\n");
     }
@@ -639,7 +815,12 @@ fn render(args: &Args, rows: &[Row], notes: Option<&XdpFilterNotes>, big: usize)
 fn write_doc(path: &Path, generated: &str) -> Result<()> {
     let old = fs::read_to_string(path).unwrap_or_default();
     let new = match (old.find(BEGIN), old.find(END)) {
-        (Some(b), Some(e)) if b < e => format!("{}{}{}", &old[..b], generated.trim_end(), &old[e + END.len()..]),
+        (Some(b), Some(e)) if b < e => format!(
+            "{}{}{}",
+            &old[..b],
+            generated.trim_end(),
+            &old[e + END.len()..]
+        ),
         _ => format!("# Benchmarks\n\n## Data plane\n\n{generated}"),
     };
     if let Some(dir) = path.parent() {
@@ -650,7 +831,10 @@ fn write_doc(path: &Path, generated: &str) -> Result<()> {
 
 fn main() -> Result<()> {
     let args = args()?;
-    let bench = Bench { repeat: args.repeat, runs: args.runs };
+    let bench = Bench {
+        repeat: args.repeat,
+        runs: args.runs,
+    };
     let started = Instant::now();
     let big = if args.quick { 10_000 } else { 100_000 };
     let mut rows = Vec::new();
@@ -658,7 +842,10 @@ fn main() -> Result<()> {
 
     // The baseline for xdp-filter is the same empty program, loaded again.
     let bpffs = BpffsDir::new()?;
-    let mut dp = Dataplane::open(&DataplaneOptions { bpffs: bpffs.path.clone(), ..Default::default() })?;
+    let mut dp = Dataplane::open(&DataplaneOptions {
+        bpffs: bpffs.path.clone(),
+        ..Default::default()
+    })?;
     let base = dp.pass_program_fd()?;
     let notes = bench_xdp_filter(&bench, args.quick, base.as_fd(), &mut rows)?;
     drop(base);
