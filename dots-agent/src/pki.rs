@@ -58,7 +58,9 @@ pub enum San {
 impl San {
     /// An IP address if `s` parses as one, else a DNS name.
     pub fn parse(s: &str) -> San {
-        s.parse().map(San::Ip).unwrap_or_else(|_| San::Dns(s.to_string()))
+        s.parse()
+            .map(San::Ip)
+            .unwrap_or_else(|_| San::Dns(s.to_string()))
     }
 }
 
@@ -93,9 +95,18 @@ pub fn new_ca(cn: &str, days: u32) -> Result<Identity, PkiError> {
     b.set_not_before(&*Asn1Time::days_from_now(0)?)?;
     b.set_not_after(&*Asn1Time::days_from_now(days)?)?;
     b.append_extension(BasicConstraints::new().critical().ca().build()?)?;
-    b.append_extension(KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
+    b.append_extension(
+        KeyUsage::new()
+            .critical()
+            .key_cert_sign()
+            .crl_sign()
+            .build()?,
+    )?;
     b.sign(&key, MessageDigest::sha256())?;
-    Ok(Identity { cert: b.build(), key })
+    Ok(Identity {
+        cert: b.build(),
+        key,
+    })
 }
 
 /// A leaf certificate for `cn` with the given names, signed by `ca`.
@@ -110,8 +121,19 @@ pub fn issue(ca: &Identity, cn: &str, sans: &[San], days: u32) -> Result<Identit
     b.set_not_before(&*Asn1Time::days_from_now(0)?)?;
     b.set_not_after(&*Asn1Time::days_from_now(days)?)?;
     b.append_extension(BasicConstraints::new().build()?)?;
-    b.append_extension(KeyUsage::new().critical().digital_signature().key_agreement().build()?)?;
-    b.append_extension(ExtendedKeyUsage::new().server_auth().client_auth().build()?)?;
+    b.append_extension(
+        KeyUsage::new()
+            .critical()
+            .digital_signature()
+            .key_agreement()
+            .build()?,
+    )?;
+    b.append_extension(
+        ExtendedKeyUsage::new()
+            .server_auth()
+            .client_auth()
+            .build()?,
+    )?;
     let mut alt = SubjectAlternativeName::new();
     for san in sans {
         match san {
@@ -124,14 +146,21 @@ pub fn issue(ca: &Identity, cn: &str, sans: &[San], days: u32) -> Result<Identit
         b.append_extension(ext)?;
     }
     b.sign(&ca.key, MessageDigest::sha256())?;
-    Ok(Identity { cert: b.build(), key })
+    Ok(Identity {
+        cert: b.build(),
+        key,
+    })
 }
 
 impl Identity {
     /// Writes `<dir>/<stem>.pem` (certificate) and `<dir>/<stem>.key`
     /// (private key, mode 0600). Returns both paths.
     pub fn write(&self, dir: &Path, stem: &str) -> Result<(PathBuf, PathBuf), PkiError> {
-        fs::create_dir_all(dir).map_err(|source| PkiError::Io { action: "creating", path: dir.into(), source })?;
+        fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+            action: "creating",
+            path: dir.into(),
+            source,
+        })?;
         let cert = dir.join(format!("{stem}.pem"));
         let key = dir.join(format!("{stem}.key"));
         write_file(&cert, &self.cert.to_pem()?, 0o644)?;
@@ -141,9 +170,18 @@ impl Identity {
 }
 
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
-    let io = |source| PkiError::Io { action: "writing", path: path.into(), source };
+    let io = |source| PkiError::Io {
+        action: "writing",
+        path: path.into(),
+        source,
+    };
     let _ = fs::remove_file(path);
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io)?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
     f.write_all(data).map_err(io)
 }
 
@@ -159,7 +197,12 @@ pub struct LabPki {
 
 /// A CA, one certificate for the ISP-side client (with `client_names` as
 /// SANs) and one per agent name, written to `dir`.
-pub fn create_lab_pki(dir: &Path, client_names: &[San], agent_names: &[String], days: u32) -> Result<LabPki, PkiError> {
+pub fn create_lab_pki(
+    dir: &Path,
+    client_names: &[San],
+    agent_names: &[String],
+    days: u32,
+) -> Result<LabPki, PkiError> {
     let ca = new_ca("dots-agent test CA", days)?;
     let (ca_pem, _) = ca.write(dir, "ca")?;
     let client_cn = match client_names.first() {
@@ -175,7 +218,12 @@ pub fn create_lab_pki(dir: &Path, client_names: &[San], agent_names: &[String], 
         let (cert, key) = id.write(dir, &format!("agent-{a}"))?;
         agents.push((a.clone(), cert, key));
     }
-    Ok(LabPki { ca: ca_pem, client_cert, client_key, agents })
+    Ok(LabPki {
+        ca: ca_pem,
+        client_cert,
+        client_key,
+        agents,
+    })
 }
 
 #[cfg(test)]
@@ -185,16 +233,29 @@ mod tests {
     #[test]
     fn leaf_verifies_against_ca_and_carries_names() {
         let ca = new_ca("ca", 1).unwrap();
-        let leaf = issue(&ca, "agent1", &[San::parse("agent1.example"), San::parse("192.0.2.1")], 1).unwrap();
+        let leaf = issue(
+            &ca,
+            "agent1",
+            &[San::parse("agent1.example"), San::parse("192.0.2.1")],
+            1,
+        )
+        .unwrap();
         assert!(leaf.cert.verify(&ca.key).unwrap());
         let names: Vec<String> = leaf
             .cert
             .subject_alt_names()
             .unwrap()
             .iter()
-            .map(|n| n.dnsname().map(String::from).unwrap_or_else(|| format!("{:?}", n.ipaddress().unwrap())))
+            .map(|n| {
+                n.dnsname()
+                    .map(String::from)
+                    .unwrap_or_else(|| format!("{:?}", n.ipaddress().unwrap()))
+            })
             .collect();
-        assert_eq!(names, vec!["agent1.example".to_string(), "[192, 0, 2, 1]".to_string()]);
+        assert_eq!(
+            names,
+            vec!["agent1.example".to_string(), "[192, 0, 2, 1]".to_string()]
+        );
         let other = new_ca("other", 1).unwrap();
         assert!(!leaf.cert.verify(&other.key).unwrap());
     }
@@ -206,7 +267,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(&pki.agents[0].2).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(fs::read_to_string(&pki.ca).unwrap().contains("BEGIN CERTIFICATE"));
+        assert!(fs::read_to_string(&pki.ca)
+            .unwrap()
+            .contains("BEGIN CERTIFICATE"));
         fs::remove_dir_all(dir).unwrap();
     }
 }

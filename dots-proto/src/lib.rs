@@ -8,7 +8,9 @@
 //! * [`model`]: typed DOTS messages and their validation (RFC 9132, RFC 9066).
 //! * [`coap`]: CoAP message layer (RFC 7252, RFC 7641, RFC 8323 framing).
 //! * [`signal`]: the signal channel state machines of both roles.
+//! * [`fuzzing`]: the whole decode path in one call, for `cargo fuzz`.
 pub mod cbor;
 pub mod coap;
+pub mod fuzzing;
 pub mod model;
 pub mod signal;

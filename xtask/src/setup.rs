@@ -96,19 +96,21 @@ fn bpf_linker() -> Result<()> {
         "bpf-linker: building against the nightly toolchain's LLVM (LLVM_PREFIX={}); this takes a few minutes",
         prefix.display()
     ));
-    run_cmd(Command::new("cargo")
-        .args([
-            "install",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--locked",
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-            "--force",
-        ])
-        .env("LLVM_PREFIX", &prefix))
+    run_cmd(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+                "--force",
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )
 }
 
 /// A directory whose lib/ links to the nightly toolchain's libLLVM, both as
@@ -158,10 +160,12 @@ fn debian_packages() -> Result<()> {
         missing.join(" ")
     ));
     run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    run_cmd(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 fn bpffs() -> Result<()> {

@@ -36,7 +36,11 @@ enum Command {
         out: std::path::PathBuf,
         /// Name (DNS) or IP address agents will use as the reference
         /// identifier of this client (repeatable; the first is also the CN).
-        #[arg(long = "client-name", value_name = "NAME|IP", default_value = "dots-client")]
+        #[arg(
+            long = "client-name",
+            value_name = "NAME|IP",
+            default_value = "dots-client"
+        )]
         client_names: Vec<String>,
         /// Agent certificate to issue (repeatable): its DNS name and identity.
         #[arg(long = "agent", value_name = "NAME")]
@@ -104,15 +108,29 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&json)?);
             Ok(())
         }
-        Command::Pki { out, client_names, agents, days } => pki_command(&out, &client_names, &agents, days),
+        Command::Pki {
+            out,
+            client_names,
+            agents,
+            days,
+        } => pki_command(&out, &client_names, &agents, days),
     }
 }
 
-fn pki_command(out: &std::path::Path, client_names: &[String], agents: &[String], days: u32) -> Result<()> {
+fn pki_command(
+    out: &std::path::Path,
+    client_names: &[String],
+    agents: &[String],
+    days: u32,
+) -> Result<()> {
     let sans: Vec<San> = client_names.iter().map(|n| San::parse(n)).collect();
     let lab = pki::create_lab_pki(out, &sans, agents, days)?;
     println!("CA:      {}", lab.ca.display());
-    println!("client:  {} {}", lab.client_cert.display(), lab.client_key.display());
+    println!(
+        "client:  {} {}",
+        lab.client_cert.display(),
+        lab.client_key.display()
+    );
     for (name, cert, key) in &lab.agents {
         println!("agent {name}: {} {}", cert.display(), key.display());
     }
