@@ -89,6 +89,16 @@ impl SlotMask {
         }
     }
 
+    /// True when every slot of `self` is also in `other`.
+    #[inline(always)]
+    pub fn is_subset_of(&self, other: &SlotMask) -> bool {
+        (self.bits[0] & !other.bits[0])
+            | (self.bits[1] & !other.bits[1])
+            | (self.bits[2] & !other.bits[2])
+            | (self.bits[3] & !other.bits[3])
+            == 0
+    }
+
     /// Set `slot`'s bit. Slots at or past [`MAX_SLOTS`] are ignored.
     #[inline(always)]
     pub fn set(&mut self, slot: usize) {
@@ -134,6 +144,21 @@ pub struct Policy {
     pub any_l4: SlotMask,
     /// Slots without target-port constraint.
     pub any_dport: SlotMask,
+    /// `flags::*`: which optional lookups have anything to find, so the
+    /// program skips lookups in empty maps.
+    pub flags: u64,
+}
+
+/// Bits of [`Policy::flags`].
+pub mod flags {
+    /// `DOTS_SRC4_LPM` holds entries (else only the exact hash is looked up).
+    pub const SRC4_LPM: u64 = 1 << 0;
+    pub const SRC6_LPM: u64 = 1 << 1;
+    /// `DOTS_EXEMPT4` holds entries.
+    pub const EXEMPT4: u64 = 1 << 2;
+    pub const EXEMPT6: u64 = 1 << 3;
+    /// The bits owned by the exempt list (the rest follow the slots).
+    pub const EXEMPT: u64 = EXEMPT4 | EXEMPT6;
 }
 
 // Trie keys are padded to a multiple of 8 bytes: the kernel stores the value
@@ -246,6 +271,8 @@ mod tests {
         assert_eq!(m.and(&SlotMask::single(255)), SlotMask::single(255));
         m.clear(0);
         assert_eq!(m, SlotMask::single(255));
+        assert!(m.is_subset_of(&m) && SlotMask::EMPTY.is_subset_of(&m));
+        assert!(!SlotMask::single(1).is_subset_of(&m));
         assert_eq!(
             SlotMask::single(3).or(&SlotMask::single(70)).bits,
             [8, 64, 0, 0]
@@ -255,7 +282,7 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(core::mem::size_of::<SlotMask>(), 32);
-        assert_eq!(core::mem::size_of::<Policy>(), 128);
+        assert_eq!(core::mem::size_of::<Policy>(), 136);
         assert_eq!(core::mem::size_of::<SlotCounters>(), 16);
         assert_eq!(core::mem::size_of::<IcmpTypeKey>(), 8);
         assert_eq!(core::mem::size_of::<Ipv4Key>(), 8);

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use dots_common::{
-    stats, IcmpTypeKey, Ipv4Key, Ipv6Key, Policy, PortKey, SlotCounters, SlotMask,
+    flags, stats, IcmpTypeKey, Ipv4Key, Ipv6Key, Policy, PortKey, SlotCounters, SlotMask,
     MAX_EXEMPT_PREFIXES as EXEMPT, MAX_RANGE_PREFIXES as RANGES, MAX_SLOTS,
     MAX_SOURCE_PREFIXES as SOURCES, MAX_TARGET_PREFIXES as TARGETS,
 };
@@ -55,12 +55,15 @@ pub fn dots_xdp(ctx: XdpContext) -> u32 {
         count_stat(stats::UNPARSED);
         return xdp_action::XDP_PASS;
     };
-    let matched = classify(&packet);
+    let Some(policy) = DOTS_POLICY.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let matched = classify(&packet, policy);
     if matched.is_empty() {
         return xdp_action::XDP_PASS;
     }
     // Checked only on the hit path, so misses pay nothing for it.
-    if is_exempt(&packet.ip) {
+    if is_exempt(&packet.ip, policy.flags) {
         count_stat(stats::EXEMPT);
         return xdp_action::XDP_PASS;
     }
@@ -80,47 +83,54 @@ pub fn dots_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// The slots that match `packet` on every field they constrain.
+/// The slots that match `packet` on every field they constrain. A field's
+/// lookup is skipped when every slot still in the running leaves that field
+/// unconstrained, so a packet pays only for what some candidate slot asks.
 #[inline(always)]
-fn classify(packet: &Packet) -> SlotMask {
-    let Some(policy) = DOTS_POLICY.get(0) else {
-        return SlotMask::EMPTY;
-    };
-    let (src, dst) = match &packet.ip {
-        Ip::V4(a) => (source4(a.src), target4(a.dst)),
-        Ip::V6(a) => (source6(a.src), target6(a.dst)),
+fn classify(packet: &Packet, policy: &Policy) -> SlotMask {
+    let src = match &packet.ip {
+        Ip::V4(a) => source4(a.src, policy.flags & flags::SRC4_LPM != 0),
+        Ip::V6(a) => source6(a.src, policy.flags & flags::SRC6_LPM != 0),
     };
     let mut m = src.and(&policy.active);
     if m.is_empty() {
         return m;
     }
-    m = m.and(&dst);
+    m = m.and(&match &packet.ip {
+        Ip::V4(a) => target4(a.dst),
+        Ip::V6(a) => target6(a.dst),
+    });
     if m.is_empty() {
         return m;
     }
-    let proto = DOTS_PROTO
-        .get(packet.proto as u32)
-        .copied()
-        .unwrap_or_default();
-    m = m.and(&policy.any_proto.or(&proto));
-    if m.is_empty() {
-        return m;
+    if !m.is_subset_of(&policy.any_proto) {
+        let proto = DOTS_PROTO
+            .get(packet.proto as u32)
+            .copied()
+            .unwrap_or_default();
+        m = m.and(&policy.any_proto.or(&proto));
+        if m.is_empty() {
+            return m;
+        }
     }
-    // Port constraints only match port-carrying packets and ICMP-type constraints
-    // only ICMP packets; slots constraining neither match any L4.
-    let (l4, dport) = match packet.l4 {
-        L4::Ports(sport, dport) => (
-            lookup(&DOTS_SPORT, PortKey::new(sport), 16),
-            lookup(&DOTS_DPORT, PortKey::new(dport), 16),
-        ),
-        L4::Icmp(t) => (
-            lookup(&DOTS_ICMP_TYPE, IcmpTypeKey::new(t), 8),
-            SlotMask::EMPTY,
-        ),
-        L4::None => (SlotMask::EMPTY, SlotMask::EMPTY),
-    };
-    m = m.and(&policy.any_l4.or(&l4));
-    m.and(&policy.any_dport.or(&dport))
+    // Port constraints only match port-carrying packets and ICMP-type
+    // constraints only ICMP packets; slots constraining neither match any L4.
+    if !m.is_subset_of(&policy.any_l4) {
+        let l4 = match packet.l4 {
+            L4::Ports(sport, _) => lookup(&DOTS_SPORT, PortKey::new(sport), 16),
+            L4::Icmp(t) => lookup(&DOTS_ICMP_TYPE, IcmpTypeKey::new(t), 8),
+            L4::None => SlotMask::EMPTY,
+        };
+        m = m.and(&policy.any_l4.or(&l4));
+    }
+    if !m.is_subset_of(&policy.any_dport) {
+        let dport = match packet.l4 {
+            L4::Ports(_, dport) => lookup(&DOTS_DPORT, PortKey::new(dport), 16),
+            _ => SlotMask::EMPTY,
+        };
+        m = m.and(&policy.any_dport.or(&dport));
+    }
+    m
 }
 
 #[inline(always)]
@@ -131,21 +141,27 @@ fn lookup<K, const N: usize>(map: &LpmTrie<K, SlotMask, N>, data: K, bits: u32) 
 /// Exact host addresses take the hash fast path; shorter prefixes the trie.
 /// User space folds covering prefixes into each entry, so one hit is enough.
 #[inline(always)]
-fn source4(addr: [u8; 4]) -> SlotMask {
+fn source4(addr: [u8; 4], lpm: bool) -> SlotMask {
     let key = Ipv4Key::new(addr);
     // SAFETY: the value is copied out at once; user space only replaces values whole.
     if let Some(m) = unsafe { DOTS_SRC4_EXACT.get(&key) } {
         return *m;
     }
+    if !lpm {
+        return SlotMask::EMPTY;
+    }
     lookup(&DOTS_SRC4_LPM, key, 32)
 }
 
 #[inline(always)]
-fn source6(addr: [u8; 16]) -> SlotMask {
+fn source6(addr: [u8; 16], lpm: bool) -> SlotMask {
     let key = Ipv6Key { addr };
     // SAFETY: as in `source4`.
     if let Some(m) = unsafe { DOTS_SRC6_EXACT.get(&key) } {
         return *m;
+    }
+    if !lpm {
+        return SlotMask::EMPTY;
     }
     lookup(&DOTS_SRC6_LPM, key, 128)
 }
@@ -161,8 +177,10 @@ fn target6(addr: [u8; 16]) -> SlotMask {
 }
 
 #[inline(always)]
-fn is_exempt(ip: &Ip) -> bool {
+fn is_exempt(ip: &Ip, policy_flags: u64) -> bool {
     match ip {
+        Ip::V4(_) if policy_flags & flags::EXEMPT4 == 0 => false,
+        Ip::V6(_) if policy_flags & flags::EXEMPT6 == 0 => false,
         Ip::V4(a) => {
             DOTS_EXEMPT4
                 .get(&Key::new(32, Ipv4Key::new(a.src)))

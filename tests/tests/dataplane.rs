@@ -549,3 +549,54 @@ fn attaches_in_native_mode_on_veth_and_generic_on_request() -> Result<()> {
     assert!(!a.ip(&["link", "show", "x0"])?.contains("xdp"), "detached");
     Ok(())
 }
+
+#[test]
+fn changing_an_active_slot_keeps_it_enforcing() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let t = "198.51.100.1";
+    lab.apply(&[(0, spec(&["10.0.0.1/32"], &["198.51.100.0/24"]))])?;
+    assert!(!lab.pass_one(udp("10.0.0.1", t, 1, 2))?);
+    // Same slot, more sources (host and shorter prefix): still active, both drop.
+    lab.apply(&[(
+        0,
+        spec(
+            &["10.0.0.1/32", "10.0.0.2/32", "10.9.0.0/16"],
+            &["198.51.100.0/24"],
+        ),
+    )])?;
+    assert_eq!(lab.dp.active_slots()?, vec![0]);
+    let frames = [
+        udp("10.0.0.1", t, 1, 2),
+        udp("10.0.0.2", t, 1, 2),
+        udp("10.9.1.1", t, 1, 2),
+        udp("10.0.0.3", t, 1, 2),
+    ];
+    assert_eq!(lab.passes(&frames)?, vec![false, false, false, true]);
+    // Exempt flags survive slot changes, and slot flags survive exempt changes.
+    lab.dp.set_exempt(&["10.9.1.1/32".parse()?])?;
+    lab.apply(&[(0, spec(&["10.9.0.0/16"], &["198.51.100.0/24"]))])?;
+    let frames = [
+        udp("10.9.1.1", t, 1, 2),
+        udp("10.9.1.2", t, 1, 2),
+        udp("10.0.0.1", t, 1, 2),
+    ];
+    assert_eq!(lab.passes(&frames)?, vec![true, false, true]);
+    Ok(())
+}
+
+#[test]
+fn exempt_list_survives_later_slot_changes() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let t = "198.51.100.1";
+    lab.dp.set_exempt(&["10.0.0.9/32".parse()?])?;
+    for extra in ["10.0.0.1/32", "10.0.0.2/32", "10.0.0.3/32"] {
+        lab.apply(&[(0, spec(&["10.0.0.0/24", extra], &["198.51.100.0/24"]))])?;
+        let frames = [udp("10.0.0.9", t, 1, 2), udp("10.0.0.8", t, 1, 2)];
+        assert_eq!(
+            lab.passes(&frames)?,
+            vec![true, false],
+            "after adding {extra}"
+        );
+    }
+    Ok(())
+}

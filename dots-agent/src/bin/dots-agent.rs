@@ -5,9 +5,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use dots_agent::{
+    agent::{self, AgentOptions, PeerTarget},
     enforce::{AttachMode, Dataplane, DataplaneOptions, DEFAULT_BPFFS_DIR},
     logging::{self, LogFormat},
+    transport::{Credentials, Transport},
 };
+use dots_proto::{model::Limits, signal::ConsentMode};
 
 /// DOTS signal channel Call Home agent for Linux routers.
 ///
@@ -15,8 +18,7 @@ use dots_agent::{
 /// requests it receives, and drops the named attack traffic leaving the local
 /// network in an XDP program on the LAN interfaces.
 ///
-/// Available now: the data plane commands below. The signal channel (`run`)
-/// is being built.
+/// Start with `dots-agent run --help`.
 #[derive(Parser)]
 #[command(version, about, long_about, propagate_version = true)]
 struct Cli {
@@ -29,6 +31,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent: dial the Call Home DOTS client(s), answer mitigation
+    /// requests, and enforce them in XDP on the LAN interfaces.
+    ///
+    /// Example (monitor mode, no XDP):
+    ///   dots-agent run --peer isp.example:4647 --ca ca.pem --cert agent.pem \
+    ///     --key agent.key --domain 192.0.2.0/24 --no-enforce
+    ///
+    /// Example (enforcing on eth1):
+    ///   dots-agent run --peer 198.51.100.1 --peer-name isp.example --ca ca.pem \
+    ///     --cert agent.pem --key agent.key --domain 192.0.2.0/24 --lan eth1
+    Run(RunArgs),
     /// Inspect or manage the XDP data plane directly.
     #[command(subcommand)]
     Dataplane(DataplaneCommand),
@@ -38,6 +51,66 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Call Home DOTS client to dial, HOST[:PORT] (port 4647 by default).
+    /// Repeatable: one session per peer.
+    #[arg(long = "peer", required = true, value_name = "HOST:PORT")]
+    peers: Vec<String>,
+    /// Transport: udp (DTLS), tcp (TLS), or both (raced, DTLS first).
+    #[arg(long, value_enum, default_value_t = TransportChoice::Both)]
+    transport: TransportChoice,
+    /// CA bundle that the peer's certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    ca: PathBuf,
+    /// This agent's certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    cert: PathBuf,
+    /// This agent's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Reference identifier the peer's certificate must carry (DNS name or IP
+    /// address); defaults to the host given in --peer.
+    #[arg(long, value_name = "NAME")]
+    peer_name: Option<String>,
+    /// The local domain: source prefixes of requests must fall inside
+    /// (repeatable).
+    #[arg(long = "domain", required = true, value_name = "PREFIX")]
+    domain: Vec<ipnet::IpNet>,
+    /// Monitor mode: validate, answer and log requests, install nothing
+    /// (status stays 1 "attack-mitigation-in-progress").
+    #[arg(long)]
+    no_enforce: bool,
+    /// LAN interface to enforce on (repeatable).
+    #[arg(long = "lan", value_name = "IFACE")]
+    lans: Vec<String>,
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    mode: AttachMode,
+    /// auto: enforce valid requests at once; require: wait for the operator.
+    #[arg(long, value_enum, default_value_t = Consent::Auto)]
+    consent: Consent,
+    /// Prefix never to drop, whatever a request says (repeatable).
+    #[arg(long = "never-block", value_name = "PREFIX")]
+    never_block: Vec<ipnet::IpNet>,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+    bpffs: PathBuf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TransportChoice {
+    Udp,
+    Tcp,
+    Both,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Consent {
+    Auto,
+    Require,
 }
 
 #[derive(Subcommand)]
@@ -78,6 +151,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     match cli.command {
+        Command::Run(args) => run(args),
         Command::Detach { bpffs } => {
             let removed = Dataplane::teardown(&bpffs)?;
             tracing::info!(bpffs = %bpffs.display(), removed, "data plane removed");
@@ -85,6 +159,44 @@ fn main() -> Result<()> {
         }
         Command::Dataplane(cmd) => dataplane(cmd),
     }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let mut peers = Vec::new();
+    for p in &a.peers {
+        let mut t = PeerTarget::parse(p)?;
+        t.name = a.peer_name.clone();
+        peers.push(t);
+    }
+    let transports = match a.transport {
+        TransportChoice::Udp => vec![Transport::Udp],
+        TransportChoice::Tcp => vec![Transport::Tcp],
+        TransportChoice::Both => vec![Transport::Udp, Transport::Tcp],
+    };
+    let opts = AgentOptions {
+        peers,
+        transports,
+        credentials: Credentials {
+            ca: a.ca,
+            cert: a.cert,
+            key: a.key,
+        },
+        domain: a.domain,
+        monitor: a.no_enforce,
+        lans: a.lans,
+        attach_mode: a.mode,
+        bpffs: a.bpffs,
+        consent: match a.consent {
+            Consent::Auto => ConsentMode::Auto,
+            Consent::Require => ConsentMode::Require,
+        },
+        never_block: a.never_block,
+        limits: Limits::default(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(agent::run(opts))
 }
 
 fn open(bpffs: PathBuf) -> Result<Dataplane> {
@@ -154,5 +266,15 @@ fn dataplane(cmd: DataplaneCommand) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -4,15 +4,23 @@ use std::io::{Read, Write};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use dots_agent::pki::{self, San};
+use std::path::PathBuf;
+
+use dots_agent::{
+    client::{self, control, control::Reply, control::Request, ClientOptions},
+    logging::{self, LogFormat},
+    pki::{self, San},
+    transport::Credentials,
+};
 use dots_proto::cbor;
+use dots_proto::model::{DotsMessage, IcmpTypeRange, MitigationScope, PortRange, Scope};
 
 /// Call Home DOTS client: the ISP-side peer that agents dial, and tools
 /// around the DOTS signal channel's wire format.
 ///
-/// Available now: `cbor`, converting between the JSON form of DOTS messages
-/// (the names of the RFC figures) and the CBOR wire form. Listening for agents
-/// and requesting mitigations are being built.
+/// Start the listener with `dots-client listen`; the other commands act on
+/// connected agents through its control socket. Each prints the CoAP response
+/// code and the decoded body (JSON form of the RFC figures).
 #[derive(Parser)]
 #[command(version, about, long_about, propagate_version = true)]
 struct Cli {
@@ -22,6 +30,53 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Accept agents over DTLS (UDP) and TLS (TCP), authenticated by
+    /// certificate, and keep one signal session per agent.
+    ///
+    /// Example:
+    ///   dots-client listen --ca ca.pem --cert client.pem --key client.key
+    Listen(ListenArgs),
+    /// List connected agents.
+    Agents(Common),
+    /// Ask an agent to mitigate: drop traffic from SOURCE (inside the agent's
+    /// network) to TARGET.
+    ///
+    /// Example:
+    ///   dots-client mitigate --agent cpe1 --source 192.0.2.10/32 \
+    ///     --source-port 1024-65535 --target 198.51.100.7/32 --protocol 17
+    Mitigate(MitigateArgs),
+    /// Withdraw a mitigation (the agent answers with its final counters).
+    Withdraw {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        mid: u32,
+    },
+    /// Show one mitigation (--mid) or all of them, with status and counters.
+    Status {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        mid: Option<u32>,
+    },
+    /// Print the agent's Observe notifications as they arrive (Ctrl-C stops).
+    Watch(Common),
+    /// Show the agent's session configuration (heartbeat, retransmission).
+    Config(Common),
+    /// Redirect the agent to another Call Home DOTS client (RFC 9066 §5.2.2).
+    Redirect {
+        #[command(flatten)]
+        common: Common,
+        /// Name of the alternate client (also its reference identifier).
+        #[arg(long = "alt", value_name = "FQDN")]
+        alt: String,
+        /// Its addresses (repeatable); without them the agent resolves --alt.
+        #[arg(long = "record", value_name = "IP")]
+        records: Vec<std::net::IpAddr>,
+        /// How long the redirect holds, in seconds.
+        #[arg(long)]
+        ttl: Option<u32>,
+    },
     /// Convert DOTS messages between JSON and CBOR.
     #[command(subcommand)]
     Cbor(CborCommand),
@@ -49,6 +104,90 @@ enum Command {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// Agent to act on (its certificate identity, see `dots-client agents`);
+    /// may be omitted when one agent is connected.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Control socket of `dots-client listen`.
+    #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
+    control: PathBuf,
+    /// Print the raw JSON reply lines of the control socket.
+    #[arg(long)]
+    raw: bool,
+}
+
+#[derive(clap::Args)]
+struct ListenArgs {
+    /// UDP address for DTLS ("none" to disable).
+    #[arg(long, default_value = "[::]:4647")]
+    udp: String,
+    /// TCP address for TLS ("none" to disable).
+    #[arg(long, default_value = "[::]:4647")]
+    tcp: String,
+    /// CA bundle agents' certificates must chain to.
+    #[arg(long, value_name = "FILE")]
+    ca: PathBuf,
+    /// This client's certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    cert: PathBuf,
+    /// This client's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Agent identity allowed in (repeatable); default: any from the CA.
+    #[arg(long = "allow", value_name = "NAME")]
+    allow: Vec<String>,
+    /// Control socket path.
+    #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
+    control: PathBuf,
+    /// Log format on stderr (filter with RUST_LOG).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+}
+
+#[derive(clap::Args)]
+struct MitigateArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Attack source prefix inside the agent's network (repeatable).
+    #[arg(
+        long = "source",
+        value_name = "PREFIX",
+        required_unless_present = "json_file"
+    )]
+    sources: Vec<ipnet::IpNet>,
+    /// Source port or range LO-HI (repeatable).
+    #[arg(long = "source-port", value_name = "LO[-HI]")]
+    source_ports: Vec<String>,
+    /// Source ICMP type or range LO-HI (repeatable).
+    #[arg(long = "icmp-type", value_name = "LO[-HI]")]
+    icmp_types: Vec<String>,
+    /// Attack target prefix (repeatable).
+    #[arg(
+        long = "target",
+        value_name = "PREFIX",
+        required_unless_present = "json_file"
+    )]
+    targets: Vec<ipnet::IpNet>,
+    /// Target port or range LO-HI (repeatable).
+    #[arg(long = "target-port", value_name = "LO[-HI]")]
+    target_ports: Vec<String>,
+    /// Target protocol number (repeatable), e.g. 6 TCP, 17 UDP.
+    #[arg(long = "protocol", value_name = "N")]
+    protocols: Vec<u8>,
+    /// Lifetime in seconds (-1: until withdrawn).
+    #[arg(long, default_value_t = 3600, allow_negative_numbers = true)]
+    lifetime: i64,
+    /// Update this existing mitigation instead of creating a new one.
+    #[arg(long)]
+    mid: Option<u32>,
+    /// Read the request body (JSON form, as in RFC 9066 Figure 10) from FILE
+    /// instead of the flags above.
+    #[arg(long = "json", value_name = "FILE", conflicts_with_all = ["sources", "targets"])]
+    json_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -114,7 +253,218 @@ fn run(cli: Cli) -> Result<()> {
             agents,
             days,
         } => pki_command(&out, &client_names, &agents, days),
+        Command::Listen(a) => listen(a),
+        Command::Agents(c) => ask(&c, Request::Agents),
+        Command::Mitigate(a) => {
+            let scope = mitigation_body(&a)?;
+            let req = Request::Mitigate {
+                agent: a.common.agent.clone(),
+                scope,
+                mid: a.mid,
+            };
+            ask(&a.common, req)
+        }
+        Command::Withdraw { common, mid } => ask(
+            &common,
+            Request::Withdraw {
+                agent: common.agent.clone(),
+                mid,
+            },
+        ),
+        Command::Status { common, mid } => ask(
+            &common,
+            Request::Status {
+                agent: common.agent.clone(),
+                mid,
+            },
+        ),
+        Command::Config(c) => ask(
+            &c,
+            Request::Config {
+                agent: c.agent.clone(),
+            },
+        ),
+        Command::Watch(c) => ask(
+            &c,
+            Request::Watch {
+                agent: c.agent.clone(),
+            },
+        ),
+        Command::Redirect {
+            common,
+            alt,
+            records,
+            ttl,
+        } => {
+            let body = dots_proto::model::RedirectedSignal {
+                alt_ch_client: alt,
+                alt_ch_client_record: records,
+                ttl,
+            };
+            let redirect = body
+                .to_json()
+                .map_err(|e| anyhow::anyhow!("{}", e.diagnostic()))?;
+            ask(
+                &common,
+                Request::Redirect {
+                    agent: common.agent.clone(),
+                    redirect,
+                },
+            )
+        }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn listen(a: ListenArgs) -> Result<()> {
+    logging::init(a.log_format);
+    let addr = |s: &str, what: &str| -> Result<Option<std::net::SocketAddr>> {
+        if s == "none" {
+            return Ok(None);
+        }
+        s.parse()
+            .map(Some)
+            .with_context(|| format!("--{what} {s:?} is not an address like [::]:4647"))
+    };
+    let opts = ClientOptions {
+        udp: addr(&a.udp, "udp")?,
+        tcp: addr(&a.tcp, "tcp")?,
+        credentials: Credentials {
+            ca: a.ca,
+            cert: a.cert,
+            key: a.key,
+        },
+        allow: if a.allow.is_empty() {
+            None
+        } else {
+            Some(a.allow)
+        },
+        control: a.control,
+    };
+    if opts.udp.is_none() && opts.tcp.is_none() {
+        anyhow::bail!("--udp none and --tcp none: nothing to listen on");
+    }
+    runtime()?.block_on(client::listen(opts))
+}
+
+/// Sends one control request and prints the replies.
+fn ask(c: &Common, req: Request) -> Result<()> {
+    let json = c.raw;
+    let mut failed = None;
+    runtime()?.block_on(control::call(&c.control, &req, |r: Reply| {
+        print_reply(&r, json);
+        if !r.ok {
+            failed = r.error.clone();
+        } else if let Some(code) = r
+            .code
+            .as_deref()
+            .filter(|c| c.starts_with('4') || c.starts_with('5'))
+        {
+            // An error answer from the agent: its diagnostic was printed above.
+            failed = Some(format!("the agent answered {code}"));
+        }
+        true
+    }))?;
+    match failed {
+        Some(e) => Err(anyhow::anyhow!(e)),
+        None => Ok(()),
+    }
+}
+
+fn print_reply(r: &Reply, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(r).unwrap_or_default());
+        return;
+    }
+    if !r.ok {
+        return; // the error is printed once, by main
+    }
+    let mut head = Vec::new();
+    if let Some(code) = &r.code {
+        head.push(code.clone());
+    }
+    if let Some(agent) = &r.agent {
+        head.push(format!("agent {agent}"));
+    }
+    if let Some(mid) = r.mid {
+        head.push(format!("mid {mid}"));
+    }
+    if !head.is_empty() {
+        println!("{}", head.join("  "));
+    }
+    if !r.body.is_null() {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r.body).unwrap_or_default()
+        );
+    }
+}
+
+/// `LO` or `LO-HI` of a port or type range, naming the flag when malformed.
+fn parse_range<T: std::str::FromStr + PartialOrd + Copy>(
+    s: &str,
+    flag: &str,
+) -> Result<(T, Option<T>)> {
+    let bad = || anyhow::anyhow!("--{flag} {s:?}: expected LO or LO-HI");
+    let (lo, hi) = match s.split_once('-') {
+        Some((lo, hi)) => (
+            lo.trim().parse().map_err(|_| bad())?,
+            Some(hi.trim().parse().map_err(|_| bad())?),
+        ),
+        None => (s.trim().parse().map_err(|_| bad())?, None),
+    };
+    if let Some(h) = hi {
+        if h < lo {
+            anyhow::bail!("--{flag} {s:?}: upper bound below lower bound");
+        }
+    }
+    Ok((lo, hi))
+}
+
+/// The JSON form of the mitigation request the flags describe.
+fn mitigation_body(a: &MitigateArgs) -> Result<serde_json::Value> {
+    if let Some(path) = &a.json_file {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        // Validate locally so a typo is reported with its path.
+        MitigationScope::from_json(&json)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.diagnostic()))?;
+        return Ok(json);
+    }
+    let ports = |v: &[String], flag: &str| -> Result<Vec<PortRange>> {
+        v.iter()
+            .map(|s| parse_range::<u16>(s, flag).map(|(lower, upper)| PortRange { lower, upper }))
+            .collect()
+    };
+    let scope = Scope {
+        source_prefix: a.sources.clone(),
+        source_port_range: ports(&a.source_ports, "source-port")?,
+        source_icmp_type_range: a
+            .icmp_types
+            .iter()
+            .map(|s| {
+                parse_range::<u8>(s, "icmp-type")
+                    .map(|(lower, upper)| IcmpTypeRange { lower, upper })
+            })
+            .collect::<Result<_>>()?,
+        target_prefix: a.targets.clone(),
+        target_port_range: ports(&a.target_ports, "target-port")?,
+        target_protocol: a.protocols.clone(),
+        lifetime: Some(a.lifetime),
+        ..Scope::default()
+    };
+    MitigationScope {
+        scopes: vec![scope],
+    }
+    .to_json()
+    .map_err(|e| anyhow::anyhow!("{}", e.diagnostic()))
 }
 
 fn pki_command(
@@ -158,4 +508,14 @@ fn from_hex(text: &[u8]) -> Result<Vec<u8>> {
             u8::from_str_radix(s, 16).with_context(|| format!("invalid hex {s:?} at byte {i}"))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

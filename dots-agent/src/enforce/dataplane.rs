@@ -19,7 +19,7 @@ use aya::{
     programs::{links::FdLink, ProgramError, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
-use dots_common::{names, stats, Policy, SlotCounters, SlotMask, MAX_EXEMPT_PREFIXES};
+use dots_common::{flags, names, stats, Policy, SlotCounters, SlotMask, MAX_EXEMPT_PREFIXES};
 use ipnet::IpNet;
 
 use super::{
@@ -348,14 +348,8 @@ impl Dataplane {
             Some(m) => m,
             None => self.read_contents()?,
         };
-        let report = self.write(&want, &have)?;
-        self.mirror = Some(Contents {
-            policy: Policy {
-                active: want.slots,
-                ..want.policy
-            },
-            ..want
-        });
+        let (report, policy) = self.write(&want, &have)?;
+        self.mirror = Some(Contents { policy, ..want });
         Ok(report)
     }
 
@@ -404,7 +398,12 @@ impl Dataplane {
         })
     }
 
-    fn write(&mut self, want: &Contents, have: &Contents) -> Result<ApplyReport, EnforceError> {
+    /// Writes the differences; returns the report and the final policy.
+    fn write(
+        &mut self,
+        want: &Contents,
+        have: &Contents,
+    ) -> Result<(ApplyReport, Policy), EnforceError> {
         let diffs = [
             diff(&want.src4_exact, &have.src4_exact),
             diff(&want.src6_exact, &have.src6_exact),
@@ -429,12 +428,17 @@ impl Dataplane {
         // Still active during the writes: active before, wanted after, untouched.
         let keep = active_now.and(&want.slots).and(&not(&changed));
         let mut report = ApplyReport::default();
+        // Flags of the exempt list are not the slots' business: keep them.
+        let flags = (want.policy.flags & !flags::EXEMPT) | (have.policy.flags & flags::EXEMPT);
         let mut step = Policy {
             active: keep,
+            flags,
             ..want.policy
         };
-        if step != have.policy {
+        let mut written = have.policy;
+        if step != written {
             self.set_policy(&step)?;
+            written = step;
         }
         let maps: [&mut dyn PrefixMap<SlotMask>; 9] = [
             &mut self.src4_exact,
@@ -469,12 +473,12 @@ impl Dataplane {
             self.counters.reset(u32::from(slot))?;
         }
         step.active = want.slots;
-        if step != have.policy {
+        if step != written {
             self.set_policy(&step)?;
         }
         report.activated = slots_of(&activating);
         report.deactivated = slots_of(&active_now.and(&not(&keep)));
-        Ok(report)
+        Ok((report, step))
     }
 
     fn set_policy(&mut self, p: &Policy) -> Result<(), EnforceError> {
@@ -503,8 +507,28 @@ impl Dataplane {
         }
         let (v4, v6): (Vec<&IpNet>, Vec<&IpNet>) =
             prefixes.iter().partition(|p| matches!(p, IpNet::V4(_)));
+        // Entries first, then the flags that make the program look at them.
         sync_exempt(&mut self.exempt4, &v4)?;
-        sync_exempt(&mut self.exempt6, &v6)
+        sync_exempt(&mut self.exempt6, &v6)?;
+        let mut policy = self
+            .policy
+            .get(&0, 0)
+            .map_err(EnforceError::map(names::POLICY))?;
+        let mut exempt = 0;
+        if !v4.is_empty() {
+            exempt |= flags::EXEMPT4;
+        }
+        if !v6.is_empty() {
+            exempt |= flags::EXEMPT6;
+        }
+        if policy.flags & flags::EXEMPT != exempt {
+            policy.flags = (policy.flags & !flags::EXEMPT) | exempt;
+            self.set_policy(&policy)?;
+            if let Some(m) = &mut self.mirror {
+                m.policy.flags = policy.flags;
+            }
+        }
+        Ok(())
     }
 
     /// Drop counters of `slot`, summed over CPUs.

@@ -17,6 +17,7 @@ pub mod sys;
 
 pub use counters::{RateMeter, Rates};
 pub use dataplane::{ApplyReport, AttachMode, Attachment, Dataplane, DataplaneOptions};
+pub use dots_common::SlotCounters;
 pub use error::EnforceError;
 pub use spec::{Range, SlotId, SlotLimits, SlotSpec};
 

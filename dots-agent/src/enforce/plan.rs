@@ -15,7 +15,7 @@ use std::{
     net::IpAddr,
 };
 
-use dots_common::{Policy, SlotMask};
+use dots_common::{flags, Policy, SlotMask};
 use ipnet::IpNet;
 
 use super::spec::{Range, SlotId, SlotSpec};
@@ -173,6 +173,13 @@ impl Contents {
         }
         (c.src4_exact, c.src4_lpm) = split_hosts(fold(&src4, 32), 32);
         (c.src6_exact, c.src6_lpm) = split_hosts(fold(&src6, 128), 128);
+        // Tell the program which source tries are worth a lookup.
+        if !c.src4_lpm.is_empty() {
+            c.policy.flags |= flags::SRC4_LPM;
+        }
+        if !c.src6_lpm.is_empty() {
+            c.policy.flags |= flags::SRC6_LPM;
+        }
         c.dst4 = fold(&dst4, 32);
         c.dst6 = fold(&dst6, 128);
         c.sport = fold(&sport, 16);
@@ -334,6 +341,7 @@ mod tests {
         assert_eq!(c.src4_exact.len(), 1);
         assert_eq!(c.dst4[&pfx(0xc633_6400, 24)], both);
         assert_eq!(c.src6_lpm.len(), 1);
+        assert_eq!(c.policy.flags, flags::SRC4_LPM | flags::SRC6_LPM);
         assert_eq!(c.policy.any_proto.bits[0], 0b111);
         assert_eq!(c.slots.bits[0], 0b111);
     }

@@ -32,15 +32,30 @@ impl Backoff {
 
     /// A reproducible backoff.
     pub fn with_seed(initial: Duration, max: Duration, factor: f64, seed: u64) -> Backoff {
-        Backoff { initial, max, factor, jitter: 0.5, current: initial, state: seed }
+        Backoff {
+            initial,
+            max,
+            factor,
+            jitter: 0.5,
+            current: initial,
+            state: seed,
+        }
     }
 
     /// The delay before the next attempt; grows the base delay.
     pub fn next_delay(&mut self) -> Duration {
         let base = self.current.min(self.max);
-        let factor = if self.factor.is_finite() && self.factor >= 1.0 { self.factor } else { 1.0 };
+        let factor = if self.factor.is_finite() && self.factor >= 1.0 {
+            self.factor
+        } else {
+            1.0
+        };
         self.current = base.mul_f64(factor).min(self.max);
-        let jitter = if self.jitter.is_finite() { self.jitter.clamp(0.0, 1.0) } else { 0.0 };
+        let jitter = if self.jitter.is_finite() {
+            self.jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         // uniform in [0, 1)
         let r = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         base.mul_f64(1.0 - jitter * r)

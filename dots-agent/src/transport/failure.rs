@@ -19,7 +19,11 @@ pub struct FailurePolicy {
 
 impl Default for FailurePolicy {
     fn default() -> Self {
-        FailurePolicy { threshold: 5, window: Duration::from_secs(60), ban: Duration::from_secs(300) }
+        FailurePolicy {
+            threshold: 5,
+            window: Duration::from_secs(60),
+            ban: Duration::from_secs(300),
+        }
     }
 }
 
@@ -45,7 +49,11 @@ impl<K: Hash + Eq + Clone> FailureTracker<K> {
     }
 
     pub fn with_capacity(policy: FailurePolicy, max_entries: usize) -> Self {
-        FailureTracker { policy, entries: HashMap::new(), max_entries: max_entries.max(1) }
+        FailureTracker {
+            policy,
+            entries: HashMap::new(),
+            max_entries: max_entries.max(1),
+        }
     }
 
     pub fn policy(&self) -> FailurePolicy {
@@ -61,18 +69,33 @@ impl<K: Hash + Eq + Clone> FailureTracker<K> {
             self.prune(now);
             if self.entries.len() >= self.max_entries {
                 // Still full of bans: forget the one that ends first.
-                if let Some(k) = self.entries.iter().min_by_key(|(_, e)| e.banned_until).map(|(k, _)| k.clone()) {
+                if let Some(k) = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, e)| e.banned_until)
+                    .map(|(k, _)| k.clone())
+                {
                     self.entries.remove(&k);
                 }
             }
         }
         let policy = self.policy;
-        let e = self.entries.entry(key).or_insert(Entry { window_start: now, failures: 0, banned_until: None });
+        let e = self.entries.entry(key).or_insert(Entry {
+            window_start: now,
+            failures: 0,
+            banned_until: None,
+        });
         if e.banned_until.is_some_and(|t| now < t) {
             return true;
         }
-        if e.banned_until.is_some() || now.saturating_duration_since(e.window_start) >= policy.window {
-            *e = Entry { window_start: now, failures: 0, banned_until: None };
+        if e.banned_until.is_some()
+            || now.saturating_duration_since(e.window_start) >= policy.window
+        {
+            *e = Entry {
+                window_start: now,
+                failures: 0,
+                banned_until: None,
+            };
         }
         e.failures += 1;
         if e.failures >= policy.threshold {
@@ -91,12 +114,18 @@ impl<K: Hash + Eq + Clone> FailureTracker<K> {
     }
 
     pub fn is_banned(&self, now: Instant, key: &K) -> bool {
-        self.entries.get(key).and_then(|e| e.banned_until).is_some_and(|t| now < t)
+        self.entries
+            .get(key)
+            .and_then(|e| e.banned_until)
+            .is_some_and(|t| now < t)
     }
 
     /// When the ban of `key` ends, if banned.
     pub fn banned_until(&self, now: Instant, key: &K) -> Option<Instant> {
-        self.entries.get(key).and_then(|e| e.banned_until).filter(|t| now < *t)
+        self.entries
+            .get(key)
+            .and_then(|e| e.banned_until)
+            .filter(|t| now < *t)
     }
 
     /// Drops expired windows and bans.
@@ -124,7 +153,11 @@ mod tests {
     const S: Duration = Duration::from_secs(1);
 
     fn policy() -> FailurePolicy {
-        FailurePolicy { threshold: 3, window: 10 * S, ban: 60 * S }
+        FailurePolicy {
+            threshold: 3,
+            window: 10 * S,
+            ban: 60 * S,
+        }
     }
 
     #[test]
@@ -164,7 +197,10 @@ mod tests {
         t.record_failure(t0, 1);
         t.record_success(t0, &1);
         assert!(!t.record_failure(t0, 1));
-        let mut off = FailureTracker::new(FailurePolicy { threshold: 0, ..policy() });
+        let mut off = FailureTracker::new(FailurePolicy {
+            threshold: 0,
+            ..policy()
+        });
         for _ in 0..10 {
             assert!(!off.record_failure(t0, 1));
         }
@@ -173,7 +209,13 @@ mod tests {
     #[test]
     fn capacity_is_bounded() {
         let t0 = Instant::now();
-        let mut t = FailureTracker::with_capacity(FailurePolicy { threshold: 1, ..policy() }, 4);
+        let mut t = FailureTracker::with_capacity(
+            FailurePolicy {
+                threshold: 1,
+                ..policy()
+            },
+            4,
+        );
         for k in 0..100 {
             t.record_failure(t0, k);
             assert!(t.len() <= 4);

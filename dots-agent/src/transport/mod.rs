@@ -77,11 +77,23 @@ pub enum TransportError {
         source: io::Error,
     },
     #[error("{transport} handshake with {peer} failed: {reason}")]
-    Handshake { transport: Transport, peer: SocketAddr, reason: String, authentication: bool },
+    Handshake {
+        transport: Transport,
+        peer: SocketAddr,
+        reason: String,
+        authentication: bool,
+    },
     #[error("{transport} handshake with {peer} timed out after {after:?}")]
-    HandshakeTimeout { transport: Transport, peer: SocketAddr, after: Duration },
+    HandshakeTimeout {
+        transport: Transport,
+        peer: SocketAddr,
+        after: Duration,
+    },
     #[error("{peer}: certificate identity {identity:?} is not in the allow-list")]
-    NotAllowed { peer: SocketAddr, identity: Option<String> },
+    NotAllowed {
+        peer: SocketAddr,
+        identity: Option<String>,
+    },
     #[error("no candidate address to dial")]
     NoCandidates,
     #[error("every candidate is temporarily banned after repeated failures")]
@@ -99,7 +111,13 @@ impl TransportError {
     /// count towards a ban (RFC 9066 §8: "unsuccessful authentication
     /// attempts"), so that cancelled Happy Eyeballs attempts do not.
     pub fn is_authentication_failure(&self) -> bool {
-        matches!(self, TransportError::Handshake { authentication: true, .. } | TransportError::NotAllowed { .. })
+        matches!(
+            self,
+            TransportError::Handshake {
+                authentication: true,
+                ..
+            } | TransportError::NotAllowed { .. }
+        )
     }
 }
 
@@ -128,7 +146,11 @@ impl Connection {
                 match c.try_recv() {
                     Ok(Some(d)) => return Ok(Incoming::Datagram(d)),
                     Ok(None) => c.readable().await?,
-                    Err(_) if c.is_closed() => return Ok(Incoming::Closed),
+                    // close_notify (or the listener stopped); other errors
+                    // (fatal alerts, ICMP unreachable) are passed on once.
+                    Err(e) if c.is_closed() && e.kind() == io::ErrorKind::ConnectionAborted => {
+                        return Ok(Incoming::Closed)
+                    }
                     Err(e) => return Err(e),
                 }
             },

@@ -49,7 +49,9 @@ pub enum PeerIdentity {
 impl PeerIdentity {
     /// An IP address if `s` parses as one, else a DNS name.
     pub fn parse(s: &str) -> PeerIdentity {
-        s.parse().map(PeerIdentity::Ip).unwrap_or_else(|_| PeerIdentity::Dns(s.to_string()))
+        s.parse()
+            .map(PeerIdentity::Ip)
+            .unwrap_or_else(|_| PeerIdentity::Dns(s.to_string()))
     }
 }
 
@@ -75,8 +77,15 @@ const CIPHERS_12: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA
 ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:\
 ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
 
-fn cred_err(what: &'static str, path: &Path) -> impl FnOnce(ErrorStack) -> TransportError + '_ {
-    move |source| TransportError::Credentials { what, path: path.to_path_buf(), source }
+fn cred_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(ErrorStack) -> TransportError + 'a {
+    move |source| TransportError::Credentials {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A context builder with credentials, versions, ciphers and peer
@@ -99,14 +108,22 @@ pub(crate) fn context_builder(
         // The MTU is set per connection (SSL_set_mtu); custom I/O cannot be asked.
         b.set_options(SslOptions::NO_QUERY_MTU);
     }
-    b.set_ca_file(&creds.ca).map_err(cred_err("CA bundle", &creds.ca))?;
-    b.set_certificate_chain_file(&creds.cert).map_err(cred_err("certificate", &creds.cert))?;
-    b.set_private_key_file(&creds.key, SslFiletype::PEM).map_err(cred_err("private key", &creds.key))?;
-    b.check_private_key().map_err(cred_err("private key (does not match the certificate)", &creds.key))?;
+    b.set_ca_file(&creds.ca)
+        .map_err(cred_err("CA bundle", &creds.ca))?;
+    b.set_certificate_chain_file(&creds.cert)
+        .map_err(cred_err("certificate", &creds.cert))?;
+    b.set_private_key_file(&creds.key, SslFiletype::PEM)
+        .map_err(cred_err("private key", &creds.key))?;
+    b.check_private_key().map_err(cred_err(
+        "private key (does not match the certificate)",
+        &creds.key,
+    ))?;
     match role {
         Role::Client => {
             b.set_verify(SslVerifyMode::PEER);
-            b.set_session_cache_mode(SslSessionCacheMode::CLIENT | SslSessionCacheMode::NO_INTERNAL);
+            b.set_session_cache_mode(
+                SslSessionCacheMode::CLIENT | SslSessionCacheMode::NO_INTERNAL,
+            );
         }
         Role::Server => {
             let mode = SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT;
@@ -202,7 +219,8 @@ pub(crate) fn client_ssl(
     key: String,
 ) -> Result<Ssl, ErrorStack> {
     let mut ssl = Ssl::new(ctx)?;
-    ssl.param_mut().set_hostflags(openssl::x509::verify::X509CheckFlags::NO_PARTIAL_WILDCARDS);
+    ssl.param_mut()
+        .set_hostflags(openssl::x509::verify::X509CheckFlags::NO_PARTIAL_WILDCARDS);
     match peer {
         PeerIdentity::Dns(name) => {
             ssl.param_mut().set_host(name)?;
@@ -246,8 +264,8 @@ pub fn cert_names(cert: &X509Ref) -> Vec<String> {
     }
     dns.extend(ips);
     for e in cert.subject_name().entries_by_nid(Nid::COMMONNAME) {
-        if let Ok(s) = e.data().as_utf8() {
-            dns.push(s.to_string());
+        if let Ok(s) = e.data().to_string() {
+            dns.push(s);
         }
     }
     dns
@@ -265,12 +283,21 @@ pub fn cert_identity(cert: &X509Ref) -> Option<String> {
 pub(crate) fn identity_allowed(cert: &X509Ref, allow: &[String]) -> bool {
     let has_san = cert.subject_alt_names().is_some_and(|s| !s.is_empty());
     let names = cert_names(cert);
-    let n = if has_san { names.len().saturating_sub(cert_cn_count(cert)) } else { names.len() };
-    names[..n].iter().any(|name| allow.iter().any(|a| a.eq_ignore_ascii_case(name)))
+    let n = if has_san {
+        names.len().saturating_sub(cert_cn_count(cert))
+    } else {
+        names.len()
+    };
+    names[..n]
+        .iter()
+        .any(|name| allow.iter().any(|a| a.eq_ignore_ascii_case(name)))
 }
 
 fn cert_cn_count(cert: &X509Ref) -> usize {
-    cert.subject_name().entries_by_nid(Nid::COMMONNAME).filter(|e| e.data().as_utf8().is_ok()).count()
+    cert.subject_name()
+        .entries_by_nid(Nid::COMMONNAME)
+        .filter(|e| e.data().to_string().is_ok())
+        .count()
 }
 
 /// The peer's identity after a handshake (also for resumed sessions, whose
@@ -284,7 +311,9 @@ pub(crate) fn peer_identity_of(ssl: &SslRef) -> Option<String> {
 pub(crate) fn check_allowed(ssl: &SslRef, allow: Option<&[String]>) -> bool {
     match allow {
         None => true,
-        Some(allow) => ssl.peer_certificate().is_some_and(|c| identity_allowed(&c, allow)),
+        Some(allow) => ssl
+            .peer_certificate()
+            .is_some_and(|c| identity_allowed(&c, allow)),
     }
 }
 
@@ -298,7 +327,9 @@ impl CookieKey {
     pub(crate) fn random() -> Result<CookieKey, ErrorStack> {
         let mut secret = [0u8; 32];
         rand_bytes(&mut secret)?;
-        Ok(CookieKey { key: PKey::hmac(&secret)? })
+        Ok(CookieKey {
+            key: PKey::hmac(&secret)?,
+        })
     }
 
     pub(crate) fn cookie(&self, peer: &std::net::SocketAddr) -> Result<Vec<u8>, ErrorStack> {
@@ -333,7 +364,13 @@ mod tests {
     #[test]
     fn identity_prefers_dns_san_then_ip_then_cn() {
         let ca = new_ca("ca", 1).unwrap();
-        let a = issue(&ca, "cn-a", &[San::parse("192.0.2.1"), San::parse("a.example")], 1).unwrap();
+        let a = issue(
+            &ca,
+            "cn-a",
+            &[San::parse("192.0.2.1"), San::parse("a.example")],
+            1,
+        )
+        .unwrap();
         assert_eq!(cert_identity(&a.cert).as_deref(), Some("a.example"));
         let b = issue(&ca, "cn-b", &[San::parse("2001:db8::1")], 1).unwrap();
         assert_eq!(cert_identity(&b.cert).as_deref(), Some("2001:db8::1"));

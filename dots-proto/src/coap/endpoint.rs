@@ -79,4 +79,72 @@ pub trait Endpoint {
     }
     /// Applies newly negotiated parameters to exchanges started from now on.
     fn set_params(&mut self, params: TransmissionParams) -> Result<(), CoapError>;
+    /// Announces an orderly close to the peer where the transport has a way to
+    /// (RFC 8323 Release on streams); datagrams have none.
+    fn close(&mut self, _diagnostic: &str) {}
+}
+
+/// Lets a session pick its endpoint at run time (`Box<dyn Endpoint + Send>`).
+impl<E: Endpoint + ?Sized> Endpoint for Box<E> {
+    fn handle_input(&mut self, now: Instant, bytes: &[u8]) -> Result<Vec<Event>, CoapError> {
+        (**self).handle_input(now, bytes)
+    }
+    fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        (**self).poll_transmit()
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        (**self).poll_timeout()
+    }
+    fn handle_timeout(&mut self, now: Instant) -> Vec<Event> {
+        (**self).handle_timeout(now)
+    }
+    fn send_request(
+        &mut self,
+        now: Instant,
+        request: Packet,
+        delivery: Delivery,
+    ) -> Result<Token, CoapError> {
+        (**self).send_request(now, request, delivery)
+    }
+    fn cancel_request(&mut self, now: Instant, token: &Token) -> bool {
+        (**self).cancel_request(now, token)
+    }
+    fn deregister(&mut self, now: Instant, token: &Token) -> Result<(), CoapError> {
+        (**self).deregister(now, token)
+    }
+    fn respond(
+        &mut self,
+        now: Instant,
+        id: RequestId,
+        response: Packet,
+    ) -> Result<Option<Token>, CoapError> {
+        (**self).respond(now, id, response)
+    }
+    fn notify(
+        &mut self,
+        now: Instant,
+        observer: &Token,
+        notification: Packet,
+        delivery: Delivery,
+    ) -> Result<(), CoapError> {
+        (**self).notify(now, observer, notification, delivery)
+    }
+    fn remove_observer(&mut self, token: &Token) -> bool {
+        (**self).remove_observer(token)
+    }
+    fn observers(&self) -> Vec<Token> {
+        (**self).observers()
+    }
+    fn ping(&mut self, now: Instant) -> Result<PingId, CoapError> {
+        (**self).ping(now)
+    }
+    fn last_rx(&self) -> Option<Instant> {
+        (**self).last_rx()
+    }
+    fn set_params(&mut self, params: TransmissionParams) -> Result<(), CoapError> {
+        (**self).set_params(params)
+    }
+    fn close(&mut self, diagnostic: &str) {
+        (**self).close(diagnostic)
+    }
 }

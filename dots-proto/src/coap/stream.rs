@@ -380,6 +380,10 @@ impl Endpoint for StreamEndpoint {
         self.config.params = params;
         Ok(())
     }
+    fn close(&mut self, diagnostic: &str) {
+        // Best effort: a stream already closed has nothing to release.
+        let _ = self.release(diagnostic);
+    }
 }
 
 fn checked_frame(packet: &Packet, limit: usize) -> Result<Vec<u8>, CoapError> {

@@ -95,6 +95,24 @@ impl Family {
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
 
+/// What the benchmark slots constrain: every field (source and target
+/// prefixes, protocol, source and target ports), or only the addresses, which
+/// is what xdp-filter's exact-address deny rules do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Full,
+    Addresses,
+}
+
+impl Scope {
+    fn name(self) -> &'static str {
+        match self {
+            Scope::Full => "full",
+            Scope::Addresses => "addresses",
+        }
+    }
+}
+
 /// Host prefixes (/32, /128) or the shorter row set (/24, /48).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -178,7 +196,12 @@ fn packet(src: IpAddr) -> Vec<u8> {
 /// `slots` slots sharing `prefixes` source prefixes of each family round-robin.
 /// Every slot constrains every field (target prefix, protocol, source and
 /// target port), so a hit walks every lookup of the classifier.
-fn slot_specs(slots: usize, prefixes: usize, kind: Kind) -> BTreeMap<SlotId, SlotSpec> {
+fn slot_specs(
+    slots: usize,
+    prefixes: usize,
+    kind: Kind,
+    scope: Scope,
+) -> BTreeMap<SlotId, SlotSpec> {
     let mut out = BTreeMap::new();
     for s in 0..slots {
         let mut sources = Vec::new();
@@ -199,6 +222,13 @@ fn slot_specs(slots: usize, prefixes: usize, kind: Kind) -> BTreeMap<SlotId, Slo
                 icmp_types: Vec::new(),
             },
         );
+        if scope == Scope::Addresses {
+            if let Some(spec) = out.get_mut(&(s as SlotId)) {
+                spec.protocols.clear();
+                spec.source_ports.clear();
+                spec.target_ports.clear();
+            }
+        }
     }
     out
 }
@@ -206,6 +236,8 @@ fn slot_specs(slots: usize, prefixes: usize, kind: Kind) -> BTreeMap<SlotId, Slo
 /// One row of results.
 struct Row {
     program: &'static str,
+    /// `Scope::name` of the slots; xdp-filter rows are "addresses".
+    scope: &'static str,
     family: Family,
     path: &'static str,
     slots: usize,
@@ -219,6 +251,7 @@ impl Row {
     fn json(&self) -> Value {
         json!({
             "program": self.program,
+            "scope": self.scope,
             "family": self.family.name(),
             "path": self.path,
             "slots": self.slots,
@@ -323,26 +356,29 @@ fn bench_dots(bench: &Bench, quick: bool, rows: &mut Vec<Row>) -> Result<()> {
             }
         }
     }
-    for kind in [Kind::Host, Kind::Short] {
+    let sets = [
+        (Kind::Host, Scope::Full),
+        (Kind::Host, Scope::Addresses),
+        (Kind::Short, Scope::Full),
+    ];
+    for (kind, scope) in sets {
         for &(slots, prefixes) in &configs {
-            if kind == Kind::Short && slots == 0 {
-                continue; // nothing installed: the same as the host rows
+            if (kind, scope) != (Kind::Host, Scope::Full) && slots == 0 {
+                continue; // nothing installed: the same as the first rows
             }
             let lens = format!("/{} and /{}", kind.len(Family::V4), kind.len(Family::V6));
             progress(&format!(
-                "dots-ebpf: installing {slots} slots, {prefixes} {lens} prefixes per family"
+                "dots-ebpf: installing {slots} slots ({} scope), {prefixes} {lens} prefixes per family",
+                scope.name()
             ));
             let t = Instant::now();
-            // Start each configuration from an empty classifier: re-applying
-            // a slot whose entries change while its policy bits stay the same
-            // leaves it inactive (Dataplane::write compares the final policy
-            // with the one before the apply, not with the intermediate one).
-            dp.apply(&BTreeMap::new()).context("clearing slots")?;
+            // Each configuration is applied over the previous one: the apply
+            // step writes only the differences.
             let report = dp
-                .apply(&slot_specs(slots, prefixes, kind))
+                .apply(&slot_specs(slots, prefixes, kind, scope))
                 .context("applying slots")?;
             progress(&format!(
-                "  cleared and applied in {:.1}s ({} map writes); measuring",
+                "  applied in {:.1}s ({} map writes); measuring",
                 t.elapsed().as_secs_f64(),
                 report.writes
             ));
@@ -366,6 +402,7 @@ fn bench_dots(bench: &Bench, quick: bool, rows: &mut Vec<Row>) -> Result<()> {
                     ));
                     rows.push(Row {
                         program: "dots-ebpf",
+                        scope: scope.name(),
                         family: f,
                         path,
                         slots,
@@ -391,15 +428,25 @@ fn bench_dots(bench: &Bench, quick: bool, rows: &mut Vec<Row>) -> Result<()> {
 struct XdpFilter {
     ns: Netns,
     iface: &'static str,
+    /// libxdp's state directory did not exist before: remove it if left empty.
+    libxdp_dir_is_ours: bool,
 }
+
+/// libxdp's own directory in bpffs (dispatcher state).
+const LIBXDP_DIR: &str = "/sys/fs/bpf/xdp";
 
 impl XdpFilter {
     fn load() -> Result<XdpFilter> {
         if Path::new(XDP_FILTER_DIR).exists() {
             bail!("{XDP_FILTER_DIR} exists: xdp-filter is loaded somewhere already; unload it (xdp-filter unload --all) first");
         }
+        let libxdp_dir_is_ours = !Path::new(LIBXDP_DIR).exists();
         let ns = Netns::new("xf")?;
-        let xf = XdpFilter { ns, iface: "xf0" };
+        let xf = XdpFilter {
+            ns,
+            iface: "xf0",
+            libxdp_dir_is_ours,
+        };
         xf.ns
             .ip(&["link", "add", "xf0", "type", "veth", "peer", "name", "xf1"])?;
         xf.ns.ip(&["link", "set", "xf0", "up"])?;
@@ -499,6 +546,10 @@ impl Drop for XdpFilter {
     fn drop(&mut self) {
         if let Err(e) = self.run(&["xdp-filter", "unload", self.iface]) {
             eprintln!("bench-dataplane: unloading xdp-filter: {e:#}");
+        }
+        if self.libxdp_dir_is_ours {
+            // Fails, harmlessly, when libxdp still keeps something there.
+            let _ = fs::remove_dir(LIBXDP_DIR);
         }
         // The namespace (and the veth) go when `ns` drops, right after this.
     }
@@ -617,6 +668,7 @@ fn bench_xdp_filter(
                 ));
                 rows.push(Row {
                     program: "xdp-filter",
+                    scope: "addresses",
                     family: f,
                     path,
                     slots: 0,
@@ -660,9 +712,11 @@ fn machine() -> String {
     format!("- CPU: {model}, {cores} cores available\n- Kernel: {kernel}\n- xdp-tools (xdp-filter): {xdp_tools}\n")
 }
 
+#[allow(clippy::too_many_arguments)]
 fn find<'a>(
     rows: &'a [Row],
     program: &str,
+    scope: &str,
     f: Family,
     path: &str,
     slots: usize,
@@ -671,6 +725,7 @@ fn find<'a>(
 ) -> Option<&'a Row> {
     rows.iter().find(|r| {
         r.program == program
+            && r.scope == scope
             && r.family == f
             && r.path == path
             && r.slots == slots
@@ -681,9 +736,9 @@ fn find<'a>(
 
 fn table(out: &mut String, rows: &[Row], program: &str, lens: (u8, u8)) {
     out.push_str(
-        "| family | path | slots | prefixes | prefix | ns/packet | empty program | above empty |\n",
+        "| family | path | scope | slots | prefixes | prefix | ns/packet | empty program | above empty |\n",
     );
-    out.push_str("|---|---|---:|---:|---|---:|---:|---:|\n");
+    out.push_str("|---|---|---|---:|---:|---|---:|---:|---:|\n");
     for r in rows
         .iter()
         .filter(|r| r.program == program && (r.prefix_len == lens.0 || r.prefix_len == lens.1))
@@ -694,9 +749,10 @@ fn table(out: &mut String, rows: &[Row], program: &str, lens: (u8, u8)) {
             r.slots.to_string()
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | /{} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | /{} | {} | {} | {} |\n",
             r.family.name(),
             r.path,
+            r.scope,
             slots,
             r.prefixes,
             r.prefix_len,
@@ -711,7 +767,7 @@ fn verdicts(rows: &[Row], big: usize) -> String {
     let mut out = String::new();
     for f in FAMILIES {
         let host = Kind::Host.len(f);
-        let get = |path| find(rows, "dots-ebpf", f, path, 256, big, host);
+        let get = |path| find(rows, "dots-ebpf", "full", f, path, 256, big, host);
         let (Some(hit), Some(miss)) = (get("hit"), get("miss")) else {
             out.push_str(&format!(
                 "- {}: no row at 256 slots and {big} prefixes\n",
@@ -739,15 +795,20 @@ fn verdicts(rows: &[Row], big: usize) -> String {
             .map(|r| r.prefixes)
             .max();
         if let Some(n) = largest {
-            for (path, ours) in [("hit", hit), ("miss", miss)] {
-                if let Some(xf) = find(rows, "xdp-filter", f, path, 0, n, host) {
+            // Same semantics as its rules: slots that constrain only addresses.
+            let same = |path| find(rows, "dots-ebpf", "addresses", f, path, 256, big, host);
+            let (Some(ahit), Some(amiss)) = (same("hit"), same("miss")) else {
+                continue;
+            };
+            for (path, ours) in [("hit", ahit), ("miss", amiss)] {
+                if let Some(xf) = find(rows, "xdp-filter", "addresses", f, path, 0, n, host) {
                     let same = if n == big {
                         String::new()
                     } else {
                         format!(" (its maximum: {n} rules; it cannot hold {big})")
                     };
                     out.push_str(&format!(
-                        "- {} {path} vs xdp-filter at {n} rules{same}: {} vs {} ns/packet: {}\n",
+                        "- {} {path} (address-only slots, {big} prefixes) vs xdp-filter at {n} rules{same}: {} vs {} ns/packet: {}\n",
                         f.name(),
                         ours.ns,
                         xf.ns,

@@ -1,0 +1,218 @@
+//! The agent's runtime: one task per upstream peer, each dialling its Call
+//! Home DOTS client and running the signal channel, and a shared slot table
+//! that turns mitigations into XDP drops.
+
+pub mod enforcer;
+mod session;
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{bail, Context, Result};
+use dots_proto::{
+    model::Limits,
+    signal::{ConsentMode, EnforcementMode, ServerConfig},
+};
+use ipnet::IpNet;
+use tracing::{info, warn};
+
+use crate::{
+    enforce::{AttachMode, Dataplane, DataplaneOptions},
+    transport::{Credentials, DialOptions, Dialer, PeerIdentity, Transport, DEFAULT_PORT},
+};
+pub use enforcer::{SlotKey, SlotTable};
+
+/// Where a Call Home DOTS client is: a name or address, a port, optionally
+/// known addresses (from a redirect), and the reference identifier its
+/// certificate must carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerTarget {
+    pub host: String,
+    pub port: u16,
+    /// Addresses to dial instead of resolving `host`.
+    pub addrs: Vec<IpAddr>,
+    /// Reference identifier; `host` when absent.
+    pub name: Option<String>,
+}
+
+impl fmt::Display for PeerTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(a)) => write!(f, "[{a}]:{}", self.port),
+            _ => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
+impl PeerTarget {
+    /// Parses `HOST[:PORT]` or `[V6]:PORT`; the port defaults to 4647.
+    pub fn parse(s: &str) -> Result<PeerTarget> {
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            return Ok(PeerTarget {
+                host: sa.ip().to_string(),
+                port: sa.port(),
+                addrs: vec![sa.ip()],
+                name: None,
+            });
+        }
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(PeerTarget {
+                host: ip.to_string(),
+                port: DEFAULT_PORT,
+                addrs: vec![ip],
+                name: None,
+            });
+        }
+        let (host, port) = match s.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse()
+                    .with_context(|| format!("peer {s:?}: bad port {p:?}"))?,
+            ),
+            None => (s, DEFAULT_PORT),
+        };
+        if host.is_empty() || host.contains(char::is_whitespace) {
+            bail!("peer {s:?}: expected HOST:PORT");
+        }
+        Ok(PeerTarget {
+            host: host.to_string(),
+            port,
+            addrs: Vec::new(),
+            name: None,
+        })
+    }
+
+    /// The addresses to dial: the known ones, else a DNS lookup.
+    pub async fn resolve(&self) -> Vec<SocketAddr> {
+        if !self.addrs.is_empty() {
+            return self
+                .addrs
+                .iter()
+                .map(|a| SocketAddr::new(*a, self.port))
+                .collect();
+        }
+        match tokio::net::lookup_host((self.host.as_str(), self.port)).await {
+            Ok(it) => it.collect(),
+            Err(e) => {
+                warn!(peer = %self, error = %e, "could not resolve");
+                Vec::new()
+            }
+        }
+    }
+
+    /// What the peer's certificate must name.
+    pub fn identity(&self) -> PeerIdentity {
+        PeerIdentity::parse(self.name.as_deref().unwrap_or(&self.host))
+    }
+}
+
+/// Everything `dots-agent run` needs.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub peers: Vec<PeerTarget>,
+    /// Transports to try, in preference order (Happy Eyeballs races them).
+    pub transports: Vec<Transport>,
+    pub credentials: Credentials,
+    /// The local domain: source prefixes must fall inside.
+    pub domain: Vec<IpNet>,
+    /// Monitor mode: validate, answer and log, install nothing.
+    pub monitor: bool,
+    pub lans: Vec<String>,
+    pub attach_mode: AttachMode,
+    pub bpffs: PathBuf,
+    pub consent: ConsentMode,
+    pub never_block: Vec<IpNet>,
+    pub limits: Limits,
+}
+
+/// Runs the agent until it is stopped (Ctrl-C / SIGTERM).
+pub async fn run(opts: AgentOptions) -> Result<()> {
+    if opts.peers.is_empty() {
+        bail!("no peer to dial: give --peer HOST:PORT (or a config file)");
+    }
+    if opts.domain.is_empty() {
+        bail!("no local domain: give --domain PREFIX so requests can be checked against it");
+    }
+    let enforcer = if opts.monitor {
+        info!("monitor mode: requests are validated, answered and logged; nothing is installed");
+        None
+    } else {
+        let mut dp = Dataplane::open(&DataplaneOptions {
+            bpffs: opts.bpffs.clone(),
+            ..Default::default()
+        })
+        .context("opening the XDP data plane (use --no-enforce to run without it)")?;
+        for lan in &opts.lans {
+            let a = dp.attach(lan, opts.attach_mode)?;
+            info!(iface = %a.iface, mode = a.mode, "XDP attached");
+        }
+        if opts.lans.is_empty() {
+            warn!("no --lan interface: mitigations are installed in the maps but no interface runs the classifier");
+        }
+        let mut table = SlotTable::new(dp);
+        table.set_never_block(&opts.never_block)?;
+        Some(Arc::new(Mutex::new(table)))
+    };
+    let server_config = ServerConfig {
+        limits: opts.limits,
+        domain: opts.domain.clone(),
+        consent: opts.consent,
+        mode: if opts.monitor {
+            EnforcementMode::Monitor
+        } else {
+            EnforcementMode::Enforce
+        },
+        ..ServerConfig::default()
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, target) in opts.peers.iter().enumerate() {
+        let dialer = Dialer::new(&opts.credentials, DialOptions::default())?;
+        let task = session::PeerTask {
+            index,
+            target: target.clone(),
+            transports: opts.transports.clone(),
+            dialer,
+            server_config: server_config.clone(),
+            enforcer: enforcer.clone(),
+            seed: seed(index),
+        };
+        info!(peer = %target, transports = ?opts.transports, "dialling");
+        tasks.spawn(task.run());
+    }
+    tokio::select! {
+        _ = shutdown_signal() => if opts.monitor {
+            info!("stopping")
+        } else {
+            info!("stopping; enforcement stays in place (dots-agent detach removes it)")
+        },
+        _ = tasks.join_next() => warn!("a peer task ended"),
+    }
+    Ok(())
+}
+
+fn seed(index: usize) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ ((index as u64) << 48) ^ u64::from(std::process::id())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}

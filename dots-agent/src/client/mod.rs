@@ -1,0 +1,287 @@
+//! The ISP side (`dots-client listen`): accepts agents over DTLS and TLS,
+//! runs one signal session (Call Home DOTS client role) per agent, and serves
+//! the local control socket that the other `dots-client` commands use.
+
+pub mod control;
+mod session;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use anyhow::{Context, Result};
+use openssl::{hash::MessageDigest, x509::X509};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{broadcast, mpsc, oneshot},
+};
+use tracing::{info, warn};
+
+use crate::transport::{Credentials, ListenOptions, Listener};
+use control::{Reply, Request};
+pub use session::Command;
+
+/// Settings of `dots-client listen`.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub udp: Option<SocketAddr>,
+    pub tcp: Option<SocketAddr>,
+    pub credentials: Credentials,
+    /// Agent identities allowed in; `None`: any certificate from the CA.
+    pub allow: Option<Vec<String>>,
+    pub control: PathBuf,
+}
+
+/// What the listener knows of a connected agent.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AgentInfo {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub transport: String,
+    pub resumed: bool,
+    /// Seconds since the Unix epoch.
+    pub connected_at: u64,
+}
+
+struct AgentHandle {
+    info: AgentInfo,
+    commands: mpsc::Sender<Command>,
+    notifications: broadcast::Sender<Reply>,
+    /// Distinguishes a reconnected agent's session from the one it replaces.
+    generation: u64,
+}
+
+type Registry = Arc<Mutex<BTreeMap<String, AgentHandle>>>;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The client identifier derived from our certificate as RFC 9132 §4.4.1.1
+/// suggests: the SPKI's SHA-256, truncated to 16 bytes, base64url without
+/// padding.
+pub fn cuid_from_cert(cert_pem: &[u8]) -> Result<String> {
+    let cert = X509::from_pem(cert_pem).context("parsing our certificate")?;
+    let spki = cert.public_key()?.public_key_to_der()?;
+    let digest = openssl::hash::hash(MessageDigest::sha256(), &spki)?;
+    let b64 = openssl::base64::encode_block(&digest[..16]);
+    Ok(b64
+        .trim_end_matches('=')
+        .replace('+', "-")
+        .replace('/', "_"))
+}
+
+/// Runs the listener until stopped.
+pub async fn listen(opts: ClientOptions) -> Result<()> {
+    let cert = std::fs::read(&opts.credentials.cert)
+        .with_context(|| format!("reading {}", opts.credentials.cert.display()))?;
+    let cuid = cuid_from_cert(&cert)?;
+    let mut listener = Listener::bind(
+        opts.udp,
+        opts.tcp,
+        &opts.credentials,
+        ListenOptions {
+            allow: opts.allow.clone(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    info!(udp = ?listener.local_udp_addr(), tcp = ?listener.local_tcp_addr(), %cuid, "listening for agents");
+    let registry: Registry = Arc::default();
+    let control = bind_control(&opts.control)?;
+    info!(socket = %opts.control.display(), "control socket ready");
+    let mut generation = 0u64;
+    loop {
+        tokio::select! {
+            conn = listener.accept() => {
+                let conn = match conn {
+                    Ok(c) => c,
+                    Err(e) => { warn!(error = %e, "accept failed"); continue; }
+                };
+                generation += 1;
+                let id = conn.peer_identity().unwrap_or_else(|| conn.peer_addr().to_string());
+                let info = AgentInfo {
+                    id: id.clone(),
+                    addr: conn.peer_addr(),
+                    transport: conn.transport().to_string(),
+                    resumed: conn.session_reused(),
+                    connected_at: unix_now(),
+                };
+                info!(agent = %id, addr = %info.addr, transport = %info.transport, resumed = info.resumed, "agent connected");
+                let (tx, rx) = mpsc::channel(32);
+                let (notify, _) = broadcast::channel(256);
+                let previous = registry.lock().ok().and_then(|mut r| r.insert(id.clone(), AgentHandle {
+                    info, commands: tx, notifications: notify.clone(), generation,
+                }));
+                if previous.is_some() {
+                    info!(agent = %id, "replacing the agent's previous session");
+                }
+                let registry = registry.clone();
+                let cuid = cuid.clone();
+                let my_generation = generation;
+                tokio::spawn(async move {
+                    session::run(conn, &id, &cuid, rx, notify).await;
+                    info!(agent = %id, "agent session ended");
+                    if let Ok(mut r) = registry.lock() {
+                        if r.get(&id).is_some_and(|h| h.generation == my_generation) {
+                            r.remove(&id);
+                        }
+                    }
+                });
+            }
+            stream = control.accept() => match stream {
+                Ok((s, _)) => { tokio::spawn(serve_control(s, registry.clone())); }
+                Err(e) => warn!(error = %e, "control socket accept failed"),
+            },
+            _ = tokio::signal::ctrl_c() => { info!("stopping"); break; }
+        }
+    }
+    let _ = std::fs::remove_file(&opts.control);
+    Ok(())
+}
+
+fn bind_control(path: &PathBuf) -> Result<UnixListener> {
+    if path.exists() {
+        // A stale socket from an earlier run; a live one would answer.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("{} is in use by another dots-client listen", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Finds the agent a request names, or the only one connected.
+fn pick(
+    registry: &Registry,
+    agent: Option<&str>,
+) -> Result<(String, mpsc::Sender<Command>, broadcast::Sender<Reply>), String> {
+    let r = registry
+        .lock()
+        .map_err(|_| "registry poisoned".to_string())?;
+    let handle = match agent {
+        Some(id) => r
+            .get(id)
+            .ok_or_else(|| format!("no agent {id:?} is connected (see `dots-client agents`)"))?,
+        None => match r.len() {
+            1 => r.values().next().ok_or("no agent")?,
+            0 => return Err("no agent is connected".into()),
+            n => return Err(format!("{n} agents are connected: name one with --agent")),
+        },
+    };
+    Ok((
+        handle.info.id.clone(),
+        handle.commands.clone(),
+        handle.notifications.clone(),
+    ))
+}
+
+async fn write_reply(w: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> std::io::Result<()> {
+    let mut line = serde_json::to_string(reply).unwrap_or_else(|_| "{\"ok\":false}".into());
+    line.push('\n');
+    w.write_all(line.as_bytes()).await
+}
+
+async fn serve_control(stream: UnixStream, registry: Registry) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let Ok(Some(line)) = lines.next_line().await else {
+        return;
+    };
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = write_reply(&mut write, &Reply::error(format!("bad request: {e}"))).await;
+            return;
+        }
+    };
+    let reply = match req {
+        Request::Agents => {
+            let agents: Vec<AgentInfo> = registry
+                .lock()
+                .map(|r| r.values().map(|h| h.info.clone()).collect())
+                .unwrap_or_default();
+            Reply {
+                ok: true,
+                body: serde_json::to_value(agents).unwrap_or_default(),
+                ..Reply::default()
+            }
+        }
+        Request::Watch { agent } => {
+            let (id, _, notifications) = match pick(&registry, agent.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = write_reply(&mut write, &Reply::error(e)).await;
+                    return;
+                }
+            };
+            let mut rx = notifications.subscribe();
+            let hello = Reply {
+                ok: true,
+                agent: Some(id),
+                code: None,
+                ..Reply::default()
+            };
+            if write_reply(&mut write, &hello).await.is_err() {
+                return;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(n) => {
+                        if write_reply(&mut write, &n).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(k)) => {
+                        warn!(skipped = k, "watcher too slow")
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }
+        other => forward(&registry, other).await,
+    };
+    let _ = write_reply(&mut write, &reply).await;
+}
+
+/// Hands a request to the agent's session and waits for the CoAP answer.
+async fn forward(registry: &Registry, req: Request) -> Reply {
+    let agent = match &req {
+        Request::Mitigate { agent, .. }
+        | Request::Withdraw { agent, .. }
+        | Request::Status { agent, .. }
+        | Request::Config { agent }
+        | Request::Redirect { agent, .. } => agent.clone(),
+        Request::Agents | Request::Watch { .. } => None,
+    };
+    let (id, commands, _) = match pick(registry, agent.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return Reply::error(e),
+    };
+    let (tx, rx) = oneshot::channel();
+    let cmd = match Command::from_request(req, tx) {
+        Ok(c) => c,
+        Err(e) => return Reply::error(e),
+    };
+    if commands.send(cmd).await.is_err() {
+        return Reply::error(format!("agent {id} disconnected"));
+    }
+    match rx.await {
+        Ok(mut r) => {
+            r.agent = Some(id);
+            r
+        }
+        Err(_) => Reply::error(format!("agent {id} disconnected before answering")),
+    }
+}
