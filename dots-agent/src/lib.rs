@@ -11,3 +11,19 @@ pub mod logging;
 pub mod packet;
 pub mod pki;
 pub mod transport;
+
+/// Resolves on Ctrl-C or SIGTERM: how both daemons learn to stop.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}

@@ -153,6 +153,21 @@ pub fn issue(ca: &Identity, cn: &str, sans: &[San], days: u32) -> Result<Identit
 }
 
 impl Identity {
+    /// Reads a certificate and its key back from PEM files.
+    pub fn load(cert: &Path, key: &Path) -> Result<Identity, PkiError> {
+        let read = |p: &Path| {
+            fs::read(p).map_err(|source| PkiError::Io {
+                action: "reading",
+                path: p.into(),
+                source,
+            })
+        };
+        Ok(Identity {
+            cert: X509::from_pem(&read(cert)?)?,
+            key: PKey::private_key_from_pem(&read(key)?)?,
+        })
+    }
+
     /// Writes `<dir>/<stem>.pem` (certificate) and `<dir>/<stem>.key`
     /// (private key, mode 0600). Returns both paths.
     pub fn write(&self, dir: &Path, stem: &str) -> Result<(PathBuf, PathBuf), PkiError> {

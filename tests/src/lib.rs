@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod procs;
+
 use anyhow::{bail, Context, Result};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

@@ -184,7 +184,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         tasks.spawn(task.run());
     }
     tokio::select! {
-        _ = shutdown_signal() => if opts.monitor {
+        _ = crate::shutdown_signal() => if opts.monitor {
             info!("stopping")
         } else {
             info!("stopping; enforcement stays in place (dots-agent detach removes it)")
@@ -202,17 +202,3 @@ fn seed(index: usize) -> u64 {
     t ^ ((index as u64) << 48) ^ u64::from(std::process::id())
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
-    }
-}

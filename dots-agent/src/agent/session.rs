@@ -171,18 +171,31 @@ async fn drive(
     peer: usize,
     enforcer: Option<&Arc<Mutex<SlotTable>>>,
 ) -> Ended {
+    let end = run_connection(server, &mut conn, peer, enforcer).await;
+    // Always say goodbye (close_notify): OpenSSL marks the session of a
+    // connection dropped without it as not resumable, and the next dial
+    // should resume.
+    conn.close().await;
+    end
+}
+
+async fn run_connection(
+    server: &mut Server,
+    conn: &mut Connection,
+    peer: usize,
+    enforcer: Option<&Arc<Mutex<SlotTable>>>,
+) -> Ended {
     loop {
-        if let Err(e) = flush(server, &mut conn).await {
+        if let Err(e) = flush(server, conn).await {
             return Ended::Closed(format!("send failed: {e}"));
         }
         while let Some(action) = server.poll_action() {
             if let Some(end) = perform(server, action, peer, enforcer) {
-                let _ = flush(server, &mut conn).await;
-                conn.close().await;
+                let _ = flush(server, conn).await;
                 return end;
             }
         }
-        if let Err(e) = flush(server, &mut conn).await {
+        if let Err(e) = flush(server, conn).await {
             return Ended::Closed(format!("send failed: {e}"));
         }
         let deadline = server

@@ -143,6 +143,10 @@ struct ListenArgs {
     /// Control socket path.
     #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
     control: PathBuf,
+    /// Directory for state that outlives the process (session-ticket keys,
+    /// so agents resume their sessions after a restart).
+    #[arg(long, default_value = "/var/lib/dots-client")]
+    state_dir: PathBuf,
     /// Log format on stderr (filter with RUST_LOG).
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
@@ -345,6 +349,7 @@ fn listen(a: ListenArgs) -> Result<()> {
             Some(a.allow)
         },
         control: a.control,
+        state_dir: Some(a.state_dir),
     };
     if opts.udp.is_none() && opts.tcp.is_none() {
         anyhow::bail!("--udp none and --tcp none: nothing to listen on");

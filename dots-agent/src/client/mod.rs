@@ -23,7 +23,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::transport::{Credentials, ListenOptions, Listener};
+use crate::transport::{Credentials, ListenOptions, Listener, TICKET_KEYS_LEN};
 use control::{Reply, Request};
 pub use session::Command;
 
@@ -36,6 +36,9 @@ pub struct ClientOptions {
     /// Agent identities allowed in; `None`: any certificate from the CA.
     pub allow: Option<Vec<String>>,
     pub control: PathBuf,
+    /// Where the session-ticket keys are kept, so agents resume their
+    /// sessions after this listener restarts; `None`: keys live in memory.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// What the listener knows of a connected agent.
@@ -85,12 +88,17 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
     let cert = std::fs::read(&opts.credentials.cert)
         .with_context(|| format!("reading {}", opts.credentials.cert.display()))?;
     let cuid = cuid_from_cert(&cert)?;
+    let ticket_keys = match &opts.state_dir {
+        Some(dir) => Some(ticket_keys(dir)?),
+        None => None,
+    };
     let mut listener = Listener::bind(
         opts.udp,
         opts.tcp,
         &opts.credentials,
         ListenOptions {
             allow: opts.allow.clone(),
+            ticket_keys,
             ..Default::default()
         },
     )
@@ -142,11 +150,53 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
                 Ok((s, _)) => { tokio::spawn(serve_control(s, registry.clone())); }
                 Err(e) => warn!(error = %e, "control socket accept failed"),
             },
-            _ = tokio::signal::ctrl_c() => { info!("stopping"); break; }
+            _ = crate::shutdown_signal() => { info!("stopping"); break; }
         }
+    }
+    // Close every session properly (close_notify, RFC 8323 Release), so the
+    // agents notice at once and redial instead of waiting out the heartbeats.
+    let handles: Vec<mpsc::Sender<Command>> =
+        registry.lock().map(|r| r.values().map(|h| h.commands.clone()).collect()).unwrap_or_default();
+    for h in &handles {
+        let _ = h.send(Command::Close).await;
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline && registry.lock().map(|r| !r.is_empty()).unwrap_or(false) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let _ = std::fs::remove_file(&opts.control);
     Ok(())
+}
+
+/// Loads `<dir>/ticket.key`, creating it (random, mode 0600) the first time.
+fn ticket_keys(dir: &std::path::Path) -> Result<[u8; TICKET_KEYS_LEN]> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let path = dir.join("ticket.key");
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            return bytes.try_into().map_err(|b: Vec<u8>| {
+                anyhow::anyhow!(
+                    "{} holds {} bytes, expected {TICKET_KEYS_LEN}",
+                    path.display(),
+                    b.len()
+                )
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut keys = [0u8; TICKET_KEYS_LEN];
+    openssl::rand::rand_bytes(&mut keys)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(&keys)?;
+    info!(path = %path.display(), "created session-ticket keys");
+    Ok(keys)
 }
 
 fn bind_control(path: &PathBuf) -> Result<UnixListener> {

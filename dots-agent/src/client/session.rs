@@ -12,7 +12,7 @@ use dots_proto::{
         StreamEndpoint, Token,
     },
     model::{DotsMessage, MitigationScope, RedirectedSignal},
-    signal::{Body, ClientConfig, ClientEvent, SignalClient},
+    signal::{Body, ClientConfig, ClientEvent, RequestKind, SignalClient},
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -44,6 +44,8 @@ pub enum Command {
         target: RedirectedSignal,
         reply: oneshot::Sender<Reply>,
     },
+    /// End the session properly: the listener is stopping.
+    Close,
 }
 
 impl Command {
@@ -157,19 +159,14 @@ pub async fn run(
             return;
         }
     };
-    // Watch every mitigation of ours from the start, for `dots-client watch`.
-    if let Err(e) = client.observe(now, None) {
-        warn!(agent, error = %e, "could not observe mitigations");
-    }
+    // Watch every mitigation of ours, for `dots-client watch`. The agent
+    // answers 4.04 while there is none (RFC 9132 §4.4.2), which registers
+    // nothing: the observation is set up again after each creation.
+    let mut observe_all = start_observing(&mut client, agent, now);
     let mut pending: HashMap<Token, (oneshot::Sender<Reply>, Option<u32>)> = HashMap::new();
     loop {
-        while let Some(bytes) = client.poll_transmit() {
-            if let Err(e) = conn.send(&bytes).await {
-                warn!(agent, error = %e, "send failed");
-                return;
-            }
-        }
         while let Some(ev) = client.poll_event() {
+            tracing::trace!(agent, event = ?ev, "signal event");
             match ev {
                 ClientEvent::Response {
                     token,
@@ -177,6 +174,16 @@ pub async fn run(
                     body,
                     request,
                 } => {
+                    let success = is_success(code);
+                    if observe_all == Some(token) && !success {
+                        observe_all = None;
+                    }
+                    if success
+                        && matches!(request, RequestKind::Mitigate { .. })
+                        && observe_all.is_none()
+                    {
+                        observe_all = start_observing(&mut client, agent, Instant::now());
+                    }
                     let reply = Reply {
                         ok: true,
                         code: Some(code_text(code)),
@@ -193,7 +200,12 @@ pub async fn run(
                         }
                     }
                 }
-                ClientEvent::Notification { code, body, .. } => {
+                ClientEvent::Notification {
+                    token, code, body, ..
+                } => {
+                    if observe_all == Some(token) && !is_success(code) {
+                        observe_all = None; // an error notification ends the observation
+                    }
                     let reply = Reply {
                         ok: true,
                         code: Some(code_text(code)),
@@ -205,6 +217,9 @@ pub async fn run(
                 }
                 ClientEvent::TimedOut { token, request } => {
                     warn!(agent, ?request, "request timed out");
+                    if observe_all == Some(token) {
+                        observe_all = None;
+                    }
                     if let Some((tx, _)) = pending.remove(&token) {
                         let _ = tx.send(Reply::error("the agent did not answer in time"));
                     }
@@ -216,6 +231,13 @@ pub async fn run(
                     info!(agent, "the agent closed the session");
                     return;
                 }
+            }
+        }
+        // After the events: handling them may have queued requests.
+        while let Some(bytes) = client.poll_transmit() {
+            if let Err(e) = conn.send(&bytes).await {
+                warn!(agent, error = %e, "send failed");
+                return;
             }
         }
         let deadline = client
@@ -234,6 +256,14 @@ pub async fn run(
             _ = tokio::time::sleep_until(deadline.into()) => client.handle_timeout(Instant::now()),
             cmd = commands.recv() => {
                 let Some(cmd) = cmd else { return };
+                if matches!(cmd, Command::Close) {
+                    client.endpoint_mut().close("the client is shutting down");
+                    while let Some(bytes) = client.poll_transmit() {
+                        let _ = conn.send(&bytes).await;
+                    }
+                    conn.close().await;
+                    return;
+                }
                 issue(&mut client, cmd, &mut pending);
             }
         }
@@ -261,6 +291,7 @@ fn issue(
         Command::Status { mid, reply } => (client.get(now, mid), reply, mid),
         Command::Config { reply } => (client.get_config(now), reply, None),
         Command::Redirect { target, reply } => (client.redirect(now, &target), reply, None),
+        Command::Close => return,
     };
     match result {
         Ok(token) => {
@@ -268,6 +299,23 @@ fn issue(
         }
         Err(e) => {
             let _ = reply.send(Reply::error(e));
+        }
+    }
+}
+
+fn is_success(code: ResponseType) -> bool {
+    u8::from(MessageClass::Response(code)) >> 5 == 2
+}
+
+fn start_observing(client: &mut Client, agent: &str, now: Instant) -> Option<Token> {
+    match client.observe(now, None) {
+        Ok(t) => {
+            debug!(agent, token = ?t, "observing all mitigations");
+            Some(t)
+        }
+        Err(e) => {
+            warn!(agent, error = %e, "could not observe mitigations");
+            None
         }
     }
 }

@@ -502,14 +502,17 @@ impl DtlsConnection {
         }
     }
 
-    /// Sends close_notify; later calls fail.
+    /// Sends close_notify (also after receiving the peer's); later calls
+    /// fail. Without our close_notify, OpenSSL frees the connection as if it
+    /// failed and marks its session not resumable.
     pub fn close(&mut self) {
-        if !self.closed {
+        let sent = self.stream.get_shutdown().contains(openssl::ssl::ShutdownState::SENT);
+        if !sent {
             if let Err(e) = self.stream.shutdown() {
                 tracing::debug!(peer = %self.peer, error = %e, "DTLS shutdown");
             }
-            self.closed = true;
         }
+        self.closed = true;
     }
 
     pub fn is_closed(&self) -> bool {

@@ -43,6 +43,10 @@ pub struct ListenOptions {
     pub peer_queue: usize,
     /// Drop-list for source addresses failing authentication.
     pub failures: FailurePolicy,
+    /// Session-ticket keys (name, HMAC and AES keys), so agents can resume
+    /// their (D)TLS sessions across restarts of this listener; `None`: a
+    /// random key per process (resumption works until the listener restarts).
+    pub ticket_keys: Option<[u8; tls::TICKET_KEYS_LEN]>,
 }
 
 impl Default for ListenOptions {
@@ -56,6 +60,7 @@ impl Default for ListenOptions {
             max_message: super::MAX_DTLS_PLAINTEXT,
             peer_queue: 64,
             failures: FailurePolicy::default(),
+            ticket_keys: None,
         }
     }
 }
@@ -206,12 +211,19 @@ fn server_contexts(
             ssl.ex_data(index)
                 .is_some_and(|peer| key.verify(peer, cookie))
         });
+        if let Some(keys) = &opts.ticket_keys {
+            tls::set_ticket_keys(&mut b, keys)?;
+        }
         Some(b.build())
     } else {
         None
     };
     let tls = if tcp {
-        Some(tls::context_builder(creds, Transport::Tcp, Role::Server, opts.allow.clone())?.build())
+        let mut b = tls::context_builder(creds, Transport::Tcp, Role::Server, opts.allow.clone())?;
+        if let Some(keys) = &opts.ticket_keys {
+            tls::set_ticket_keys(&mut b, keys)?;
+        }
+        Some(b.build())
     } else {
         None
     };

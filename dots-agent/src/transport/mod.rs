@@ -32,7 +32,9 @@ pub use dial::{dial, DialOptions, Dialer};
 pub use dtls::{DatagramLoss, DtlsConnection};
 pub use failure::{FailurePolicy, FailureTracker};
 pub use listen::{ListenOptions, Listener, ListenerStats};
-pub use tls::{cert_identity, cert_names, Credentials, PeerIdentity, SessionCache};
+pub use tls::{
+    cert_identity, cert_names, Credentials, PeerIdentity, SessionCache, TICKET_KEYS_LEN,
+};
 pub use tls_stream::TlsConnection;
 
 /// Default port of the signal channel Call Home (the early draft's 4647).

@@ -149,6 +149,32 @@ pub(crate) fn context_builder(
     Ok(b)
 }
 
+/// Length of the session-ticket key block: 16-byte key name, 32-byte HMAC
+/// key, 32-byte AES key (OpenSSL's `SSL_CTX_set_tlsext_ticket_keys`).
+pub const TICKET_KEYS_LEN: usize = 80;
+
+/// Sets the keys that encrypt session tickets. Persisting them lets peers
+/// resume across restarts; they should be rotated like any long-term secret.
+pub(crate) fn set_ticket_keys(
+    b: &mut SslContextBuilder,
+    keys: &[u8; TICKET_KEYS_LEN],
+) -> Result<(), ErrorStack> {
+    const SSL_CTRL_SET_TLSEXT_TICKET_KEYS: libc::c_int = 59;
+    // SAFETY: the context is valid; OpenSSL copies the 80 bytes it is given.
+    let rc = unsafe {
+        openssl_sys::SSL_CTX_ctrl(
+            b.as_ptr(),
+            SSL_CTRL_SET_TLSEXT_TICKET_KEYS,
+            TICKET_KEYS_LEN as libc::c_long,
+            keys.as_ptr() as *mut libc::c_void,
+        )
+    };
+    if rc != 1 {
+        return Err(ErrorStack::get());
+    }
+    Ok(())
+}
+
 /// The index of the session-cache key in each client `Ssl`.
 pub(crate) fn session_key_index() -> Result<Index<Ssl, String>, ErrorStack> {
     static INDEX: OnceLock<Index<Ssl, String>> = OnceLock::new();

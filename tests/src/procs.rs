@@ -1,0 +1,160 @@
+//! The project's binaries as real processes inside a test's network
+//! namespace, with their logs captured and their lifetime tied to the test.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::Netns;
+
+/// A binary of this workspace, built next to the test executable
+/// (`cargo xtask test` builds them first).
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable has no parent directory")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not built: run `cargo build --workspace` (cargo xtask test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A private temporary directory, removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<TempDir> {
+        let path = std::env::temp_dir().join(crate::unique(&format!("dots-{tag}-")));
+        fs::create_dir_all(&path)?;
+        Ok(TempDir { path })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A child process in a namespace; killed (SIGTERM, then SIGKILL) on drop.
+pub struct Proc {
+    child: Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    /// Starts `bin args...` in `ns` (through nsenter, so /sys and bpffs stay
+    /// the host's), logging stdout and stderr to `log`.
+    pub fn spawn(
+        ns: &Netns,
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        log: PathBuf,
+    ) -> Result<Proc> {
+        let out = fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name))
+            .arg(bin)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("DOTS_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc {
+            child,
+            log,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.log_text().contains(needle) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "{}: {needle:?} not logged within {timeout:?}; log:\n{}",
+            self.name,
+            self.log_text()
+        )
+    }
+
+    pub fn stop(&mut self) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("---- log of {} ----\n{}", self.name, self.log_text());
+        }
+    }
+}
+
+/// Runs a command in `ns` to completion.
+pub fn run_in(ns: &Netns, bin: &Path, args: &[String]) -> Result<Output> {
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name))
+        .arg(bin)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .with_context(|| format!("running {}", bin.display()))
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
