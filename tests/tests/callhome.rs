@@ -442,3 +442,31 @@ fn session_survives_30_percent_packet_loss() -> Result<()> {
     assert!(ok);
     Ok(())
 }
+
+#[test]
+fn one_session_per_upstream_peer() -> Result<()> {
+    let lab = Lab::new()?;
+    let _isp = lab.default_listener()?;
+    let ca = pki::Identity::load(&lab.pki.ca, &lab.dir.path.join("pki/ca.key"))?;
+    let second = pki::issue(
+        &ca,
+        "isp2.example",
+        &[San::parse("isp2.example"), San::parse("127.0.0.2")],
+        1,
+    )?;
+    let (cert, key) = second.write(&lab.dir.path.join("pki"), "isp2")?;
+    let _isp2 = lab.listen("isp2", "127.0.0.2", (&cert, &key), &[])?;
+    let _agent = lab.agent("127.0.0.1:4647", &["--peer", "127.0.0.2:4647"])?;
+    assert_eq!(
+        lab.wait_agent("isp", Duration::from_secs(15))?["id"],
+        "cpe1"
+    );
+    assert_eq!(
+        lab.wait_agent("isp2", Duration::from_secs(15))?["id"],
+        "cpe1"
+    );
+    // Each peer's session carries its own mitigations.
+    assert_eq!(mitigate(&lab, "isp")?.0, "2.01 Created");
+    assert_eq!(mitigate(&lab, "isp2")?.0, "2.01 Created");
+    Ok(())
+}

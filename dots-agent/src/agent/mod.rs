@@ -201,4 +201,3 @@ fn seed(index: usize) -> u64 {
         .unwrap_or(0);
     t ^ ((index as u64) << 48) ^ u64::from(std::process::id())
 }
-

@@ -155,13 +155,17 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
     }
     // Close every session properly (close_notify, RFC 8323 Release), so the
     // agents notice at once and redial instead of waiting out the heartbeats.
-    let handles: Vec<mpsc::Sender<Command>> =
-        registry.lock().map(|r| r.values().map(|h| h.commands.clone()).collect()).unwrap_or_default();
+    let handles: Vec<mpsc::Sender<Command>> = registry
+        .lock()
+        .map(|r| r.values().map(|h| h.commands.clone()).collect())
+        .unwrap_or_default();
     for h in &handles {
         let _ = h.send(Command::Close).await;
     }
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    while tokio::time::Instant::now() < deadline && registry.lock().map(|r| !r.is_empty()).unwrap_or(false) {
+    while tokio::time::Instant::now() < deadline
+        && registry.lock().map(|r| !r.is_empty()).unwrap_or(false)
+    {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let _ = std::fs::remove_file(&opts.control);

@@ -506,7 +506,10 @@ impl DtlsConnection {
     /// fail. Without our close_notify, OpenSSL frees the connection as if it
     /// failed and marks its session not resumable.
     pub fn close(&mut self) {
-        let sent = self.stream.get_shutdown().contains(openssl::ssl::ShutdownState::SENT);
+        let sent = self
+            .stream
+            .get_shutdown()
+            .contains(openssl::ssl::ShutdownState::SENT);
         if !sent {
             if let Err(e) = self.stream.shutdown() {
                 tracing::debug!(peer = %self.peer, error = %e, "DTLS shutdown");
