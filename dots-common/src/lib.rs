@@ -231,17 +231,17 @@ pub struct SlotCounters {
     pub bytes: u64,
 }
 
-/// Indices of the per-CPU `DOTS_STATS` array: how the program classified packets.
+/// Indices of the per-CPU `DOTS_STATS` array: how the program classified
+/// packets. Packets that simply pass are not counted (interface counters
+/// have them), so the common path pays for no counter.
 pub mod stats {
-    /// Packets seen.
-    pub const SEEN: u32 = 0;
     /// Packets passed because they could not be parsed (unknown ethertype, truncated...).
-    pub const UNPARSED: u32 = 1;
+    pub const UNPARSED: u32 = 0;
     /// Packets that matched a slot but were spared because of an exempt prefix.
-    pub const EXEMPT: u32 = 2;
+    pub const EXEMPT: u32 = 1;
     /// Packets dropped.
-    pub const DROPPED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    pub const DROPPED: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 #[cfg(feature = "user")]

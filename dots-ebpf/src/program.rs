@@ -50,7 +50,6 @@ static DOTS_STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::ne
 
 #[xdp]
 pub fn dots_xdp(ctx: XdpContext) -> u32 {
-    count_stat(stats::SEEN);
     let Some(packet) = parse(&ctx) else {
         count_stat(stats::UNPARSED);
         return xdp_action::XDP_PASS;

@@ -253,8 +253,8 @@ fn dataplane(cmd: DataplaneCommand) -> Result<()> {
                     }
                 );
                 println!(
-                    "packets:    seen {} dropped {} exempt {} unparsed {}",
-                    stats.seen, stats.dropped, stats.exempt, stats.unparsed
+                    "packets:    dropped {} exempt {} unparsed {}",
+                    stats.dropped, stats.exempt, stats.unparsed
                 );
                 println!("slots:      {}", slots.len());
                 for v in per_slot {

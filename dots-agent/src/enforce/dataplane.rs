@@ -101,7 +101,6 @@ pub struct ApplyReport {
 /// Classifier-wide packet statistics (see `dots_common::stats`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DataplaneStats {
-    pub seen: u64,
     pub unparsed: u64,
     pub exempt: u64,
     pub dropped: u64,
@@ -538,7 +537,6 @@ impl Dataplane {
 
     pub fn stats(&self) -> Result<DataplaneStats, EnforceError> {
         Ok(DataplaneStats {
-            seen: self.stats.total(stats::SEEN)?,
             unparsed: self.stats.total(stats::UNPARSED)?,
             exempt: self.stats.total(stats::EXEMPT)?,
             dropped: self.stats.total(stats::DROPPED)?,
