@@ -2,8 +2,10 @@
 //! Home DOTS client and running the signal channel, and a shared slot table
 //! that turns mitigations into XDP drops.
 
+pub mod control;
 pub mod enforcer;
 mod session;
+pub mod view;
 
 use std::{
     fmt,
@@ -127,6 +129,10 @@ pub struct AgentOptions {
     pub consent: ConsentMode,
     pub never_block: Vec<IpNet>,
     pub limits: Limits,
+    /// Control socket for `dots-agent status`, `mitigations`, `approve`, `reject`.
+    pub control: PathBuf,
+    /// How often counters are read and observers notified while a mitigation is active.
+    pub notify_interval: std::time::Duration,
 }
 
 /// Runs the agent until it is stopped (Ctrl-C / SIGTERM).
@@ -137,6 +143,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     if opts.domain.is_empty() {
         bail!("no local domain: give --domain PREFIX so requests can be checked against it");
     }
+    let mut attached = Vec::new();
     let enforcer = if opts.monitor {
         info!("monitor mode: requests are validated, answered and logged; nothing is installed");
         None
@@ -149,6 +156,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         for lan in &opts.lans {
             let a = dp.attach(lan, opts.attach_mode)?;
             info!(iface = %a.iface, mode = a.mode, "XDP attached");
+            attached.push(a);
         }
         if opts.lans.is_empty() {
             warn!("no --lan interface: mitigations are installed in the maps but no interface runs the classifier");
@@ -157,6 +165,35 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         table.set_never_block(&opts.never_block)?;
         Some(Arc::new(Mutex::new(table)))
     };
+    let interfaces = match &enforcer {
+        Some(t) => t
+            .lock()
+            .map(|t| {
+                crate::enforce::Dataplane::attachments(t.dataplane().dir())
+                    .into_iter()
+                    .map(|iface| crate::enforce::Attachment { pin: t.dataplane().dir().join(format!("link_{iface}")), iface, mode: "pinned" })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let view = Arc::new(Mutex::new(view::AgentView {
+        monitor: opts.monitor,
+        bpffs: opts.bpffs.clone(),
+        interfaces: attached.clone().into_iter().chain(interfaces.into_iter().filter(|a| !attached.iter().any(|b| b.iface == a.iface))).collect(),
+        peers: opts.peers.iter().map(|p| view::PeerStatus { peer: p.to_string(), state: "dialling".into(), ..Default::default() }).collect(),
+        mitigations: Default::default(),
+    }));
+    let mut consent_senders = Vec::new();
+    let mut consent_receivers = Vec::new();
+    for _ in &opts.peers {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        consent_senders.push(tx);
+        consent_receivers.push(rx);
+    }
+    let control = control::bind(&opts.control)?;
+    info!(socket = %opts.control.display(), "control socket ready");
+    tokio::spawn(control::serve(control, control::ControlContext { view: view.clone(), consent: consent_senders }));
     let server_config = ServerConfig {
         limits: opts.limits,
         domain: opts.domain.clone(),
@@ -166,10 +203,11 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         } else {
             EnforcementMode::Enforce
         },
+        notify_period: opts.notify_interval,
         ..ServerConfig::default()
     };
     let mut tasks = tokio::task::JoinSet::new();
-    for (index, target) in opts.peers.iter().enumerate() {
+    for ((index, target), consent) in opts.peers.iter().enumerate().zip(consent_receivers) {
         let dialer = Dialer::new(&opts.credentials, DialOptions::default())?;
         let task = session::PeerTask {
             index,
@@ -178,6 +216,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             dialer,
             server_config: server_config.clone(),
             enforcer: enforcer.clone(),
+            view: view.clone(),
+            consent,
             seed: seed(index),
         };
         info!(peer = %target, transports = ?opts.transports, "dialling");

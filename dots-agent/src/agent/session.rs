@@ -1,10 +1,12 @@
 //! One upstream peer: dial, run the signal channel, redial.
 //!
-//! The signal state machine (`dots_proto::signal::SignalServer`) survives
-//! reconnections, so mitigations stay in force while the agent redials
-//! (RFC 9066 §5.2.1: the agent dials again when the session is lost).
+//! The signal state machine (`dots_proto::signal::SignalServer`) lives as
+//! long as the task, not the connection: mitigations stay in force, expire
+//! and can be approved while the agent is redialling (RFC 9066 §5.2.1: the
+//! agent dials again when the session is lost).
 
 use std::{
+    future::Future,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -13,11 +15,17 @@ use std::{
 use dots_proto::{
     coap::{DatagramConfig, DatagramEndpoint, Endpoint, StreamConfig, StreamEndpoint},
     model::RedirectedSignal,
-    signal::{Action, ServerConfig, SignalServer},
+    signal::{Action, MitigationKey, ServerConfig, SignalServer},
 };
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{enforcer::slot_spec, enforcer::SlotKey, enforcer::SlotTable, PeerTarget};
+use super::{
+    control::ConsentCommand,
+    enforcer::{slot_spec, SlotKey, SlotTable},
+    view::{unix_now, AgentView},
+    PeerTarget,
+};
 use crate::transport::{Backoff, Connection, Dialer, Incoming, Transport, TransportError};
 
 pub type Server = SignalServer<Box<dyn Endpoint + Send>>;
@@ -40,34 +48,63 @@ pub struct PeerTask {
     pub dialer: Dialer,
     pub server_config: ServerConfig,
     pub enforcer: Option<Arc<Mutex<SlotTable>>>,
+    pub view: Arc<Mutex<AgentView>>,
+    pub consent: mpsc::Receiver<ConsentCommand>,
     pub seed: u64,
 }
 
+/// The parts of a peer task that serve the signal layer whatever the
+/// connection state: data plane, operator view, consent decisions.
+struct Shell {
+    peer: usize,
+    enforcer: Option<Arc<Mutex<SlotTable>>>,
+    view: Arc<Mutex<AgentView>>,
+    consent: mpsc::Receiver<ConsentCommand>,
+}
+
 impl PeerTask {
-    pub async fn run(mut self) {
+    pub async fn run(self) {
+        let PeerTask { index, mut target, transports, mut dialer, server_config, enforcer, view, consent, mut seed } =
+            self;
+        let mut shell = Shell { peer: index, enforcer, view, consent };
+        let now = Instant::now();
+        // Until the first connection the endpoint talks to nobody: what it
+        // would send is dropped.
+        let mut server = match endpoint(Transport::Udp, seed).map_err(|e| e.to_string()).and_then(|ep| {
+            SignalServer::new(now, ep, server_config).map_err(|e| e.to_string())
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "invalid signal configuration");
+                return;
+            }
+        };
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60), 2.0);
-        let home = self.target.clone();
+        let home = target.clone();
         // A redirect holds until its ttl runs out, then the configured peer applies again.
         let mut redirected_until: Option<Instant> = None;
-        let mut server: Option<Server> = None;
         loop {
             if redirected_until.is_some_and(|t| Instant::now() >= t) {
                 info!(peer = %home, "redirect ttl expired, returning to the configured peer");
-                self.target = home.clone();
+                target = home.clone();
                 redirected_until = None;
             }
-            let conn = match self.connect().await {
+            shell.set_state(&target, "dialling", None);
+            let enforcer = shell.enforcer.clone();
+            let dialled = shell.idle(&mut server, connect(&mut dialer, &target, &transports, enforcer.as_ref())).await;
+            let conn = match dialled {
                 Ok(c) => c,
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    warn!(peer = %self.target, error = %e, retry_in = ?delay, "dial failed");
-                    tokio::time::sleep(delay).await;
+                    warn!(peer = %target, error = %e, retry_in = ?delay, "dial failed");
+                    shell.set_state(&target, "dialling", Some(e.to_string()));
+                    shell.idle(&mut server, tokio::time::sleep(delay)).await;
                     continue;
                 }
             };
             backoff.reset();
             info!(
-                peer = %self.target,
+                peer = %target,
                 addr = %conn.peer_addr(),
                 transport = %conn.transport(),
                 version = conn.protocol_version(),
@@ -75,86 +112,270 @@ impl PeerTask {
                 identity = conn.peer_identity().as_deref().unwrap_or("?"),
                 "signal channel up"
             );
-            let now = Instant::now();
-            self.seed = self.seed.wrapping_add(1);
-            let ep = match endpoint(conn.transport(), self.seed) {
+            shell.connected(&target, &conn);
+            seed = seed.wrapping_add(1);
+            let ep = match endpoint(conn.transport(), seed) {
                 Ok(ep) => ep,
                 Err(e) => {
                     warn!(error = %e, "could not create the CoAP endpoint");
                     return;
                 }
             };
-            let s = match server.take() {
-                Some(mut s) => match s.reconnect(now, ep) {
-                    Ok(_) => s,
-                    Err(e) => {
-                        warn!(error = %e, "reconnect refused by the signal layer");
-                        return;
-                    }
-                },
-                None => match SignalServer::new(now, ep, self.server_config.clone()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(error = %e, "invalid signal configuration");
-                        return;
-                    }
-                },
-            };
-            let mut s = s;
-            let ended = drive(&mut s, conn, self.index, self.enforcer.as_ref()).await;
-            server = Some(s);
+            if let Err(e) = server.reconnect(Instant::now(), ep) {
+                warn!(error = %e, "reconnect refused by the signal layer");
+                return;
+            }
+            let ended = shell.drive(&mut server, conn).await;
             match ended {
-                Ended::Lost => {
-                    warn!(peer = %self.target, "session lost: no traffic from the peer; redialling")
-                }
-                Ended::Closed(why) => {
-                    warn!(peer = %self.target, reason = %why, "session closed; redialling")
-                }
+                Ended::Lost => warn!(peer = %target, "session lost: no traffic from the peer; redialling"),
+                Ended::Closed(why) => warn!(peer = %target, reason = %why, "session closed; redialling"),
                 Ended::Redirect(r) => {
                     info!(alt = %r.alt_ch_client, records = ?r.alt_ch_client_record, ttl = ?r.ttl, "redirected");
-                    self.target = PeerTarget {
+                    target = PeerTarget {
                         host: r.alt_ch_client.clone(),
-                        port: self.target.port,
+                        port: target.port,
                         addrs: r.alt_ch_client_record.clone(),
                         name: Some(r.alt_ch_client.clone()),
                     };
-                    redirected_until = r
-                        .ttl
-                        .map(|t| Instant::now() + Duration::from_secs(u64::from(t)));
+                    redirected_until = r.ttl.map(|t| Instant::now() + Duration::from_secs(u64::from(t)));
                     continue; // dial the new peer at once
                 }
             }
-            tokio::time::sleep(backoff.next_delay()).await;
+            let delay = backoff.next_delay();
+            shell.idle(&mut server, tokio::time::sleep(delay)).await;
         }
-    }
-
-    async fn connect(&mut self) -> Result<Connection, TransportError> {
-        let addrs = self.target.resolve().await;
-        let candidates: Vec<(SocketAddr, Transport)> = addrs
-            .iter()
-            .flat_map(|a| self.transports.iter().map(move |t| (*a, *t)))
-            .collect();
-        let identity = self.target.identity();
-        if let Some(e) = &self.enforcer {
-            let ips: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
-            if let Ok(mut t) = e.lock() {
-                if let Err(err) = t.add_exempt(&ips) {
-                    warn!(error = %err, "could not exempt the peer's addresses");
-                }
-            }
-        }
-        self.dialer.dial(&candidates, &identity).await
     }
 }
 
-fn endpoint(
-    transport: Transport,
-    seed: u64,
-) -> Result<Box<dyn Endpoint + Send>, dots_proto::coap::CoapError> {
+async fn connect(
+    dialer: &mut Dialer,
+    target: &PeerTarget,
+    transports: &[Transport],
+    enforcer: Option<&Arc<Mutex<SlotTable>>>,
+) -> Result<Connection, TransportError> {
+    let addrs = target.resolve().await;
+    let candidates: Vec<(SocketAddr, Transport)> =
+        addrs.iter().flat_map(|a| transports.iter().map(move |t| (*a, *t))).collect();
+    if let Some(e) = enforcer {
+        let ips: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
+        if let Ok(mut t) = e.lock() {
+            if let Err(err) = t.add_exempt(&ips) {
+                warn!(error = %err, "could not exempt the peer's addresses");
+            }
+        }
+    }
+    dialer.dial(&candidates, &target.identity()).await
+}
+
+fn endpoint(transport: Transport, seed: u64) -> Result<Box<dyn Endpoint + Send>, dots_proto::coap::CoapError> {
     Ok(match transport {
         Transport::Udp => Box::new(DatagramEndpoint::new(DatagramConfig::default(), seed)?),
         Transport::Tcp => Box::new(StreamEndpoint::new(StreamConfig::default(), seed)?),
     })
+}
+
+fn deadline(server: &Server) -> Instant {
+    server.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+}
+
+impl Shell {
+    /// Awaits `fut` (a dial, a backoff) while keeping the signal layer's
+    /// timers and the operator's decisions going. Nothing can be sent.
+    async fn idle<F: Future>(&mut self, server: &mut Server, fut: F) -> F::Output {
+        tokio::pin!(fut);
+        loop {
+            let _ = self.step(server);
+            while server.poll_transmit().is_some() {}
+            tokio::select! {
+                out = &mut fut => return out,
+                _ = tokio::time::sleep_until(deadline(server).into()) => server.handle_timeout(Instant::now()),
+                Some(cmd) = self.consent.recv() => self.decide(server, cmd),
+            }
+        }
+    }
+
+    /// Runs one connection until it ends, then closes it.
+    async fn drive(&mut self, server: &mut Server, mut conn: Connection) -> Ended {
+        let end = self.run_connection(server, &mut conn).await;
+        // Always say goodbye (close_notify): OpenSSL marks the session of a
+        // connection dropped without it as not resumable, and the next dial
+        // should resume.
+        conn.close().await;
+        end
+    }
+
+    async fn run_connection(&mut self, server: &mut Server, conn: &mut Connection) -> Ended {
+        loop {
+            let end = self.step(server);
+            if let Err(e) = flush(server, conn).await {
+                return Ended::Closed(format!("send failed: {e}"));
+            }
+            if let Some(end) = end {
+                return end;
+            }
+            tokio::select! {
+                got = conn.recv() => match got {
+                    Ok(Incoming::Datagram(bytes)) | Ok(Incoming::Stream(bytes)) => {
+                        let now = Instant::now();
+                        if let Err(e) = server.handle_input(now, &bytes) {
+                            debug!(error = %e, "input dropped");
+                        }
+                        self.heard(now);
+                    }
+                    Ok(Incoming::Closed) => return Ended::Closed("peer closed the connection".into()),
+                    Err(e) => return Ended::Closed(format!("receive failed: {e}")),
+                },
+                _ = tokio::time::sleep_until(deadline(server).into()) => server.handle_timeout(Instant::now()),
+                Some(cmd) = self.consent.recv() => self.decide(server, cmd),
+            }
+        }
+    }
+
+    /// Performs the pending actions and refreshes the operator's view;
+    /// returns how the session ends when an action ends it.
+    fn step(&mut self, server: &mut Server) -> Option<Ended> {
+        let mut end = None;
+        while let Some(action) = server.poll_action() {
+            // The first ending wins: a redirect is followed by a close.
+            if let Some(e) = self.perform(server, action) {
+                end = end.or(Some(e));
+            }
+        }
+        if let Ok(mut v) = self.view.lock() {
+            v.set_mitigations(self.peer, Instant::now(), server.mitigations().iter());
+        }
+        end
+    }
+
+    fn decide(&mut self, server: &mut Server, cmd: ConsentCommand) {
+        let key = MitigationKey::new(cmd.cuid.clone(), cmd.mid);
+        let result = server.consent(Instant::now(), &key, cmd.approve).map_err(|e| e.to_string());
+        match &result {
+            Ok(()) => info!(cuid = %cmd.cuid, mid = cmd.mid, approved = cmd.approve, "operator decided"),
+            Err(e) => warn!(cuid = %cmd.cuid, mid = cmd.mid, error = %e, "consent decision refused"),
+        }
+        let _ = cmd.reply.send(result);
+    }
+
+    fn set_state(&self, target: &PeerTarget, state: &str, error: Option<String>) {
+        if let Ok(mut v) = self.view.lock() {
+            if let Some(p) = v.peers.get_mut(self.peer) {
+                p.peer = target.to_string();
+                p.state = state.into();
+                if error.is_some() {
+                    p.last_error = error;
+                }
+                if state != "connected" {
+                    p.transport = None;
+                    p.addr = None;
+                    p.connected_at = None;
+                }
+            }
+        }
+    }
+
+    fn connected(&self, target: &PeerTarget, conn: &Connection) {
+        if let Ok(mut v) = self.view.lock() {
+            if let Some(p) = v.peers.get_mut(self.peer) {
+                p.peer = target.to_string();
+                p.state = "connected".into();
+                p.transport = Some(conn.transport().to_string());
+                p.addr = Some(conn.peer_addr());
+                p.resumed = conn.session_reused();
+                p.connected_at = Some(unix_now());
+                p.last_rx = Some(Instant::now());
+                p.sessions += 1;
+                p.last_error = None;
+            }
+        }
+    }
+
+    fn heard(&self, now: Instant) {
+        if let Ok(mut v) = self.view.lock() {
+            if let Some(p) = v.peers.get_mut(self.peer) {
+                p.last_rx = Some(now);
+            }
+        }
+    }
+
+    fn slot_key(&self, key: &MitigationKey) -> SlotKey {
+        SlotKey { peer: self.peer, cuid: key.cuid.clone(), mid: key.mid }
+    }
+
+    /// Carries out one action of the signal layer; returns how the session
+    /// ends when the action ends it.
+    fn perform(&mut self, server: &mut Server, action: Action) -> Option<Ended> {
+        let now = Instant::now();
+        match action {
+            Action::Install { key, request } => {
+                let spec = slot_spec(&request);
+                let result = match &self.enforcer {
+                    Some(e) => e
+                        .lock()
+                        .map_err(|_| "slot table poisoned".to_string())
+                        .and_then(|mut t| t.install(&self.slot_key(&key), spec).map_err(|e| e.to_string())),
+                    None => Err("no data plane".to_string()),
+                };
+                match result {
+                    Ok(slot) => {
+                        info!(cuid = %key.cuid, mid = key.mid, slot, sources = ?request.scope.source_prefix,
+                              targets = ?request.scope.target_prefix, lifetime = request.lifetime, "mitigation enforced");
+                        let _ = server.installed(now, &key);
+                    }
+                    Err(reason) => {
+                        warn!(cuid = %key.cuid, mid = key.mid, %reason, "mitigation could not be installed");
+                        let _ = server.install_failed(now, &key);
+                    }
+                }
+            }
+            Action::Remove { key } => {
+                if let Some(e) = &self.enforcer {
+                    if let Ok(mut t) = e.lock() {
+                        match t.remove(&self.slot_key(&key)) {
+                            Ok(Some(c)) => {
+                                info!(cuid = %key.cuid, mid = key.mid, packets = c.packets, bytes = c.bytes, "mitigation removed")
+                            }
+                            Ok(None) => {}
+                            Err(err) => warn!(cuid = %key.cuid, mid = key.mid, error = %err, "removing the mitigation failed"),
+                        }
+                    }
+                }
+            }
+            Action::QueryCounters { keys } => {
+                if let Some(e) = &self.enforcer {
+                    for key in keys {
+                        let c = e.lock().ok().and_then(|mut t| t.counters(&self.slot_key(&key), now));
+                        if let Some(c) = c {
+                            let _ = server.counters(now, &key, c);
+                        }
+                    }
+                }
+            }
+            Action::AskConsent { key, request } => {
+                info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix,
+                      targets = ?request.scope.target_prefix,
+                      "mitigation awaits operator consent: dots-agent approve|reject {}/{}", key.cuid, key.mid);
+            }
+            Action::ConsentTimedOut { key, approved } => {
+                info!(cuid = %key.cuid, mid = key.mid, approved, "consent timeout decided the pending mitigation");
+            }
+            Action::Rejected { cuid, mid, code, diagnostic } => {
+                warn!(cuid = cuid.as_deref().unwrap_or("-"), mid = ?mid, %code, %diagnostic, "request refused");
+            }
+            Action::Monitored { key, request } => {
+                info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix,
+                      targets = ?request.scope.target_prefix, lifetime = request.lifetime,
+                      "monitor mode: mitigation validated and answered, nothing installed");
+            }
+            Action::Redirect { target } => return Some(Ended::Redirect(target)),
+            Action::SessionLost => return Some(Ended::Lost),
+            Action::Close => {
+                server.endpoint_mut().close("closing");
+                return Some(Ended::Closed("closed by the signal layer".into()));
+            }
+        }
+        None
+    }
 }
 
 async fn flush(server: &mut Server, conn: &mut Connection) -> std::io::Result<()> {
@@ -162,144 +383,4 @@ async fn flush(server: &mut Server, conn: &mut Connection) -> std::io::Result<()
         conn.send(&bytes).await?;
     }
     Ok(())
-}
-
-/// Runs one connection until it ends.
-async fn drive(
-    server: &mut Server,
-    mut conn: Connection,
-    peer: usize,
-    enforcer: Option<&Arc<Mutex<SlotTable>>>,
-) -> Ended {
-    let end = run_connection(server, &mut conn, peer, enforcer).await;
-    // Always say goodbye (close_notify): OpenSSL marks the session of a
-    // connection dropped without it as not resumable, and the next dial
-    // should resume.
-    conn.close().await;
-    end
-}
-
-async fn run_connection(
-    server: &mut Server,
-    conn: &mut Connection,
-    peer: usize,
-    enforcer: Option<&Arc<Mutex<SlotTable>>>,
-) -> Ended {
-    loop {
-        if let Err(e) = flush(server, conn).await {
-            return Ended::Closed(format!("send failed: {e}"));
-        }
-        while let Some(action) = server.poll_action() {
-            if let Some(end) = perform(server, action, peer, enforcer) {
-                let _ = flush(server, conn).await;
-                return end;
-            }
-        }
-        if let Err(e) = flush(server, conn).await {
-            return Ended::Closed(format!("send failed: {e}"));
-        }
-        let deadline = server
-            .poll_timeout()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        tokio::select! {
-            got = conn.recv() => match got {
-                Ok(Incoming::Datagram(bytes)) | Ok(Incoming::Stream(bytes)) => {
-                    if let Err(e) = server.handle_input(Instant::now(), &bytes) {
-                        debug!(error = %e, "input dropped");
-                    }
-                }
-                Ok(Incoming::Closed) => return Ended::Closed("peer closed the connection".into()),
-                Err(e) => return Ended::Closed(format!("receive failed: {e}")),
-            },
-            _ = tokio::time::sleep_until(deadline.into()) => server.handle_timeout(Instant::now()),
-        }
-    }
-}
-
-/// Carries out one action of the signal layer; returns how the session ends
-/// when the action ends it.
-fn perform(
-    server: &mut Server,
-    action: Action,
-    peer: usize,
-    enforcer: Option<&Arc<Mutex<SlotTable>>>,
-) -> Option<Ended> {
-    let now = Instant::now();
-    let key_of = |cuid: &str, mid: u32| SlotKey {
-        peer,
-        cuid: cuid.to_string(),
-        mid,
-    };
-    match action {
-        Action::Install { key, request } => {
-            let spec = slot_spec(&request);
-            let result = match enforcer {
-                Some(e) => e
-                    .lock()
-                    .map_err(|_| "slot table poisoned".to_string())
-                    .and_then(|mut t| {
-                        t.install(&key_of(&key.cuid, key.mid), spec)
-                            .map_err(|e| e.to_string())
-                    }),
-                None => Err("no data plane".to_string()),
-            };
-            match result {
-                Ok(slot) => {
-                    info!(cuid = %key.cuid, mid = key.mid, slot, sources = ?request.scope.source_prefix,
-                          targets = ?request.scope.target_prefix, lifetime = request.lifetime, "mitigation enforced");
-                    let _ = server.installed(now, &key);
-                }
-                Err(reason) => {
-                    warn!(cuid = %key.cuid, mid = key.mid, %reason, "mitigation could not be installed");
-                    let _ = server.install_failed(now, &key);
-                }
-            }
-        }
-        Action::Remove { key } => {
-            if let Some(e) = enforcer {
-                if let Ok(mut t) = e.lock() {
-                    match t.remove(&key_of(&key.cuid, key.mid)) {
-                        Ok(Some(c)) => {
-                            info!(cuid = %key.cuid, mid = key.mid, packets = c.packets, bytes = c.bytes, "mitigation removed")
-                        }
-                        Ok(None) => {}
-                        Err(err) => {
-                            warn!(cuid = %key.cuid, mid = key.mid, error = %err, "removing the mitigation failed")
-                        }
-                    }
-                }
-            }
-        }
-        Action::QueryCounters { keys } => {
-            if let Some(e) = enforcer {
-                for key in keys {
-                    let c = e
-                        .lock()
-                        .ok()
-                        .and_then(|mut t| t.counters(&key_of(&key.cuid, key.mid), now));
-                    if let Some(c) = c {
-                        let _ = server.counters(now, &key, c);
-                    }
-                }
-            }
-        }
-        Action::AskConsent { key, request } => {
-            // The consent workflow (approve / reject through the control
-            // socket) lands with the agent's control interface; until then a
-            // request waiting for consent stays pending and visible in logs.
-            info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix, "mitigation awaits operator consent");
-        }
-        Action::Monitored { key, request } => {
-            info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix,
-                  targets = ?request.scope.target_prefix, lifetime = request.lifetime,
-                  "monitor mode: mitigation validated and answered, nothing installed");
-        }
-        Action::Redirect { target } => return Some(Ended::Redirect(target)),
-        Action::SessionLost => return Some(Ended::Lost),
-        Action::Close => {
-            server.endpoint_mut().close("closing");
-            return Some(Ended::Closed("closed by the signal layer".into()));
-        }
-    }
-    None
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use dots_agent::{
-    agent::{self, AgentOptions, PeerTarget},
+    agent::{self, control, AgentOptions, PeerTarget},
     enforce::{AttachMode, Dataplane, DataplaneOptions, DEFAULT_BPFFS_DIR},
     logging::{self, LogFormat},
     transport::{Credentials, Transport},
@@ -42,6 +42,17 @@ enum Command {
     ///   dots-agent run --peer 198.51.100.1 --peer-name isp.example --ca ca.pem \
     ///     --cert agent.pem --key agent.key --domain 192.0.2.0/24 --lan eth1
     Run(RunArgs),
+    /// Show the running agent: peers and session state, heartbeat health,
+    /// attached interfaces and XDP mode, monitor mode.
+    Status(ControlArgs),
+    /// List mitigations: cuid, mid, scope, status, lifetime left, packets and
+    /// bytes dropped, current rates.
+    Mitigations(ControlArgs),
+    /// Approve a mitigation waiting for consent (`--consent require`).
+    Approve(ConsentArgs),
+    /// Reject a mitigation waiting for consent: the peer is told
+    /// conflict-cause 4 (request-rejected-legitimate-traffic).
+    Reject(ConsentArgs),
     /// Inspect or manage the XDP data plane directly.
     #[command(subcommand)]
     Dataplane(DataplaneCommand),
@@ -98,6 +109,35 @@ struct RunArgs {
     /// bpffs directory for pinned maps and links.
     #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
     bpffs: PathBuf,
+    /// Control socket for `dots-agent status`, `mitigations`, `approve`, `reject`.
+    #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
+    control: PathBuf,
+    /// Seconds between counter updates (and Observe notifications) of active
+    /// mitigations.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    notify_interval: u64,
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// The running agent's control socket.
+    #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
+    control: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct ConsentArgs {
+    /// The mitigation, as CUID/MID (see `dots-agent mitigations`).
+    #[arg(value_name = "CUID/MID")]
+    which: String,
+    /// Upstream peer index, when the same CUID/MID exists under several.
+    #[arg(long)]
+    peer: Option<usize>,
+    #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
+    control: PathBuf,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -152,6 +192,10 @@ fn main() -> Result<()> {
     logging::init(cli.log_format);
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Status(a) => show(&a, control::Request::Status),
+        Command::Mitigations(a) => show(&a, control::Request::Mitigations),
+        Command::Approve(a) => consent(&a, true),
+        Command::Reject(a) => consent(&a, false),
         Command::Detach { bpffs } => {
             let removed = Dataplane::teardown(&bpffs)?;
             tracing::info!(bpffs = %bpffs.display(), removed, "data plane removed");
@@ -192,11 +236,107 @@ fn run(a: RunArgs) -> Result<()> {
         },
         never_block: a.never_block,
         limits: Limits::default(),
+        control: a.control,
+        notify_interval: std::time::Duration::from_secs(a.notify_interval),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(agent::run(opts))
+}
+
+fn ask(socket: &std::path::Path, req: &control::Request) -> Result<control::Reply> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let reply = rt.block_on(control::call(socket, req))?;
+    if !reply.ok {
+        anyhow::bail!("{}", reply.error.unwrap_or_else(|| "the agent refused".into()));
+    }
+    Ok(reply)
+}
+
+fn show(a: &ControlArgs, req: control::Request) -> Result<()> {
+    let is_status = matches!(req, control::Request::Status);
+    let reply = ask(&a.control, &req)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&reply.body)?);
+    } else if is_status {
+        print_status(&reply.body);
+    } else {
+        print_mitigations(&reply.body);
+    }
+    Ok(())
+}
+
+fn print_status(b: &serde_json::Value) {
+    let mode = if b["monitor"].as_bool().unwrap_or(false) { "monitor (nothing is installed)" } else { "enforcing" };
+    println!("mode:        {mode}");
+    println!("bpffs:       {}", b["bpffs"].as_str().unwrap_or("-"));
+    let ifaces: Vec<String> = b["interfaces"]
+        .as_array()
+        .map(|a| a.iter().map(|i| format!("{} ({})", i["iface"].as_str().unwrap_or("?"), i["mode"].as_str().unwrap_or("?"))).collect())
+        .unwrap_or_default();
+    println!("interfaces:  {}", if ifaces.is_empty() { "(none)".into() } else { ifaces.join(", ") });
+    println!("mitigations: {}", b["mitigations"]);
+    for (i, p) in b["peers"].as_array().into_iter().flatten().enumerate() {
+        let silent = p["silent_for"].as_u64().map(|s| format!(", last heard {s}s ago")).unwrap_or_default();
+        let transport = p["transport"].as_str().map(|t| format!(" over {t}")).unwrap_or_default();
+        let resumed = if p["resumed"].as_bool().unwrap_or(false) { " (resumed)" } else { "" };
+        println!("peer {i}:      {} {}{transport}{resumed}{silent}", p["peer"].as_str().unwrap_or("?"), p["state"].as_str().unwrap_or("?"));
+        if let Some(e) = p["last_error"].as_str() {
+            println!("             last error: {e}");
+        }
+    }
+}
+
+fn print_mitigations(b: &serde_json::Value) {
+    let list = b.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no mitigation");
+        return;
+    }
+    for m in list {
+        let join = |k: &str| {
+            m[k].as_array().map(|a| a.iter().map(|v| v.to_string().trim_matches('"').to_string()).collect::<Vec<_>>().join(",")).unwrap_or_default()
+        };
+        let lifetime = match m["lifetime_left"].as_i64() {
+            Some(-1) => "indefinite".to_string(),
+            Some(s) => format!("{s}s left"),
+            None => "-".into(),
+        };
+        println!(
+            "{}/{}  peer {}  {} (status {})  {lifetime}",
+            m["cuid"].as_str().unwrap_or("?"),
+            m["mid"],
+            m["peer"],
+            m["state"].as_str().unwrap_or("?"),
+            m["status"]
+        );
+        let mut scope = format!("  from {}", join("sources"));
+        for (k, label) in [("source_ports", " sport "), ("icmp_types", " icmp ")] {
+            if !join(k).is_empty() {
+                scope += &format!("{label}{}", join(k));
+            }
+        }
+        scope += &format!(" to {}", join("targets"));
+        for (k, label) in [("protocols", " proto "), ("target_ports", " dport ")] {
+            if !join(k).is_empty() {
+                scope += &format!("{label}{}", join(k));
+            }
+        }
+        println!("{scope}");
+        println!("  dropped {} packets, {} bytes; now {} pps, {} bps", m["packets"], m["bytes"], m["pps"], m["bps"]);
+    }
+}
+
+fn consent(a: &ConsentArgs, approve: bool) -> Result<()> {
+    let (cuid, mid) = a
+        .which
+        .rsplit_once('/')
+        .and_then(|(c, m)| Some((c.to_string(), m.parse::<u32>().ok()?)))
+        .with_context(|| format!("{:?}: expected CUID/MID, e.g. dz6pHjaADkaFTbjreJGBpw/56", a.which))?;
+    ask(&a.control, &control::Request::Consent { cuid: cuid.clone(), mid, approve, peer: a.peer })?;
+    println!("{cuid}/{mid} {}", if approve { "approved" } else { "rejected" });
+    Ok(())
 }
 
 fn open(bpffs: PathBuf) -> Result<Dataplane> {
