@@ -6,6 +6,7 @@
 //! transport, NAT correlation, discovery and the control socket.
 pub mod agent;
 pub mod client;
+pub mod config;
 pub mod enforce;
 pub mod logging;
 pub mod packet;

@@ -100,8 +100,8 @@ pub fn veth(na: &Netns, a: &str, nb: &Netns, b: &str) -> Result<()> {
         "ip", "link", "add", a, "netns", &na.name, "type", "veth", "peer", "name", b, "netns",
         &nb.name,
     ])?;
-    na.ip(&["link", "set", a, "up"])?;
-    nb.ip(&["link", "set", b, "up"])?;
+    na.ip(&["link", "set", "dev", a, "up"])?;
+    nb.ip(&["link", "set", "dev", b, "up"])?;
     Ok(())
 }
 

@@ -29,7 +29,12 @@ pub enum Request {
     Mitigations,
     /// Decide a mitigation waiting for consent. `peer` picks the upstream
     /// peer when the same cuid/mid exists under several.
-    Consent { cuid: String, mid: u32, approve: bool, peer: Option<usize> },
+    Consent {
+        cuid: String,
+        mid: u32,
+        approve: bool,
+        peer: Option<usize>,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -43,10 +48,18 @@ pub struct Reply {
 
 impl Reply {
     fn ok(body: serde_json::Value) -> Reply {
-        Reply { ok: true, body, error: None }
+        Reply {
+            ok: true,
+            body,
+            error: None,
+        }
     }
     fn error(e: impl std::fmt::Display) -> Reply {
-        Reply { ok: false, body: serde_json::Value::Null, error: Some(e.to_string()) }
+        Reply {
+            ok: false,
+            body: serde_json::Value::Null,
+            error: Some(e.to_string()),
+        }
     }
 }
 
@@ -100,7 +113,9 @@ pub async fn serve(listener: UnixListener, ctx: ControlContext) {
 async fn handle(stream: UnixStream, ctx: ControlContext) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
-    let Ok(Some(line)) = lines.next_line().await else { return };
+    let Ok(Some(line)) = lines.next_line().await else {
+        return;
+    };
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(req) => answer(req, &ctx).await,
         Err(e) => Reply::error(format!("bad request: {e}")),
@@ -124,31 +139,62 @@ async fn answer(req: Request, ctx: &ControlContext) -> Reply {
             Err(_) => Reply::error("state poisoned"),
         },
         Request::Mitigations => match ctx.view.lock() {
-            Ok(v) => Reply::ok(serde_json::to_value(v.mitigations.values().collect::<Vec<_>>()).unwrap_or_default()),
+            Ok(v) => Reply::ok(
+                serde_json::to_value(v.mitigations.values().collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            ),
             Err(_) => Reply::error("state poisoned"),
         },
-        Request::Consent { cuid, mid, approve, peer } => {
+        Request::Consent {
+            cuid,
+            mid,
+            approve,
+            peer,
+        } => {
             let owners: Vec<usize> = match ctx.view.lock() {
                 Ok(v) => v
                     .mitigations
                     .keys()
-                    .filter(|(p, c, m)| *c == cuid && *m == mid && peer.is_none_or(|want| want == *p))
+                    .filter(|(p, c, m)| {
+                        *c == cuid && *m == mid && peer.is_none_or(|want| want == *p)
+                    })
                     .map(|(p, _, _)| *p)
                     .collect(),
                 Err(_) => return Reply::error("state poisoned"),
             };
             let owner = match owners.as_slice() {
                 [one] => *one,
-                [] => return Reply::error(format!("no mitigation {cuid}/{mid} (see `dots-agent mitigations`)")),
-                _ => return Reply::error(format!("{cuid}/{mid} exists under several peers: give --peer")),
+                [] => {
+                    return Reply::error(format!(
+                        "no mitigation {cuid}/{mid} (see `dots-agent mitigations`)"
+                    ))
+                }
+                _ => {
+                    return Reply::error(format!(
+                        "{cuid}/{mid} exists under several peers: give --peer"
+                    ))
+                }
             };
-            let Some(tx) = ctx.consent.get(owner) else { return Reply::error("no such peer") };
+            let Some(tx) = ctx.consent.get(owner) else {
+                return Reply::error("no such peer");
+            };
             let (reply, rx) = oneshot::channel();
-            if tx.send(ConsentCommand { cuid, mid, approve, reply }).await.is_err() {
+            if tx
+                .send(ConsentCommand {
+                    cuid,
+                    mid,
+                    approve,
+                    reply,
+                })
+                .await
+                .is_err()
+            {
                 return Reply::error("the peer's session task has stopped");
             }
             match rx.await {
-                Ok(Ok(())) => Reply::ok(serde_json::json!({ "decided": if approve { "approved" } else { "rejected" } })),
+                Ok(Ok(())) => Reply::ok(
+                    serde_json::json!({ "decided": if approve { "approved" } else { "rejected" } }),
+                ),
                 Ok(Err(e)) => Reply::error(e),
                 Err(_) => Reply::error("the peer's session task has stopped"),
             }
@@ -158,14 +204,20 @@ async fn answer(req: Request, ctx: &ControlContext) -> Reply {
 
 /// Sends one request to the agent at `socket` and returns its reply.
 pub async fn call(socket: &Path, req: &Request) -> Result<Reply> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("connecting to {} (is `dots-agent run` running?)", socket.display()))?;
+    let stream = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "connecting to {} (is `dots-agent run` running?)",
+            socket.display()
+        )
+    })?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     write.write_all(line.as_bytes()).await?;
     let mut lines = BufReader::new(read).lines();
-    let l = lines.next_line().await?.context("the agent closed the connection without answering")?;
+    let l = lines
+        .next_line()
+        .await?
+        .context("the agent closed the connection without answering")?;
     Ok(serde_json::from_str(&l)?)
 }

@@ -20,11 +20,24 @@ use crate::enforce::{Dataplane, EnforceError, Range, RateMeter, SlotCounters, Sl
 
 /// Which mitigation a slot serves. `peer` keeps equal cuids of different
 /// upstream peers apart.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct SlotKey {
     pub peer: usize,
     pub cuid: String,
     pub mid: u32,
+}
+
+/// One line of the slot table in the state file.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SlotRecord {
+    pub key: SlotKey,
+    pub slot: SlotId,
+    pub spec: SlotSpec,
+    pub carried_packets: u64,
+    pub carried_bytes: u64,
 }
 
 struct Entry {
@@ -165,6 +178,68 @@ impl SlotTable {
             pps: rates.pps,
             bps: rates.bps,
         })
+    }
+
+    /// The table, for the state file: a restarted agent re-adopts the same
+    /// slots, so the pinned maps need no change and drops never stop.
+    pub fn export(&self) -> Vec<SlotRecord> {
+        self.entries
+            .iter()
+            .map(|(k, e)| SlotRecord {
+                key: k.clone(),
+                slot: e.slot,
+                spec: e.spec.clone(),
+                carried_packets: e.carried.packets,
+                carried_bytes: e.carried.bytes,
+            })
+            .collect()
+    }
+
+    /// Re-adopts a table written by [`SlotTable::export`] and applies it.
+    /// Against the maps a previous run pinned this writes nothing; invalid
+    /// records (slot out of range, duplicate slot) are skipped and reported.
+    pub fn import(&mut self, records: Vec<SlotRecord>) -> Result<Vec<String>, EnforceError> {
+        let mut skipped = Vec::new();
+        for r in records {
+            let taken = self.entries.values().any(|e| e.slot == r.slot);
+            if usize::from(r.slot) >= MAX_SLOTS || taken {
+                skipped.push(format!("{:?}: slot {} unusable", r.key, r.slot));
+                continue;
+            }
+            let carried = SlotCounters {
+                packets: r.carried_packets,
+                bytes: r.carried_bytes,
+            };
+            self.entries.insert(
+                r.key,
+                Entry {
+                    slot: r.slot,
+                    spec: r.spec,
+                    carried,
+                    meter: RateMeter::default(),
+                },
+            );
+        }
+        self.next = self
+            .entries
+            .values()
+            .map(|e| usize::from(e.slot) + 1)
+            .max()
+            .unwrap_or(0);
+        self.dp.apply(&self.desired())?;
+        Ok(skipped)
+    }
+
+    /// Drops the entries of `peer` whose keys are not in `keep` (mitigations
+    /// that expired while the agent was down).
+    pub fn retain_peer(&mut self, peer: usize, keep: &[SlotKey]) -> Result<(), EnforceError> {
+        let before = self.entries.len();
+        self.entries
+            .retain(|k, _| k.peer != peer || keep.contains(k));
+        if self.entries.len() != before {
+            self.dp.apply(&self.desired())?;
+        }
+        Ok(())
     }
 
     /// The slot of `key`, if installed.

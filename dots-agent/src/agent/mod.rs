@@ -28,6 +28,9 @@ use crate::{
 };
 pub use enforcer::{SlotKey, SlotTable};
 
+/// Default state directory of the agent.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/dots-agent";
+
 /// Where a Call Home DOTS client is: a name or address, a port, optionally
 /// known addresses (from a redirect), and the reference identifier its
 /// certificate must carry.
@@ -131,6 +134,8 @@ pub struct AgentOptions {
     pub limits: Limits,
     /// Control socket for `dots-agent status`, `mitigations`, `approve`, `reject`.
     pub control: PathBuf,
+    /// Where the active mitigations are written, atomically, to survive a restart.
+    pub state_dir: PathBuf,
     /// How often counters are read and observers notified while a mitigation is active.
     pub notify_interval: std::time::Duration,
 }
@@ -171,7 +176,11 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             .map(|t| {
                 crate::enforce::Dataplane::attachments(t.dataplane().dir())
                     .into_iter()
-                    .map(|iface| crate::enforce::Attachment { pin: t.dataplane().dir().join(format!("link_{iface}")), iface, mode: "pinned" })
+                    .map(|iface| crate::enforce::Attachment {
+                        pin: t.dataplane().dir().join(format!("link_{iface}")),
+                        iface,
+                        mode: "pinned",
+                    })
                     .collect()
             })
             .unwrap_or_default(),
@@ -180,8 +189,24 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let view = Arc::new(Mutex::new(view::AgentView {
         monitor: opts.monitor,
         bpffs: opts.bpffs.clone(),
-        interfaces: attached.clone().into_iter().chain(interfaces.into_iter().filter(|a| !attached.iter().any(|b| b.iface == a.iface))).collect(),
-        peers: opts.peers.iter().map(|p| view::PeerStatus { peer: p.to_string(), state: "dialling".into(), ..Default::default() }).collect(),
+        interfaces: attached
+            .clone()
+            .into_iter()
+            .chain(
+                interfaces
+                    .into_iter()
+                    .filter(|a| !attached.iter().any(|b| b.iface == a.iface)),
+            )
+            .collect(),
+        peers: opts
+            .peers
+            .iter()
+            .map(|p| view::PeerStatus {
+                peer: p.to_string(),
+                state: "dialling".into(),
+                ..Default::default()
+            })
+            .collect(),
         mitigations: Default::default(),
     }));
     let mut consent_senders = Vec::new();
@@ -193,7 +218,13 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     }
     let control = control::bind(&opts.control)?;
     info!(socket = %opts.control.display(), "control socket ready");
-    tokio::spawn(control::serve(control, control::ControlContext { view: view.clone(), consent: consent_senders }));
+    tokio::spawn(control::serve(
+        control,
+        control::ControlContext {
+            view: view.clone(),
+            consent: consent_senders,
+        },
+    ));
     let server_config = ServerConfig {
         limits: opts.limits,
         domain: opts.domain.clone(),

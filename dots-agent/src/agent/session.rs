@@ -64,15 +64,30 @@ struct Shell {
 
 impl PeerTask {
     pub async fn run(self) {
-        let PeerTask { index, mut target, transports, mut dialer, server_config, enforcer, view, consent, mut seed } =
-            self;
-        let mut shell = Shell { peer: index, enforcer, view, consent };
+        let PeerTask {
+            index,
+            mut target,
+            transports,
+            mut dialer,
+            server_config,
+            enforcer,
+            view,
+            consent,
+            mut seed,
+        } = self;
+        let mut shell = Shell {
+            peer: index,
+            enforcer,
+            view,
+            consent,
+        };
         let now = Instant::now();
         // Until the first connection the endpoint talks to nobody: what it
         // would send is dropped.
-        let mut server = match endpoint(Transport::Udp, seed).map_err(|e| e.to_string()).and_then(|ep| {
-            SignalServer::new(now, ep, server_config).map_err(|e| e.to_string())
-        }) {
+        let mut server = match endpoint(Transport::Udp, seed)
+            .map_err(|e| e.to_string())
+            .and_then(|ep| SignalServer::new(now, ep, server_config).map_err(|e| e.to_string()))
+        {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "invalid signal configuration");
@@ -91,7 +106,12 @@ impl PeerTask {
             }
             shell.set_state(&target, "dialling", None);
             let enforcer = shell.enforcer.clone();
-            let dialled = shell.idle(&mut server, connect(&mut dialer, &target, &transports, enforcer.as_ref())).await;
+            let dialled = shell
+                .idle(
+                    &mut server,
+                    connect(&mut dialer, &target, &transports, enforcer.as_ref()),
+                )
+                .await;
             let conn = match dialled {
                 Ok(c) => c,
                 Err(e) => {
@@ -127,8 +147,12 @@ impl PeerTask {
             }
             let ended = shell.drive(&mut server, conn).await;
             match ended {
-                Ended::Lost => warn!(peer = %target, "session lost: no traffic from the peer; redialling"),
-                Ended::Closed(why) => warn!(peer = %target, reason = %why, "session closed; redialling"),
+                Ended::Lost => {
+                    warn!(peer = %target, "session lost: no traffic from the peer; redialling")
+                }
+                Ended::Closed(why) => {
+                    warn!(peer = %target, reason = %why, "session closed; redialling")
+                }
                 Ended::Redirect(r) => {
                     info!(alt = %r.alt_ch_client, records = ?r.alt_ch_client_record, ttl = ?r.ttl, "redirected");
                     target = PeerTarget {
@@ -137,7 +161,9 @@ impl PeerTask {
                         addrs: r.alt_ch_client_record.clone(),
                         name: Some(r.alt_ch_client.clone()),
                     };
-                    redirected_until = r.ttl.map(|t| Instant::now() + Duration::from_secs(u64::from(t)));
+                    redirected_until = r
+                        .ttl
+                        .map(|t| Instant::now() + Duration::from_secs(u64::from(t)));
                     continue; // dial the new peer at once
                 }
             }
@@ -154,8 +180,10 @@ async fn connect(
     enforcer: Option<&Arc<Mutex<SlotTable>>>,
 ) -> Result<Connection, TransportError> {
     let addrs = target.resolve().await;
-    let candidates: Vec<(SocketAddr, Transport)> =
-        addrs.iter().flat_map(|a| transports.iter().map(move |t| (*a, *t))).collect();
+    let candidates: Vec<(SocketAddr, Transport)> = addrs
+        .iter()
+        .flat_map(|a| transports.iter().map(move |t| (*a, *t)))
+        .collect();
     if let Some(e) = enforcer {
         let ips: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
         if let Ok(mut t) = e.lock() {
@@ -167,7 +195,10 @@ async fn connect(
     dialer.dial(&candidates, &target.identity()).await
 }
 
-fn endpoint(transport: Transport, seed: u64) -> Result<Box<dyn Endpoint + Send>, dots_proto::coap::CoapError> {
+fn endpoint(
+    transport: Transport,
+    seed: u64,
+) -> Result<Box<dyn Endpoint + Send>, dots_proto::coap::CoapError> {
     Ok(match transport {
         Transport::Udp => Box::new(DatagramEndpoint::new(DatagramConfig::default(), seed)?),
         Transport::Tcp => Box::new(StreamEndpoint::new(StreamConfig::default(), seed)?),
@@ -175,7 +206,9 @@ fn endpoint(transport: Transport, seed: u64) -> Result<Box<dyn Endpoint + Send>,
 }
 
 fn deadline(server: &Server) -> Instant {
-    server.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+    server
+        .poll_timeout()
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
 }
 
 impl Shell {
@@ -249,10 +282,16 @@ impl Shell {
 
     fn decide(&mut self, server: &mut Server, cmd: ConsentCommand) {
         let key = MitigationKey::new(cmd.cuid.clone(), cmd.mid);
-        let result = server.consent(Instant::now(), &key, cmd.approve).map_err(|e| e.to_string());
+        let result = server
+            .consent(Instant::now(), &key, cmd.approve)
+            .map_err(|e| e.to_string());
         match &result {
-            Ok(()) => info!(cuid = %cmd.cuid, mid = cmd.mid, approved = cmd.approve, "operator decided"),
-            Err(e) => warn!(cuid = %cmd.cuid, mid = cmd.mid, error = %e, "consent decision refused"),
+            Ok(()) => {
+                info!(cuid = %cmd.cuid, mid = cmd.mid, approved = cmd.approve, "operator decided")
+            }
+            Err(e) => {
+                warn!(cuid = %cmd.cuid, mid = cmd.mid, error = %e, "consent decision refused")
+            }
         }
         let _ = cmd.reply.send(result);
     }
@@ -299,7 +338,11 @@ impl Shell {
     }
 
     fn slot_key(&self, key: &MitigationKey) -> SlotKey {
-        SlotKey { peer: self.peer, cuid: key.cuid.clone(), mid: key.mid }
+        SlotKey {
+            peer: self.peer,
+            cuid: key.cuid.clone(),
+            mid: key.mid,
+        }
     }
 
     /// Carries out one action of the signal layer; returns how the session
@@ -313,7 +356,10 @@ impl Shell {
                     Some(e) => e
                         .lock()
                         .map_err(|_| "slot table poisoned".to_string())
-                        .and_then(|mut t| t.install(&self.slot_key(&key), spec).map_err(|e| e.to_string())),
+                        .and_then(|mut t| {
+                            t.install(&self.slot_key(&key), spec)
+                                .map_err(|e| e.to_string())
+                        }),
                     None => Err("no data plane".to_string()),
                 };
                 match result {
@@ -331,12 +377,24 @@ impl Shell {
             Action::Remove { key } => {
                 if let Some(e) = &self.enforcer {
                     if let Ok(mut t) = e.lock() {
-                        match t.remove(&self.slot_key(&key)) {
+                        let slot = self.slot_key(&key);
+                        // Rates as last measured; totals as removed.
+                        let rates = t.counters(&slot, now).unwrap_or_default();
+                        match t.remove(&slot) {
                             Ok(Some(c)) => {
-                                info!(cuid = %key.cuid, mid = key.mid, packets = c.packets, bytes = c.bytes, "mitigation removed")
+                                info!(cuid = %key.cuid, mid = key.mid, packets = c.packets, bytes = c.bytes, "mitigation removed");
+                                // A waiting DELETE is answered with these final counters.
+                                let last = dots_proto::signal::Counters {
+                                    pkts: c.packets,
+                                    bytes: c.bytes,
+                                    ..rates
+                                };
+                                server.removed(now, &key, last);
                             }
                             Ok(None) => {}
-                            Err(err) => warn!(cuid = %key.cuid, mid = key.mid, error = %err, "removing the mitigation failed"),
+                            Err(err) => {
+                                warn!(cuid = %key.cuid, mid = key.mid, error = %err, "removing the mitigation failed")
+                            }
                         }
                     }
                 }
@@ -344,7 +402,10 @@ impl Shell {
             Action::QueryCounters { keys } => {
                 if let Some(e) = &self.enforcer {
                     for key in keys {
-                        let c = e.lock().ok().and_then(|mut t| t.counters(&self.slot_key(&key), now));
+                        let c = e
+                            .lock()
+                            .ok()
+                            .and_then(|mut t| t.counters(&self.slot_key(&key), now));
                         if let Some(c) = c {
                             let _ = server.counters(now, &key, c);
                         }
@@ -359,7 +420,12 @@ impl Shell {
             Action::ConsentTimedOut { key, approved } => {
                 info!(cuid = %key.cuid, mid = key.mid, approved, "consent timeout decided the pending mitigation");
             }
-            Action::Rejected { cuid, mid, code, diagnostic } => {
+            Action::Rejected {
+                cuid,
+                mid,
+                code,
+                diagnostic,
+            } => {
                 warn!(cuid = cuid.as_deref().unwrap_or("-"), mid = ?mid, %code, %diagnostic, "request refused");
             }
             Action::Monitored { key, request } => {

@@ -82,11 +82,23 @@ impl MitigationView {
             .into(),
             status: m.status().code() as u8,
             sources: s.source_prefix.iter().map(ToString::to_string).collect(),
-            source_ports: s.source_port_range.iter().map(|r| range(r.lower, r.upper)).collect(),
-            icmp_types: s.source_icmp_type_range.iter().map(|r| range(r.lower, r.upper)).collect(),
+            source_ports: s
+                .source_port_range
+                .iter()
+                .map(|r| range(r.lower, r.upper))
+                .collect(),
+            icmp_types: s
+                .source_icmp_type_range
+                .iter()
+                .map(|r| range(r.lower, r.upper))
+                .collect(),
             targets: s.target_prefix.iter().map(ToString::to_string).collect(),
             protocols: s.target_protocol.clone(),
-            target_ports: s.target_port_range.iter().map(|r| range(r.lower, r.upper)).collect(),
+            target_ports: s
+                .target_port_range
+                .iter()
+                .map(|r| range(r.lower, r.upper))
+                .collect(),
             lifetime_left: m.remaining(now),
             packets: c.pkts,
             bytes: c.bytes,
@@ -117,7 +129,10 @@ impl AgentView {
     ) {
         self.mitigations.retain(|(p, _, _), _| *p != peer);
         for (k, m) in table {
-            self.mitigations.insert((peer, k.cuid.clone(), k.mid), MitigationView::new(peer, k, m, now));
+            self.mitigations.insert(
+                (peer, k.cuid.clone(), k.mid),
+                MitigationView::new(peer, k, m, now),
+            );
         }
     }
 
@@ -127,7 +142,9 @@ impl AgentView {
             .iter()
             .cloned()
             .map(|mut p| {
-                p.silent_for = p.last_rx.map(|t| now.saturating_duration_since(t).as_secs());
+                p.silent_for = p
+                    .last_rx
+                    .map(|t| now.saturating_duration_since(t).as_secs());
                 p
             })
             .collect()
@@ -135,5 +152,8 @@ impl AgentView {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

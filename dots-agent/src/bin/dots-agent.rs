@@ -41,7 +41,7 @@ enum Command {
     /// Example (enforcing on eth1):
     ///   dots-agent run --peer 198.51.100.1 --peer-name isp.example --ca ca.pem \
     ///     --cert agent.pem --key agent.key --domain 192.0.2.0/24 --lan eth1
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the running agent: peers and session state, heartbeat health,
     /// attached interfaces and XDP mode, monitor mode.
     Status(ControlArgs),
@@ -112,6 +112,9 @@ struct RunArgs {
     /// Control socket for `dots-agent status`, `mitigations`, `approve`, `reject`.
     #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
     control: PathBuf,
+    /// Where the active mitigations are kept across restarts.
+    #[arg(long, default_value = agent::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
     /// Seconds between counter updates (and Observe notifications) of active
     /// mitigations.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
@@ -191,7 +194,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Status(a) => show(&a, control::Request::Status),
         Command::Mitigations(a) => show(&a, control::Request::Mitigations),
         Command::Approve(a) => consent(&a, true),
@@ -237,6 +240,7 @@ fn run(a: RunArgs) -> Result<()> {
         never_block: a.never_block,
         limits: Limits::default(),
         control: a.control,
+        state_dir: a.state_dir,
         notify_interval: std::time::Duration::from_secs(a.notify_interval),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -246,10 +250,15 @@ fn run(a: RunArgs) -> Result<()> {
 }
 
 fn ask(socket: &std::path::Path, req: &control::Request) -> Result<control::Reply> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let reply = rt.block_on(control::call(socket, req))?;
     if !reply.ok {
-        anyhow::bail!("{}", reply.error.unwrap_or_else(|| "the agent refused".into()));
+        anyhow::bail!(
+            "{}",
+            reply.error.unwrap_or_else(|| "the agent refused".into())
+        );
     }
     Ok(reply)
 }
@@ -268,20 +277,55 @@ fn show(a: &ControlArgs, req: control::Request) -> Result<()> {
 }
 
 fn print_status(b: &serde_json::Value) {
-    let mode = if b["monitor"].as_bool().unwrap_or(false) { "monitor (nothing is installed)" } else { "enforcing" };
+    let mode = if b["monitor"].as_bool().unwrap_or(false) {
+        "monitor (nothing is installed)"
+    } else {
+        "enforcing"
+    };
     println!("mode:        {mode}");
     println!("bpffs:       {}", b["bpffs"].as_str().unwrap_or("-"));
     let ifaces: Vec<String> = b["interfaces"]
         .as_array()
-        .map(|a| a.iter().map(|i| format!("{} ({})", i["iface"].as_str().unwrap_or("?"), i["mode"].as_str().unwrap_or("?"))).collect())
+        .map(|a| {
+            a.iter()
+                .map(|i| {
+                    format!(
+                        "{} ({})",
+                        i["iface"].as_str().unwrap_or("?"),
+                        i["mode"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default();
-    println!("interfaces:  {}", if ifaces.is_empty() { "(none)".into() } else { ifaces.join(", ") });
+    println!(
+        "interfaces:  {}",
+        if ifaces.is_empty() {
+            "(none)".into()
+        } else {
+            ifaces.join(", ")
+        }
+    );
     println!("mitigations: {}", b["mitigations"]);
     for (i, p) in b["peers"].as_array().into_iter().flatten().enumerate() {
-        let silent = p["silent_for"].as_u64().map(|s| format!(", last heard {s}s ago")).unwrap_or_default();
-        let transport = p["transport"].as_str().map(|t| format!(" over {t}")).unwrap_or_default();
-        let resumed = if p["resumed"].as_bool().unwrap_or(false) { " (resumed)" } else { "" };
-        println!("peer {i}:      {} {}{transport}{resumed}{silent}", p["peer"].as_str().unwrap_or("?"), p["state"].as_str().unwrap_or("?"));
+        let silent = p["silent_for"]
+            .as_u64()
+            .map(|s| format!(", last heard {s}s ago"))
+            .unwrap_or_default();
+        let transport = p["transport"]
+            .as_str()
+            .map(|t| format!(" over {t}"))
+            .unwrap_or_default();
+        let resumed = if p["resumed"].as_bool().unwrap_or(false) {
+            " (resumed)"
+        } else {
+            ""
+        };
+        println!(
+            "peer {i}:      {} {}{transport}{resumed}{silent}",
+            p["peer"].as_str().unwrap_or("?"),
+            p["state"].as_str().unwrap_or("?")
+        );
         if let Some(e) = p["last_error"].as_str() {
             println!("             last error: {e}");
         }
@@ -296,7 +340,14 @@ fn print_mitigations(b: &serde_json::Value) {
     }
     for m in list {
         let join = |k: &str| {
-            m[k].as_array().map(|a| a.iter().map(|v| v.to_string().trim_matches('"').to_string()).collect::<Vec<_>>().join(",")).unwrap_or_default()
+            m[k].as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|v| v.to_string().trim_matches('"').to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default()
         };
         let lifetime = match m["lifetime_left"].as_i64() {
             Some(-1) => "indefinite".to_string(),
@@ -324,7 +375,10 @@ fn print_mitigations(b: &serde_json::Value) {
             }
         }
         println!("{scope}");
-        println!("  dropped {} packets, {} bytes; now {} pps, {} bps", m["packets"], m["bytes"], m["pps"], m["bps"]);
+        println!(
+            "  dropped {} packets, {} bytes; now {} pps, {} bps",
+            m["packets"], m["bytes"], m["pps"], m["bps"]
+        );
     }
 }
 
@@ -333,9 +387,25 @@ fn consent(a: &ConsentArgs, approve: bool) -> Result<()> {
         .which
         .rsplit_once('/')
         .and_then(|(c, m)| Some((c.to_string(), m.parse::<u32>().ok()?)))
-        .with_context(|| format!("{:?}: expected CUID/MID, e.g. dz6pHjaADkaFTbjreJGBpw/56", a.which))?;
-    ask(&a.control, &control::Request::Consent { cuid: cuid.clone(), mid, approve, peer: a.peer })?;
-    println!("{cuid}/{mid} {}", if approve { "approved" } else { "rejected" });
+        .with_context(|| {
+            format!(
+                "{:?}: expected CUID/MID, e.g. dz6pHjaADkaFTbjreJGBpw/56",
+                a.which
+            )
+        })?;
+    ask(
+        &a.control,
+        &control::Request::Consent {
+            cuid: cuid.clone(),
+            mid,
+            approve,
+            peer: a.peer,
+        },
+    )?;
+    println!(
+        "{cuid}/{mid} {}",
+        if approve { "approved" } else { "rejected" }
+    );
     Ok(())
 }
 

@@ -11,7 +11,9 @@ use super::EnforceError;
 pub type SlotId = u16;
 
 /// An inclusive range of ports or ICMP types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Range<T> {
     pub lower: T,
     pub upper: T,
@@ -50,7 +52,8 @@ impl<T: fmt::Display + PartialEq> fmt::Display for Range<T> {
 /// an empty list means "any value". Source ports only match port-carrying
 /// packets (TCP, UDP, SCTP, DCCP) and ICMP types only ICMP/ICMPv6 packets;
 /// a slot with both matches either kind.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct SlotSpec {
     pub sources: Vec<IpNet>,
     pub source_ports: Vec<Range<u16>>,

@@ -1,6 +1,8 @@
 //! What the server role asks its I/O shell to do, and the data-plane
 //! results the shell hands back.
 
+use serde::{Deserialize, Serialize};
+
 use crate::model::{RedirectedSignal, ValidatedRequest};
 
 /// Identifies one mitigation: the client's cuid and its mitigation id.
@@ -20,7 +22,7 @@ impl MitigationKey {
 }
 
 /// Drop counters of one mitigation as measured by the data plane.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     pub pkts: u64,
     pub bytes: u64,
@@ -31,8 +33,8 @@ pub struct Counters {
 
 /// A side effect the server role wants performed. The shell reports the
 /// outcome through [`super::SignalServer::installed`],
-/// [`super::SignalServer::install_failed`], [`super::SignalServer::counters`]
-/// and [`super::SignalServer::consent`].
+/// [`super::SignalServer::install_failed`], [`super::SignalServer::counters`],
+/// [`super::SignalServer::removed`] and [`super::SignalServer::consent`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Enforce `request` (creating or replacing the entry under `key`).
@@ -40,7 +42,9 @@ pub enum Action {
         key: MitigationKey,
         request: ValidatedRequest,
     },
-    /// Stop enforcing `key`.
+    /// Stop enforcing `key`. The shell then reports the final counters
+    /// through [`super::SignalServer::removed`]: a DELETE is answered with
+    /// them (see the `server` module documentation).
     Remove { key: MitigationKey },
     /// Report the counters of these enforced mitigations.
     QueryCounters { keys: Vec<MitigationKey> },
@@ -48,6 +52,21 @@ pub enum Action {
     AskConsent {
         key: MitigationKey,
         request: ValidatedRequest,
+    },
+    /// The consent timeout ([`super::ServerConfig::consent_timeout`])
+    /// decided a pending request: an approval is followed by
+    /// [`Action::Install`], a rejection ended it (conflict-cause 4).
+    ConsentTimedOut { key: MitigationKey, approved: bool },
+    /// A peer request was refused with an error answer (validation,
+    /// domain, limits, Content-Format, unknown mitigation, ...), or a
+    /// restored record no longer passes validation: for the log.
+    /// `cuid`/`mid` are those of the Uri-Path when it named them; `code`
+    /// is the CoAP code as text ("4.00") and `diagnostic` the text sent.
+    Rejected {
+        cuid: Option<String>,
+        mid: Option<u32>,
+        code: String,
+        diagnostic: String,
     },
     /// Monitor mode: the request was accepted and must only be logged.
     Monitored {

@@ -15,6 +15,14 @@ pub enum SignalError {
     /// The configuration itself is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A persisted record could not be read back (see
+    /// [`super::SignalServer::restore`]); nothing was restored.
+    #[error("cannot restore mitigation cuid={cuid} mid={mid}: {reason}")]
+    Restore {
+        cuid: String,
+        mid: u32,
+        reason: String,
+    },
     /// All 2^32 mitigation ids of this cuid are used up.
     #[error("mitigation ids exhausted")]
     MidsExhausted,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 
 use super::action::{Counters, MitigationKey};
 use crate::model::{
@@ -13,7 +14,10 @@ use crate::model::{
 
 /// Where a mitigation stands. Only [`Phase::Active`] reports status 2:
 /// that phase is entered on the data plane's `installed` result alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Serialized (in [`super::MitigationRecord`]) as `awaiting-consent`,
+/// `installing`, `active`, `monitoring`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Phase {
     /// Waiting for the operator (consent = require).
     AwaitingConsent,
@@ -36,7 +40,11 @@ pub struct Mitigation {
     pub attack_status: Option<AttackStatus>,
     /// `None` for an indefinite lifetime.
     pub expires: Option<Instant>,
+    /// When the entry entered its current phase (for consent, its age).
+    pub(crate) since: Instant,
     pub(crate) last_notified: Instant,
+    /// A periodic notification waits for the counters just queried.
+    pub(crate) counters_due: bool,
 }
 
 impl Mitigation {
@@ -47,7 +55,21 @@ impl Mitigation {
             phase,
             counters: None,
             attack_status: None,
+            since: now,
             last_notified: now,
+            counters_due: false,
+        }
+    }
+
+    /// When the entry entered its current phase.
+    pub fn phase_since(&self) -> Instant {
+        self.since
+    }
+
+    pub(crate) fn set_phase(&mut self, now: Instant, phase: Phase) {
+        if self.phase != phase {
+            self.phase = phase;
+            self.since = now;
         }
     }
 
@@ -162,26 +184,51 @@ pub(crate) fn same_scope(a: &Scope, b: &Scope) -> bool {
 }
 
 /// All mitigations, ordered by key so iteration is deterministic.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Mitigations {
     map: BTreeMap<MitigationKey, Mitigation>,
+    revision: u64,
 }
 
+/// Equal when the entries are (the revision is bookkeeping).
+impl PartialEq for Mitigations {
+    fn eq(&self, other: &Self) -> bool {
+        self.map == other.map
+    }
+}
+
+impl Eq for Mitigations {}
+
 impl Mitigations {
+    /// Grows whenever an entry may have changed (added, removed or
+    /// touched), so a shell persisting [`super::SignalServer::snapshot`]
+    /// can skip writes while it stays the same. It may grow without a
+    /// visible change; it never stays the same across one.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
     pub fn get(&self, key: &MitigationKey) -> Option<&Mitigation> {
         self.map.get(key)
     }
 
     pub(crate) fn get_mut(&mut self, key: &MitigationKey) -> Option<&mut Mitigation> {
+        self.revision += 1;
         self.map.get_mut(key)
     }
 
     pub(crate) fn insert(&mut self, key: MitigationKey, m: Mitigation) {
+        self.revision += 1;
         self.map.insert(key, m);
     }
 
     pub(crate) fn remove(&mut self, key: &MitigationKey) -> Option<Mitigation> {
+        self.revision += 1;
         self.map.remove(key)
+    }
+
+    pub(crate) fn contains(&self, key: &MitigationKey) -> bool {
+        self.map.contains_key(key)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -4,7 +4,8 @@
 //! * [`SignalServer`]: the agent, Call Home DOTS server and CoAP server.
 //!   It answers the peer, keeps mitigations per (cuid, mid), and emits
 //!   [`Action`]s (install, remove, query counters, ask consent, redirect,
-//!   session lost) whose results come back through its methods.
+//!   session lost, rejected requests) whose results come back through its
+//!   methods. Its mitigations persist as [`MitigationRecord`]s.
 //! * [`SignalClient`]: `dots-client`, Call Home DOTS client and CoAP
 //!   client: requests, mids, answers and notifications as [`ClientEvent`]s.
 //!
@@ -17,6 +18,7 @@ mod client;
 mod error;
 mod heartbeat;
 mod mitigation;
+mod persist;
 mod server;
 mod session;
 
@@ -27,5 +29,6 @@ pub use action::{Action, Counters, MitigationKey};
 pub use client::{Body, ClientConfig, ClientEvent, RequestKind, SignalClient};
 pub use error::SignalError;
 pub use mitigation::{overlaps, Mitigation, Mitigations, Phase};
-pub use server::{ConsentMode, EnforcementMode, ServerConfig, SignalServer};
+pub use persist::MitigationRecord;
+pub use server::{ConsentMode, EnforcementMode, PendingConsent, ServerConfig, SignalServer};
 pub use session::{ParamRange, PutOutcome, SessionConfig, SessionParams, SessionPolicy};

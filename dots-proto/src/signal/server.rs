@@ -16,8 +16,32 @@
 //!   (the older is removed before the newer is installed); a lower mid
 //!   overlapping a newer one is refused with 4.09;
 //! * too many mitigations for one cuid is 4.22, like other size limits;
-//! * expiry and withdrawal notify observers with status 6; DELETE answers
-//!   2.02 with the last counters the data plane reported;
+//! * expiry and withdrawal notify observers with status 6 and remove the
+//!   drops at once ([`Action::Remove`] queued in the same call);
+//! * DELETE of an enforced mitigation is answered once the data plane has
+//!   removed it: [`Action::Remove`] is queued, the shell removes the drops,
+//!   reads the final counters and calls [`SignalServer::removed`], which
+//!   sends 2.02 with exactly those. If the shell does not call it within
+//!   [`ServerConfig::counters_wait`] (default 1 s, below CoAP's 2 s
+//!   ACK_TIMEOUT so the peer does not retransmit meanwhile), 2.02 goes out
+//!   with the last counters reported (at most one `notify_period` old).
+//!   A zero `counters_wait` answers at once (the earlier behaviour). A
+//!   retransmitted DELETE arriving meanwhile is absorbed by the endpoint's
+//!   deduplication; answers still waiting at [`SignalServer::reconnect`]
+//!   are dropped with the old connection;
+//! * periodic notifications of active mitigations wait for the counters
+//!   queried at the same tick (up to `counters_wait`, at most half a
+//!   period), so each period sends one notification with fresh counters
+//!   rather than a stale one followed by a fresh one;
+//! * consent (RFC 9066 §5.3.1): a request awaiting consent is listed by
+//!   [`SignalServer::pending`]; with [`ServerConfig::consent_timeout`] set,
+//!   a request pending that long is approved or rejected as
+//!   [`ServerConfig::consent_timeout_approves`] says
+//!   ([`Action::ConsentTimedOut`] tells the shell);
+//! * every error answer to a peer request also queues [`Action::Rejected`]
+//!   (code and diagnostic as sent) for the shell's log;
+//! * persistence: [`SignalServer::snapshot`] / [`SignalServer::restore`],
+//!   see [`SignalServer::restore`] for what a restored entry looks like;
 //! * an efficacy update only records `attack-status`, it does not refresh
 //!   the lifetime;
 //! * `mitigation-start` is never sent: there is no wall clock in here.
@@ -32,11 +56,12 @@ use super::action::{Action, Counters, MitigationKey};
 use super::error::SignalError;
 use super::heartbeat::{self, Heartbeats};
 use super::mitigation::{same_scope, with_counters, Mitigation, Mitigations, Phase};
+use super::persist::MitigationRecord;
 use super::session::{PutOutcome, SessionConfig, SessionParams, SessionPolicy};
 use crate::coap::{msg, Delivery, DotsResource, Endpoint, ErrorResponse, Event, RequestId, Token};
 use crate::model::{
-    prefixes_within, validate_call_home_request, ConflictCause, ConflictInformation, DotsMessage,
-    Limits, MitigationScope, MitigationStatus, MitigationUri, RedirectedSignal, Scope,
+    prefixes_within, validate_call_home_request, AttackStatus, ConflictCause, ConflictInformation,
+    DotsMessage, Limits, MitigationScope, MitigationStatus, MitigationUri, RedirectedSignal, Scope,
     SignalConfig, ValidatedRequest, ValidationError,
 };
 
@@ -72,6 +97,15 @@ pub struct ServerConfig {
     pub notify_delivery: Delivery,
     /// Whether a redirect PUT is honoured (4.00 otherwise).
     pub allow_redirect: bool,
+    /// How long a request may wait for consent before the timeout decides
+    /// it; `None` waits for the operator (or the end of its lifetime).
+    pub consent_timeout: Option<Duration>,
+    /// What the consent timeout decides: approve (`true`) or reject.
+    pub consent_timeout_approves: bool,
+    /// How long data-plane results are waited for before answering with
+    /// the last known ones: final counters of a DELETE, fresh counters
+    /// for a periodic notification. Zero: never wait.
+    pub counters_wait: Duration,
 }
 
 impl Default for ServerConfig {
@@ -86,8 +120,42 @@ impl Default for ServerConfig {
             notify_period: Duration::from_secs(30),
             notify_delivery: Delivery::NonConfirmable,
             allow_redirect: true,
+            consent_timeout: None,
+            consent_timeout_approves: false,
+            counters_wait: Duration::from_secs(1),
         }
     }
+}
+
+/// A request awaiting the operator's consent, as [`SignalServer::pending`]
+/// lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingConsent {
+    pub key: MitigationKey,
+    pub request: ValidatedRequest,
+    /// Time since the request started waiting.
+    pub age: Duration,
+    /// Time until the consent timeout decides it, if one is configured.
+    pub decided_in: Option<Duration>,
+}
+
+/// A DELETE answer waiting for the final counters.
+#[derive(Debug, Clone)]
+struct PendingDelete {
+    id: RequestId,
+    key: MitigationKey,
+    /// Used when the shell does not report final counters in time.
+    last: Option<Counters>,
+    deadline: Instant,
+}
+
+/// What handling one request produced besides the answer.
+#[derive(Debug, Default)]
+struct Reply {
+    /// The answer registers this observer (GET + Observe 0).
+    observe: Option<ObserveTarget>,
+    /// The answer waits for [`SignalServer::removed`].
+    defer: Option<(MitigationKey, Option<Counters>)>,
 }
 
 /// What an observer watches: one mitigation or all of a cuid.
@@ -128,6 +196,15 @@ fn scopes_response(code: ResponseType, scopes: Vec<Scope>) -> Packet {
     msg::cbor_response(code, MitigationScope { scopes }.encode())
 }
 
+/// 2.02 to a DELETE, with the final counters when known.
+fn deleted_response(mid: u32, counters: Option<Counters>) -> Packet {
+    let last = Scope {
+        mid: Some(mid),
+        ..Scope::default()
+    };
+    scopes_response(ResponseType::Deleted, vec![with_counters(last, counters)])
+}
+
 /// The Call Home DOTS server state machine over one connection at a time.
 pub struct SignalServer<E> {
     ep: E,
@@ -142,6 +219,10 @@ pub struct SignalServer<E> {
     /// Session declared lost, or closing after a redirect: no heartbeats.
     down: bool,
     actions: VecDeque<Action>,
+    /// DELETE answers waiting for final counters, oldest first.
+    deletes: Vec<PendingDelete>,
+    /// Periodic notifications waiting for counters go out by then anyway.
+    counters_due_by: Option<Instant>,
 }
 
 impl<E: Endpoint> SignalServer<E> {
@@ -150,6 +231,11 @@ impl<E: Endpoint> SignalServer<E> {
         config.session.validate().map_err(SignalError::Config)?;
         if config.notify_period.is_zero() {
             return Err(SignalError::Config("notify_period must be positive".into()));
+        }
+        if config.consent_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(SignalError::Config(
+                "consent_timeout must be positive".into(),
+            ));
         }
         let session = SessionConfig::new(config.session);
         let applied = session.active(false);
@@ -164,6 +250,8 @@ impl<E: Endpoint> SignalServer<E> {
             observers: BTreeMap::new(),
             down: false,
             actions: VecDeque::new(),
+            deletes: Vec::new(),
+            counters_due_by: None,
         };
         server.ep.set_params(applied.transmission())?;
         Ok(server)
@@ -171,10 +259,12 @@ impl<E: Endpoint> SignalServer<E> {
 
     /// Continues on a new connection after [`Action::SessionLost`] or a
     /// redirect; mitigations survive, observers (bound to the old
-    /// connection) do not. Returns the old endpoint.
+    /// connection) do not, nor do DELETE answers still waiting for final
+    /// counters. Returns the old endpoint.
     pub fn reconnect(&mut self, now: Instant, ep: E) -> Result<E, SignalError> {
         let old = std::mem::replace(&mut self.ep, ep);
         self.observers.clear();
+        self.deletes.clear();
         self.down = false;
         self.hb = Heartbeats::new(now, self.applied.heartbeat_interval());
         self.ep.set_params(self.applied.transmission())?;
@@ -209,6 +299,9 @@ impl<E: Endpoint> SignalServer<E> {
             self.ep.poll_timeout(),
             self.mitigations.next_expiry(),
             Some(self.next_tick),
+            self.next_consent_deadline(),
+            self.deletes.iter().map(|d| d.deadline).min(),
+            self.counters_due_by,
         ];
         if !self.down {
             t[2] = t[2].min(Some(self.hb.next_send()));
@@ -232,6 +325,14 @@ impl<E: Endpoint> SignalServer<E> {
         for key in self.mitigations.expired(now) {
             self.end(now, &key, MitigationStatus::Terminated, None);
         }
+        self.consent_timeouts(now);
+        self.late_deletes(now);
+        if self.counters_due_by.is_some_and(|t| t <= now) {
+            self.counters_due_by = None;
+            for key in self.mitigations.keys_where(|m| m.counters_due) {
+                self.notify(now, &key);
+            }
+        }
         if now >= self.next_tick {
             self.tick(now);
         }
@@ -247,7 +348,7 @@ impl<E: Endpoint> SignalServer<E> {
     pub fn installed(&mut self, now: Instant, key: &MitigationKey) -> Result<(), SignalError> {
         let m = self.entry(key)?;
         if m.phase == Phase::Installing {
-            m.phase = Phase::Active;
+            m.set_phase(now, Phase::Active);
             self.notify(now, key);
         }
         Ok(())
@@ -262,7 +363,8 @@ impl<E: Endpoint> SignalServer<E> {
         Ok(())
     }
 
-    /// Fresh counters for `key`; observers are notified when they changed.
+    /// Fresh counters for `key`; observers are notified when they changed,
+    /// or when a periodic notification was waiting for them.
     pub fn counters(
         &mut self,
         now: Instant,
@@ -270,11 +372,46 @@ impl<E: Endpoint> SignalServer<E> {
         counters: Counters,
     ) -> Result<(), SignalError> {
         let m = self.entry(key)?;
-        if m.counters != Some(counters) {
+        if m.counters != Some(counters) || m.counters_due {
             m.counters = Some(counters);
             self.notify(now, key);
         }
         Ok(())
+    }
+
+    /// The data plane performed [`Action::Remove`] for `key` and these are
+    /// its final counters. When a DELETE of `key` waits for them, it is
+    /// answered now, 2.02 with `final_counters`, and `true` is returned.
+    /// Otherwise (expiry, supersession, late call after the fallback
+    /// answer) nothing happens and the result is `false`: calling this
+    /// after every `Remove` is always fine.
+    pub fn removed(&mut self, now: Instant, key: &MitigationKey, final_counters: Counters) -> bool {
+        let Some(pos) = self.deletes.iter().position(|d| d.key == *key) else {
+            return false;
+        };
+        let d = self.deletes.remove(pos);
+        self.answer_delete(now, d.id, key.mid, Some(final_counters));
+        true
+    }
+
+    /// Requests awaiting the operator's consent, oldest first.
+    pub fn pending(&self, now: Instant) -> Vec<PendingConsent> {
+        let mut v: Vec<PendingConsent> = self
+            .mitigations
+            .iter()
+            .filter(|(_, m)| m.phase == Phase::AwaitingConsent)
+            .map(|(k, m)| PendingConsent {
+                key: k.clone(),
+                request: m.request.clone(),
+                age: now.saturating_duration_since(m.since),
+                decided_in: self
+                    .config
+                    .consent_timeout
+                    .map(|t| (m.since + t).saturating_duration_since(now)),
+            })
+            .collect();
+        v.sort_by(|a, b| b.age.cmp(&a.age).then_with(|| a.key.cmp(&b.key)));
+        v
     }
 
     /// The operator's answer to [`Action::AskConsent`].
@@ -289,7 +426,7 @@ impl<E: Endpoint> SignalServer<E> {
             return Ok(());
         }
         if approved {
-            m.phase = Phase::Installing;
+            m.set_phase(now, Phase::Installing);
             let request = m.request.clone();
             self.actions.push_back(Action::Install {
                 key: key.clone(),
@@ -304,6 +441,119 @@ impl<E: Endpoint> SignalServer<E> {
             self.apply_session(now);
         }
         Ok(())
+    }
+
+    // ---- persistence ----
+
+    /// The mitigations as records to persist (see [`MitigationRecord`]),
+    /// lifetimes counted at `now`. Entries whose lifetime is over are left
+    /// out. [`Mitigations::revision`] tells when a new snapshot is worth
+    /// writing.
+    pub fn snapshot(&self, now: Instant) -> Vec<MitigationRecord> {
+        self.mitigations
+            .iter()
+            .filter_map(|(k, m)| MitigationRecord::of(now, k, m))
+            .collect()
+    }
+
+    /// Re-creates persisted mitigations, their remaining lifetime counted
+    /// from `now`; returns the keys restored, in key order.
+    ///
+    /// * Every record is decoded first: one that cannot be read fails the
+    ///   whole call ([`SignalError::Restore`]) and nothing changes.
+    /// * Expired records are skipped, and so are keys already present (the
+    ///   live state wins).
+    /// * Each request is validated again against the current
+    ///   configuration (limits, domain; a lifetime above today's
+    ///   `max_lifetime` is shortened to it); one that no longer passes is
+    ///   not restored and an [`Action::Rejected`] says why.
+    /// * Phases: `active` and `installing` come back as
+    ///   [`Phase::Installing`] with an [`Action::Install`] queued. The
+    ///   data plane may still hold the drops (pinned maps), so the shell
+    ///   must treat an identical re-install as a no-op (the agent's slot
+    ///   table does) and confirm with [`Self::installed`] — status 2 then
+    ///   again comes from the data plane alone. `awaiting-consent` stays
+    ///   pending with its age (the consent timeout goes on counting) and an
+    ///   [`Action::AskConsent`] is queued again for the operator;
+    ///   `monitoring` stays as it is with no action. In monitor mode every
+    ///   record comes back as [`Phase::Monitoring`] and nothing is
+    ///   installed.
+    /// * Last counters and `attack-status` are kept; observers are not
+    ///   notified (a restored server has none yet).
+    pub fn restore(
+        &mut self,
+        now: Instant,
+        records: Vec<MitigationRecord>,
+    ) -> Result<Vec<MitigationKey>, SignalError> {
+        let decoded = records
+            .into_iter()
+            .map(|r| r.scope().map(|scope| (r, scope)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut keys = Vec::new();
+        for (r, scope) in decoded {
+            let key = r.key();
+            if r.expired() || self.mitigations.contains(&key) {
+                continue;
+            }
+            let body = MitigationScope {
+                scopes: vec![Scope {
+                    lifetime: Some(r.remaining),
+                    ..scope
+                }],
+            };
+            let uri = MitigationUri {
+                cdid: r.cdid.clone(),
+                cuid: Some(r.cuid.clone()),
+                mid: Some(r.mid.to_string()),
+            };
+            let checked =
+                validate_call_home_request(&body, &uri, &self.config.limits).and_then(|req| {
+                    prefixes_within(&req.scope.source_prefix, &self.config.domain)?;
+                    Ok(req)
+                });
+            let req = match checked {
+                Ok(req) => req,
+                Err(e) => {
+                    let e = validation(e);
+                    self.actions.push_back(Action::Rejected {
+                        cuid: Some(r.cuid),
+                        mid: Some(r.mid),
+                        code: coap_lite::MessageClass::Response(e.code).to_string(),
+                        diagnostic: format!("not restored: {}", e.diagnostic),
+                    });
+                    continue;
+                }
+            };
+            let phase = match (self.config.mode, r.phase) {
+                (EnforcementMode::Monitor, _) => Phase::Monitoring,
+                (_, Phase::Active | Phase::Installing) => Phase::Installing,
+                (_, phase) => phase,
+            };
+            let mut m = Mitigation::new(now, req.clone(), phase);
+            if phase == r.phase {
+                m.since = now
+                    .checked_sub(Duration::from_secs(r.phase_age))
+                    .unwrap_or(now);
+            }
+            m.counters = r.counters;
+            m.attack_status = r.attack_status.and_then(AttackStatus::from_code);
+            let request = req;
+            match phase {
+                Phase::Installing => self.actions.push_back(Action::Install {
+                    key: key.clone(),
+                    request,
+                }),
+                Phase::AwaitingConsent => self.actions.push_back(Action::AskConsent {
+                    key: key.clone(),
+                    request,
+                }),
+                Phase::Active | Phase::Monitoring => {}
+            }
+            self.mitigations.insert(key.clone(), m);
+            keys.push(key);
+        }
+        self.apply_session(now);
+        Ok(keys)
     }
 
     fn entry(&mut self, key: &MitigationKey) -> Result<&mut Mitigation, SignalError> {
@@ -334,13 +584,39 @@ impl<E: Endpoint> SignalServer<E> {
     }
 
     fn on_request(&mut self, now: Instant, id: RequestId, request: &Packet) {
-        let mut target = None;
-        let answer = DotsResource::from_request(request)
-            .and_then(|resource| self.route(now, resource, request, &mut target));
-        let packet = answer.unwrap_or_else(|e| e.to_packet());
+        let mut reply = Reply::default();
+        let resource = DotsResource::from_request(request);
+        let (cuid, mid) = match &resource {
+            Ok(
+                DotsResource::Mitigate { cuid, mid, .. } | DotsResource::Redirect { cuid, mid, .. },
+            ) => (Some(cuid.clone()), *mid),
+            _ => (None, None),
+        };
+        let answer = resource.and_then(|resource| self.route(now, resource, request, &mut reply));
+        let packet = match answer {
+            Ok(packet) => packet,
+            Err(e) => {
+                self.actions.push_back(Action::Rejected {
+                    cuid,
+                    mid,
+                    code: coap_lite::MessageClass::Response(e.code).to_string(),
+                    diagnostic: e.diagnostic.clone(),
+                });
+                e.to_packet()
+            }
+        };
+        if let Some((key, last)) = reply.defer {
+            self.deletes.push(PendingDelete {
+                id,
+                key,
+                last,
+                deadline: now + self.config.counters_wait,
+            });
+            return;
+        }
         match self.ep.respond(now, id, packet) {
             Ok(Some(token)) => {
-                if let Some(target) = target {
+                if let Some(target) = reply.observe {
                     self.observers.insert(token, target);
                 }
             }
@@ -357,7 +633,7 @@ impl<E: Endpoint> SignalServer<E> {
         now: Instant,
         resource: DotsResource,
         request: &Packet,
-        observe: &mut Option<ObserveTarget>,
+        reply: &mut Reply,
     ) -> Answer {
         let method = msg::method(request);
         match (resource, method) {
@@ -366,11 +642,11 @@ impl<E: Endpoint> SignalServer<E> {
             }
             (DotsResource::Mitigate { cuid, mid, .. }, Some(RequestType::Get)) => {
                 let answer = self.get_mitigations(now, &cuid, mid)?;
-                *observe = Some(ObserveTarget { cuid, mid });
+                reply.observe = Some(ObserveTarget { cuid, mid });
                 Ok(answer)
             }
             (DotsResource::Mitigate { cuid, mid, .. }, Some(RequestType::Delete)) => {
-                self.delete_mitigation(now, cuid, mid)
+                self.delete_mitigation(now, cuid, mid, reply)
             }
             (DotsResource::Mitigate { .. }, _) => Err(method_not_allowed("mitigate")),
             (DotsResource::Config { sid }, method) => self.config_request(sid, method, request),
@@ -441,7 +717,11 @@ impl<E: Endpoint> SignalServer<E> {
         match (self.mitigations.get_mut(&key), phase) {
             (Some(m), phase) => {
                 m.refresh(now, req);
-                m.phase = phase.unwrap_or(m.phase);
+                if let Some(phase) = phase {
+                    // A new request: consent age and the rest start over.
+                    m.phase = phase;
+                    m.since = now;
+                }
             }
             (None, Some(phase)) => {
                 self.mitigations
@@ -532,23 +812,72 @@ impl<E: Endpoint> SignalServer<E> {
         Ok(scopes_response(ResponseType::Content, scopes))
     }
 
-    fn delete_mitigation(&mut self, now: Instant, cuid: String, mid: Option<u32>) -> Answer {
+    /// Withdrawal. An enforced entry's answer waits for the final counters
+    /// (see the module documentation); the placeholder answer returned
+    /// then is not sent.
+    fn delete_mitigation(
+        &mut self,
+        now: Instant,
+        cuid: String,
+        mid: Option<u32>,
+        reply: &mut Reply,
+    ) -> Answer {
         let mid = mid.ok_or_else(|| bad_request("DELETE needs a mid"))?;
         let key = MitigationKey::new(cuid, mid);
-        let counters = self
+        let m = self
             .mitigations
             .get(&key)
-            .ok_or_else(|| ErrorResponse::new(ResponseType::NotFound, "no such mitigation"))?
-            .counters;
+            .ok_or_else(|| ErrorResponse::new(ResponseType::NotFound, "no such mitigation"))?;
+        let (counters, enforced) = (m.counters, m.enforced());
         self.end(now, &key, MitigationStatus::Terminated, None);
-        let last = Scope {
-            mid: Some(mid),
-            ..Scope::default()
+        if enforced && !self.config.counters_wait.is_zero() {
+            reply.defer = Some((key, counters));
+        }
+        Ok(deleted_response(mid, counters))
+    }
+
+    fn answer_delete(&mut self, now: Instant, id: RequestId, mid: u32, counters: Option<Counters>) {
+        // A failure means the connection is gone: the peer will retry.
+        let _ = self.ep.respond(now, id, deleted_response(mid, counters));
+    }
+
+    /// DELETE answers whose final counters did not come in time.
+    fn late_deletes(&mut self, now: Instant) {
+        let (late, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deletes)
+            .into_iter()
+            .partition(|d| d.deadline <= now);
+        self.deletes = waiting;
+        for d in late {
+            self.answer_delete(now, d.id, d.key.mid, d.last);
+        }
+    }
+
+    fn next_consent_deadline(&self) -> Option<Instant> {
+        let timeout = self.config.consent_timeout?;
+        self.mitigations
+            .iter()
+            .filter(|(_, m)| m.phase == Phase::AwaitingConsent)
+            .map(|(_, m)| m.since + timeout)
+            .min()
+    }
+
+    /// Decides the requests that waited [`ServerConfig::consent_timeout`].
+    fn consent_timeouts(&mut self, now: Instant) {
+        let Some(timeout) = self.config.consent_timeout else {
+            return;
         };
-        Ok(scopes_response(
-            ResponseType::Deleted,
-            vec![with_counters(last, counters)],
-        ))
+        let approved = self.config.consent_timeout_approves;
+        let due = self
+            .mitigations
+            .keys_where(|m| m.phase == Phase::AwaitingConsent && m.since + timeout <= now);
+        for key in due {
+            self.actions.push_back(Action::ConsentTimedOut {
+                key: key.clone(),
+                approved,
+            });
+            // The key was just listed: it exists.
+            let _ = self.consent(now, &key, approved);
+        }
     }
 
     fn config_request(
@@ -633,7 +962,12 @@ impl<E: Endpoint> SignalServer<E> {
     /// Notifies the observers of `key` of its current state.
     fn notify(&mut self, now: Instant, key: &MitigationKey) {
         if let Some(m) = self.mitigations.get_mut(key) {
-            m.last_notified = now;
+            // A periodic notification that waited for counters counts from
+            // its tick, so the period does not drift.
+            if !m.counters_due {
+                m.last_notified = now;
+            }
+            m.counters_due = false;
         }
         if let Some(scope) = self.view(now, key) {
             self.send_notification(now, key, scope);
@@ -659,7 +993,8 @@ impl<E: Endpoint> SignalServer<E> {
     }
 
     /// Periodic work: counters of enforced mitigations, and notifications
-    /// for entries nobody heard about for a period.
+    /// for entries nobody heard about for a period. Those of active
+    /// entries wait for the counters just queried (see the module docs).
     fn tick(&mut self, now: Instant) {
         let period = self.config.notify_period;
         self.next_tick = now + period;
@@ -668,11 +1003,23 @@ impl<E: Endpoint> SignalServer<E> {
             self.actions
                 .push_back(Action::QueryCounters { keys: enforced });
         }
+        let wait = self.config.counters_wait.min(period / 2);
         for key in self
             .mitigations
             .keys_where(|m| m.last_notified + period <= now)
         {
-            self.notify(now, &key);
+            let active = self
+                .mitigations
+                .get(&key)
+                .is_some_and(|m| m.phase == Phase::Active);
+            match self.mitigations.get_mut(&key) {
+                Some(m) if active && !wait.is_zero() => {
+                    m.last_notified = now;
+                    m.counters_due = true;
+                    self.counters_due_by = Some(now + wait);
+                }
+                _ => self.notify(now, &key),
+            }
         }
     }
 

@@ -67,12 +67,19 @@ struct Loss {
     client_heartbeats: bool,
 }
 
+/// Answers a counters query for one key.
+type DataPlane = Box<dyn FnMut(&MitigationKey) -> Counters>;
+
 struct Pair<E> {
     t0: Instant,
     now: Instant,
     server: SignalServer<E>,
     client: SignalClient<E>,
     actions: Vec<Action>,
+    /// [`Action::Rejected`], kept apart so other checks stay short.
+    rejections: Vec<Action>,
+    /// A fake data plane answering [`Action::QueryCounters`] at once.
+    data_plane: Option<DataPlane>,
     events: Vec<ClientEvent>,
     loss: Loss,
     make: fn(u64) -> E,
@@ -89,6 +96,8 @@ impl<E: Endpoint> Pair<E> {
             server,
             client,
             actions: Vec::new(),
+            rejections: Vec::new(),
+            data_plane: None,
             events: Vec::new(),
             loss: Loss::default(),
             make,
@@ -127,8 +136,19 @@ impl<E: Endpoint> Pair<E> {
                     let _ = self.client.handle_input(self.now, &bytes);
                 }
             }
-            self.actions
-                .extend(std::iter::from_fn(|| self.server.poll_action()));
+            while let Some(action) = self.server.poll_action() {
+                match (&action, self.data_plane.as_mut()) {
+                    (Action::Rejected { .. }, _) => self.rejections.push(action),
+                    (Action::QueryCounters { keys }, Some(dp)) => {
+                        for k in keys {
+                            let _ = self.server.counters(self.now, k, dp(k));
+                        }
+                        moved = true;
+                        self.actions.push(action);
+                    }
+                    _ => self.actions.push(action),
+                }
+            }
             self.events
                 .extend(std::iter::from_fn(|| self.client.poll_event()));
             if !moved {
@@ -315,15 +335,37 @@ fn basic_conversation<E: Endpoint>(make: fn(u64) -> E) {
         (Some(10), Some(1500))
     );
 
+    // DELETE: the drops go first, the answer carries the final counters
+    // the shell read while removing them.
     let del = p.client.withdraw(p.now, mid).expect("withdraw");
+    p.pump();
+    assert_eq!(p.take_actions(), [Action::Remove { key: key(1) }]);
+    assert!(
+        !p.events
+            .iter()
+            .any(|e| matches!(e, ClientEvent::Response { token, .. } if *token == del)),
+        "answered only once the data plane removed it"
+    );
+    let last_counters = Counters {
+        pkts: 12,
+        bytes: 1800,
+        pps: 1,
+        bps: 150,
+    };
+    assert!(p.server.removed(p.now, &key(1), last_counters));
+    assert!(!p.server.removed(p.now, &key(1), last_counters), "once");
     p.pump();
     let (code, last) = p.response_scope(del);
     assert_eq!(code, ResponseType::Deleted);
     assert_eq!(
-        (last.mid, last.pkts_dropped, last.bps_dropped),
-        (Some(1), Some(10), Some(300))
+        (
+            last.mid,
+            last.pkts_dropped,
+            last.bytes_dropped,
+            last.bps_dropped
+        ),
+        (Some(1), Some(12), Some(1800), Some(150))
     );
-    assert_eq!(p.take_actions(), [Action::Remove { key: key(1) }]);
     let notes = p.notifications();
     assert_eq!(notes[0].status, Some(MitigationStatus::Terminated));
     assert!(p.server.mitigations().is_empty());
@@ -880,4 +922,575 @@ fn redirect_refused_when_disabled() {
     let token = p.client.redirect(p.now, &target).expect("redirect");
     assert_eq!(p.rejected(token).0, ResponseType::BadRequest);
     assert!(p.take_actions().is_empty());
+}
+
+// ---- rejections reported to the shell ----
+
+#[test]
+fn refused_requests_are_reported_as_actions() {
+    let mut p = Pair::new(dgram, server_config());
+    let outside = scope("203.0.113.0/24", "198.51.100.1/32", 60);
+    let (mid, token) = p.client.request_mitigation(p.now, outside).expect("send");
+    let (code, diag) = p.rejected(token);
+    assert_eq!(code, ResponseType::BadRequest);
+    assert_eq!(
+        std::mem::take(&mut p.rejections),
+        [Action::Rejected {
+            cuid: Some(CUID.into()),
+            mid: Some(mid),
+            code: "4.00".into(),
+            diagnostic: diag,
+        }]
+    );
+    assert!(p.take_actions().is_empty());
+
+    // Wrong Content-Format: 4.15 with the ids of the Uri-Path.
+    let mut wrong_format = crate::coap::DotsResource::Mitigate {
+        cdid: None,
+        cuid: CUID.into(),
+        mid: Some(77),
+    }
+    .request(RequestType::Put);
+    wrong_format.payload = vec![0xa0];
+    msg::set_content_format(&mut wrong_format, 50);
+    let code = raw_exchange(&mut p.server, p.now, wrong_format, 300);
+    assert_eq!(code, ResponseType::UnsupportedContentFormat);
+    p.pump();
+    match std::mem::take(&mut p.rejections).as_slice() {
+        [Action::Rejected {
+            cuid, mid, code, ..
+        }] => {
+            assert_eq!(
+                (cuid.as_deref(), *mid, code.as_str()),
+                (Some(CUID), Some(77), "4.15")
+            );
+        }
+        other => panic!("one rejection expected, got {other:?}"),
+    }
+
+    // Not about a mitigation: no ids. Unknown mid: 4.04 is reported too.
+    let t = p
+        .client
+        .put_config(
+            p.now,
+            5,
+            &SignalConfig {
+                sid: None,
+                mitigating_config: None,
+                idle_config: Some(ConfigSet {
+                    heartbeat_interval: MinMaxCurrent::current(600),
+                    ..ConfigSet::default()
+                }),
+            },
+        )
+        .expect("put");
+    assert_eq!(p.rejected(t).0, ResponseType::UnprocessableEntity);
+    let del = p.client.withdraw(p.now, 42).expect("delete");
+    assert_eq!(p.rejected(del).0, ResponseType::NotFound);
+    match std::mem::take(&mut p.rejections).as_slice() {
+        [Action::Rejected {
+            cuid: None,
+            mid: None,
+            code: c1,
+            ..
+        }, Action::Rejected {
+            cuid: Some(_),
+            mid: Some(42),
+            code: c2,
+            ..
+        }] => {
+            assert_eq!((c1.as_str(), c2.as_str()), ("4.22", "4.04"));
+        }
+        other => panic!("two rejections expected, got {other:?}"),
+    }
+}
+
+// ---- DELETE and final counters ----
+
+#[test]
+fn delete_falls_back_to_last_counters_when_the_shell_is_silent() {
+    let mut p = Pair::new(dgram, server_config());
+    let (mid, ..) = p.create(basic_scope());
+    p.server.installed(p.now, &key(mid)).expect("known");
+    let reported = Counters {
+        pkts: 5,
+        bytes: 500,
+        pps: 1,
+        bps: 100,
+    };
+    p.server
+        .counters(p.now, &key(mid), reported)
+        .expect("known");
+    p.take_actions();
+    let del = p.client.withdraw(p.now, mid).expect("withdraw");
+    p.pump();
+    assert_eq!(p.take_actions(), [Action::Remove { key: key(mid) }]);
+    assert!(p.server.poll_timeout() <= Some(p.now + Duration::from_secs(1)));
+    p.advance(Duration::from_millis(999));
+    assert!(!p
+        .events
+        .iter()
+        .any(|e| matches!(e, ClientEvent::Response { token, .. } if *token == del)));
+    p.advance(Duration::from_millis(1));
+    let (code, last) = p.response_scope(del);
+    assert_eq!(code, ResponseType::Deleted);
+    assert_eq!(
+        (last.pkts_dropped, last.bytes_dropped),
+        (Some(5), Some(500))
+    );
+    // A late report changes nothing.
+    assert!(!p.server.removed(p.now, &key(mid), Counters::default()));
+    p.advance(Duration::from_secs(5));
+    assert!(p
+        .events
+        .iter()
+        .all(|e| !matches!(e, ClientEvent::Response { .. })));
+}
+
+#[test]
+fn delete_answers_at_once_without_counters_wait_or_enforcement() {
+    let mut p = Pair::new(
+        dgram,
+        ServerConfig {
+            counters_wait: Duration::ZERO,
+            ..server_config()
+        },
+    );
+    let (mid, ..) = p.create(basic_scope());
+    p.server.installed(p.now, &key(mid)).expect("known");
+    let del = p.client.withdraw(p.now, mid).expect("withdraw");
+    p.pump();
+    assert_eq!(p.response_scope(del).0, ResponseType::Deleted);
+
+    // Pending consent: nothing on the data plane, nothing to wait for.
+    let mut p = Pair::new(
+        dgram,
+        ServerConfig {
+            consent: ConsentMode::Require,
+            ..server_config()
+        },
+    );
+    let (mid, ..) = p.create(basic_scope());
+    let del = p.client.withdraw(p.now, mid).expect("withdraw");
+    p.pump();
+    assert_eq!(p.response_scope(del).0, ResponseType::Deleted);
+    assert!(!p
+        .take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::Remove { .. })));
+}
+
+#[test]
+fn delete_answer_waiting_is_dropped_on_reconnect() {
+    let mut p = Pair::new(dgram, server_config());
+    let (mid, ..) = p.create(basic_scope());
+    p.server.installed(p.now, &key(mid)).expect("known");
+    let _ = p.client.withdraw(p.now, mid).expect("withdraw");
+    p.pump();
+    p.reconnect();
+    assert!(!p.server.removed(p.now, &key(mid), Counters::default()));
+    p.advance(Duration::from_secs(2));
+    assert!(p.server.mitigations().is_empty());
+}
+
+// ---- periodic counters and notifications ----
+
+#[test]
+fn one_second_notify_period_sends_fresh_counters_every_second() {
+    let mut p = Pair::new(
+        dgram,
+        ServerConfig {
+            notify_period: Duration::from_secs(1),
+            ..server_config()
+        },
+    );
+    let (mid, ..) = p.create(scope("203.0.113.0/24", "192.0.2.10/32", 3600));
+    p.server.installed(p.now, &key(mid)).expect("known");
+    let observe = p.client.observe(p.now, Some(mid)).expect("observe");
+    p.pump();
+    p.response(observe);
+    p.take_actions();
+    let mut pkts = 0;
+    p.data_plane = Some(Box::new(move |_| {
+        pkts += 100;
+        Counters {
+            pkts,
+            bytes: pkts * 60,
+            pps: 100,
+            bps: 48_000,
+        }
+    }));
+    p.advance(Duration::from_millis(10_500));
+    let queries = p
+        .take_actions()
+        .into_iter()
+        .filter(|a| matches!(a, Action::QueryCounters { keys } if keys == &[key(mid)]))
+        .count();
+    assert_eq!(queries, 10);
+    let notes = p.notifications();
+    let seen: Vec<_> = notes.iter().map(|s| s.pkts_dropped).collect();
+    let expected: Vec<_> = (1..=10).map(|i| Some(i * 100)).collect();
+    assert_eq!(seen, expected, "one fresh notification per second");
+    assert!(notes.iter().all(|s| s.pps_dropped == Some(100)
+        && s.bps_dropped == Some(48_000)
+        && s.status == Some(MitigationStatus::SuccessfullyMitigated)));
+
+    // Unchanged counters are still notified once a period.
+    p.data_plane = Some(Box::new(|_| Counters {
+        pkts: 1000,
+        bytes: 60_000,
+        pps: 0,
+        bps: 0,
+    }));
+    p.advance(Duration::from_secs(5));
+    assert_eq!(p.notifications().len(), 5);
+
+    // A data plane that does not answer: the stale notification still
+    // goes out every period, half a period late at most.
+    p.data_plane = None;
+    p.advance(Duration::from_secs(5));
+    let notes = p.notifications();
+    assert_eq!(notes.len(), 5);
+    assert!(notes.iter().all(|s| s.pkts_dropped == Some(1000)));
+}
+
+// ---- consent ----
+
+fn consent_pair(timeout: Option<Duration>, approves: bool) -> Pair<DatagramEndpoint> {
+    Pair::new(
+        dgram,
+        ServerConfig {
+            consent: ConsentMode::Require,
+            consent_timeout: timeout,
+            consent_timeout_approves: approves,
+            ..server_config()
+        },
+    )
+}
+
+#[test]
+fn pending_lists_requests_awaiting_consent() {
+    let mut p = consent_pair(Some(Duration::from_secs(300)), false);
+    let (m1, ..) = p.create(basic_scope());
+    p.advance(Duration::from_secs(10));
+    let (m2, ..) = p.create(scope("198.51.100.0/24", "192.0.2.20/32", 600));
+    p.advance(Duration::from_secs(5));
+    let pending = p.server.pending(p.now);
+    let view: Vec<_> = pending
+        .iter()
+        .map(|q| {
+            (
+                q.key.clone(),
+                q.age.as_secs(),
+                q.decided_in.map(|d| d.as_secs()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        view,
+        [(key(m1), 15, Some(285)), (key(m2), 5, Some(295))],
+        "oldest first"
+    );
+    assert_eq!(pending[1].request.lifetime, 600);
+    p.server.consent(p.now, &key(m1), true).expect("known");
+    assert_eq!(p.server.pending(p.now).len(), 1);
+}
+
+#[test]
+fn consent_timeout_approves() {
+    let mut p = consent_pair(Some(Duration::from_secs(60)), true);
+    let (mid, ..) = p.create(basic_scope());
+    let observe = p.client.observe(p.now, Some(mid)).expect("observe");
+    p.pump();
+    p.response(observe);
+    p.take_actions();
+    assert!(p.server.poll_timeout() <= Some(p.now + Duration::from_secs(60)));
+    p.advance(Duration::from_secs(59));
+    assert!(p.take_actions().is_empty());
+    p.advance(Duration::from_secs(1));
+    let actions = p.take_actions();
+    assert!(
+        matches!(
+            &actions[..],
+            [Action::ConsentTimedOut { key: k, approved: true }, Action::Install { key: i, .. }]
+                if *k == key(mid) && *i == key(mid)
+        ),
+        "{actions:?}"
+    );
+    assert!(p.server.pending(p.now).is_empty());
+    p.server.installed(p.now, &key(mid)).expect("known");
+    p.pump();
+    assert_eq!(
+        p.notifications().last().and_then(|s| s.status),
+        Some(MitigationStatus::SuccessfullyMitigated)
+    );
+}
+
+#[test]
+fn consent_timeout_rejects_with_conflict_cause_4() {
+    let mut p = consent_pair(Some(Duration::from_secs(60)), false);
+    let (mid, ..) = p.create(basic_scope());
+    let observe = p.client.observe(p.now, None).expect("observe");
+    p.pump();
+    p.response(observe);
+    p.take_actions();
+    p.advance(Duration::from_secs(61));
+    assert_eq!(
+        p.take_actions(),
+        [Action::ConsentTimedOut {
+            key: key(mid),
+            approved: false
+        }]
+    );
+    let notes = p.notifications();
+    let last = notes.last().expect("notified");
+    assert_eq!(last.status, Some(MitigationStatus::Withdrawn));
+    assert_eq!(
+        last.conflict_information
+            .as_ref()
+            .and_then(|c| c.conflict_cause),
+        Some(ConflictCause::RejectedLegitimateTraffic)
+    );
+    assert!(p.server.mitigations().is_empty());
+}
+
+#[test]
+fn consent_timeout_restarts_with_an_updated_request() {
+    let mut p = consent_pair(Some(Duration::from_secs(60)), false);
+    let (mid, ..) = p.create(basic_scope());
+    p.advance(Duration::from_secs(50));
+    let t = p
+        .client
+        .update_mitigation(p.now, mid, scope("203.0.113.0/24", "192.0.2.11/32", 3600))
+        .expect("put");
+    p.pump();
+    assert_eq!(p.response(t).0, ResponseType::Changed);
+    p.advance(Duration::from_secs(50));
+    assert_eq!(p.server.pending(p.now).len(), 1, "a new request waits anew");
+    p.advance(Duration::from_secs(10));
+    assert!(p.server.pending(p.now).is_empty());
+}
+
+#[test]
+fn zero_consent_timeout_is_a_config_error() {
+    let config = ServerConfig {
+        consent_timeout: Some(Duration::ZERO),
+        ..server_config()
+    };
+    assert!(SignalServer::new(Instant::now(), dgram(1), config).is_err());
+}
+
+// ---- persistence ----
+
+/// A snapshot of a server with mid 1 active (600 s, counters,
+/// attack-status) and mid 2 installing (100 s), taken 40 s later; and when.
+fn persisted() -> (Vec<MitigationRecord>, Instant) {
+    let config = ServerConfig {
+        consent: ConsentMode::Auto,
+        ..server_config()
+    };
+    let mut p = Pair::new(dgram, config);
+    let rich = Scope {
+        target_port_range: vec![crate::model::PortRange {
+            lower: 80,
+            upper: Some(443),
+        }],
+        target_protocol: vec![6, 17],
+        alias_name: vec!["web".into()],
+        ..scope("203.0.113.0/24", "192.0.2.0/28", 600)
+    };
+    p.create(rich);
+    p.server.installed(p.now, &key(1)).expect("known");
+    let c = Counters {
+        pkts: 7,
+        bytes: 700,
+        pps: 1,
+        bps: 80,
+    };
+    p.server.counters(p.now, &key(1), c).expect("known");
+    let update = Scope {
+        attack_status: Some(AttackStatus::UnderAttack),
+        ..basic_scope()
+    };
+    let t = p.client.efficacy_update(p.now, 1, update).expect("put");
+    p.pump();
+    p.response(t);
+    p.create(scope("198.51.100.0/24", "192.0.2.20/32", 100));
+    p.advance(Duration::from_secs(40));
+    let records = p.server.snapshot(p.now);
+    (records, p.now)
+}
+
+#[test]
+fn snapshot_restore_round_trip() {
+    let (records, taken) = persisted();
+    assert_eq!(records.len(), 2);
+    // Pending consent needs another server; build its record by hand from one.
+    let mut consent = Pair::new(
+        dgram,
+        ServerConfig {
+            consent: ConsentMode::Require,
+            consent_timeout: Some(Duration::from_secs(120)),
+            ..server_config()
+        },
+    );
+    consent.create(scope("198.51.100.0/24", "192.0.2.30/32", 300));
+    consent.advance(Duration::from_secs(40));
+    let mut pending = consent.server.snapshot(consent.now);
+    assert_eq!(pending.len(), 1);
+    pending[0].mid = 3;
+    assert_eq!(pending[0].phase, Phase::AwaitingConsent);
+    assert_eq!(pending[0].phase_age, 40);
+
+    let all: Vec<MitigationRecord> = records.into_iter().chain(pending).collect();
+    let json = serde_json::to_string_pretty(&all).expect("json");
+    assert!(json.contains("\"phase\": \"active\""), "{json}");
+    assert!(
+        json.contains("ietf-dots-signal-channel:mitigation-scope"),
+        "{json}"
+    );
+    let back: Vec<MitigationRecord> = serde_json::from_str(&json).expect("parse");
+    assert_eq!(back, all);
+
+    // A fresh server after a restart (no downtime applied here).
+    let later = taken + Duration::from_secs(1);
+    let mut server = SignalServer::new(
+        later,
+        dgram(5),
+        ServerConfig {
+            consent: ConsentMode::Require,
+            consent_timeout: Some(Duration::from_secs(120)),
+            ..server_config()
+        },
+    )
+    .expect("server");
+    let keys = server.restore(later, back).expect("restore");
+    assert_eq!(keys, [key(1), key(2), key(3)]);
+    let actions: Vec<Action> = std::iter::from_fn(|| server.poll_action()).collect();
+    let installs: Vec<_> = install_action(&actions);
+    assert_eq!(
+        installs,
+        [key(1), key(2)],
+        "enforced ones are installed again"
+    );
+    assert!(matches!(&actions[2], Action::AskConsent { key: k, .. } if *k == key(3)));
+
+    let m1 = server.mitigations().get(&key(1)).expect("restored");
+    assert_eq!(
+        m1.phase,
+        Phase::Installing,
+        "status 2 again from the data plane"
+    );
+    assert_eq!(m1.remaining(later), 560);
+    assert_eq!(m1.counters.map(|c| c.pkts), Some(7));
+    assert_eq!(m1.attack_status, Some(AttackStatus::UnderAttack));
+    assert_eq!(m1.request.scope.target_protocol, vec![6, 17]);
+    assert_eq!(m1.request.scope.alias_name, vec!["web".to_string()]);
+    assert_eq!(
+        server
+            .mitigations()
+            .get(&key(2))
+            .expect("restored")
+            .remaining(later),
+        60
+    );
+    // The restored request is the one enforced before, lifetime aside.
+    if let (Action::Install { request: a, .. }, Some(m)) =
+        (&actions[0], server.mitigations().get(&key(1)))
+    {
+        assert_eq!(a, &m.request);
+    }
+    server.installed(later, &key(1)).expect("known");
+    assert_eq!(
+        server.mitigations().get(&key(1)).map(|m| m.phase),
+        Some(Phase::Active)
+    );
+
+    // The pending one kept its age: 40 s waited, 80 s to go.
+    let pending = server.pending(later);
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].key, key(3));
+    assert_eq!(pending[0].age.as_secs(), 40);
+    assert_eq!(pending[0].decided_in.map(|d| d.as_secs()), Some(80));
+
+    // Restoring twice changes nothing: present keys win.
+    let again = server.snapshot(later);
+    assert!(server.restore(later, again).expect("restore").is_empty());
+}
+
+#[test]
+fn restore_drops_expired_and_invalid_records() {
+    let (records, taken) = persisted();
+    let mut server = SignalServer::new(taken, dgram(5), server_config()).expect("server");
+    // Down for 100 s: mid 2 (60 s left at snapshot) is over.
+    let mut aged = records.clone();
+    aged.iter_mut()
+        .for_each(|r| r.elapse(Duration::from_secs(100)));
+    assert!(aged[1].expired() && !aged[0].expired());
+    let restart = taken + Duration::from_secs(100);
+    let keys = server.restore(restart, aged).expect("restore");
+    assert_eq!(keys, [key(1)]);
+    assert_eq!(
+        server
+            .mitigations()
+            .get(&key(1))
+            .map(|m| m.remaining(restart)),
+        Some(460)
+    );
+
+    // Today's domain no longer holds mid 1's sources: refused, reported.
+    let narrow = ServerConfig {
+        domain: vec![
+            "198.51.100.0/24".parse().expect("prefix"),
+            "192.0.2.16/28".parse().expect("prefix"),
+        ],
+        ..server_config()
+    };
+    let mut server = SignalServer::new(taken, dgram(6), narrow).expect("server");
+    let keys = server.restore(taken, records.clone()).expect("restore");
+    assert_eq!(keys, [key(2)]);
+    let rejected: Vec<_> = std::iter::from_fn(|| server.poll_action())
+        .filter(|a| matches!(a, Action::Rejected { mid: Some(1), diagnostic, .. } if diagnostic.contains("outside")))
+        .collect();
+    assert_eq!(rejected.len(), 1);
+
+    // Monitor mode never installs restored entries.
+    let monitor = ServerConfig {
+        mode: EnforcementMode::Monitor,
+        ..server_config()
+    };
+    let mut server = SignalServer::new(taken, dgram(7), monitor).expect("server");
+    server.restore(taken, records.clone()).expect("restore");
+    assert!(std::iter::from_fn(|| server.poll_action()).next().is_none());
+    assert!(server
+        .mitigations()
+        .iter()
+        .all(|(_, m)| m.phase == Phase::Monitoring));
+
+    // An unreadable record fails the whole restore, nothing changes.
+    let mut broken = records;
+    broken[1].request = serde_json::json!({"nonsense": true});
+    let mut server = SignalServer::new(taken, dgram(8), server_config()).expect("server");
+    assert!(matches!(
+        server.restore(taken, broken),
+        Err(SignalError::Restore { mid: 2, .. })
+    ));
+    assert!(server.mitigations().is_empty());
+}
+
+#[test]
+fn revision_tracks_changes() {
+    let mut p = Pair::new(dgram, server_config());
+    let r0 = p.server.mitigations().revision();
+    let (mid, ..) = p.create(basic_scope());
+    let r1 = p.server.mitigations().revision();
+    assert!(r1 > r0);
+    let get = p.client.get(p.now, Some(mid)).expect("get");
+    p.pump();
+    p.response(get);
+    assert_eq!(
+        p.server.mitigations().revision(),
+        r1,
+        "reads change nothing"
+    );
 }

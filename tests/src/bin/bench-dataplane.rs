@@ -331,13 +331,21 @@ impl Bench {
         let (mut ra, mut rb, mut r0) = (Vec::new(), Vec::new(), Vec::new());
         for fd in [a, b] {
             let warm = sys::test_run(fd, packet, (self.repeat / 10).max(1))?;
-            ensure!(warm.action == expect, "program returned {} instead of {expect}", warm.action);
+            ensure!(
+                warm.action == expect,
+                "program returned {} instead of {expect}",
+                warm.action
+            );
         }
         for _ in 0..self.runs {
             r0.push(sys::test_run(base, packet, self.repeat)?.duration_ns);
             for (fd, out) in [(a, &mut ra), (b, &mut rb)] {
                 let r = sys::test_run(fd, packet, self.repeat)?;
-                ensure!(r.action == expect, "program returned {} instead of {expect}", r.action);
+                ensure!(
+                    r.action == expect,
+                    "program returned {} instead of {expect}",
+                    r.action
+                );
                 out.push(r.duration_ns);
             }
         }
@@ -729,15 +737,23 @@ fn head_to_head(
     n: usize,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
-    progress(&format!("  head to head at {n} rules: dots-ebpf with 256 address-only slots"));
+    progress(&format!(
+        "  head to head at {n} rules: dots-ebpf with 256 address-only slots"
+    ));
     dp.apply(&slot_specs(256, n, Kind::Host, Scope::Addresses))?;
     let ours = dp.program_fd()?;
     for f in FAMILIES {
-        for (path, src, expect) in [("hit", source_in(f, Kind::Host, n / 2), XDP_DROP), ("miss", miss_source(f), XDP_PASS)] {
+        for (path, src, expect) in [
+            ("hit", source_in(f, Kind::Host, n / 2), XDP_DROP),
+            ("miss", miss_source(f), XDP_PASS),
+        ] {
             let (d, x, baseline) = bench
                 .measure_pair(ours.as_fd(), xf.as_fd(), base, &packet(src), expect)
                 .with_context(|| format!("head to head, {} {path}", f.name()))?;
-            progress(&format!("  {n} rules, {} {path}: dots-ebpf {d} ns, xdp-filter {x} ns (empty {baseline} ns)", f.name()));
+            progress(&format!(
+                "  {n} rules, {} {path}: dots-ebpf {d} ns, xdp-filter {x} ns (empty {baseline} ns)",
+                f.name()
+            ));
             for (program, slots, ns) in [("dots-ebpf", 256, d), ("xdp-filter", 0, x)] {
                 rows.push(Row {
                     program,

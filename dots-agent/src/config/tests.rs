@@ -1,0 +1,620 @@
+use std::{path::PathBuf, time::Duration};
+
+use dots_proto::{
+    model::Limits,
+    signal::{ConsentMode, EnforcementMode},
+};
+use ipnet::IpNet;
+
+use super::*;
+use crate::{enforce::AttachMode, logging::LogFormat, transport::Transport};
+
+const FILE: &str = "/etc/dots-agent/agent.toml";
+
+/// The smallest valid agent configuration.
+const MINIMAL: &str = r#"
+ca = "ca.pem"
+cert = "agent.pem"
+key = "agent.key"
+[[peers]]
+address = "isp.example"
+[domain]
+prefixes = ["192.0.2.0/24"]
+"#;
+
+fn agent(text: &str) -> Result<AgentConfig, ConfigError> {
+    AgentConfig::from_str(text, FILE)
+}
+
+fn agent_ok(text: &str) -> AgentConfig {
+    let c = agent(text).unwrap_or_else(|e| panic!("{e}"));
+    c.validate().unwrap_or_else(|e| panic!("{e}"));
+    c
+}
+
+/// Parses and validates, expecting an error; checks it names the file and
+/// returns it.
+fn agent_err(text: &str) -> ConfigError {
+    let e = match agent(text) {
+        Ok(c) => c.validate().expect_err("expected an error"),
+        Err(e) => e,
+    };
+    assert_eq!(e.file(), std::path::Path::new(FILE));
+    assert!(e.to_string().starts_with(FILE), "{e}");
+    e
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn workspace_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(name)
+}
+
+#[test]
+fn defaults_fill_in() {
+    let c = agent_ok(MINIMAL);
+    assert_eq!(c.transport, TransportPref::Both);
+    assert!(c.enforce);
+    assert_eq!(c.consent, ConsentPolicy::Auto);
+    assert_eq!(c.consent_timeout(), None);
+    assert!(c.never_block.is_empty());
+    assert_eq!(c.notify_interval(), Duration::from_secs(30));
+    assert_eq!(c.state_dir(), std::path::Path::new("/var/lib/dots-agent"));
+    assert_eq!(
+        c.control_socket(),
+        std::path::Path::new("/run/dots-agent.sock")
+    );
+    assert_eq!(c.log_format(), LogFormat::Human);
+    assert!(c.xdp.interfaces.is_empty());
+    assert_eq!(c.xdp.mode, AttachMode::Auto);
+    assert_eq!(c.xdp.bpffs, PathBuf::from("/sys/fs/bpf/dots-agent"));
+    assert!(c.domain.interface_addresses);
+    assert!(!c.domain.include_loopback && !c.domain.include_link_local);
+    assert_eq!(c.limits.to_limits(), Limits::default());
+    assert_eq!(c.max_mitigations_per_cuid(), 64);
+    assert_eq!(c.peers[0].peer_name, None);
+    assert_eq!(c.peers[0].transport, None);
+    // Relative paths are relative to the file's directory.
+    assert_eq!(c.ca, Some(PathBuf::from("/etc/dots-agent/ca.pem")));
+    // An empty file is the default configuration (which has no peer).
+    let empty = AgentConfig::from_str("", FILE).unwrap();
+    assert_eq!(
+        empty,
+        AgentConfig {
+            origin: FILE.into(),
+            ..AgentConfig::default()
+        }
+    );
+    // The server settings follow.
+    let s = c.server_config(vec![net("192.0.2.0/24")]);
+    assert_eq!(s.notify_period, Duration::from_secs(30));
+    assert_eq!(s.max_mitigations_per_cuid, 64);
+    assert_eq!(s.consent, ConsentMode::Auto);
+    assert_eq!(s.mode, EnforcementMode::Enforce);
+}
+
+#[test]
+fn unknown_keys_are_named_with_their_path() {
+    let e = agent_err(&format!("{MINIMAL}\nbogus = 1\n"));
+    assert_eq!(e.key(), Some("domain.bogus"), "{e}");
+    assert!(e.to_string().contains("unknown key"), "{e}");
+    assert!(
+        e.to_string().contains("prefixes"),
+        "lists the known keys: {e}"
+    );
+    assert_eq!(e.line(), Some(10), "{e}");
+
+    let e = agent_err(&format!("notify-intervall = 5\n{MINIMAL}"));
+    assert_eq!(e.key(), Some("notify-intervall"), "{e}");
+    assert_eq!(e.line(), Some(1), "{e}");
+
+    let e = agent_err(&format!(
+        "{MINIMAL}\n[[peers]]\naddress = \"b.example\"\npeername = \"x\"\n"
+    ));
+    assert_eq!(e.key(), Some("peers[1].peername"), "{e}");
+    assert!(e.to_string().contains("peer-name"), "{e}");
+
+    let e = agent_err(&format!("{MINIMAL}\n[limits]\nmax-prefix = 3\n"));
+    assert_eq!(e.key(), Some("limits.max-prefix"), "{e}");
+
+    let e = agent_err(&format!("{MINIMAL}\n[xdps]\nmode = \"auto\"\n"));
+    assert_eq!(e.key(), Some("xdps"), "{e}");
+}
+
+#[test]
+fn bad_prefixes_are_named_with_their_value() {
+    let e = agent_err(&MINIMAL.replace(
+        r#"["192.0.2.0/24"]"#,
+        r#"["192.0.2.0/24", "192.0.2.300/24"]"#,
+    ));
+    assert_eq!(e.key(), Some("domain.prefixes[1]"), "{e}");
+    assert!(e.to_string().contains("192.0.2.300/24"), "{e}");
+    assert!(e.line().is_some(), "{e}");
+
+    let e = agent_err(&MINIMAL.replace("192.0.2.0/24", "192.0.2.1/24"));
+    assert_eq!(e.key(), Some("domain.prefixes[0]"), "{e}");
+    assert!(
+        matches!(&e, ConfigError::Value { value, message, .. }
+            if value == "\"192.0.2.1/24\"" && message.contains("192.0.2.0/24")),
+        "{e}"
+    );
+
+    let e = agent_err(&format!(
+        "never-block = [\"2001:db8::/32\", \"nope\"]\n{MINIMAL}"
+    ));
+    assert_eq!(e.key(), Some("never-block[1]"), "{e}");
+    assert!(e.to_string().contains("\"nope\""), "{e}");
+
+    let e = agent_err(&format!(
+        "never-block = [\"198.51.100.7\", \"198.51.100.7/32\"]\n{MINIMAL}"
+    ));
+    assert_eq!(e.key(), Some("never-block[1]"), "{e}");
+    assert!(e.to_string().contains("twice"), "{e}");
+
+    // A bare address is a host prefix.
+    let c = agent_ok(&format!(
+        "never-block = [\"198.51.100.7\", \"2001:db8::1\"]\n{MINIMAL}"
+    ));
+    assert_eq!(
+        c.never_block,
+        vec![net("198.51.100.7/32"), net("2001:db8::1/128")]
+    );
+}
+
+#[test]
+fn bad_enum_values_are_named() {
+    let e = agent_err(&format!("{MINIMAL}\n[xdp]\nmode = \"fast\"\n"));
+    assert_eq!(e.key(), Some("xdp.mode"), "{e}");
+    let s = e.to_string();
+    assert!(s.contains("fast") && s.contains("generic"), "{s}");
+    assert_eq!(e.line(), Some(11), "{e}");
+
+    let e = agent_err(&format!("consent = \"maybe\"\n{MINIMAL}"));
+    assert_eq!(e.key(), Some("consent"), "{e}");
+    assert!(e.to_string().contains("maybe"), "{e}");
+
+    let e = agent_err(&format!("log-format = \"xml\"\n{MINIMAL}"));
+    assert_eq!(e.key(), Some("log-format"), "{e}");
+
+    let e = agent_err(&format!(
+        "{MINIMAL}\n[[peers]]\naddress = \"b.example\"\ntransport = \"quic\"\n"
+    ));
+    assert_eq!(e.key(), Some("peers[1].transport"), "{e}");
+    assert!(e.to_string().contains("quic"), "{e}");
+}
+
+#[test]
+fn missing_peers_and_addresses() {
+    let e = agent_err(&MINIMAL.replace("[[peers]]\naddress = \"isp.example\"\n", ""));
+    assert_eq!(e.key(), Some("peers"), "{e}");
+    assert!(matches!(e, ConfigError::Missing { .. }), "{e}");
+
+    let e = agent_err(&format!(
+        "{MINIMAL}\n[[peers]]\npeer-name = \"b.example\"\n"
+    ));
+    assert_eq!(e.key(), Some("peers[1].address"), "{e}");
+    assert!(matches!(e, ConfigError::Missing { .. }), "{e}");
+
+    for bad in ["isp.example:http", "isp.example:0", "two words", ""] {
+        let e = agent_err(&format!("{MINIMAL}\n[[peers]]\naddress = \"{bad}\"\n"));
+        assert_eq!(e.key(), Some("peers[1].address"), "{bad}: {e}");
+        assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
+    }
+
+    let e = agent_err(&format!(
+        "{MINIMAL}\n[[peers]]\naddress = \"ISP.example:4647\"\n"
+    ));
+    assert_eq!(e.key(), Some("peers[1].address"), "{e}");
+    assert!(e.to_string().contains("peers[0]"), "{e}");
+
+    let e = agent_err(&format!(
+        "peers = \"isp.example\"\n{}",
+        MINIMAL.replace("[[peers]]\naddress = \"isp.example\"\n", "")
+    ));
+    assert_eq!(e.key(), Some("peers"), "{e}");
+}
+
+#[test]
+fn bad_intervals_and_limits() {
+    let e = agent_err(&format!("notify-interval = 0\n{MINIMAL}"));
+    assert_eq!(e.key(), Some("notify-interval"), "{e}");
+    assert!(
+        matches!(&e, ConfigError::Value { value, .. } if value == "0"),
+        "{e}"
+    );
+
+    let e = agent_err(&format!("notify-interval = \"30s\"\n{MINIMAL}"));
+    assert_eq!(e.key(), Some("notify-interval"), "{e}");
+    assert!(e.to_string().contains("30s"), "{e}");
+
+    let e = agent_err(&format!("notify-interval = -5\n{MINIMAL}"));
+    assert_eq!(e.key(), Some("notify-interval"), "{e}");
+    assert!(e.to_string().contains("-5"), "{e}");
+
+    let e = agent_err(&format!(
+        "consent = \"require\"\nconsent-timeout = 0\n{MINIMAL}"
+    ));
+    assert_eq!(e.key(), Some("consent-timeout"), "{e}");
+
+    let e = agent_err(&format!("consent-timeout = 60\n{MINIMAL}"));
+    assert_eq!(e.key(), Some("consent-timeout"), "{e}");
+    assert!(e.to_string().contains("require"), "{e}");
+
+    let e = agent_err(&format!(
+        "consent = \"require\"\nconsent-timeout-action = \"approve\"\n{MINIMAL}"
+    ));
+    assert_eq!(e.key(), Some("consent-timeout-action"), "{e}");
+
+    let c = agent_ok(&format!(
+        "consent = \"require\"\nconsent-timeout = 60\n{MINIMAL}"
+    ));
+    assert_eq!(
+        c.consent_timeout(),
+        Some(ConsentTimeout {
+            after: Duration::from_secs(60),
+            action: ConsentTimeoutAction::Reject
+        })
+    );
+
+    let e = agent_err(&format!("{MINIMAL}\n[limits]\nmax-ranges = 0\n"));
+    assert_eq!(e.key(), Some("limits.max-ranges"), "{e}");
+    for bad in ["0", "-2", "4294967296"] {
+        let e = agent_err(&format!("{MINIMAL}\n[limits]\nmax-lifetime = {bad}\n"));
+        assert_eq!(e.key(), Some("limits.max-lifetime"), "{e}");
+        assert!(e.to_string().contains(bad), "{e}");
+    }
+    let c = agent_ok(&format!("{MINIMAL}\n[limits]\nmax-lifetime = -1\n"));
+    assert_eq!(c.limits.to_limits().max_lifetime, None);
+}
+
+#[test]
+fn interfaces_credentials_and_domain() {
+    for bad in ["eth0/1", "this-is-far-too-long0", "eth 1", ""] {
+        let e = agent_err(&format!(
+            "{MINIMAL}\n[xdp]\ninterfaces = [\"eth1\", \"{bad}\"]\n"
+        ));
+        assert_eq!(e.key(), Some("xdp.interfaces[1]"), "{e}");
+    }
+    let e = agent_err(&format!(
+        "{MINIMAL}\n[xdp]\ninterfaces = [\"eth1\", \"eth1\"]\n"
+    ));
+    assert_eq!(e.key(), Some("xdp.interfaces[1]"), "{e}");
+
+    let e = agent_err(&MINIMAL.replace("cert = \"agent.pem\"\n", ""));
+    assert_eq!(e.key(), Some("peers[0].cert"), "{e}");
+    assert!(matches!(e, ConfigError::Missing { .. }), "{e}");
+    // ... unless the peer has its own.
+    agent_ok(&MINIMAL.replace("cert = \"agent.pem\"\n", "").replace(
+        "address = \"isp.example\"\n",
+        "address = \"isp.example\"\ncert = \"/x.pem\"\n",
+    ));
+
+    let e = agent_err(&MINIMAL.replace(
+        "prefixes = [\"192.0.2.0/24\"]",
+        "interface-addresses = false",
+    ));
+    assert_eq!(e.key(), Some("domain.prefixes"), "{e}");
+    // With interface addresses the domain may be empty in the file.
+    agent_ok(&MINIMAL.replace("prefixes = [\"192.0.2.0/24\"]", ""));
+}
+
+#[test]
+fn syntax_errors_have_a_line() {
+    let e = agent_err("ca = \"x\"\n\n[[peers]\n");
+    assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
+    assert_eq!(e.line(), Some(3), "{e}");
+    let e = agent_err("ca = \"x\"\nca = \"y\"\n");
+    assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
+    let e = AgentConfig::load("/nonexistent/agent.toml").unwrap_err();
+    assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+    assert!(e.to_string().contains("/nonexistent/agent.toml"), "{e}");
+}
+
+#[test]
+fn check_files_names_the_key() {
+    let dir = std::env::temp_dir().join(format!("dots-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["ca.pem", "agent.pem", "agent.key"] {
+        std::fs::write(dir.join(f), "x").unwrap();
+    }
+    let origin = dir.join("agent.toml");
+    let c = AgentConfig::from_str(MINIMAL, &origin).unwrap();
+    c.validate().unwrap();
+    c.check_files().unwrap();
+    std::fs::remove_file(dir.join("agent.key")).unwrap();
+    let e = c.check_files().unwrap_err();
+    assert_eq!(e.key(), Some("key"), "{e}");
+    assert!(e.to_string().contains("agent.key"), "{e}");
+    let c = AgentConfig::from_str(
+        &MINIMAL.replace(
+            "address = \"isp.example\"\n",
+            "address = \"isp.example\"\nkey = \".\"\n",
+        ),
+        &origin,
+    )
+    .unwrap();
+    let e = c.check_files().unwrap_err();
+    assert_eq!(e.key(), Some("peers[0].key"), "{e}");
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+const FULL: &str = r#"
+transport = "tcp"
+ca = "/pki/ca.pem"
+cert = "/pki/agent.pem"
+key = "/pki/agent.key"
+enforce = false
+consent = "require"
+consent-timeout = 120
+consent-timeout-action = "approve"
+never-block = ["203.0.113.0/24", "2001:db8:ffff::53"]
+notify-interval = 5
+state-dir = "state"
+control-socket = "/tmp/agent.sock"
+log-format = "json"
+
+[[peers]]
+address = "[2001:db8::1]:5000"
+peer-name = "isp.example"
+
+[[peers]]
+address = "dots.isp.example"
+transport = "tcp"
+cert = "/pki/agent.pem"
+
+[domain]
+prefixes = ["192.0.2.0/24", "2001:db8:100::/48"]
+interface-addresses = false
+
+[xdp]
+interfaces = ["eth1", "wlan0"]
+mode = "generic"
+bpffs = "/sys/fs/bpf/test"
+
+[limits]
+max-mitigations-per-cuid = 8
+max-prefixes = 4
+max-ranges = 5
+max-protocols = 6
+max-lifetime = 600
+"#;
+
+#[test]
+fn full_config_round_trips_into_agent_options() {
+    let c = AgentConfig::from_str(FULL, "/etc/dots/agent.toml").unwrap();
+    let o = c.to_options().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(o.peers.len(), 2);
+    assert_eq!(o.peers[0].host, "2001:db8::1");
+    assert_eq!(o.peers[0].port, 5000);
+    assert_eq!(
+        o.peers[0].addrs,
+        vec!["2001:db8::1".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(o.peers[0].name.as_deref(), Some("isp.example"));
+    assert_eq!(o.peers[1].host, "dots.isp.example");
+    assert_eq!(o.peers[1].port, 4647);
+    assert_eq!(o.peers[1].name, None);
+    assert_eq!(o.transports, vec![Transport::Tcp]);
+    assert_eq!(o.credentials.ca, PathBuf::from("/pki/ca.pem"));
+    assert_eq!(o.credentials.cert, PathBuf::from("/pki/agent.pem"));
+    assert_eq!(o.credentials.key, PathBuf::from("/pki/agent.key"));
+    assert_eq!(
+        o.domain,
+        vec![net("192.0.2.0/24"), net("2001:db8:100::/48")]
+    );
+    assert!(o.monitor);
+    assert_eq!(o.lans, vec!["eth1".to_string(), "wlan0".to_string()]);
+    assert_eq!(o.attach_mode, AttachMode::Generic);
+    assert_eq!(o.bpffs, PathBuf::from("/sys/fs/bpf/test"));
+    assert_eq!(o.consent, ConsentMode::Require);
+    assert_eq!(
+        o.never_block,
+        vec![net("203.0.113.0/24"), net("2001:db8:ffff::53/128")]
+    );
+    assert_eq!(
+        o.limits,
+        Limits {
+            max_lifetime: Some(600),
+            max_prefixes: 4,
+            max_ranges: 5,
+            max_protocols: 6,
+        }
+    );
+    // Settings AgentOptions does not hold (yet).
+    assert_eq!(c.notify_interval(), Duration::from_secs(5));
+    assert_eq!(
+        c.consent_timeout(),
+        Some(ConsentTimeout {
+            after: Duration::from_secs(120),
+            action: ConsentTimeoutAction::Approve,
+        })
+    );
+    assert_eq!(c.state_dir(), std::path::Path::new("/etc/dots/state"));
+    assert_eq!(c.control_socket(), std::path::Path::new("/tmp/agent.sock"));
+    assert_eq!(c.log_format(), LogFormat::Json);
+    assert_eq!(c.max_mitigations_per_cuid(), 8);
+    assert!(c.interface_prefixes().is_empty());
+    let s = c.server_config(o.domain.clone());
+    assert_eq!(s.mode, EnforcementMode::Monitor);
+    assert_eq!(s.notify_period, Duration::from_secs(5));
+    assert_eq!(s.max_mitigations_per_cuid, 8);
+    assert_eq!(s.limits, o.limits);
+}
+
+#[test]
+fn per_peer_differences_the_runtime_cannot_hold_are_refused() {
+    let text = FULL.replace(
+        "transport = \"tcp\"\ncert = \"/pki/agent.pem\"",
+        "transport = \"udp\"",
+    );
+    let c = AgentConfig::from_str(&text, FILE).unwrap();
+    c.validate().unwrap();
+    let e = c.to_options().unwrap_err();
+    assert_eq!(e.key(), Some("peers[1].transport"), "{e}");
+    let peers = c.resolved_peers().unwrap();
+    assert_eq!(peers[0].transports, vec![Transport::Tcp]);
+    assert_eq!(peers[1].transports, vec![Transport::Udp]);
+
+    let text = FULL.replace(
+        "cert = \"/pki/agent.pem\"\n\n[domain]",
+        "cert = \"/pki/other.pem\"\n\n[domain]",
+    );
+    let e = AgentConfig::from_str(&text, FILE)
+        .unwrap()
+        .to_options()
+        .unwrap_err();
+    assert_eq!(e.key(), Some("peers[1].cert"), "{e}");
+    assert!(e.to_string().contains("/pki/other.pem"), "{e}");
+}
+
+#[test]
+fn example_agent_file_parses_and_validates() {
+    let path = workspace_file("examples/agent.toml");
+    let c = AgentConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    c.validate().unwrap_or_else(|e| panic!("{e}"));
+    let o = c.to_options().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(o.peers.len(), 2);
+    assert_eq!(o.lans, vec!["eth1".to_string()]);
+    // Its values are the defaults, but for the marked examples.
+    let defaults = AgentConfig {
+        peers: c.peers.clone(),
+        ca: c.ca.clone(),
+        cert: c.cert.clone(),
+        key: c.key.clone(),
+        domain: DomainConfig {
+            prefixes: c.domain.prefixes.clone(),
+            ..DomainConfig::default()
+        },
+        xdp: XdpConfig {
+            interfaces: c.xdp.interfaces.clone(),
+            ..XdpConfig::default()
+        },
+        origin: c.origin.clone(),
+        ..AgentConfig::default()
+    };
+    assert_eq!(c, defaults);
+    // Every commented-out key is a valid key with a valid value.
+    let uncommented: String = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest) if is_key_line(rest) => rest,
+            _ => l,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let c = AgentConfig::from_str(&uncommented, &path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.consent_timeout.is_some() && c.peers[0].peer_name.is_some());
+    assert_eq!(c.consent_timeout_action, Some(ConsentTimeoutAction::Reject));
+}
+
+fn is_key_line(s: &str) -> bool {
+    let Some((k, _)) = s.split_once(" = ") else {
+        return false;
+    };
+    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+}
+
+#[test]
+fn example_client_file_parses_and_validates() {
+    let path = workspace_file("examples/client.toml");
+    let c = ClientConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    c.validate().unwrap_or_else(|e| panic!("{e}"));
+    let o = c.to_options().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(o.udp, Some("[::]:4647".parse().unwrap()));
+    assert_eq!(
+        c,
+        ClientConfig {
+            ca: c.ca.clone(),
+            cert: c.cert.clone(),
+            key: c.key.clone(),
+            origin: c.origin.clone(),
+            ..ClientConfig::default()
+        }
+    );
+}
+
+#[test]
+fn client_config() {
+    const CF: &str = "/etc/dots-client/client.toml";
+    let base = "ca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+    let c = ClientConfig::from_str(
+        &format!("{base}udp = \"none\"\ntcp = \"0.0.0.0:4000\"\nallow = [\"cpe1\"]\ncontrol-socket = \"/tmp/c.sock\"\nstate-dir = \"st\"\nlog-format = \"json\"\n"),
+        CF,
+    )
+    .unwrap();
+    let o = c.to_options().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(o.udp, None);
+    assert_eq!(o.tcp, Some("0.0.0.0:4000".parse().unwrap()));
+    assert_eq!(o.credentials.ca, PathBuf::from("/etc/dots-client/ca.pem"));
+    assert_eq!(o.allow, Some(vec!["cpe1".to_string()]));
+    assert_eq!(o.control, PathBuf::from("/tmp/c.sock"));
+    assert_eq!(o.state_dir, Some(PathBuf::from("/etc/dots-client/st")));
+    assert_eq!(c.log_format(), LogFormat::Json);
+
+    let defaults = ClientConfig::from_str(base, CF)
+        .unwrap()
+        .to_options()
+        .unwrap();
+    assert_eq!(defaults.allow, None);
+    assert_eq!(defaults.control, PathBuf::from("/run/dots-client.sock"));
+    assert_eq!(
+        defaults.state_dir,
+        Some(PathBuf::from("/var/lib/dots-client"))
+    );
+
+    let err = |text: &str| {
+        let e = match ClientConfig::from_str(text, CF) {
+            Ok(c) => c.validate().unwrap_err(),
+            Err(e) => e,
+        };
+        assert!(e.to_string().starts_with(CF), "{e}");
+        e
+    };
+    let e = err(&format!("{base}udp = \"4647\"\n"));
+    assert_eq!(e.key(), Some("udp"), "{e}");
+    assert!(e.to_string().contains("\"4647\""), "{e}");
+    let e = err(&format!("{base}udp = \"none\"\ntcp = \"none\"\n"));
+    assert_eq!(e.key(), Some("tcp"), "{e}");
+    let e = err("ca = \"ca.pem\"\ncert = \"c.pem\"\n");
+    assert_eq!(e.key(), Some("key"), "{e}");
+    assert!(matches!(e, ConfigError::Missing { .. }), "{e}");
+    let e = err(&format!("{base}alow = [\"x\"]\n"));
+    assert_eq!(e.key(), Some("alow"), "{e}");
+    assert!(e.to_string().contains("allow"), "{e}");
+    let e = err(&format!("{base}allow = [\"\"]\n"));
+    assert_eq!(e.key(), Some("allow[0]"), "{e}");
+    let e = err(&format!(
+        "{base}control-socket = \"/{}\"\n",
+        "s".repeat(120)
+    ));
+    assert_eq!(e.key(), Some("control-socket"), "{e}");
+
+    let c = ClientConfig::from_str(base, "/nonexistent/client.toml").unwrap();
+    let e = c.check_files().unwrap_err();
+    assert_eq!(e.key(), Some("ca"), "{e}");
+}
+
+#[test]
+fn error_messages_read_well() {
+    let e = agent_err(&format!("notify-interval = 0\n{MINIMAL}"));
+    assert_eq!(
+        e.to_string(),
+        format!("{FILE}: notify-interval = 0: must be at least 1 (seconds)")
+    );
+    let e = agent_err(&format!("{MINIMAL}\n[[peers]]\npeer-name = \"b\"\n"));
+    assert_eq!(
+        e.to_string(),
+        format!("{FILE}: peers[1].address: missing: this key is required")
+    );
+    let e = agent_err(&format!("{MINIMAL}\n[xdp]\nmode = \"fast\"\n"));
+    assert!(
+        e.to_string().starts_with(&format!("{FILE}:11: xdp.mode: ")),
+        "{e}"
+    );
+}
