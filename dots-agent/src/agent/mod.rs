@@ -136,6 +136,11 @@ pub struct AgentOptions {
     pub control: PathBuf,
     /// Where the active mitigations are written, atomically, to survive a restart.
     pub state_dir: PathBuf,
+    /// Pending consent is decided after this long: approved when
+    /// `consent_timeout_approves`, else rejected.
+    pub consent_timeout: Option<std::time::Duration>,
+    pub consent_timeout_approves: bool,
+    pub max_mitigations_per_cuid: usize,
     /// How often counters are read and observers notified while a mitigation is active.
     pub notify_interval: std::time::Duration,
 }
@@ -235,6 +240,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             EnforcementMode::Enforce
         },
         notify_period: opts.notify_interval,
+        consent_timeout: opts.consent_timeout,
+        consent_timeout_approves: opts.consent_timeout_approves,
+        max_mitigations_per_cuid: opts.max_mitigations_per_cuid,
         ..ServerConfig::default()
     };
     let mut tasks = tokio::task::JoinSet::new();

@@ -4,13 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use dots_agent::config::{AgentConfig, ConsentPolicy, PeerConfig, TransportPref};
 use dots_agent::{
-    agent::{self, control, AgentOptions, PeerTarget},
+    agent::{self, control},
     enforce::{AttachMode, Dataplane, DataplaneOptions, DEFAULT_BPFFS_DIR},
     logging::{self, LogFormat},
-    transport::{Credentials, Transport},
 };
-use dots_proto::{model::Limits, signal::ConsentMode};
 
 /// DOTS signal channel Call Home agent for Linux routers.
 ///
@@ -22,9 +21,10 @@ use dots_proto::{model::Limits, signal::ConsentMode};
 #[derive(Parser)]
 #[command(version, about, long_about, propagate_version = true)]
 struct Cli {
-    /// Log format on stderr. Filter with RUST_LOG (e.g. RUST_LOG=debug).
-    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
-    log_format: LogFormat,
+    /// Log format on stderr, human or json [default: human, or the
+    /// configuration's]. Filter with RUST_LOG (e.g. RUST_LOG=debug).
+    #[arg(long, value_enum, global = true)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,6 +42,12 @@ enum Command {
     ///   dots-agent run --peer 198.51.100.1 --peer-name isp.example --ca ca.pem \
     ///     --cert agent.pem --key agent.key --domain 192.0.2.0/24 --lan eth1
     Run(Box<RunArgs>),
+    /// Validate a configuration file without running: syntax, every key and
+    /// value, and that the certificate files exist.
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Show the running agent: peers and session state, heartbeat health,
     /// attached interfaces and XDP mode, monitor mode.
     Status(ControlArgs),
@@ -66,29 +72,33 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// TOML configuration (see examples/agent.toml). The flags below
+    /// override it; without it they are the whole configuration.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Call Home DOTS client to dial, HOST[:PORT] (port 4647 by default).
     /// Repeatable: one session per peer.
-    #[arg(long = "peer", required = true, value_name = "HOST:PORT")]
+    #[arg(long = "peer", value_name = "HOST:PORT")]
     peers: Vec<String>,
     /// Transport: udp (DTLS), tcp (TLS), or both (raced, DTLS first).
-    #[arg(long, value_enum, default_value_t = TransportChoice::Both)]
-    transport: TransportChoice,
+    #[arg(long, value_enum)]
+    transport: Option<TransportChoice>,
     /// CA bundle that the peer's certificate must chain to.
     #[arg(long, value_name = "FILE")]
-    ca: PathBuf,
+    ca: Option<PathBuf>,
     /// This agent's certificate (PEM).
     #[arg(long, value_name = "FILE")]
-    cert: PathBuf,
+    cert: Option<PathBuf>,
     /// This agent's private key (PEM).
     #[arg(long, value_name = "FILE")]
-    key: PathBuf,
-    /// Reference identifier the peer's certificate must carry (DNS name or IP
-    /// address); defaults to the host given in --peer.
+    key: Option<PathBuf>,
+    /// Reference identifier the peers' certificates must carry (DNS name or
+    /// IP address); defaults to the host given in --peer.
     #[arg(long, value_name = "NAME")]
     peer_name: Option<String>,
     /// The local domain: source prefixes of requests must fall inside
-    /// (repeatable).
-    #[arg(long = "domain", required = true, value_name = "PREFIX")]
+    /// (repeatable; the router's own addresses are added).
+    #[arg(long = "domain", value_name = "PREFIX")]
     domain: Vec<ipnet::IpNet>,
     /// Monitor mode: validate, answer and log requests, install nothing
     /// (status stays 1 "attack-mitigation-in-progress").
@@ -98,27 +108,112 @@ struct RunArgs {
     #[arg(long = "lan", value_name = "IFACE")]
     lans: Vec<String>,
     /// XDP attach mode.
-    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
-    mode: AttachMode,
+    #[arg(long, value_enum)]
+    mode: Option<AttachMode>,
     /// auto: enforce valid requests at once; require: wait for the operator.
-    #[arg(long, value_enum, default_value_t = Consent::Auto)]
-    consent: Consent,
+    #[arg(long, value_enum)]
+    consent: Option<Consent>,
     /// Prefix never to drop, whatever a request says (repeatable).
     #[arg(long = "never-block", value_name = "PREFIX")]
     never_block: Vec<ipnet::IpNet>,
-    /// bpffs directory for pinned maps and links.
-    #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
-    bpffs: PathBuf,
-    /// Control socket for `dots-agent status`, `mitigations`, `approve`, `reject`.
-    #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
-    control: PathBuf,
-    /// Where the active mitigations are kept across restarts.
-    #[arg(long, default_value = agent::DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
+    /// bpffs directory for pinned maps and links [default: /sys/fs/bpf/dots-agent].
+    #[arg(long)]
+    bpffs: Option<PathBuf>,
+    /// Control socket for `dots-agent status`, `mitigations`, `approve`,
+    /// `reject` [default: /run/dots-agent.sock].
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Where the active mitigations are kept across restarts
+    /// [default: /var/lib/dots-agent].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Seconds between counter updates (and Observe notifications) of active
-    /// mitigations.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-    notify_interval: u64,
+    /// mitigations [default: 30].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    notify_interval: Option<u64>,
+}
+
+impl RunArgs {
+    /// The configuration file (or the defaults) with the flags applied.
+    fn config(&self, log_format: Option<LogFormat>) -> Result<AgentConfig> {
+        let mut c = match &self.config {
+            Some(path) => AgentConfig::load(path)?,
+            None => AgentConfig::default(),
+        };
+        if !self.peers.is_empty() {
+            c.peers = self
+                .peers
+                .iter()
+                .map(|p| PeerConfig {
+                    address: p.clone(),
+                    peer_name: self.peer_name.clone(),
+                    ..Default::default()
+                })
+                .collect();
+        } else if let Some(name) = &self.peer_name {
+            for p in &mut c.peers {
+                p.peer_name = Some(name.clone());
+            }
+        }
+        if let Some(t) = self.transport {
+            c.transport = match t {
+                TransportChoice::Udp => TransportPref::Udp,
+                TransportChoice::Tcp => TransportPref::Tcp,
+                TransportChoice::Both => TransportPref::Both,
+            };
+            for p in &mut c.peers {
+                p.transport = None;
+            }
+        }
+        for (flag, field) in [
+            (&self.ca, &mut c.ca),
+            (&self.cert, &mut c.cert),
+            (&self.key, &mut c.key),
+        ] {
+            if flag.is_some() {
+                field.clone_from(flag);
+            }
+        }
+        if !self.domain.is_empty() {
+            c.domain.prefixes = self.domain.clone();
+        }
+        if self.no_enforce {
+            c.enforce = false;
+        }
+        if !self.lans.is_empty() {
+            c.xdp.interfaces = self.lans.clone();
+        }
+        if let Some(m) = self.mode {
+            c.xdp.mode = m;
+        }
+        if let Some(consent) = self.consent {
+            c.consent = match consent {
+                Consent::Auto => ConsentPolicy::Auto,
+                Consent::Require => ConsentPolicy::Require,
+            };
+            if consent == Consent::Auto {
+                c.consent_timeout = None;
+                c.consent_timeout_action = None;
+            }
+        }
+        c.never_block.extend(self.never_block.iter().copied());
+        if let Some(b) = &self.bpffs {
+            c.xdp.bpffs = b.clone();
+        }
+        if let Some(s) = &self.control {
+            c.control_socket = s.clone();
+        }
+        if let Some(s) = &self.state_dir {
+            c.state_dir = s.clone();
+        }
+        if let Some(n) = self.notify_interval {
+            c.notify_interval = n;
+        }
+        if let Some(f) = log_format {
+            c.log_format = f;
+        }
+        Ok(c)
+    }
 }
 
 #[derive(clap::Args)]
@@ -150,7 +245,7 @@ enum TransportChoice {
     Both,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Consent {
     Auto,
     Require,
@@ -190,11 +285,21 @@ enum DataplaneCommand {
     },
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("dots-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    if !matches!(cli.command, Command::Run(_)) {
+        logging::init(cli.log_format.unwrap_or_default());
+    }
     match cli.command {
-        Command::Run(args) => run(*args),
+        Command::Run(args) => run(*args, cli.log_format),
+        Command::CheckConfig { config } => check_config(&config),
         Command::Status(a) => show(&a, control::Request::Status),
         Command::Mitigations(a) => show(&a, control::Request::Mitigations),
         Command::Approve(a) => consent(&a, true),
@@ -208,45 +313,43 @@ fn main() -> Result<()> {
     }
 }
 
-fn run(a: RunArgs) -> Result<()> {
-    let mut peers = Vec::new();
-    for p in &a.peers {
-        let mut t = PeerTarget::parse(p)?;
-        t.name = a.peer_name.clone();
-        peers.push(t);
+fn run(a: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
+    let config = a.config(log_format)?;
+    logging::init(config.log_format);
+    config.check_files()?;
+    let mut opts = config.to_options()?;
+    // The router's own addresses belong to its domain (RFC 9066 §5.3.1).
+    for p in config.interface_prefixes() {
+        if !opts.domain.iter().any(|d| d.contains(&p)) {
+            opts.domain.push(p);
+        }
     }
-    let transports = match a.transport {
-        TransportChoice::Udp => vec![Transport::Udp],
-        TransportChoice::Tcp => vec![Transport::Tcp],
-        TransportChoice::Both => vec![Transport::Udp, Transport::Tcp],
-    };
-    let opts = AgentOptions {
-        peers,
-        transports,
-        credentials: Credentials {
-            ca: a.ca,
-            cert: a.cert,
-            key: a.key,
-        },
-        domain: a.domain,
-        monitor: a.no_enforce,
-        lans: a.lans,
-        attach_mode: a.mode,
-        bpffs: a.bpffs,
-        consent: match a.consent {
-            Consent::Auto => ConsentMode::Auto,
-            Consent::Require => ConsentMode::Require,
-        },
-        never_block: a.never_block,
-        limits: Limits::default(),
-        control: a.control,
-        state_dir: a.state_dir,
-        notify_interval: std::time::Duration::from_secs(a.notify_interval),
-    };
+    tracing::info!(domain = ?opts.domain, "local domain");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(agent::run(opts))
+}
+
+/// `check-config`: everything `run` checks before it starts.
+fn check_config(path: &std::path::Path) -> Result<()> {
+    let config = AgentConfig::load(path)?;
+    config.validate()?;
+    config.check_files()?;
+    let opts = config.to_options()?;
+    println!(
+        "{}: valid ({} peer(s), {} domain prefix(es), {} LAN interface(s), {})",
+        path.display(),
+        opts.peers.len(),
+        opts.domain.len(),
+        opts.lans.len(),
+        if opts.monitor {
+            "monitor mode"
+        } else {
+            "enforcing"
+        }
+    );
+    Ok(())
 }
 
 fn ask(socket: &std::path::Path, req: &control::Request) -> Result<control::Reply> {

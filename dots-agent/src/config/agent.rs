@@ -109,7 +109,7 @@ impl Default for AgentConfig {
 }
 
 /// One `[[peers]]` entry.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct PeerConfig {
     /// `HOST[:PORT]` or `[V6]:PORT`; the port defaults to 4647.
@@ -610,6 +610,11 @@ impl AgentConfig {
             control: self.control_socket.clone(),
             state_dir: self.state_dir.clone(),
             notify_interval: self.notify_interval(),
+            consent_timeout: self.consent_timeout().map(|t| t.after),
+            consent_timeout_approves: self
+                .consent_timeout()
+                .is_some_and(|t| t.action == ConsentTimeoutAction::Approve),
+            max_mitigations_per_cuid: self.limits.max_mitigations_per_cuid,
         })
     }
 
