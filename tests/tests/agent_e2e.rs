@@ -462,3 +462,170 @@ fn ipv4_flood_is_dropped_and_counted() -> Result<()> {
 fn ipv6_flood_is_dropped_and_counted() -> Result<()> {
     flood_is_dropped_and_counted(true)
 }
+
+/// A lab with both daemons up and neighbours resolved.
+fn ready_lab(agent_extra: &[&str]) -> Result<(Lab, Sink)> {
+    let mut lab = Lab::new()?;
+    lab.start_client()?;
+    lab.start_agent(agent_extra)?;
+    let sink = Sink::open(&lab.target)?;
+    for (ns, dst) in [(&lab.hosta, TARGET4), (&lab.hostb, TARGET4)] {
+        send(ns, dst, 3, "warmup")?;
+    }
+    let _ = sink.count("warmup");
+    Ok((lab, sink))
+}
+
+/// Sends 50 datagrams from host A to the target and returns how many arrived.
+fn probe(lab: &Lab, sink: &Sink, tag: &str) -> Result<usize> {
+    send(&lab.hosta, TARGET4, 50, tag)?;
+    Ok(sink.count(tag))
+}
+
+#[test]
+fn consent_approved_then_rejected() -> Result<()> {
+    let (lab, sink) = ready_lab(&["--consent", "require"])?;
+    let (code, mid, body) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &[])?;
+    assert_eq!(code, "2.01 Created");
+    assert_eq!(
+        body["ietf-dots-signal-channel:mitigation-scope"]["scope"][0]["status"],
+        "attack-mitigation-in-progress"
+    );
+    let (ok, out) = lab.agent_cmd(&["mitigations"])?;
+    assert!(ok && out.contains("pending-consent"), "{out}");
+    assert_eq!(
+        probe(&lab, &sink, "pending")?,
+        50,
+        "nothing is enforced before consent"
+    );
+    // The cuid is the client's; read it from the agent's list.
+    let list = lab.agent_cmd(&["mitigations", "--json"])?.1;
+    let list: Value = serde_json::from_str(&list)?;
+    let cuid = list[0]["cuid"].as_str().context("cuid")?.to_string();
+    let (ok, out) = lab.agent_cmd(&["approve", &format!("{cuid}/{mid}")])?;
+    assert!(ok, "{out}");
+    lab.wait_status(mid, "attack-successfully-mitigated")?;
+    assert_eq!(probe(&lab, &sink, "approved")?, 0, "enforced once approved");
+
+    // A second request, rejected: the peer hears conflict-cause 4 and
+    // nothing more is installed.
+    let (_, mid2, _) = lab.mitigate("192.0.2.18/32", "198.51.100.10/32", &[])?;
+    let (ok, out) = lab.agent_cmd(&["reject", &format!("{cuid}/{mid2}")])?;
+    assert!(ok, "{out}");
+    lab.client.as_ref().context("client")?.wait_log(
+        "request-rejected-legitimate-traffic",
+        Duration::from_secs(10),
+    )?;
+    send(&lab.hostb, TARGET4, 50, "rejected")?;
+    assert_eq!(
+        sink.count("rejected"),
+        50,
+        "a rejected request drops nothing"
+    );
+    let (ok, out) = lab.agent_cmd(&["approve", &format!("{cuid}/{mid2}")])?;
+    assert!(!ok, "deciding twice must fail: {out}");
+    Ok(())
+}
+
+#[test]
+fn lifetime_expiry_restores_traffic() -> Result<()> {
+    let (lab, sink) = ready_lab(&[])?;
+    let (_, mid, _) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &["--lifetime", "3"])?;
+    lab.wait_status(mid, "attack-successfully-mitigated")?;
+    assert_eq!(probe(&lab, &sink, "during")?, 0);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        probe(&lab, &sink, "expired")?,
+        50,
+        "expiry removes the drops"
+    );
+    let (ok, out) = lab.agent_cmd(&["mitigations"])?;
+    assert!(ok && out.contains("no mitigation"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn bad_requests_change_nothing() -> Result<()> {
+    let (lab, sink) = ready_lab(&[])?;
+    let (_, mid, _) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &[])?;
+    lab.wait_status(mid, "attack-successfully-mitigated")?;
+    // Outside the domain: 4.00, nothing installed.
+    let (code, _, body) = lab.mitigate("10.9.9.9/32", "198.51.100.10/32", &[])?;
+    assert_eq!(code, "4.00 Bad Request");
+    assert!(
+        body["diagnostic"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("outside"),
+        "{body}"
+    );
+    // trigger-mitigation false: refused by the Call Home rules.
+    let bad = lab.dir.path.join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"ietf-dots-signal-channel:mitigation-scope":{"scope":[{"target-prefix":["198.51.100.10/32"],"ietf-dots-call-home:source-prefix":["192.0.2.18/32"],"lifetime":60,"trigger-mitigation":false}]}}"#,
+    )?;
+    let (ok, r) = lab.client(&["mitigate", "--json", &bad.display().to_string()])?;
+    assert!(!ok);
+    assert_eq!(r[0]["code"], "4.00 Bad Request", "{r:?}");
+    let list: Value = serde_json::from_str(&lab.agent_cmd(&["mitigations", "--json"])?.1)?;
+    assert_eq!(
+        list.as_array().map(Vec::len),
+        Some(1),
+        "only the first mitigation exists: {list}"
+    );
+    assert_eq!(
+        probe(&lab, &sink, "still")?,
+        0,
+        "the earlier mitigation stays in force"
+    );
+    send(&lab.hostb, TARGET4, 50, "hostb")?;
+    assert_eq!(
+        sink.count("hostb"),
+        50,
+        "the refused ones installed nothing"
+    );
+    assert!(
+        lab.agent_log().contains("request refused"),
+        "refusals are logged"
+    );
+    Ok(())
+}
+
+#[test]
+fn restart_keeps_enforcing_and_restores_state() -> Result<()> {
+    let (mut lab, sink) = ready_lab(&[])?;
+    let (_, mid, _) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &["--lifetime", "600"])?;
+    lab.wait_status(mid, "attack-successfully-mitigated")?;
+    assert_eq!(probe(&lab, &sink, "before")?, 0);
+    // Stop the agent: the pinned XDP link keeps dropping.
+    if let Some(mut a) = lab.agent.take() {
+        a.stop();
+    }
+    assert_eq!(
+        probe(&lab, &sink, "down")?,
+        0,
+        "no gap while the agent is down"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    lab.start_agent(&[])?;
+    lab.agent
+        .as_ref()
+        .context("agent")?
+        .wait_log("restored", Duration::from_secs(10))?;
+    assert_eq!(
+        probe(&lab, &sink, "after")?,
+        0,
+        "still dropped after the restart"
+    );
+    let scope = lab.wait_status(mid, "attack-successfully-mitigated")?;
+    let left = scope["lifetime"].as_i64().unwrap_or(0);
+    assert!(
+        left > 0 && left < 600,
+        "remaining lifetime carried over: {scope}"
+    );
+    // Counters of before, during and after the restart add up (3 x 50).
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(scope_counter(&lab.scope(mid)?, "pkts-dropped"), 150);
+    Ok(())
+}

@@ -5,6 +5,7 @@
 pub mod control;
 pub mod enforcer;
 mod session;
+pub mod state;
 pub mod view;
 
 use std::{
@@ -153,6 +154,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     if opts.domain.is_empty() {
         bail!("no local domain: give --domain PREFIX so requests can be checked against it");
     }
+    let mut saved = state::StateFile::load(&opts.state_dir);
     let mut attached = Vec::new();
     let enforcer = if opts.monitor {
         info!("monitor mode: requests are validated, answered and logged; nothing is installed");
@@ -173,6 +175,25 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         }
         let mut table = SlotTable::new(dp);
         table.set_never_block(&opts.never_block)?;
+        // Re-adopt the slots of the previous run (for the same peers): the
+        // pinned maps already hold them, so this writes nothing.
+        let same_peer = |i: usize| {
+            saved.peers.get(&i).map(|p| p.peer.as_str())
+                == opts.peers.get(i).map(|t| t.to_string()).as_deref()
+        };
+        let slots: Vec<_> = saved
+            .slots
+            .iter()
+            .filter(|r| same_peer(r.key.peer))
+            .cloned()
+            .collect();
+        if !slots.is_empty() {
+            let n = slots.len();
+            for skipped in table.import(slots)? {
+                warn!(%skipped, "slot of the previous run not re-adopted");
+            }
+            info!(slots = n, "classifier slots of the previous run re-adopted");
+        }
         Some(Arc::new(Mutex::new(table)))
     };
     let interfaces = match &enforcer {
@@ -221,6 +242,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         consent_senders.push(tx);
         consent_receivers.push(rx);
     }
+    let store = Arc::new(state::StateStore::new(&opts.state_dir, enforcer.clone())?);
     let control = control::bind(&opts.control)?;
     info!(socket = %opts.control.display(), "control socket ready");
     tokio::spawn(control::serve(
@@ -257,6 +279,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             enforcer: enforcer.clone(),
             view: view.clone(),
             consent,
+            restore: saved.take_peer(index, &target.to_string()),
+            store: store.clone(),
             seed: seed(index),
         };
         info!(peer = %target, transports = ?opts.transports, "dialling");

@@ -15,7 +15,7 @@ use std::{
 use dots_proto::{
     coap::{DatagramConfig, DatagramEndpoint, Endpoint, StreamConfig, StreamEndpoint},
     model::RedirectedSignal,
-    signal::{Action, MitigationKey, ServerConfig, SignalServer},
+    signal::{Action, MitigationKey, MitigationRecord, ServerConfig, SignalServer},
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use super::{
     control::ConsentCommand,
     enforcer::{slot_spec, SlotKey, SlotTable},
+    state::{log_restored, StateStore},
     view::{unix_now, AgentView},
     PeerTarget,
 };
@@ -50,6 +51,9 @@ pub struct PeerTask {
     pub enforcer: Option<Arc<Mutex<SlotTable>>>,
     pub view: Arc<Mutex<AgentView>>,
     pub consent: mpsc::Receiver<ConsentCommand>,
+    /// Mitigations of this peer from the state directory.
+    pub restore: Vec<MitigationRecord>,
+    pub store: Arc<StateStore>,
     pub seed: u64,
 }
 
@@ -60,6 +64,11 @@ struct Shell {
     enforcer: Option<Arc<Mutex<SlotTable>>>,
     view: Arc<Mutex<AgentView>>,
     consent: mpsc::Receiver<ConsentCommand>,
+    store: Arc<StateStore>,
+    /// The configured peer, as the state file names it.
+    name: String,
+    /// `Mitigations::revision` last written to the state file.
+    saved: Option<u64>,
 }
 
 impl PeerTask {
@@ -73,13 +82,19 @@ impl PeerTask {
             enforcer,
             view,
             consent,
+            restore,
+            store,
             mut seed,
         } = self;
+        let name = target.to_string();
         let mut shell = Shell {
             peer: index,
             enforcer,
             view,
             consent,
+            store,
+            name,
+            saved: None,
         };
         let now = Instant::now();
         // Until the first connection the endpoint talks to nobody: what it
@@ -94,6 +109,7 @@ impl PeerTask {
                 return;
             }
         };
+        shell.restore(&mut server, restore);
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60), 2.0);
         let home = target.clone();
         // A redirect holds until its ttl runs out, then the configured peer applies again.
@@ -274,10 +290,39 @@ impl Shell {
                 end = end.or(Some(e));
             }
         }
+        let now = Instant::now();
         if let Ok(mut v) = self.view.lock() {
-            v.set_mitigations(self.peer, Instant::now(), server.mitigations().iter());
+            v.set_mitigations(self.peer, now, server.mitigations().iter());
+        }
+        let revision = server.mitigations().revision();
+        if self.saved != Some(revision) {
+            self.saved = Some(revision);
+            self.store
+                .update(self.peer, &self.name, server.snapshot(now));
         }
         end
+    }
+
+    /// Brings back the mitigations of the previous run; slots of ones that
+    /// did not come back (expired meanwhile) are freed.
+    fn restore(&mut self, server: &mut Server, records: Vec<MitigationRecord>) {
+        let offered = records.len();
+        let keys = match server.restore(Instant::now(), records) {
+            Ok(keys) => keys,
+            Err(e) => {
+                warn!(error = %e, "the saved mitigations could not be restored");
+                Vec::new()
+            }
+        };
+        log_restored(&self.name, keys.len(), offered);
+        if let Some(e) = &self.enforcer {
+            let keep: Vec<SlotKey> = keys.iter().map(|k| self.slot_key(k)).collect();
+            if let Ok(mut t) = e.lock() {
+                if let Err(err) = t.retain_peer(self.peer, &keep) {
+                    warn!(error = %err, "could not free the slots of expired mitigations");
+                }
+            }
+        }
     }
 
     fn decide(&mut self, server: &mut Server, cmd: ConsentCommand) {
