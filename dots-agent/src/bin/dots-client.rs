@@ -7,10 +7,10 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 use dots_agent::{
-    client::{self, control, control::Reply, control::Request, ClientOptions},
+    client::{self, control, control::Reply, control::Request},
+    config::ClientConfig,
     logging::{self, LogFormat},
     pki::{self, San},
-    transport::Credentials,
 };
 use dots_proto::cbor;
 use dots_proto::model::{DotsMessage, IcmpTypeRange, MitigationScope, PortRange, Scope};
@@ -122,34 +122,39 @@ struct Common {
 
 #[derive(clap::Args)]
 struct ListenArgs {
-    /// UDP address for DTLS ("none" to disable).
-    #[arg(long, default_value = "[::]:4647")]
-    udp: String,
-    /// TCP address for TLS ("none" to disable).
-    #[arg(long, default_value = "[::]:4647")]
-    tcp: String,
+    /// TOML configuration (see examples/client.toml); the flags below
+    /// override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// UDP address for DTLS, or "none" [default: [::]:4647].
+    #[arg(long)]
+    udp: Option<String>,
+    /// TCP address for TLS, or "none" [default: [::]:4647].
+    #[arg(long)]
+    tcp: Option<String>,
     /// CA bundle agents' certificates must chain to.
     #[arg(long, value_name = "FILE")]
-    ca: PathBuf,
+    ca: Option<PathBuf>,
     /// This client's certificate (PEM).
     #[arg(long, value_name = "FILE")]
-    cert: PathBuf,
+    cert: Option<PathBuf>,
     /// This client's private key (PEM).
     #[arg(long, value_name = "FILE")]
-    key: PathBuf,
+    key: Option<PathBuf>,
     /// Agent identity allowed in (repeatable); default: any from the CA.
     #[arg(long = "allow", value_name = "NAME")]
     allow: Vec<String>,
-    /// Control socket path.
-    #[arg(long, default_value = control::DEFAULT_CONTROL_SOCKET)]
-    control: PathBuf,
+    /// Control socket path [default: /run/dots-client.sock].
+    #[arg(long)]
+    control: Option<PathBuf>,
     /// Directory for state that outlives the process (session-ticket keys,
-    /// so agents resume their sessions after a restart).
-    #[arg(long, default_value = "/var/lib/dots-client")]
-    state_dir: PathBuf,
-    /// Log format on stderr (filter with RUST_LOG).
-    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
-    log_format: LogFormat,
+    /// so agents resume their sessions after a restart) [default:
+    /// /var/lib/dots-client].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Log format on stderr (filter with RUST_LOG) [default: human].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(clap::Args)]
@@ -326,34 +331,40 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn listen(a: ListenArgs) -> Result<()> {
-    logging::init(a.log_format);
-    let addr = |s: &str, what: &str| -> Result<Option<std::net::SocketAddr>> {
-        if s == "none" {
-            return Ok(None);
-        }
-        s.parse()
-            .map(Some)
-            .with_context(|| format!("--{what} {s:?} is not an address like [::]:4647"))
+    let mut c = match &a.config {
+        Some(path) => ClientConfig::load(path)?,
+        None => ClientConfig::default(),
     };
-    let opts = ClientOptions {
-        udp: addr(&a.udp, "udp")?,
-        tcp: addr(&a.tcp, "tcp")?,
-        credentials: Credentials {
-            ca: a.ca,
-            cert: a.cert,
-            key: a.key,
-        },
-        allow: if a.allow.is_empty() {
-            None
-        } else {
-            Some(a.allow)
-        },
-        control: a.control,
-        state_dir: Some(a.state_dir),
-    };
-    if opts.udp.is_none() && opts.tcp.is_none() {
-        anyhow::bail!("--udp none and --tcp none: nothing to listen on");
+    if let Some(v) = &a.udp {
+        c.udp = v.clone();
     }
+    if let Some(v) = &a.tcp {
+        c.tcp = v.clone();
+    }
+    for (flag, field) in [
+        (&a.ca, &mut c.ca),
+        (&a.cert, &mut c.cert),
+        (&a.key, &mut c.key),
+    ] {
+        if flag.is_some() {
+            field.clone_from(flag);
+        }
+    }
+    if !a.allow.is_empty() {
+        c.allow = a.allow.clone();
+    }
+    if let Some(v) = &a.control {
+        c.control_socket = v.clone();
+    }
+    if let Some(v) = &a.state_dir {
+        c.state_dir = v.clone();
+    }
+    if let Some(f) = a.log_format {
+        c.log_format = f;
+    }
+    logging::init(c.log_format());
+    c.check_files()?;
+    let opts = c.to_options()?;
     runtime()?.block_on(client::listen(opts))
 }
 
