@@ -8,6 +8,7 @@ pub mod agent;
 pub mod client;
 pub mod config;
 pub mod enforce;
+pub mod local_socket;
 pub mod logging;
 pub mod packet;
 pub mod pki;

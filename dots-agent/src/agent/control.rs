@@ -8,16 +8,17 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, BufReader},
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot},
 };
 use tracing::warn;
 
 use super::view::AgentView;
+use crate::local_socket;
 
 /// Default path of the agent's control socket.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/dots-agent.sock";
@@ -80,19 +81,7 @@ pub struct ControlContext {
 }
 
 pub fn bind(path: &Path) -> Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("{} is in use by another dots-agent", path.display());
-        }
-        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    local_socket::bind(path, "dots-agent")
 }
 
 /// Serves control connections until the listener fails.
@@ -120,9 +109,7 @@ async fn handle(stream: UnixStream, ctx: ControlContext) {
         Ok(req) => answer(req, &ctx).await,
         Err(e) => Reply::error(format!("bad request: {e}")),
     };
-    let mut out = serde_json::to_string(&reply).unwrap_or_else(|_| "{\"ok\":false}".into());
-    out.push('\n');
-    let _ = write.write_all(out.as_bytes()).await;
+    let _ = local_socket::write_line(&mut write, &reply).await;
 }
 
 async fn answer(req: Request, ctx: &ControlContext) -> Reply {
@@ -204,20 +191,10 @@ async fn answer(req: Request, ctx: &ControlContext) -> Reply {
 
 /// Sends one request to the agent at `socket` and returns its reply.
 pub async fn call(socket: &Path, req: &Request) -> Result<Reply> {
-    let stream = UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "connecting to {} (is `dots-agent run` running?)",
-            socket.display()
-        )
-    })?;
-    let (read, mut write) = stream.into_split();
-    let mut line = serde_json::to_string(req)?;
-    line.push('\n');
-    write.write_all(line.as_bytes()).await?;
-    let mut lines = BufReader::new(read).lines();
+    let mut lines = local_socket::request(socket, "dots-agent run", req).await?;
     let l = lines
         .next_line()
         .await?
         .context("the agent closed the connection without answering")?;
-    Ok(serde_json::from_str(&l)?)
+    local_socket::parse(&l)
 }

@@ -7,10 +7,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::UnixStream,
-};
+
+use crate::local_socket;
 
 /// Default path of the control socket.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/dots-client.sock";
@@ -84,17 +82,7 @@ pub async fn call(
     req: &Request,
     mut on_reply: impl FnMut(Reply) -> bool,
 ) -> Result<()> {
-    let stream = UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "connecting to {} (is `dots-client listen` running?)",
-            socket.display()
-        )
-    })?;
-    let (read, mut write) = stream.into_split();
-    let mut line = serde_json::to_string(req)?;
-    line.push('\n');
-    write.write_all(line.as_bytes()).await?;
-    let mut lines = BufReader::new(read).lines();
+    let mut lines = local_socket::request(socket, "dots-client listen", req).await?;
     let mut any = false;
     while let Some(l) = lines.next_line().await? {
         any = true;

@@ -8,7 +8,6 @@ mod session;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    os::unix::fs::PermissionsExt,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::SystemTime,
@@ -17,8 +16,8 @@ use std::{
 use anyhow::{Context, Result};
 use openssl::{hash::MessageDigest, x509::X509};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
+    io::{AsyncBufReadExt, BufReader},
+    net::UnixStream,
     sync::{broadcast, mpsc, oneshot},
 };
 use tracing::{info, warn};
@@ -105,7 +104,7 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
     .await?;
     info!(udp = ?listener.local_udp_addr(), tcp = ?listener.local_tcp_addr(), %cuid, "listening for agents");
     let registry: Registry = Arc::default();
-    let control = bind_control(&opts.control)?;
+    let control = crate::local_socket::bind(&opts.control, "dots-client listen")?;
     info!(socket = %opts.control.display(), "control socket ready");
     let mut generation = 0u64;
     loop {
@@ -203,19 +202,6 @@ fn ticket_keys(dir: &std::path::Path) -> Result<[u8; TICKET_KEYS_LEN]> {
     Ok(keys)
 }
 
-fn bind_control(path: &PathBuf) -> Result<UnixListener> {
-    if path.exists() {
-        // A stale socket from an earlier run; a live one would answer.
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("{} is in use by another dots-client listen", path.display());
-        }
-        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
-    }
-    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
-}
-
 /// Finds the agent a request names, or the only one connected.
 fn pick(
     registry: &Registry,
@@ -241,12 +227,6 @@ fn pick(
     ))
 }
 
-async fn write_reply(w: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> std::io::Result<()> {
-    let mut line = serde_json::to_string(reply).unwrap_or_else(|_| "{\"ok\":false}".into());
-    line.push('\n');
-    w.write_all(line.as_bytes()).await
-}
-
 async fn serve_control(stream: UnixStream, registry: Registry) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
@@ -256,7 +236,11 @@ async fn serve_control(stream: UnixStream, registry: Registry) {
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
-            let _ = write_reply(&mut write, &Reply::error(format!("bad request: {e}"))).await;
+            let _ = crate::local_socket::write_line(
+                &mut write,
+                &Reply::error(format!("bad request: {e}")),
+            )
+            .await;
             return;
         }
     };
@@ -276,7 +260,7 @@ async fn serve_control(stream: UnixStream, registry: Registry) {
             let (id, _, notifications) = match pick(&registry, agent.as_deref()) {
                 Ok(p) => p,
                 Err(e) => {
-                    let _ = write_reply(&mut write, &Reply::error(e)).await;
+                    let _ = crate::local_socket::write_line(&mut write, &Reply::error(e)).await;
                     return;
                 }
             };
@@ -287,13 +271,19 @@ async fn serve_control(stream: UnixStream, registry: Registry) {
                 code: None,
                 ..Reply::default()
             };
-            if write_reply(&mut write, &hello).await.is_err() {
+            if crate::local_socket::write_line(&mut write, &hello)
+                .await
+                .is_err()
+            {
                 return;
             }
             loop {
                 match rx.recv().await {
                     Ok(n) => {
-                        if write_reply(&mut write, &n).await.is_err() {
+                        if crate::local_socket::write_line(&mut write, &n)
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -306,7 +296,7 @@ async fn serve_control(stream: UnixStream, registry: Registry) {
         }
         other => forward(&registry, other).await,
     };
-    let _ = write_reply(&mut write, &reply).await;
+    let _ = crate::local_socket::write_line(&mut write, &reply).await;
 }
 
 /// Hands a request to the agent's session and waits for the CoAP answer.
