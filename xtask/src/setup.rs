@@ -103,7 +103,6 @@ fn bpf_linker() -> Result<()> {
                 "bpf-linker",
                 "--version",
                 BPF_LINKER_VERSION,
-                "--locked",
                 "--no-default-features",
                 "--features",
                 "llvm-22",
