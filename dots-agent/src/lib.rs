@@ -6,6 +6,7 @@
 //! transport, NAT correlation, discovery and the control socket.
 pub mod agent;
 pub mod client;
+pub mod cli_docs;
 pub mod config;
 pub mod enforce;
 pub mod local_socket;

@@ -62,6 +62,18 @@ enum Command {
     /// Inspect or manage the XDP data plane directly.
     #[command(subcommand)]
     Dataplane(DataplaneCommand),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    ///
+    /// Example: dots-agent completions bash > /etc/bash_completion.d/dots-agent
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for this command and its subcommands into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Remove everything the agent put in the kernel: detach XDP from every
     /// interface and unpin all maps. Enforcement stops at once.
     Detach {
@@ -300,6 +312,11 @@ fn real_main() -> Result<()> {
     match cli.command {
         Command::Run(args) => run(*args, cli.log_format),
         Command::CheckConfig { config } => check_config(&config),
+        Command::Completions { shell } => {
+            dots_agent::cli_docs::completions::<Cli>(shell, "dots-agent");
+            Ok(())
+        }
+        Command::Man { dir } => dots_agent::cli_docs::man_pages::<Cli>(&dir),
         Command::Status(a) => show(&a, control::Request::Status),
         Command::Mitigations(a) => show(&a, control::Request::Mitigations),
         Command::Approve(a) => consent(&a, true),

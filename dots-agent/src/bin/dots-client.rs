@@ -77,6 +77,18 @@ enum Command {
         #[arg(long)]
         ttl: Option<u32>,
     },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    ///
+    /// Example: dots-client completions bash > /etc/bash_completion.d/dots-client
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for this command and its subcommands into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Convert DOTS messages between JSON and CBOR.
     #[command(subcommand)]
     Cbor(CborCommand),
@@ -263,6 +275,11 @@ fn run(cli: Cli) -> Result<()> {
             days,
         } => pki_command(&out, &client_names, &agents, days),
         Command::Listen(a) => listen(a),
+        Command::Completions { shell } => {
+            dots_agent::cli_docs::completions::<Cli>(shell, "dots-client");
+            Ok(())
+        }
+        Command::Man { dir } => dots_agent::cli_docs::man_pages::<Cli>(&dir),
         Command::Agents(c) => ask(&c, Request::Agents),
         Command::Mitigate(a) => {
             let scope = mitigation_body(&a)?;
