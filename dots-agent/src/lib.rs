@@ -5,9 +5,10 @@
 //! what touches the system: the XDP data plane ([`enforce`]) and, as they land,
 //! transport, NAT correlation, discovery and the control socket.
 pub mod agent;
-pub mod client;
 pub mod cli_docs;
+pub mod client;
 pub mod config;
+pub mod discovery;
 pub mod enforce;
 pub mod local_socket;
 pub mod logging;

@@ -22,6 +22,7 @@ const PACKAGES: &[&str] = &[
     "conntrack",
     "socat",
     "dnsmasq-base",
+    "busybox",
     "libcoap3-bin",
     "hping3",
     "openssl",

@@ -43,6 +43,10 @@ pub struct PeerTarget {
     pub addrs: Vec<IpAddr>,
     /// Reference identifier; `host` when absent.
     pub name: Option<String>,
+    /// Endpoints with their own transport and port (from RFC 8973 discovery:
+    /// S-NAPTR may give UDP and TCP different ports); when set, they are
+    /// dialled instead of `addrs` x the configured transports.
+    pub endpoints: Vec<(SocketAddr, Transport)>,
 }
 
 impl fmt::Display for PeerTarget {
@@ -63,6 +67,7 @@ impl PeerTarget {
                 port: sa.port(),
                 addrs: vec![sa.ip()],
                 name: None,
+                endpoints: Vec::new(),
             });
         }
         if let Ok(ip) = s.parse::<IpAddr>() {
@@ -71,6 +76,7 @@ impl PeerTarget {
                 port: DEFAULT_PORT,
                 addrs: vec![ip],
                 name: None,
+                endpoints: Vec::new(),
             });
         }
         let (host, port) = match s.rsplit_once(':') {
@@ -89,6 +95,7 @@ impl PeerTarget {
             port,
             addrs: Vec::new(),
             name: None,
+            endpoints: Vec::new(),
         })
     }
 

@@ -176,6 +176,7 @@ impl PeerTask {
                         port: target.port,
                         addrs: r.alt_ch_client_record.clone(),
                         name: Some(r.alt_ch_client.clone()),
+                        endpoints: Vec::new(),
                     };
                     redirected_until = r
                         .ttl
@@ -195,11 +196,31 @@ async fn connect(
     transports: &[Transport],
     enforcer: Option<&Arc<Mutex<SlotTable>>>,
 ) -> Result<Connection, TransportError> {
+    // Discovered endpoints carry their own transport and port.
+    if !target.endpoints.is_empty() {
+        let candidates: Vec<(SocketAddr, Transport)> = target
+            .endpoints
+            .iter()
+            .filter(|(_, t)| transports.contains(t))
+            .copied()
+            .collect();
+        exempt(
+            enforcer,
+            &candidates.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+        );
+        return dialer.dial(&candidates, &target.identity()).await;
+    }
     let addrs = target.resolve().await;
     let candidates: Vec<(SocketAddr, Transport)> = addrs
         .iter()
         .flat_map(|a| transports.iter().map(move |t| (*a, *t)))
         .collect();
+    exempt(enforcer, &addrs);
+    dialer.dial(&candidates, &target.identity()).await
+}
+
+/// The agent never cuts its own lifeline: the peer's addresses are exempt.
+fn exempt(enforcer: Option<&Arc<Mutex<SlotTable>>>, addrs: &[SocketAddr]) {
     if let Some(e) = enforcer {
         let ips: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
         if let Ok(mut t) = e.lock() {
@@ -208,7 +229,6 @@ async fn connect(
             }
         }
     }
-    dialer.dial(&candidates, &target.identity()).await
 }
 
 fn endpoint(

@@ -80,6 +80,18 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs: PathBuf,
     },
+    /// Discover the Call Home DOTS client (RFC 8973): explicit
+    /// configuration, DHCP (as recorded by dhcp-hook), S-NAPTR, DNS-SD; print
+    /// the ordered candidates.
+    ///
+    /// Example: dots-agent discover --domain example.net --resolver 192.0.2.53:53 --json
+    Discover(Box<dots_agent::discovery::cli::DiscoverArgs>),
+    /// Record the Call Home DOTS client a DHCP server announced (options
+    /// 147/148, 141/142) in <state-dir>/discovered.json; run from a DHCP
+    /// client's hook script.
+    ///
+    /// Example (udhcpc script): dots-agent dhcp-hook --env --family v4
+    DhcpHook(Box<dots_agent::discovery::cli::DhcpHookArgs>),
 }
 
 #[derive(clap::Args)]
@@ -139,6 +151,14 @@ struct RunArgs {
     /// [default: /var/lib/dots-agent].
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Without a peer (from --peer or the file): find it with RFC 8973
+    /// discovery, DHCP results of `dots-agent dhcp-hook` in the state
+    /// directory first, then S-NAPTR and DNS-SD in this domain.
+    #[arg(long, value_name = "DOMAIN")]
+    discovery_domain: Option<String>,
+    /// DNS server for discovery, ADDR:PORT [default: the system's].
+    #[arg(long, value_name = "ADDR:PORT")]
+    resolver: Option<std::net::SocketAddr>,
     /// Seconds between counter updates (and Observe notifications) of active
     /// mitigations [default: 30].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -327,14 +347,33 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Command::Dataplane(cmd) => dataplane(cmd),
+        Command::Discover(a) => dots_agent::discovery::cli::run_discover(&a),
+        Command::DhcpHook(a) => dots_agent::discovery::cli::run_dhcp_hook(&a),
     }
 }
 
 fn run(a: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
-    let config = a.config(log_format)?;
+    let mut config = a.config(log_format)?;
     logging::init(config.log_format);
+    // RFC 8973 §4: explicit configuration first; discovery only without it.
+    let discovered = if config.peers.is_empty() {
+        Some(discover_peer(&config, &a)?)
+    } else {
+        None
+    };
+    if let Some(t) = &discovered {
+        tracing::info!(peer = %t, endpoints = ?t.endpoints, "peer found by discovery");
+        config.peers = vec![PeerConfig {
+            address: t.endpoints[0].0.to_string(),
+            peer_name: t.name.clone(),
+            ..Default::default()
+        }];
+    }
     config.check_files()?;
     let mut opts = config.to_options()?;
+    if let Some(t) = discovered {
+        opts.peers = vec![t];
+    }
     // The router's own addresses belong to its domain (RFC 9066 §5.3.1).
     for p in config.interface_prefixes() {
         if !opts.domain.iter().any(|d| d.contains(&p)) {
@@ -346,6 +385,40 @@ fn run(a: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(agent::run(opts))
+}
+
+/// The Call Home DOTS client found by RFC 8973 discovery.
+fn discover_peer(config: &AgentConfig, a: &RunArgs) -> Result<dots_agent::agent::PeerTarget> {
+    use dots_agent::discovery;
+    let opts = discovery::DiscoverOptions {
+        state_dir: Some(config.state_dir.clone()),
+        domain: a.discovery_domain.clone(),
+        resolver: a.resolver,
+        resolve_names: true,
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let outcome = rt.block_on(discovery::discover(&opts))?;
+    let transports = match config.transport {
+        TransportPref::Udp => vec![dots_agent::transport::Transport::Udp],
+        TransportPref::Tcp => vec![dots_agent::transport::Transport::Tcp],
+        TransportPref::Both => vec![
+            dots_agent::transport::Transport::Udp,
+            dots_agent::transport::Transport::Tcp,
+        ],
+    };
+    discovery::endpoint_target(&discovery::preferred(&outcome.candidates), &transports).with_context(|| {
+        let failures: Vec<String> = outcome.failures.iter().map(|(m, f)| format!("{m:?}: {}", f.message)).collect();
+        format!(
+            "no peer configured (--peer or [[peers]]) and discovery found none (DHCP results in {}, \
+             S-NAPTR/DNS-SD in {}){}",
+            config.state_dir.display(),
+            a.discovery_domain.as_deref().unwrap_or("no domain: give --discovery-domain"),
+            if failures.is_empty() { String::new() } else { format!(": {}", failures.join("; ")) }
+        )
+    })
 }
 
 /// `check-config`: everything `run` checks before it starts.
