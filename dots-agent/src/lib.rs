@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod enforce;
 pub mod local_socket;
 pub mod logging;
+pub mod nat;
 pub mod packet;
 pub mod pki;
 pub mod transport;

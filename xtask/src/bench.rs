@@ -12,11 +12,14 @@ use crate::{cargo, step, workspace_root};
 pub enum Which {
     /// XDP classifier per-packet cost (BPF_PROG_TEST_RUN) vs an empty program and xdp-filter.
     Dataplane,
+    /// NAT correlation: request to resolved devices with 100,000 conntrack entries.
+    Nat,
 }
 
 pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Dataplane => dataplane(),
+        Which::Nat => nat(),
     }
 }
 
@@ -37,6 +40,33 @@ fn dataplane() -> Result<()> {
     ]);
     cmd.arg("--json").arg(&json).arg("--doc").arg(&doc);
     // Extra arguments for the measuring program, e.g. "--runs 11".
+    if let Ok(extra) = std::env::var("DOTS_BENCH_ARGS") {
+        cmd.args(extra.split_whitespace());
+    }
+    crate::run(&mut cmd)?;
+    step(&format!("wrote {} and {}", json.display(), doc.display()));
+    Ok(())
+}
+
+/// `cargo xtask bench nat`: fills a lab router's conntrack table with
+/// 100,000 NATed flows and times request -> resolved devices; writes
+/// `target/bench/nat.json` and the "## NAT" section of docs/benchmarks.md.
+fn nat() -> Result<()> {
+    let root = workspace_root();
+    let json = root.join("target/bench/nat.json");
+    let doc = root.join("docs/benchmarks.md");
+    step("benchmarking NAT correlation (100,000 conntrack entries; about a minute)");
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "-p",
+        "tests",
+        "--bin",
+        "bench-nat",
+        "--",
+    ]);
+    cmd.arg("--json").arg(&json).arg("--doc").arg(&doc);
     if let Ok(extra) = std::env::var("DOTS_BENCH_ARGS") {
         cmd.args(extra.split_whitespace());
     }

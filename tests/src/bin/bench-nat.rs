@@ -1,0 +1,391 @@
+//! `cargo xtask bench nat`: time from a mitigation request naming the
+//! router's external address to the resolved set of internal devices, with
+//! the router's conntrack table holding 100,000 real NATed flows.
+//!
+//! Lab: one LAN namespace with 100 addresses (10.0.0.0/16) sends UDP to
+//! 1,000 ports of a target through a router namespace that masquerades to
+//! 203.0.113.1; the 100,000 flows are real conntrack entries created by the
+//! kernel. Then, several times: open a ctnetlink socket, dump the table,
+//! match it ([`NatTracker::track`]) against two scopes:
+//! - `ports`: the external address, the translated source ports of one
+//!   attacker's 1,000 flows (as the ISP saw them) and the target: 1 device;
+//! - `address`: the external address and the target only: all 100 devices.
+//!
+//! Writes `--json FILE` (`entries`, `resolve_ms`, ...) and replaces the
+//! `## NAT` section of `--doc FILE`.
+//!
+//! Arguments: `--json FILE --doc FILE [--flows N] [--runs N]`.
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, UdpSocket},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use dots_agent::{
+    enforce::{Range, SlotSpec},
+    nat::{self, Conntrack, NatAction, NatTracker},
+};
+use serde_json::json;
+use tests::{sh, unique, veth, Netns};
+
+const HOSTS: u32 = 100;
+const TARGET: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const EXTERNAL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const BASE_PORT: u16 = 10_000;
+const SRC_PORT: u16 = 7_000;
+
+struct Args {
+    json: PathBuf,
+    doc: PathBuf,
+    flows: u32,
+    runs: usize,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        json: PathBuf::from("target/bench/nat.json"),
+        doc: PathBuf::from("docs/benchmarks.md"),
+        flows: 100_000,
+        runs: 9,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().with_context(|| format!("{k} needs a value"));
+        match k.as_str() {
+            "--json" => a.json = v()?.into(),
+            "--doc" => a.doc = v()?.into(),
+            "--flows" => a.flows = v()?.parse()?,
+            "--runs" => a.runs = v()?.parse()?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    if !a.flows.is_multiple_of(HOSTS) || a.flows / HOSTS > 50_000 {
+        bail!(
+            "--flows must be a multiple of {HOSTS}, at most {}",
+            HOSTS * 50_000
+        );
+    }
+    Ok(a)
+}
+
+fn host_addr(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 1 + (i / 200) as u8, 1 + (i % 200) as u8)
+}
+
+struct Lab {
+    host: Netns,
+    cpe: Netns,
+    _target: Netns,
+}
+
+fn lab() -> Result<Lab> {
+    let (host, cpe, target) = (Netns::new("bh")?, Netns::new("bcpe")?, Netns::new("btgt")?);
+    let lan = unique("bl");
+    veth(&host, "eth0", &cpe, &lan)?;
+    veth(&cpe, "wan", &target, "eth0")?;
+    let mut batch = String::new();
+    for i in 0..HOSTS {
+        writeln!(batch, "addr add {}/16 dev eth0", host_addr(i))?;
+    }
+    writeln!(batch, "route add default via 10.0.0.1")?;
+    let file = std::env::temp_dir().join(format!("{}.ip", unique("dots-bench-nat-")));
+    std::fs::write(&file, batch)?;
+    let r = host.ip(&["-batch", &file.display().to_string()]);
+    let _ = std::fs::remove_file(&file);
+    r?;
+    cpe.ip(&["addr", "add", "10.0.0.1/16", "dev", &lan])?;
+    cpe.ip(&["addr", "add", "203.0.113.1/24", "dev", "wan"])?;
+    cpe.ip(&["route", "add", "default", "via", "203.0.113.2"])?;
+    target.ip(&["addr", "add", "203.0.113.2/24", "dev", "eth0"])?;
+    target.ip(&["addr", "add", "198.51.100.10/24", "dev", "eth0"])?;
+    cpe.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    // Unreplied UDP entries live 30 s by default: keep them for the run.
+    cpe.exec(&[
+        "sysctl",
+        "-qw",
+        "net.netfilter.nf_conntrack_udp_timeout=600",
+    ])?;
+    // The target drops quietly (no ICMP errors back through the router).
+    let rules = "table ip nat {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" masquerade\n }\n}\n";
+    let file = std::env::temp_dir().join(format!("{}.nft", unique("dots-bench-nat-")));
+    std::fs::write(&file, rules)?;
+    let r = cpe.exec(&["nft", "-f", &file.display().to_string()]);
+    let _ = std::fs::remove_file(&file);
+    r?;
+    let drop =
+        "table inet f {\n chain in {\n  type filter hook input priority 0; policy drop;\n }\n}\n";
+    let file = std::env::temp_dir().join(format!("{}.nft", unique("dots-bench-nat-")));
+    std::fs::write(&file, drop)?;
+    let r = target.exec(&["nft", "-f", &file.display().to_string()]);
+    let _ = std::fs::remove_file(&file);
+    r?;
+    Ok(Lab {
+        host,
+        cpe,
+        _target: target,
+    })
+}
+
+/// Sends one datagram per flow: host `i` from port SRC_PORT to
+/// TARGET:BASE_PORT+p. Paced, since a veth peer's backlog holds 1,000
+/// packets; sending again is harmless (same flows).
+fn send_flows(host: &Netns, per_host: u32, spread: bool) -> Result<()> {
+    host.enter(|| -> Result<()> {
+        for i in 0..HOSTS {
+            let s = UdpSocket::bind((host_addr(i), SRC_PORT))?;
+            for p in 0..per_host {
+                // Spread: over 100 destinations, 1 % of the flows to TARGET.
+                let dst = if spread {
+                    Ipv4Addr::new(198, 51, 100, 10 + (p % 100) as u8)
+                } else {
+                    TARGET
+                };
+                s.send_to(b"x", (dst, BASE_PORT + p as u16))?;
+                if p % 250 == 249 {
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+            }
+        }
+        Ok(())
+    })?
+}
+
+fn count(cpe: &Netns) -> Result<u64> {
+    // `conntrack -C` prints the count of the current namespace's table.
+    Ok(cpe.exec(&["conntrack", "-C"])?.trim().parse()?)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> Result<()> {
+    let a = args()?;
+    let per_host = a.flows / HOSTS;
+    let max: u64 = sh(&["sysctl", "-n", "net.netfilter.nf_conntrack_max"])?
+        .trim()
+        .parse()?;
+    if max < u64::from(a.flows) + 1000 {
+        bail!(
+            "net.netfilter.nf_conntrack_max is {max}: raise it above {} first",
+            a.flows
+        );
+    }
+    let lab = lab()?;
+    let router = lab.cpe.enter(nat::router_addresses)?;
+    let mut tables = Vec::new();
+    let mut entries = 0;
+    let mut fill_s = 0.0;
+    for spread in [false, true] {
+        lab.cpe.exec(&["conntrack", "-F"])?;
+        eprintln!(
+            "creating {} NATed flows ({HOSTS} hosts x {per_host} ports, {})",
+            a.flows,
+            if spread {
+                "100 destinations"
+            } else {
+                "all to the target"
+            }
+        );
+        let t = Instant::now();
+        let mut n = 0;
+        for _ in 0..5 {
+            send_flows(&lab.host, per_host, spread)?;
+            n = count(&lab.cpe)?;
+            if n >= u64::from(a.flows) {
+                break;
+            }
+            eprintln!("  {n} entries so far, sending again");
+        }
+        if n < u64::from(a.flows) {
+            bail!("only {n} conntrack entries after 5 rounds");
+        }
+        entries = n;
+        fill_s = t.elapsed().as_secs_f64();
+        eprintln!("{n} entries in {fill_s:.1} s");
+        let rows = measure(&lab, &router, a.runs)?;
+        tables.push(json!({
+            "table": if spread { "spread" } else { "all-to-target" },
+            "entries": n,
+            "rows": rows,
+        }));
+    }
+    // Headline: the worst case (every entry goes to the target through the
+    // external address), with the path the agent takes (filtered dump).
+    let headline = tables[0]["rows"]
+        .as_array()
+        .and_then(|r| {
+            r.iter()
+                .find(|x| x["scope"] == "ports" && x["method"] == "filtered")
+        })
+        .map(|x| x["resolve_ms"].clone())
+        .unwrap_or(serde_json::Value::Null);
+    let kernel = sh(&["uname", "-r"])?.trim().to_string();
+    let out = json!({
+        "entries": entries,
+        "resolve_ms": headline,
+        "runs": a.runs,
+        "kernel": kernel,
+        "fill_s": fill_s,
+        "tables": tables,
+    });
+    if let Some(dir) = a.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&a.json, serde_json::to_string_pretty(&out)? + "\n")?;
+    write_doc(&a, &out)?;
+    eprintln!("wrote {} and {}", a.json.display(), a.doc.display());
+    Ok(())
+}
+
+/// Times request -> device set for two scopes and two methods on the
+/// current table.
+fn measure(lab: &Lab, router: &[IpAddr], runs: usize) -> Result<Vec<serde_json::Value>> {
+    let attacker = host_addr(HOSTS / 2);
+    // The translated ports of the attacker's flows to the target, as the
+    // ISP would see them: from one dump before timing.
+    let snapshot = lab
+        .cpe
+        .enter(|| Conntrack::open().and_then(|mut c| c.dump()))??;
+    let mut xports: Vec<u16> = snapshot
+        .iter()
+        .filter(|e| {
+            e.original.src == IpAddr::V4(attacker)
+                && e.original.dst == IpAddr::V4(TARGET)
+                && e.reply.dst == IpAddr::V4(EXTERNAL)
+        })
+        .filter_map(|e| e.reply.dst_port)
+        .collect();
+    drop(snapshot);
+    xports.sort_unstable();
+    xports.dedup();
+    if xports.is_empty() {
+        bail!("no NATed flow of {attacker} in the table");
+    }
+    let mut ranges: Vec<Range<u16>> = Vec::new();
+    for p in xports {
+        match ranges.last_mut() {
+            Some(r) if r.upper + 1 == p => r.upper = p,
+            _ => ranges.push(Range::single(p)),
+        }
+    }
+    ranges.truncate(256);
+    let base = SlotSpec {
+        sources: vec![format!("{EXTERNAL}/32").parse()?],
+        targets: vec![format!("{TARGET}/32").parse()?],
+        protocols: vec![17],
+        ..SlotSpec::default()
+    };
+    let by_ports = SlotSpec {
+        source_ports: ranges,
+        ..base.clone()
+    };
+    let mut results = Vec::new();
+    for method in ["full", "filtered"] {
+        for (name, spec) in [("ports", &by_ports), ("address", &base)] {
+            let (mut total, mut dumps, mut matches) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut devices, mut seen) = (0, 0);
+            for _ in 0..runs {
+                let (t_total, t_dump, n, d) = lab.cpe.enter(|| -> Result<_> {
+                    let start = Instant::now();
+                    let mut ct = Conntrack::open()?;
+                    let table = if method == "full" {
+                        ct.dump()?
+                    } else {
+                        nat::snapshot_for(&mut ct, spec, router)?
+                    };
+                    let dumped = start.elapsed();
+                    let mut tracker = NatTracker::new(router.to_vec(), NatAction::Device);
+                    tracker.track(0u32, spec, &table);
+                    let devs = tracker.devices(&0).map(|d| d.len()).unwrap_or(0);
+                    Ok((start.elapsed(), dumped, table.len(), devs))
+                })??;
+                total.push(t_total.as_secs_f64() * 1e3);
+                dumps.push(t_dump.as_secs_f64() * 1e3);
+                matches.push((t_total - t_dump).as_secs_f64() * 1e3);
+                seen = n;
+                devices = d;
+            }
+            let max_ms = total.iter().cloned().fold(0.0, f64::max);
+            let want = if name == "ports" { 1 } else { HOSTS as usize };
+            if devices != want {
+                bail!("{method}/{name}: {devices} devices found, expected {want}");
+            }
+            let r = json!({
+                "scope": name,
+                "method": method,
+                "entries_dumped": seen,
+                "devices": devices,
+                "resolve_ms": median(&mut total),
+                "resolve_ms_max": max_ms,
+                "dump_ms": median(&mut dumps),
+                "match_ms": median(&mut matches),
+            });
+            eprintln!("{r}");
+            results.push(r);
+        }
+    }
+    Ok(results)
+}
+
+fn write_doc(a: &Args, out: &serde_json::Value) -> Result<()> {
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    let mut s = String::new();
+    writeln!(s, "## NAT\n")?;
+    writeln!(
+        s,
+        "Written by `cargo xtask bench nat` (edit the analysis below the table by hand; the table is regenerated)."
+    )?;
+    writeln!(s)?;
+    writeln!(
+        s,
+        "Time from a request naming the router's external address to the resolved device set: open a ctnetlink socket, dump the conntrack table (whole, or filtered in the kernel with `CTA_FILTER` on reply address 203.0.113.1, original destination and protocol: what the agent does), match every entry returned (`NatTracker::track`). Each table holds {} real entries: UDP flows of {HOSTS} LAN addresses from one port each to 1,000 destination ports, masqueraded by nftables to 203.0.113.1; *all to target*: every flow goes to the target; *spread*: over 100 destinations, 1 % to the target. Kernel {}, median of {} runs; *ports*: scope = external address + one attacker's translated ports + target + UDP (1 device); *address*: external address + target + UDP (all {HOSTS} devices).\n",
+        out["entries"], out["kernel"].as_str().unwrap_or("?"), a.runs
+    )?;
+    writeln!(s, "| table | dump | scope | entries dumped | devices | resolve (ms) | max (ms) | dump (ms) | match (ms) |")?;
+    writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|---:|")?;
+    for t in out["tables"].as_array().into_iter().flatten() {
+        let table = if t["table"] == "spread" {
+            "spread"
+        } else {
+            "all to target"
+        };
+        for r in t["rows"].as_array().into_iter().flatten() {
+            writeln!(
+                s,
+                "| {table} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                r["method"].as_str().unwrap_or("?"),
+                r["scope"].as_str().unwrap_or("?"),
+                r["entries_dumped"],
+                r["devices"],
+                f(&r["resolve_ms"]),
+                f(&r["resolve_ms_max"]),
+                f(&r["dump_ms"]),
+                f(&r["match_ms"])
+            )?;
+        }
+    }
+    writeln!(s)?;
+    let doc = std::fs::read_to_string(&a.doc).unwrap_or_default();
+    // Replace an existing "## NAT" section (up to the next "## " heading or
+    // the end), or append one. Hand-written text under "### Analysis (NAT)"
+    // after the table is kept.
+    let new = match doc.find("\n## NAT\n") {
+        Some(start) => {
+            let body = &doc[start + 1..];
+            let keep_from = body
+                .find("\n### Analysis (NAT)")
+                .or_else(|| body[3..].find("\n## ").map(|i| i + 3))
+                .map(|i| start + 1 + i + 1);
+            let tail = keep_from.map(|i| &doc[i..]).unwrap_or("");
+            format!("{}{s}{tail}", &doc[..start + 1])
+        }
+        None => format!("{}\n{s}", doc.trim_end_matches('\n').to_string() + "\n"),
+    };
+    std::fs::write(&a.doc, new)?;
+    Ok(())
+}

@@ -1,0 +1,283 @@
+//! NAT correlation against the real kernel: two LAN hosts behind an
+//! nftables masquerade talk to a target; the conntrack dump and event
+//! stream (ctnetlink) let the matcher find the internal device behind the
+//! router's external address and translated ports.
+//!
+//! ```text
+//! [hosta 192.0.2.2]--+
+//!                    [cpe: masquerade on wan 203.0.113.1]--wan--[target 203.0.113.2, 198.51.100.10]
+//! [hostb 192.0.2.18]-+
+//! ```
+
+use std::{
+    net::{IpAddr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use dots_agent::{
+    enforce::{Range, SlotSpec},
+    nat::{self, Conntrack, CtEntry, CtEvent, EventSocket, NatAction, NatScope, NatTracker},
+};
+use tests::{unique, veth, Netns};
+
+const TARGET: &str = "198.51.100.10";
+const EXTERNAL: &str = "203.0.113.1";
+const HOSTA: &str = "192.0.2.2";
+const HOSTB: &str = "192.0.2.18";
+
+struct Lab {
+    hosta: Netns,
+    hostb: Netns,
+    cpe: Netns,
+    _target: Netns,
+}
+
+fn ip(ns: &Netns, args: &str) -> Result<()> {
+    ns.ip(&args.split_whitespace().collect::<Vec<_>>())?;
+    Ok(())
+}
+
+impl Lab {
+    /// The namespaces (and with them the nftables ruleset and conntrack
+    /// table of the cpe) go on drop, also when a test fails.
+    fn new() -> Result<Lab> {
+        let (hosta, hostb, cpe, target) = (
+            Netns::new("nha")?,
+            Netns::new("nhb")?,
+            Netns::new("ncpe")?,
+            Netns::new("ntgt")?,
+        );
+        let (la, lb) = (unique("la"), unique("lb"));
+        veth(&hosta, "eth0", &cpe, &la)?;
+        veth(&hostb, "eth0", &cpe, &lb)?;
+        veth(&cpe, "wan", &target, "eth0")?;
+        ip(&hosta, "addr add 192.0.2.2/28 dev eth0")?;
+        ip(&hosta, "route add default via 192.0.2.1")?;
+        ip(&hostb, "addr add 192.0.2.18/28 dev eth0")?;
+        ip(&hostb, "route add default via 192.0.2.17")?;
+        ip(&cpe, &format!("addr add 192.0.2.1/28 dev {la}"))?;
+        ip(&cpe, &format!("addr add 192.0.2.17/28 dev {lb}"))?;
+        ip(&cpe, "addr add 203.0.113.1/24 dev wan")?;
+        ip(&cpe, "route add default via 203.0.113.2")?;
+        ip(&target, "addr add 203.0.113.2/24 dev eth0")?;
+        ip(&target, "addr add 198.51.100.10/24 dev eth0")?;
+        cpe.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        masquerade(&cpe)?;
+        Ok(Lab {
+            hosta,
+            hostb,
+            cpe,
+            _target: target,
+        })
+    }
+}
+
+/// nftables masquerade of everything leaving `wan` in `ns`.
+pub fn masquerade(ns: &Netns) -> Result<()> {
+    let rules = "table ip nat {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" masquerade\n }\n}\n";
+    let path = std::env::temp_dir().join(format!("{}.nft", unique("dots-nat-")));
+    std::fs::write(&path, rules)?;
+    let r = ns.exec(&["nft", "-f", &path.display().to_string()]);
+    let _ = std::fs::remove_file(&path);
+    r.map(|_| ())
+}
+
+/// Sends one UDP datagram from `host` (bound to `src_port`) to `TARGET:dport`.
+fn send(host: &Netns, src: &str, src_port: u16, dport: u16) -> Result<()> {
+    host.enter(|| -> Result<()> {
+        let s = UdpSocket::bind((src.parse::<IpAddr>()?, src_port))?;
+        s.send_to(b"hello", (TARGET.parse::<IpAddr>()?, dport))?;
+        Ok(())
+    })?
+}
+
+fn dump(ns: &Netns) -> Result<Vec<CtEntry>> {
+    Ok(ns.enter(|| Conntrack::open().and_then(|mut c| c.dump()))??)
+}
+
+/// The translated source port of `src:sport`'s flow to the target, read
+/// with the `conntrack` tool (independent of our parser).
+fn translated_port(ns: &Netns, src: &str, sport: u16) -> Result<u16> {
+    let out = ns.exec(&[
+        "conntrack",
+        "-L",
+        "-p",
+        "udp",
+        "--orig-src",
+        src,
+        "--orig-port-src",
+        &sport.to_string(),
+        "--orig-dst",
+        TARGET,
+    ])?;
+    // "udp 17 29 src=192.0.2.2 dst=198.51.100.10 sport=5000 dport=9 [UNREPLIED]
+    //  src=198.51.100.10 dst=203.0.113.1 sport=9 dport=40000 ..."
+    let line = out.lines().next().context("no conntrack entry")?;
+    let dport = line
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("dport="))
+        .nth(1)
+        .context("no reply dport")?;
+    Ok(dport.parse()?)
+}
+
+fn scope_spec(ports: &[u16]) -> SlotSpec {
+    SlotSpec {
+        sources: vec![format!("{EXTERNAL}/32").parse().unwrap()],
+        source_ports: ports.iter().map(|&p| Range::single(p)).collect(),
+        targets: vec![format!("{TARGET}/32").parse().unwrap()],
+        ..SlotSpec::default()
+    }
+}
+
+fn router(ns: &Netns) -> Result<Vec<IpAddr>> {
+    ns.enter(nat::router_addresses)
+}
+
+#[test]
+fn dump_finds_nated_flows_and_matcher_picks_the_attacker() -> Result<()> {
+    let lab = Lab::new()?;
+    // Both hosts use source port 5000: masquerade keeps it for the first
+    // and translates the second.
+    send(&lab.hosta, HOSTA, 5000, 9)?;
+    send(&lab.hostb, HOSTB, 5000, 9)?;
+    send(&lab.hostb, HOSTB, 5001, 9)?;
+    let entries = dump(&lab.cpe)?;
+    let ours: Vec<_> = entries
+        .iter()
+        .filter(|e| e.original.dst.to_string() == TARGET)
+        .collect();
+    assert_eq!(ours.len(), 3, "{entries:#?}");
+    for e in &ours {
+        assert_eq!(e.reply.dst.to_string(), EXTERNAL);
+        assert_eq!(e.original.protocol, 17);
+    }
+    // The attacker is hostb; the ISP sees its translated ports.
+    let xb0 = translated_port(&lab.cpe, HOSTB, 5000)?;
+    let xb1 = translated_port(&lab.cpe, HOSTB, 5001)?;
+    let xa = translated_port(&lab.cpe, HOSTA, 5000)?;
+    assert_ne!(xb0, xa, "masquerade must have translated one of the 5000s");
+    let router = router(&lab.cpe)?;
+    assert!(router.contains(&EXTERNAL.parse()?));
+    let scope = NatScope::from_spec(&scope_spec(&[xb0, xb1]), &router).context("NAT scope")?;
+    let hits: Vec<_> = entries
+        .iter()
+        .filter_map(|e| nat::match_entry(&scope, e))
+        .collect();
+    assert_eq!(hits.len(), 2, "{hits:?}");
+    assert!(hits.iter().all(|h| h.device.to_string() == HOSTB));
+    let mut ports: Vec<_> = hits.iter().filter_map(|h| h.port).collect();
+    ports.sort();
+    assert_eq!(ports, vec![5000, 5001], "internal (pre-NAT) ports");
+
+    // The kernel-side filter (reply to the external address, original
+    // destination the target, UDP) returns the same matches from less.
+    let filtered = lab.cpe.enter(|| -> Result<Vec<CtEntry>> {
+        let mut ct = Conntrack::open()?;
+        Ok(nat::snapshot_for(
+            &mut ct,
+            &scope_spec(&[xb0, xb1]),
+            &router,
+        )?)
+    })??;
+    assert_eq!(filtered.len(), 3, "{filtered:#?}");
+    let mut other_dst = scope_spec(&[]);
+    other_dst.targets = vec!["198.51.100.99/32".parse()?];
+    let none = lab.cpe.enter(|| -> Result<Vec<CtEntry>> {
+        Ok(nat::snapshot_for(
+            &mut Conntrack::open()?,
+            &other_dst,
+            &router,
+        )?)
+    })??;
+    assert!(none.is_empty(), "{none:#?}");
+
+    // By address alone (no ports) both hosts are behind the address.
+    let all = NatScope::from_spec(&scope_spec(&[]), &router).unwrap();
+    let mut devs: Vec<_> = entries
+        .iter()
+        .filter_map(|e| nat::match_entry(&all, e))
+        .map(|h| h.device.to_string())
+        .collect();
+    devs.sort();
+    devs.dedup();
+    assert_eq!(devs, vec![HOSTB.to_string(), HOSTA.to_string()]);
+
+    // Device mode blocks hostb to the target on any port; flow mode only
+    // its internal ports. MACs come from the cpe's neighbour table.
+    let mut tracker = NatTracker::new(router.clone(), NatAction::Flow);
+    assert!(tracker.track(1, &scope_spec(&[xb0, xb1]), &entries));
+    let spec = tracker.slot_spec(&1).context("resolved")?;
+    assert_eq!(spec.sources, vec![format!("{HOSTB}/32").parse()?]);
+    assert_eq!(spec.source_ports, vec![Range::new(5000, 5001)]);
+    let neigh = lab.cpe.enter(nat::neighbours)??;
+    tracker.set_macs(&neigh);
+    let dev = tracker.devices(&1).unwrap().iter().next().unwrap().clone();
+    let link = lab.hostb.ip(&["-j", "link", "show", "eth0"])?;
+    let link: serde_json::Value = serde_json::from_str(&link)?;
+    let want = link[0]["address"].as_str().context("no MAC")?;
+    assert_eq!(dev.mac.map(|m| m.to_string()).as_deref(), Some(want));
+    Ok(())
+}
+
+#[test]
+fn events_report_a_new_flow_within_a_second() -> Result<()> {
+    let lab = Lab::new()?;
+    let events = lab.cpe.enter(EventSocket::open)??;
+    let mut rx = events.spawn(Duration::from_millis(100))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    let router = router(&lab.cpe)?;
+    let mut tracker = NatTracker::new(router, NatAction::Device);
+    // Requested before any matching flow exists: pending.
+    assert!(tracker.track("m", &scope_spec(&[]), &dump(&lab.cpe)?));
+    assert_eq!(tracker.slot_spec(&"m"), None);
+
+    let sent = Instant::now();
+    send(&lab.hosta, HOSTA, 6000, 9)?;
+    let resolved = rt.block_on(async {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+                Ok(Some(Ok(CtEvent::New(e)))) => {
+                    if !tracker.observe(&e).is_empty() {
+                        return Ok(sent.elapsed());
+                    }
+                }
+                Ok(Some(Ok(CtEvent::Resync))) => bail!("events overran"),
+                Ok(Some(Err(e))) => return Err(e.into()),
+                Ok(None) => bail!("event thread ended"),
+                Err(_) => bail!("no matching event within 1 s"),
+            }
+        }
+    })?;
+    assert!(resolved < Duration::from_secs(1), "{resolved:?}");
+    let spec = tracker.slot_spec(&"m").context("resolved")?;
+    assert_eq!(spec.sources, vec![format!("{HOSTA}/32").parse()?]);
+    assert!(spec.source_ports.is_empty(), "device mode");
+
+    // A second device appearing later joins the set; the first stays even
+    // after its conntrack entries are flushed.
+    lab.cpe.exec(&["conntrack", "-F"])?;
+    send(&lab.hostb, HOSTB, 6001, 9)?;
+    rt.block_on(async {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+                Ok(Some(Ok(CtEvent::New(e)))) if !tracker.observe(&e).is_empty() => return Ok(()),
+                Ok(Some(Ok(_))) => {}
+                _ => bail!("hostb's flow not seen within 1 s"),
+            }
+        }
+    })?;
+    let spec = tracker.slot_spec(&"m").unwrap();
+    assert_eq!(
+        spec.sources,
+        vec![
+            format!("{HOSTA}/32").parse()?,
+            format!("{HOSTB}/32").parse()?
+        ]
+    );
+    drop(rx);
+    Ok(())
+}
