@@ -629,3 +629,125 @@ fn restart_keeps_enforcing_and_restores_state() -> Result<()> {
     assert_eq!(scope_counter(&lab.scope(mid)?, "pkts-dropped"), 150);
     Ok(())
 }
+
+/// Masquerade on the router's WAN side, as a CPE does.
+fn masquerade(lab: &Lab) -> Result<()> {
+    let rules = lab.dir.path.join("nat.nft");
+    std::fs::write(
+        &rules,
+        "table ip dotsnat {\n chain post {\n  type nat hook postrouting priority 100;\n  oifname \"wan\" masquerade\n }\n}\n",
+    )?;
+    lab.cpe.exec(&["nft", "-f", &rules.display().to_string()])?;
+    Ok(())
+}
+
+/// Sends `count` datagrams from a fixed source port (one conntrack flow).
+fn send_from(ns: &Netns, sport: u16, dst: &str, count: usize, tag: &str) -> Result<()> {
+    let dst: SocketAddr = format!("{dst}:9").parse()?;
+    let tag = tag.to_string();
+    ns.enter(move || -> Result<()> {
+        let sock = UdpSocket::bind(("0.0.0.0", sport))?;
+        for i in 0..count {
+            sock.send_to(format!("{tag} {i:06}").as_bytes(), dst)?;
+        }
+        Ok(())
+    })?
+}
+
+/// The translated (post-NAT) source port of `src`'s flow from `sport`, read
+/// with the conntrack CLI: the reply tuple's destination port.
+fn translated_port(lab: &Lab, src: &str, sport: u16) -> Result<u16> {
+    let out = lab.cpe.exec(&[
+        "conntrack",
+        "-L",
+        "-p",
+        "udp",
+        "--orig-src",
+        src,
+        "--orig-port-src",
+        &sport.to_string(),
+    ])?;
+    let line = out.lines().next().context("no conntrack entry")?;
+    let dport = line
+        .split_whitespace()
+        .filter(|w| w.starts_with("dport="))
+        .nth(1)
+        .context("no reply tuple")?;
+    Ok(dport.trim_start_matches("dport=").parse()?)
+}
+
+#[test]
+fn nated_attacker_is_found_and_blocked() -> Result<()> {
+    let (lab, sink) = ready_lab(&[])?;
+    masquerade(&lab)?;
+    // Both hosts use source port 5000: masquerade must rename one of them.
+    send_from(&lab.hosta, 5000, TARGET4, 10, "a1")?;
+    send_from(&lab.hostb, 5000, TARGET4, 10, "b1")?;
+    assert_eq!((sink.count("a1"), sink.count("b1")), (10, 10));
+    let port = translated_port(&lab, HOSTA4, 5000)?;
+    // The ISP sees only the router's external address and that port.
+    let (code, mid, _) = lab.mitigate(
+        "203.0.113.1/32",
+        "198.51.100.10/32",
+        &["--source-port", &port.to_string(), "--protocol", "17"],
+    )?;
+    assert_eq!(code, "2.01 Created");
+    lab.wait_status(mid, "attack-successfully-mitigated")?;
+    send_from(&lab.hosta, 5000, TARGET4, 50, "a2")?;
+    send_from(&lab.hostb, 5000, TARGET4, 50, "b2")?;
+    assert_eq!(sink.count("a2"), 0, "the attacker's flow is dropped");
+    assert_eq!(
+        sink.count("b2"),
+        50,
+        "the other host behind the same address is not"
+    );
+    // A new connection of the attacker (another source port) is dropped too.
+    send_from(&lab.hosta, 6000, TARGET4, 50, "a3")?;
+    assert_eq!(sink.count("a3"), 0, "new flows of the device are dropped");
+    // The operator sees the device; the ISP never does.
+    let (_, out) = lab.agent_cmd(&["mitigations"])?;
+    assert!(out.contains("behind NAT: 192.0.2.2"), "{out}");
+    let scope = lab.scope(mid)?;
+    assert!(
+        !scope.to_string().contains("192.0.2.2"),
+        "internal addresses are not sent to the peer: {scope}"
+    );
+    Ok(())
+}
+
+#[test]
+fn nat_request_waits_for_a_matching_flow() -> Result<()> {
+    let (lab, sink) = ready_lab(&[])?;
+    masquerade(&lab)?;
+    // No flow to the other target yet: accepted, pending resolution.
+    let (code, mid, body) =
+        lab.mitigate("203.0.113.1/32", "198.51.100.11/32", &["--protocol", "17"])?;
+    assert_eq!(code, "2.01 Created");
+    assert_eq!(
+        body["ietf-dots-signal-channel:mitigation-scope"]["scope"][0]["status"],
+        "attack-mitigation-in-progress"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        lab.scope(mid)?["status"],
+        "attack-mitigation-in-progress",
+        "nothing to block yet"
+    );
+    // The attacker starts: its first packets create the conntrack entry, the
+    // event resolves the device within a second, and the rest is dropped.
+    send_from(&lab.hosta, 7000, OTHER_TARGET4, 5, "first")?;
+    lab.wait_status(mid, "attack-successfully-mitigated")?;
+    send_from(&lab.hosta, 7001, OTHER_TARGET4, 50, "later")?;
+    assert_eq!(
+        sink.count("later"),
+        0,
+        "enforced once a matching flow appeared"
+    );
+    send_from(&lab.hostb, 7000, OTHER_TARGET4, 20, "hostb")?;
+    assert_eq!(
+        sink.count("hostb"),
+        20,
+        "only the device that talked to the target"
+    );
+    Ok(())
+}

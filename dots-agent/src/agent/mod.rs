@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod enforcer;
+mod nat_glue;
 mod session;
 pub mod state;
 pub mod view;
@@ -149,6 +150,8 @@ pub struct AgentOptions {
     pub consent_timeout: Option<std::time::Duration>,
     pub consent_timeout_approves: bool,
     pub max_mitigations_per_cuid: usize,
+    /// What to block behind NAT (RFC 9066 §5.3.2).
+    pub nat_action: crate::nat::NatAction,
     /// How often counters are read and observers notified while a mitigation is active.
     pub notify_interval: std::time::Duration,
 }
@@ -274,6 +277,15 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         max_mitigations_per_cuid: opts.max_mitigations_per_cuid,
         ..ServerConfig::default()
     };
+    // NAT correlation runs only where something is enforced.
+    let (nat, mut nat_rx): (Option<Arc<nat_glue::NatService>>, Vec<_>) = match &enforcer {
+        Some(table) => {
+            let (s, rx) =
+                nat_glue::NatService::start(opts.nat_action, opts.peers.len(), table.clone());
+            (Some(s), rx.into_iter().map(Some).collect())
+        }
+        None => (None, opts.peers.iter().map(|_| None).collect()),
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for ((index, target), consent) in opts.peers.iter().enumerate().zip(consent_receivers) {
         let dialer = Dialer::new(&opts.credentials, DialOptions::default())?;
@@ -287,6 +299,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             view: view.clone(),
             consent,
             restore: saved.take_peer(index, &target.to_string()),
+            nat: nat.clone(),
+            nat_rx: nat_rx.get_mut(index).and_then(Option::take),
             store: store.clone(),
             seed: seed(index),
         };

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use super::{
     control::ConsentCommand,
     enforcer::{slot_spec, SlotKey, SlotTable},
+    nat_glue::{NatInstall, NatResolved, NatService},
     state::{log_restored, StateStore},
     view::{unix_now, AgentView},
     PeerTarget,
@@ -54,6 +55,8 @@ pub struct PeerTask {
     /// Mitigations of this peer from the state directory.
     pub restore: Vec<MitigationRecord>,
     pub store: Arc<StateStore>,
+    pub nat: Option<Arc<NatService>>,
+    pub nat_rx: Option<mpsc::UnboundedReceiver<NatResolved>>,
     pub seed: u64,
 }
 
@@ -69,6 +72,8 @@ struct Shell {
     name: String,
     /// `Mitigations::revision` last written to the state file.
     saved: Option<u64>,
+    nat: Option<Arc<NatService>>,
+    nat_rx: Option<mpsc::UnboundedReceiver<NatResolved>>,
 }
 
 impl PeerTask {
@@ -84,6 +89,8 @@ impl PeerTask {
             consent,
             restore,
             store,
+            nat,
+            nat_rx,
             mut seed,
         } = self;
         let name = target.to_string();
@@ -95,6 +102,8 @@ impl PeerTask {
             store,
             name,
             saved: None,
+            nat,
+            nat_rx,
         };
         let now = Instant::now();
         // Until the first connection the endpoint talks to nobody: what it
@@ -259,6 +268,7 @@ impl Shell {
                 out = &mut fut => return out,
                 _ = tokio::time::sleep_until(deadline(server).into()) => server.handle_timeout(Instant::now()),
                 Some(cmd) = self.consent.recv() => self.decide(server, cmd),
+                Some(NatResolved(key)) = next_nat(&mut self.nat_rx) => { let _ = server.installed(Instant::now(), &key); }
             }
         }
     }
@@ -296,6 +306,7 @@ impl Shell {
                 },
                 _ = tokio::time::sleep_until(deadline(server).into()) => server.handle_timeout(Instant::now()),
                 Some(cmd) = self.consent.recv() => self.decide(server, cmd),
+                Some(NatResolved(key)) = next_nat(&mut self.nat_rx) => { let _ = server.installed(Instant::now(), &key); }
             }
         }
     }
@@ -313,6 +324,19 @@ impl Shell {
         let now = Instant::now();
         if let Ok(mut v) = self.view.lock() {
             v.set_mitigations(self.peer, now, server.mitigations().iter());
+            if let Some(n) = &self.nat {
+                for ((peer, cuid, mid), m) in v
+                    .mitigations
+                    .iter_mut()
+                    .filter(|((p, _, _), _)| *p == self.peer)
+                {
+                    m.devices = n.devices(&SlotKey {
+                        peer: *peer,
+                        cuid: cuid.clone(),
+                        mid: *mid,
+                    });
+                }
+            }
         }
         let revision = server.mitigations().revision();
         if self.saved != Some(revision) {
@@ -417,6 +441,20 @@ impl Shell {
         match action {
             Action::Install { key, request } => {
                 let spec = slot_spec(&request);
+                // Behind NAT the slot names the internal devices, or waits for one.
+                let spec = match self
+                    .nat
+                    .as_ref()
+                    .map(|n| n.install(&self.slot_key(&key), &spec))
+                {
+                    None | Some(NatInstall::Direct) => spec,
+                    Some(NatInstall::Resolved(s)) => s,
+                    Some(NatInstall::Pending) => {
+                        info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix,
+                              "the router's own address: waiting for a matching flow in conntrack");
+                        return None;
+                    }
+                };
                 let result = match &self.enforcer {
                     Some(e) => e
                         .lock()
@@ -440,6 +478,9 @@ impl Shell {
                 }
             }
             Action::Remove { key } => {
+                if let Some(n) = &self.nat {
+                    n.remove(&self.slot_key(&key));
+                }
                 if let Some(e) = &self.enforcer {
                     if let Ok(mut t) = e.lock() {
                         let slot = self.slot_key(&key);
@@ -514,4 +555,12 @@ async fn flush(server: &mut Server, conn: &mut Connection) -> std::io::Result<()
         conn.send(&bytes).await?;
     }
     Ok(())
+}
+
+/// The next NAT resolution for this peer, or never when NAT is off.
+async fn next_nat(rx: &mut Option<mpsc::UnboundedReceiver<NatResolved>>) -> Option<NatResolved> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
 }

@@ -56,6 +56,9 @@ pub struct MitigationView {
     pub bytes: u64,
     pub pps: u64,
     pub bps: u64,
+    /// Internal devices found behind NAT (address and MAC): for the operator
+    /// only, never sent to the peer (RFC 9066 §9).
+    pub devices: Vec<String>,
 }
 
 fn range<T: std::fmt::Display + PartialEq + Copy>(lower: T, upper: Option<T>) -> String {
@@ -104,6 +107,7 @@ impl MitigationView {
             bytes: c.bytes,
             pps: c.pps,
             bps: c.bps,
+            devices: Vec::new(),
         }
     }
 }

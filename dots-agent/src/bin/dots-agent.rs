@@ -151,6 +151,10 @@ struct RunArgs {
     /// [default: /var/lib/dots-agent].
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Behind NAT: block the internal device's traffic to the target
+    /// (device) or only its matching flows (flow) [default: device].
+    #[arg(long, value_enum)]
+    nat_action: Option<dots_agent::nat::NatAction>,
     /// Without a peer (from --peer or the file): find it with RFC 8973
     /// discovery, DHCP results of `dots-agent dhcp-hook` in the state
     /// directory first, then S-NAPTR and DNS-SD in this domain.
@@ -237,6 +241,9 @@ impl RunArgs {
         }
         if let Some(s) = &self.state_dir {
             c.state_dir = s.clone();
+        }
+        if let Some(a) = self.nat_action {
+            c.nat_action = a;
         }
         if let Some(n) = self.notify_interval {
             c.notify_interval = n;
@@ -568,6 +575,10 @@ fn print_mitigations(b: &serde_json::Value) {
             }
         }
         println!("{scope}");
+        if let Some(d) = m["devices"].as_array().filter(|d| !d.is_empty()) {
+            let d: Vec<&str> = d.iter().filter_map(|v| v.as_str()).collect();
+            println!("  behind NAT: {}", d.join(", "));
+        }
         println!(
             "  dropped {} packets, {} bytes; now {} pps, {} bps",
             m["packets"], m["bytes"], m["pps"], m["bps"]

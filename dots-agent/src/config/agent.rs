@@ -77,6 +77,9 @@ pub struct AgentConfig {
     pub control_socket: PathBuf,
     /// Log format on stderr.
     pub log_format: LogFormat,
+    /// Behind NAT, block the internal device's traffic to the target
+    /// (`device`) or only its matching flows (`flow`).
+    pub nat_action: crate::nat::NatAction,
     /// The file this came from, for error messages ([`COMMAND_LINE`] when
     /// built in code); not a key.
     #[serde(skip)]
@@ -103,6 +106,7 @@ impl Default for AgentConfig {
             state_dir: PathBuf::from(DEFAULT_AGENT_STATE_DIR),
             control_socket: PathBuf::from(DEFAULT_AGENT_CONTROL_SOCKET),
             log_format: LogFormat::Human,
+            nat_action: crate::nat::NatAction::Device,
             origin: PathBuf::from(COMMAND_LINE),
         }
     }
@@ -615,6 +619,7 @@ impl AgentConfig {
                 .consent_timeout()
                 .is_some_and(|t| t.action == ConsentTimeoutAction::Approve),
             max_mitigations_per_cuid: self.limits.max_mitigations_per_cuid,
+            nat_action: self.nat_action,
         })
     }
 

@@ -16,7 +16,17 @@ use super::{
 use crate::enforce::{Range, SlotSpec};
 
 /// What to block once a device is found (`nat-action` in the configuration).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum NatAction {
     /// All of the device's traffic to the target (with the request's
