@@ -24,49 +24,35 @@ pub fn run(which: Which) -> Result<()> {
 }
 
 fn dataplane() -> Result<()> {
-    let root = workspace_root();
-    let json = root.join("target/bench/dataplane.json");
-    let doc = root.join("docs/benchmarks.md");
-    step("benchmarking the data plane (BPF_PROG_TEST_RUN; a few minutes)");
-    let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--release",
-        "-p",
-        "tests",
-        "--bin",
+    run_bench(
         "bench-dataplane",
-        "--",
-    ]);
-    cmd.arg("--json").arg(&json).arg("--doc").arg(&doc);
-    // Extra arguments for the measuring program, e.g. "--runs 11".
-    if let Ok(extra) = std::env::var("DOTS_BENCH_ARGS") {
-        cmd.args(extra.split_whitespace());
-    }
-    crate::run(&mut cmd)?;
-    step(&format!("wrote {} and {}", json.display(), doc.display()));
-    Ok(())
+        "dataplane.json",
+        "benchmarking the data plane (BPF_PROG_TEST_RUN; a few minutes)",
+    )
 }
 
 /// `cargo xtask bench nat`: fills a lab router's conntrack table with
 /// 100,000 NATed flows and times request -> resolved devices; writes
 /// `target/bench/nat.json` and the "## NAT" section of docs/benchmarks.md.
 fn nat() -> Result<()> {
-    let root = workspace_root();
-    let json = root.join("target/bench/nat.json");
-    let doc = root.join("docs/benchmarks.md");
-    step("benchmarking NAT correlation (100,000 conntrack entries; about a minute)");
-    let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--release",
-        "-p",
-        "tests",
-        "--bin",
+    run_bench(
         "bench-nat",
-        "--",
-    ]);
+        "nat.json",
+        "benchmarking NAT correlation (100,000 conntrack entries; about a minute)",
+    )
+}
+
+/// Runs a measuring program of the tests crate in release mode; it writes
+/// `target/bench/<json>` and its section of docs/benchmarks.md.
+fn run_bench(bin: &str, json: &str, what: &str) -> Result<()> {
+    let root = workspace_root();
+    let json = root.join("target/bench").join(json);
+    let doc = root.join("docs/benchmarks.md");
+    step(what);
+    let mut cmd = cargo();
+    cmd.args(["run", "--release", "-p", "tests", "--bin", bin, "--"]);
     cmd.arg("--json").arg(&json).arg("--doc").arg(&doc);
+    // Extra arguments for the measuring program, e.g. "--runs 11".
     if let Ok(extra) = std::env::var("DOTS_BENCH_ARGS") {
         cmd.args(extra.split_whitespace());
     }
