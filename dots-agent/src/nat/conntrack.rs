@@ -373,14 +373,7 @@ impl EventSocket {
 mod tests {
     use super::*;
 
-    fn attr(ty: u16, p: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&((4 + p.len()) as u16).to_ne_bytes());
-        v.extend_from_slice(&ty.to_ne_bytes());
-        v.extend_from_slice(p);
-        v.resize(netlink::align4(v.len()), 0);
-        v
-    }
+    use netlink::test_attr as attr;
 
     fn nested(ty: u16, parts: &[Vec<u8>]) -> Vec<u8> {
         attr(ty | 0x8000, &parts.concat())

@@ -247,6 +247,17 @@ impl Socket {
     }
 }
 
+/// One attribute (header, payload, padding): the tests build messages with it.
+#[cfg(test)]
+pub(crate) fn test_attr(ty: u16, p: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&((4 + p.len()) as u16).to_ne_bytes());
+    v.extend_from_slice(&ty.to_ne_bytes());
+    v.extend_from_slice(p);
+    v.resize(align4(v.len()), 0);
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
