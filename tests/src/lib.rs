@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod lab;
 pub mod procs;
 
 use anyhow::{bail, Context, Result};

@@ -16,12 +16,13 @@ use crate::Netns;
 /// (`cargo xtask test` builds them first).
 pub fn bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test executable has no parent directory")?;
-    let path = dir.join(name);
+    // A test runs from target/<profile>/deps/, a binary of this crate (the
+    // demo) from target/<profile>/: look next to it, then one level up.
+    let here = exe.parent().context("executable has no parent directory")?;
+    let path = [here.join(name), here.parent().unwrap_or(here).join(name)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| here.join(name));
     if !path.exists() {
         bail!(
             "{} not built: run `cargo build --workspace` (cargo xtask test does)",

@@ -3,7 +3,9 @@
 //! * `setup`: install, idempotently, everything builds and tests need.
 //! * `build`: build everything, including the XDP object.
 //! * `test`: setup, build, then unit and integration tests.
-//! * `bench dataplane`: the XDP classifier's per-packet cost.
+//! * `demo`: the whole story in a lab of network namespaces.
+//! * `bench dataplane|nat`: the XDP classifier's per-packet cost, NAT
+//!   resolution time.
 
 mod bench;
 mod setup;
@@ -35,6 +37,10 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The two-minute lab: a LAN host behind a NAT router floods a target,
+    /// the ISP asks the router's dots-agent to mitigate, the flood is dropped
+    /// in XDP, then withdrawn. Exits non-zero if any effect is missing.
+    Demo,
     /// Run a benchmark and write its results under docs/ and target/bench/.
     Bench {
         #[arg(value_enum)]
@@ -63,6 +69,14 @@ fn main() -> Result<()> {
             ]);
             cmd.args(&args);
             run_tests(&mut cmd)
+        }
+        Cmd::Demo => {
+            setup::run()?;
+            build(false)?;
+            step("running the demo (network namespaces; about a minute)");
+            let mut cmd = cargo();
+            cmd.args(["run", "--quiet", "-p", "tests", "--bin", "demo"]);
+            run(&mut cmd)
         }
         Cmd::Bench { which } => {
             setup::run()?;
