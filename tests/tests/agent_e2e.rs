@@ -13,7 +13,7 @@ use tests::lab::*;
 fn flood_is_dropped_and_counted(v6: bool) -> Result<()> {
     let mut lab = Lab::new()?;
     lab.start_client()?;
-    lab.start_agent(&[])?;
+    lab.start_agent(&["--metrics", "127.0.0.1:9464"])?;
     let sink = Sink::open(&lab.target)?;
     let (hosta, target, other) = if v6 {
         (HOSTA6, TARGET6, OTHER_TARGET6)
@@ -64,6 +64,23 @@ fn flood_is_dropped_and_counted(v6: bool) -> Result<()> {
         "{scope}"
     );
 
+    // So does Prometheus.
+    let metrics = lab.cpe.enter(|| -> Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9464")?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })??;
+    assert!(
+        metrics.contains("dots_agent_session_up{peer=\"203.0.113.2:4647\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("mid=\"{mid}\"}} 500")),
+        "{metrics}"
+    );
     // The operator sees it too.
     let (ok, out) = lab.agent_cmd(&["mitigations"])?;
     assert!(

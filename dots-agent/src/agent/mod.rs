@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod enforcer;
+pub mod metrics;
 mod nat_glue;
 mod session;
 pub mod state;
@@ -152,6 +153,8 @@ pub struct AgentOptions {
     pub max_mitigations_per_cuid: usize,
     /// What to block behind NAT (RFC 9066 §5.3.2).
     pub nat_action: crate::nat::NatAction,
+    /// Prometheus text endpoint; off when `None`.
+    pub metrics: Option<SocketAddr>,
     /// How often counters are read and observers notified while a mitigation is active.
     pub notify_interval: std::time::Duration,
 }
@@ -253,6 +256,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         consent_receivers.push(rx);
     }
     let store = Arc::new(state::StateStore::new(&opts.state_dir, enforcer.clone())?);
+    if let Some(addr) = opts.metrics {
+        tokio::spawn(metrics::serve(addr, view.clone()));
+    }
     let control = control::bind(&opts.control)?;
     info!(socket = %opts.control.display(), "control socket ready");
     tokio::spawn(control::serve(

@@ -151,6 +151,10 @@ struct RunArgs {
     /// [default: /var/lib/dots-agent].
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics (sessions, heartbeats, mitigations by state,
+    /// drops per mitigation) on ADDR:PORT at /metrics [default: off].
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
     /// Behind NAT: block the internal device's traffic to the target
     /// (device) or only its matching flows (flow) [default: device].
     #[arg(long, value_enum)]
@@ -241,6 +245,9 @@ impl RunArgs {
         }
         if let Some(s) = &self.state_dir {
             c.state_dir = s.clone();
+        }
+        if self.metrics.is_some() {
+            c.metrics = self.metrics;
         }
         if let Some(a) = self.nat_action {
             c.nat_action = a;

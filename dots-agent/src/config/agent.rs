@@ -80,6 +80,8 @@ pub struct AgentConfig {
     /// Behind NAT, block the internal device's traffic to the target
     /// (`device`) or only its matching flows (`flow`).
     pub nat_action: crate::nat::NatAction,
+    /// Prometheus text endpoint, "ADDR:PORT"; none by default.
+    pub metrics: Option<std::net::SocketAddr>,
     /// The file this came from, for error messages ([`COMMAND_LINE`] when
     /// built in code); not a key.
     #[serde(skip)]
@@ -107,6 +109,7 @@ impl Default for AgentConfig {
             control_socket: PathBuf::from(DEFAULT_AGENT_CONTROL_SOCKET),
             log_format: LogFormat::Human,
             nat_action: crate::nat::NatAction::Device,
+            metrics: None,
             origin: PathBuf::from(COMMAND_LINE),
         }
     }
@@ -620,6 +623,7 @@ impl AgentConfig {
                 .is_some_and(|t| t.action == ConsentTimeoutAction::Approve),
             max_mitigations_per_cuid: self.limits.max_mitigations_per_cuid,
             nat_action: self.nat_action,
+            metrics: self.metrics,
         })
     }
 
