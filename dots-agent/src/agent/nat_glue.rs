@@ -2,6 +2,13 @@
 //! source prefixes cover the router's own (external) addresses are enforced
 //! on the internal devices conntrack shows behind them, found at install time
 //! and followed through new-flow events while the mitigation lasts.
+//!
+//! Requests resolve against a [`CtMirror`]: the source-NATed conntrack
+//! entries in memory, loaded by one dump at start and kept current by NEW
+//! and DESTROY events (re-dumped on lost events, and every
+//! [`RECONCILE`] while entries older than the subscription remain, whose
+//! DESTROY events may never come). Without events the agent falls back to
+//! a dump per request.
 
 use std::{
     collections::BTreeMap,
@@ -11,13 +18,18 @@ use std::{
 
 use dots_proto::signal::MitigationKey;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::enforcer::{SlotKey, SlotTable};
 use crate::{
     enforce::SlotSpec,
-    nat::{self, Conntrack, CtEvent, EventSocket, NatAction, NatTracker},
+    nat::{self, Conntrack, CtEvent, CtMirror, EventSocket, NatAction, NatTracker},
 };
+
+/// How often the mirror is re-read while it holds entries seen only in a
+/// dump (created before the subscription: no DESTROY event for them with
+/// the default `nf_conntrack_events=2`).
+const RECONCILE: Duration = Duration::from_secs(60);
 
 /// What installing a scope means under NAT.
 pub enum NatInstall {
@@ -33,15 +45,21 @@ pub enum NatInstall {
 pub struct NatResolved(pub MitigationKey);
 
 pub struct NatService {
+    /// Lock order: `tracker`, then `mirror`, then `conntrack`.
     tracker: Mutex<NatTracker<SlotKey>>,
+    /// `None` without events (or when the first dump failed): dump per
+    /// request instead.
+    mirror: Mutex<Option<CtMirror>>,
     conntrack: Mutex<Option<Conntrack>>,
     /// Peer task channels, by peer index.
     peers: Vec<mpsc::UnboundedSender<NatResolved>>,
 }
 
 impl NatService {
-    /// Opens conntrack and subscribes to new flows (before any dump, so no
-    /// flow falls between them). Returns the receivers for the peer tasks.
+    /// Opens conntrack, subscribes to new and destroyed flows, then loads
+    /// the mirror with a dump (in that order, so no flow falls between:
+    /// events queued during the dump are applied after it). Returns the
+    /// receivers for the peer tasks.
     pub fn start(
         action: NatAction,
         peers: usize,
@@ -54,27 +72,58 @@ impl NatService {
             ?action,
             "NAT correlation: the router's own addresses"
         );
-        let conntrack = match Conntrack::open() {
+        let mut conntrack = match Conntrack::open() {
             Ok(c) => Some(c),
             Err(e) => {
                 warn!(error = %e, "conntrack unavailable: requests naming the router's addresses cannot be resolved");
                 None
             }
         };
+        let events = match EventSocket::open() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "no conntrack events: new flows of a NATed attacker are not followed");
+                None
+            }
+        };
+        // The subscription is open: load the mirror now.
+        let mirror = match (&events, conntrack.as_mut()) {
+            (Some(_), Some(ct)) => {
+                let t = std::time::Instant::now();
+                match CtMirror::load(ct) {
+                    Ok(m) => {
+                        info!(
+                            entries = m.len(),
+                            ms = t.elapsed().as_millis() as u64,
+                            "conntrack mirror loaded (source-NATed entries)"
+                        );
+                        Some(m)
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "conntrack dump failed: dumping per request instead");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let service = Arc::new(NatService {
             tracker: Mutex::new(NatTracker::new(router, action)),
+            mirror: Mutex::new(mirror),
             conntrack: Mutex::new(conntrack),
             peers: txs,
         });
-        match EventSocket::open().and_then(|s| {
-            s.spawn(Duration::from_millis(200))
-                .map_err(nat::NatError::Events)
-        }) {
-            Ok(events) => {
-                tokio::spawn(follow(service.clone(), events, table));
-            }
-            Err(e) => {
-                warn!(error = %e, "no conntrack events: new flows of a NATed attacker are not followed")
+        if let Some(s) = events {
+            match s.spawn(Duration::from_millis(200)) {
+                Ok(events) => {
+                    tokio::spawn(follow(service.clone(), events, table));
+                }
+                Err(e) => {
+                    warn!(error = %e, "no conntrack events: new flows of a NATed attacker are not followed");
+                    if let Ok(mut m) = service.mirror.lock() {
+                        *m = None;
+                    }
+                }
             }
         }
         (service, rxs)
@@ -89,22 +138,31 @@ impl NatService {
             tracker.untrack(key);
             return NatInstall::Direct;
         }
-        let snapshot = match self
-            .conntrack
-            .lock()
-            .ok()
-            .as_deref_mut()
-            .and_then(Option::as_mut)
-        {
-            Some(ct) => {
-                nat::snapshot_for(ct, spec, tracker.router_addresses()).unwrap_or_else(|e| {
-                    warn!(error = %e, "conntrack dump failed");
-                    Vec::new()
-                })
+        let mirrored = match self.mirror.lock().ok().as_deref().and_then(Option::as_ref) {
+            Some(m) => {
+                tracker.track_entries(key.clone(), spec, m.entries());
+                true
             }
-            None => Vec::new(),
+            None => false,
         };
-        tracker.track(key.clone(), spec, &snapshot);
+        if !mirrored {
+            let snapshot = match self
+                .conntrack
+                .lock()
+                .ok()
+                .as_deref_mut()
+                .and_then(Option::as_mut)
+            {
+                Some(ct) => {
+                    nat::snapshot_for(ct, spec, tracker.router_addresses()).unwrap_or_else(|e| {
+                        warn!(error = %e, "conntrack dump failed");
+                        Vec::new()
+                    })
+                }
+                None => Vec::new(),
+            };
+            tracker.track(key.clone(), spec, &snapshot);
+        }
         refresh_macs(&mut tracker);
         match tracker.slot_spec(key) {
             Some(s) => {
@@ -153,37 +211,103 @@ fn log_devices(tracker: &NatTracker<SlotKey>, key: &SlotKey) {
     }
 }
 
-/// New flows: grow the device sets and re-install what changed.
+/// Re-reads the table into the mirror (or, without a mirror, just dumps
+/// it) and feeds every entry to the tracker; returns the keys that changed.
+fn resync(service: &NatService, tracker: &mut NatTracker<SlotKey>) -> Vec<SlotKey> {
+    let Ok(mut mirror) = service.mirror.lock() else {
+        return Vec::new();
+    };
+    let Ok(mut ct) = service.conntrack.lock() else {
+        return Vec::new();
+    };
+    let Some(ct) = ct.as_mut() else {
+        return Vec::new();
+    };
+    match mirror.as_mut() {
+        Some(m) => {
+            if let Err(e) = m.reload(ct) {
+                warn!(error = %e, "conntrack dump failed");
+                return Vec::new();
+            }
+            if tracker.is_empty() {
+                return Vec::new();
+            }
+            m.entries().flat_map(|e| tracker.observe(&e)).collect()
+        }
+        None => match ct.dump() {
+            Ok(v) => v.iter().flat_map(|e| tracker.observe(e)).collect(),
+            Err(e) => {
+                warn!(error = %e, "conntrack dump failed");
+                Vec::new()
+            }
+        },
+    }
+}
+
+/// Conntrack events: keep the mirror current, grow the device sets with new
+/// flows and re-install what changed.
 async fn follow(
     service: Arc<NatService>,
     mut events: mpsc::UnboundedReceiver<Result<CtEvent, nat::NatError>>,
     table: Arc<Mutex<SlotTable>>,
 ) {
-    while let Some(ev) = events.recv().await {
-        let entries = match ev {
-            Ok(CtEvent::New(e)) => vec![e],
-            Ok(CtEvent::Resync) => {
-                warn!("conntrack events were lost; reading the table again");
-                match service
-                    .conntrack
+    let mut reconcile = tokio::time::interval(RECONCILE);
+    reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    reconcile.tick().await;
+    loop {
+        let ev = tokio::select! {
+            ev = events.recv() => match ev {
+                Some(Ok(CtEvent::Resync)) => {
+                    warn!("conntrack events were lost; reading the table again");
+                    Ok(CtEvent::Resync)
+                }
+                Some(ev) => ev,
+                None => return,
+            },
+            _ = reconcile.tick() => {
+                let stale = service
+                    .mirror
                     .lock()
                     .ok()
-                    .as_deref_mut()
-                    .and_then(Option::as_mut)
-                    .map(|ct| ct.dump())
-                {
-                    Some(Ok(v)) => v,
-                    _ => Vec::new(),
+                    .and_then(|m| m.as_ref().map(CtMirror::needs_reconcile))
+                    .unwrap_or(false);
+                if !stale {
+                    continue;
                 }
-            }
-            Err(e) => {
-                warn!(error = %e, "conntrack events stopped");
-                return;
+                debug!("re-reading the conntrack table: entries older than the subscription remain");
+                Ok(CtEvent::Resync)
             }
         };
+        let mut new = None;
+        match ev {
+            Ok(ev @ CtEvent::New(e)) => {
+                if let Ok(Some(m)) = service.mirror.lock().as_deref_mut() {
+                    m.apply(&ev);
+                }
+                new = Some(e);
+            }
+            Ok(ev @ CtEvent::Destroy(_)) => {
+                if let Ok(Some(m)) = service.mirror.lock().as_deref_mut() {
+                    m.apply(&ev);
+                }
+                continue;
+            }
+            Ok(CtEvent::Resync) => {}
+            Err(e) => {
+                warn!(error = %e, "conntrack events stopped");
+                if let Ok(mut m) = service.mirror.lock() {
+                    // Stale from now on: dump per request instead.
+                    *m = None;
+                }
+                return;
+            }
+        }
         let mut changed: BTreeMap<SlotKey, SlotSpec> = BTreeMap::new();
         if let Ok(mut tracker) = service.tracker.lock() {
-            let keys: Vec<SlotKey> = entries.iter().flat_map(|e| tracker.observe(e)).collect();
+            let keys: Vec<SlotKey> = match new {
+                Some(e) => tracker.observe(&e),
+                None => resync(&service, &mut tracker),
+            };
             if !keys.is_empty() {
                 refresh_macs(&mut tracker);
             }

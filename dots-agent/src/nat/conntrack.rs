@@ -1,6 +1,7 @@
 //! The kernel's conntrack table over ctnetlink: a full dump
-//! (`IPCTNL_MSG_CT_GET` with `NLM_F_DUMP`) and the stream of new entries
-//! (multicast group `NFNLGRP_CONNTRACK_NEW`).
+//! (`IPCTNL_MSG_CT_GET` with `NLM_F_DUMP`) and the stream of new and
+//! destroyed entries (multicast groups `NFNLGRP_CONNTRACK_NEW` and
+//! `NFNLGRP_CONNTRACK_DESTROY`).
 
 use std::{
     io,
@@ -16,8 +17,11 @@ const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_NEW: u16 = 0;
 const IPCTNL_MSG_CT_GET: u16 = 1;
+const IPCTNL_MSG_CT_DELETE: u16 = 2;
 /// `NFNLGRP_CONNTRACK_NEW` is group 1, i.e. bit 0 of the bind mask.
 const NFNLGRP_CONNTRACK_NEW_MASK: u32 = 1;
+/// `NFNLGRP_CONNTRACK_DESTROY` is group 3, i.e. bit 2 of the bind mask.
+const NFNLGRP_CONNTRACK_DESTROY_MASK: u32 = 1 << 2;
 const NFGENMSG_LEN: usize = 4;
 
 const CTA_TUPLE_ORIG: u16 = 1;
@@ -294,13 +298,20 @@ impl Conntrack {
 pub enum CtEvent {
     /// A new conntrack entry (already NATed: events fire at confirmation).
     New(CtEntry),
+    /// An entry left the table (expiry, `conntrack -D`, flush). Only for
+    /// entries created while someone listened: with the default sysctl
+    /// `net.netfilter.nf_conntrack_events=2` the kernel attaches the event
+    /// extension at creation only when a listener exists, so entries older
+    /// than the subscription go silently.
+    Destroy(CtEntry),
     /// The kernel dropped events (socket buffer overrun): the receiver must
     /// re-read the table with a dump to catch up.
     Resync,
 }
 
-/// A subscription to new conntrack entries, in the network namespace of the
-/// thread that opened it. Subscribe before dumping so no flow falls between.
+/// A subscription to new and destroyed conntrack entries, in the network
+/// namespace of the thread that opened it. Subscribe before dumping so no
+/// flow falls between.
 #[derive(Debug)]
 pub struct EventSocket {
     sock: netlink::Socket,
@@ -309,8 +320,11 @@ pub struct EventSocket {
 
 impl EventSocket {
     pub fn open() -> Result<EventSocket, NatError> {
-        let sock = netlink::Socket::open(NETLINK_NETFILTER, NFNLGRP_CONNTRACK_NEW_MASK)
-            .map_err(NatError::Open)?;
+        let sock = netlink::Socket::open(
+            NETLINK_NETFILTER,
+            NFNLGRP_CONNTRACK_NEW_MASK | NFNLGRP_CONNTRACK_DESTROY_MASK,
+        )
+        .map_err(NatError::Open)?;
         sock.set_rcvbuf(8 << 20);
         Ok(EventSocket {
             sock,
@@ -330,9 +344,14 @@ impl EventSocket {
             Err(e) => return Err(NatError::Events(e)),
         };
         Ok(netlink::messages(&self.buf[..n])
-            .filter(|m| m.ty == ct_type(IPCTNL_MSG_CT_NEW))
-            .filter_map(|m| parse_entry(m.payload))
-            .map(CtEvent::New)
+            .filter_map(|m| {
+                let ev: fn(CtEntry) -> CtEvent = match m.ty {
+                    t if t == ct_type(IPCTNL_MSG_CT_NEW) => CtEvent::New,
+                    t if t == ct_type(IPCTNL_MSG_CT_DELETE) => CtEvent::Destroy,
+                    _ => return None,
+                };
+                parse_entry(m.payload).map(ev)
+            })
             .collect())
     }
 

@@ -2,7 +2,10 @@
 //! the router's external (post-NAT) address is mapped back to the internal
 //! devices through the kernel's conntrack table.
 //!
-//! - [`conntrack`]: ctnetlink dump and new-entry events (netlink, by hand).
+//! - [`conntrack`]: ctnetlink dump and new/destroy events (netlink, by
+//!   hand).
+//! - [`mirror`]: the source-NATed entries in memory, loaded by a dump and
+//!   kept current by events: what requests resolve against.
 //! - [`neigh`]: MAC addresses from the neighbour table (rtnetlink).
 //! - [`resolve`]: sans-IO matching of entries against a scope, device sets,
 //!   and the slot to enforce (`nat-action` device or flow).
@@ -12,6 +15,7 @@
 //! sent to the peer (RFC 9066 §9). See docs/nat.md.
 
 pub mod conntrack;
+pub mod mirror;
 pub mod neigh;
 mod netlink;
 pub mod resolve;
@@ -20,6 +24,7 @@ pub mod tracker;
 use std::net::IpAddr;
 
 pub use conntrack::{Conntrack, CtEntry, CtEvent, DumpFilter, EventSocket, Tuple};
+pub use mirror::CtMirror;
 pub use neigh::{neighbours, Mac};
 pub use resolve::{enforced_spec, match_entry, Device, DeviceSet, Hit, NatAction, NatScope};
 pub use tracker::NatTracker;
@@ -45,7 +50,8 @@ pub fn router_addresses() -> Vec<IpAddr> {
         .collect()
 }
 
-/// The conntrack entries to resolve `spec` with: a kernel-filtered dump
+/// The conntrack entries to resolve `spec` with, without a mirror (the
+/// agent uses a [`CtMirror`] when events are available): a kernel-filtered dump
 /// when the scope allows one (one router address; see
 /// [`NatScope::dump_filter`]), else, or when the kernel refuses the filter
 /// (before Linux 5.8), the whole table.

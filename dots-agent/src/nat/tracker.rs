@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use super::{
     conntrack::CtEntry,
     neigh::Mac,
-    resolve::{enforced_spec, match_entry, DeviceSet, NatAction, NatScope},
+    resolve::{enforced_spec, match_entry, DeviceSet, Hit, NatAction, NatScope},
 };
 use crate::enforce::SlotSpec;
 
@@ -16,6 +16,21 @@ struct Tracked {
     base: SlotSpec,
     scope: NatScope,
     devices: DeviceSet,
+}
+
+/// A slot of the 256-entry cache of recent hits in [`NatTracker::track_entries`].
+fn hit_slot(hit: &Hit) -> usize {
+    let a = match hit.device {
+        IpAddr::V4(v4) => u32::from(v4),
+        IpAddr::V6(v6) => {
+            let b = v6.octets();
+            (0..4).fold(0, |h, i| {
+                h ^ u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+            })
+        }
+    };
+    let h = a ^ (u32::from(hit.port.unwrap_or(0)) << 8) ^ u32::from(hit.protocol);
+    (h.wrapping_mul(0x9E37_79B1) >> 24) as usize
 }
 
 /// The NAT-covered mitigations, keyed by whatever names a mitigation in the
@@ -58,6 +73,17 @@ impl<K: Ord + Clone> NatTracker<K> {
         spec: &SlotSpec,
         snapshot: impl IntoIterator<Item = &'a CtEntry>,
     ) -> bool {
+        self.track_entries(key, spec, snapshot.into_iter().copied())
+    }
+
+    /// [`track`](Self::track) with entries by value, e.g. from
+    /// [`CtMirror::entries`](super::CtMirror::entries).
+    pub fn track_entries(
+        &mut self,
+        key: K,
+        spec: &SlotSpec,
+        snapshot: impl IntoIterator<Item = CtEntry>,
+    ) -> bool {
         let Some(scope) = NatScope::from_spec(spec, &self.router) else {
             self.tracked.remove(&key);
             return false;
@@ -66,9 +92,17 @@ impl<K: Ord + Clone> NatTracker<K> {
             Some(t) if t.scope == scope => t.devices,
             _ => DeviceSet::default(),
         };
+        // Many entries give the same hit (one device, many flows): a small
+        // direct-mapped cache of recent hits skips the repeats, which adding
+        // to the set would ignore anyway, at a fraction of the cost.
+        let mut recent = [None; 256];
         for e in snapshot {
-            if let Some(hit) = match_entry(&scope, e) {
-                devices.add(hit);
+            if let Some(hit) = match_entry(&scope, &e) {
+                let slot = &mut recent[hit_slot(&hit)];
+                if *slot != Some(hit) {
+                    *slot = Some(hit);
+                    devices.add(hit);
+                }
             }
         }
         self.tracked.insert(
@@ -153,6 +187,31 @@ mod tests {
                 dst_port: Some(xport),
             },
         }
+    }
+
+    #[test]
+    fn repeated_hits_are_all_counted() {
+        let mut t = NatTracker::new(vec!["203.0.113.1".parse().unwrap()], NatAction::Flow);
+        let spec = SlotSpec {
+            sources: vec!["203.0.113.1/32".parse().unwrap()],
+            targets: vec!["198.51.100.0/24".parse().unwrap()],
+            ..SlotSpec::default()
+        };
+        // 600 devices (more than the 256 cache slots), each with ports
+        // 1000 and 1001, in an interleaved order, three times over.
+        let entries: Vec<CtEntry> = (0..3)
+            .flat_map(|_| (0..2u16).flat_map(|p| (0..600u32).map(move |i| (i, p))))
+            .map(|(i, p)| {
+                let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string();
+                e(&ip, 1000 + p, 20000 + p)
+            })
+            .collect();
+        assert!(t.track_entries(1u32, &spec, entries.iter().copied()));
+        let set = t.devices(&1).unwrap();
+        assert_eq!(set.len(), 600);
+        assert!(set
+            .iter()
+            .all(|d| d.ports.iter().copied().eq([1000, 1001]) && d.protocols.len() == 1));
     }
 
     #[test]

@@ -5,14 +5,23 @@
 //! Lab: one LAN namespace with 100 addresses (10.0.0.0/16) sends UDP to
 //! 1,000 ports of a target through a router namespace that masquerades to
 //! 203.0.113.1; the 100,000 flows are real conntrack entries created by the
-//! kernel. Then, several times: open a ctnetlink socket, dump the table,
-//! match it ([`NatTracker::track`]) against two scopes:
+//! kernel. Then:
+//! - `mirror` (what the agent does): load a [`CtMirror`] of the table once
+//!   (subscribe to events, dump; timed separately as `mirror_load_ms`),
+//!   then, several times, match the mirror in memory
+//!   ([`NatTracker::track_entries`]);
+//! - `full` / `filtered` (the former per-request path, for comparison):
+//!   several times, open a ctnetlink socket, dump the table (whole, or
+//!   kernel-filtered), match it ([`NatTracker::track`]);
+//!
+//! each against two scopes:
 //! - `ports`: the external address, the translated source ports of one
 //!   attacker's 1,000 flows (as the ISP saw them) and the target: 1 device;
 //! - `address`: the external address and the target only: all 100 devices.
 //!
-//! Writes `--json FILE` (`entries`, `resolve_ms`, ...) and replaces the
-//! `## NAT` section of `--doc FILE`.
+//! Writes `--json FILE` (`entries`, `resolve_ms`: mirror, ports scope,
+//! all-to-target table; `mirror_load_ms`, ...) and replaces the `## NAT`
+//! section of `--doc FILE`.
 //!
 //! Arguments: `--json FILE --doc FILE [--flows N] [--runs N]`.
 
@@ -26,7 +35,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use dots_agent::{
     enforce::{Range, SlotSpec},
-    nat::{self, Conntrack, NatAction, NatTracker},
+    nat::{self, Conntrack, CtMirror, EventSocket, NatAction, NatTracker},
 };
 use serde_json::json;
 use tests::{sh, unique, veth, Netns};
@@ -207,27 +216,30 @@ fn main() -> Result<()> {
         entries = n;
         fill_s = t.elapsed().as_secs_f64();
         eprintln!("{n} entries in {fill_s:.1} s");
-        let rows = measure(&lab, &router, a.runs)?;
+        let (load, rows) = measure(&lab, &router, a.runs)?;
         tables.push(json!({
             "table": if spread { "spread" } else { "all-to-target" },
             "entries": n,
+            "mirror": load,
             "rows": rows,
         }));
     }
     // Headline: the worst case (every entry goes to the target through the
-    // external address), with the path the agent takes (filtered dump).
+    // external address), with the path the agent takes (the mirror).
     let headline = tables[0]["rows"]
         .as_array()
         .and_then(|r| {
             r.iter()
-                .find(|x| x["scope"] == "ports" && x["method"] == "filtered")
+                .find(|x| x["scope"] == "ports" && x["method"] == "mirror")
         })
         .map(|x| x["resolve_ms"].clone())
         .unwrap_or(serde_json::Value::Null);
+    let mirror_load_ms = tables[0]["mirror"]["load_ms"].clone();
     let kernel = sh(&["uname", "-r"])?.trim().to_string();
     let out = json!({
         "entries": entries,
         "resolve_ms": headline,
+        "mirror_load_ms": mirror_load_ms,
         "runs": a.runs,
         "kernel": kernel,
         "fill_s": fill_s,
@@ -242,9 +254,13 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Times request -> device set for two scopes and two methods on the
-/// current table.
-fn measure(lab: &Lab, router: &[IpAddr], runs: usize) -> Result<Vec<serde_json::Value>> {
+/// Times the mirror's initial load, and request -> device set for two scopes
+/// and three methods on the current table.
+fn measure(
+    lab: &Lab,
+    router: &[IpAddr],
+    runs: usize,
+) -> Result<(serde_json::Value, Vec<serde_json::Value>)> {
     let attacker = host_addr(HOSTS / 2);
     // The translated ports of the attacker's flows to the target, as the
     // ISP would see them: from one dump before timing.
@@ -284,7 +300,61 @@ fn measure(lab: &Lab, router: &[IpAddr], runs: usize) -> Result<Vec<serde_json::
         source_ports: ranges,
         ..base.clone()
     };
+    // The mirror: subscribe, then load (the agent's start), `runs` times;
+    // the last one is kept for the requests.
+    let (mut loads, mut mirror) = (Vec::new(), None);
+    for _ in 0..runs {
+        let (t, m) = lab.cpe.enter(|| -> Result<_> {
+            let _events = EventSocket::open()?;
+            let start = Instant::now();
+            let mut ct = Conntrack::open()?;
+            let m = CtMirror::load(&mut ct)?;
+            Ok((start.elapsed(), m))
+        })??;
+        loads.push(t.as_secs_f64() * 1e3);
+        mirror = Some(m);
+    }
+    let mirror = mirror.context("no mirror")?;
+    let load_max = loads.iter().cloned().fold(0.0, f64::max);
+    let load = json!({
+        "entries": mirror.len(),
+        "load_ms": median(&mut loads),
+        "load_ms_max": load_max,
+        "heap_mb": mirror.heap_bytes() as f64 / (1 << 20) as f64,
+    });
+    eprintln!("mirror load: {load}");
     let mut results = Vec::new();
+    for (name, spec) in [("ports", &by_ports), ("address", &base)] {
+        let mut total = Vec::new();
+        let mut devices = 0;
+        for _ in 0..runs {
+            let start = Instant::now();
+            let mut tracker = NatTracker::new(router.to_vec(), NatAction::Device);
+            tracker.track_entries(0u32, spec, mirror.entries());
+            devices = tracker.devices(&0).map(|d| d.len()).unwrap_or(0);
+            total.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        let max_ms = total.iter().cloned().fold(0.0, f64::max);
+        let want = if name == "ports" { 1 } else { HOSTS as usize };
+        if devices != want {
+            bail!("mirror/{name}: {devices} devices found, expected {want}");
+        }
+        let med = median(&mut total);
+        let r = json!({
+            "scope": name,
+            "method": "mirror",
+            "entries_dumped": 0,
+            "entries_matched": mirror.len(),
+            "devices": devices,
+            "resolve_ms": med,
+            "resolve_ms_max": max_ms,
+            "dump_ms": 0.0,
+            "match_ms": med,
+        });
+        eprintln!("{r}");
+        results.push(r);
+    }
+    drop(mirror);
     for method in ["full", "filtered"] {
         for (name, spec) in [("ports", &by_ports), ("address", &base)] {
             let (mut total, mut dumps, mut matches) = (Vec::new(), Vec::new(), Vec::new());
@@ -319,6 +389,7 @@ fn measure(lab: &Lab, router: &[IpAddr], runs: usize) -> Result<Vec<serde_json::
                 "scope": name,
                 "method": method,
                 "entries_dumped": seen,
+                "entries_matched": seen,
                 "devices": devices,
                 "resolve_ms": median(&mut total),
                 "resolve_ms_max": max_ms,
@@ -329,7 +400,7 @@ fn measure(lab: &Lab, router: &[IpAddr], runs: usize) -> Result<Vec<serde_json::
             results.push(r);
         }
     }
-    Ok(results)
+    Ok((load, results))
 }
 
 fn write_doc(a: &Args, out: &serde_json::Value) -> Result<()> {
@@ -343,24 +414,32 @@ fn write_doc(a: &Args, out: &serde_json::Value) -> Result<()> {
     writeln!(s)?;
     writeln!(
         s,
-        "Time from a request naming the router's external address to the resolved device set: open a ctnetlink socket, dump the conntrack table (whole, or filtered in the kernel with `CTA_FILTER` on reply address 203.0.113.1, original destination and protocol: what the agent does), match every entry returned (`NatTracker::track`). Each table holds {} real entries: UDP flows of {HOSTS} LAN addresses from one port each to 1,000 destination ports, masqueraded by nftables to 203.0.113.1; *all to target*: every flow goes to the target; *spread*: over 100 destinations, 1 % to the target. Kernel {}, median of {} runs; *ports*: scope = external address + one attacker's translated ports + target + UDP (1 device); *address*: external address + target + UDP (all {HOSTS} devices).\n",
+        "Time from a request naming the router's external address to the resolved device set. *mirror* (what the agent does): match every entry of the in-memory mirror of the conntrack table's source-NATed entries (`CtMirror`, loaded once at start by a dump, kept current by NEW/DESTROY events; `NatTracker::track_entries`). For comparison, the former per-request path: open a ctnetlink socket, dump the conntrack table (*full*, or *filtered* in the kernel with `CTA_FILTER` on reply address 203.0.113.1, original destination and protocol), match every entry returned (`NatTracker::track`). Each table holds {} real entries: UDP flows of {HOSTS} LAN addresses from one port each to 1,000 destination ports, masqueraded by nftables to 203.0.113.1; *all to target*: every flow goes to the target; *spread*: over 100 destinations, 1 % to the target. Kernel {}, median of {} runs; *ports*: scope = external address + one attacker's translated ports + target + UDP (1 device); *address*: external address + target + UDP (all {HOSTS} devices).\n",
         out["entries"], out["kernel"].as_str().unwrap_or("?"), a.runs
     )?;
-    writeln!(s, "| table | dump | scope | entries dumped | devices | resolve (ms) | max (ms) | dump (ms) | match (ms) |")?;
+    writeln!(s, "| table | method | scope | entries read | devices | resolve (ms) | max (ms) | dump (ms) | match (ms) |")?;
     writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|---:|")?;
-    for t in out["tables"].as_array().into_iter().flatten() {
-        let table = if t["table"] == "spread" {
+    let table_name = |t: &serde_json::Value| {
+        if t["table"] == "spread" {
             "spread"
         } else {
             "all to target"
-        };
+        }
+    };
+    for t in out["tables"].as_array().into_iter().flatten() {
+        let table = table_name(t);
         for r in t["rows"].as_array().into_iter().flatten() {
+            let method = match r["method"].as_str().unwrap_or("?") {
+                "mirror" => "**mirror**",
+                "full" => "full dump",
+                "filtered" => "filtered dump",
+                m => m,
+            };
             writeln!(
                 s,
-                "| {table} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
-                r["method"].as_str().unwrap_or("?"),
+                "| {table} | {method} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
                 r["scope"].as_str().unwrap_or("?"),
-                r["entries_dumped"],
+                r["entries_matched"],
                 r["devices"],
                 f(&r["resolve_ms"]),
                 f(&r["resolve_ms_max"]),
@@ -368,6 +447,29 @@ fn write_doc(a: &Args, out: &serde_json::Value) -> Result<()> {
                 f(&r["match_ms"])
             )?;
         }
+    }
+    writeln!(s)?;
+    writeln!(
+        s,
+        "Initial load of the mirror (once, at the agent's start and after lost events: subscribe, dump, keep the source-NATed entries), median of {} runs:\n",
+        a.runs
+    )?;
+    writeln!(
+        s,
+        "| table | entries kept | load (ms) | max (ms) | heap (MiB) |"
+    )?;
+    writeln!(s, "|---|---:|---:|---:|---:|")?;
+    for t in out["tables"].as_array().into_iter().flatten() {
+        let m = &t["mirror"];
+        writeln!(
+            s,
+            "| {} | {} | {:.1} | {:.1} | {:.1} |",
+            table_name(t),
+            m["entries"],
+            f(&m["load_ms"]),
+            f(&m["load_ms_max"]),
+            f(&m["heap_mb"])
+        )?;
     }
     writeln!(s)?;
     let doc = std::fs::read_to_string(&a.doc).unwrap_or_default();
