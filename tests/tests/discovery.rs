@@ -50,6 +50,32 @@ host-record=c.example.net,192.0.2.30
 host-record=d.example.net,192.0.2.40,2001:db8::40
 ";
 
+/// dnsmasq serving `zone` on `ns`'s loopback.
+fn spawn_dnsmasq(ns: &Netns, dir: &TempDir, zone: &str) -> Result<Proc> {
+    let conf = dir.path.join("dnsmasq.conf");
+    fs::write(&conf, zone)?;
+    let proc = Proc::spawn(
+        ns,
+        "dnsmasq",
+        Path::new("/usr/sbin/dnsmasq"),
+        &[
+            "--no-daemon".into(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--log-queries".into(),
+            format!("--port={DNS_PORT}"),
+            "--listen-address=127.0.0.1".into(),
+            "--bind-interfaces".into(),
+            format!("--conf-file={}", conf.display()),
+            format!("--pid-file={}", dir.path.join("pid").display()),
+            "--user=root".into(),
+        ],
+        dir.path.join("dnsmasq.log"),
+    )?;
+    proc.wait_log("started, version", Duration::from_secs(10))?;
+    Ok(proc)
+}
+
 /// dnsmasq as DNS server on the namespace's loopback; killed on drop.
 struct DnsServer {
     _proc: Proc,
@@ -65,32 +91,19 @@ impl DnsServer {
     fn serving(zone: &str) -> Result<DnsServer> {
         let ns = Netns::new("dns")?;
         let dir = TempDir::new("dns")?;
-        let conf = dir.path.join("dnsmasq.conf");
-        fs::write(&conf, zone)?;
-        let proc = Proc::spawn(
-            &ns,
-            "dnsmasq",
-            Path::new("/usr/sbin/dnsmasq"),
-            &[
-                "--no-daemon".into(),
-                "--no-resolv".into(),
-                "--no-hosts".into(),
-                "--log-queries".into(),
-                format!("--port={DNS_PORT}"),
-                "--listen-address=127.0.0.1".into(),
-                "--bind-interfaces".into(),
-                format!("--conf-file={}", conf.display()),
-                format!("--pid-file={}", dir.path.join("pid").display()),
-                "--user=root".into(),
-            ],
-            dir.path.join("dnsmasq.log"),
-        )?;
-        proc.wait_log("started, version", Duration::from_secs(10))?;
+        let proc = spawn_dnsmasq(&ns, &dir, zone)?;
         Ok(DnsServer {
             _proc: proc,
             ns,
             _dir: dir,
         })
+    }
+
+    /// Serves `zone` instead, from the same namespace and address.
+    fn reload(&mut self, zone: &str) -> Result<()> {
+        self._proc.stop();
+        self._proc = spawn_dnsmasq(&self.ns, &self._dir, zone)?;
+        Ok(())
     }
 
     fn addr(&self) -> SocketAddr {
@@ -673,5 +686,125 @@ host-record=ch.example.org,127.0.0.1
             "dialled port {port}"
         );
     }
+    Ok(())
+}
+
+/// The agent follows its discovered peer: when the DNS answer's TTL runs
+/// out and the records now name another Call Home DOTS client, it moves
+/// there (RFC 8973 §4: discovery again when a validity timer expires).
+#[test]
+fn agent_moves_when_rediscovery_names_another_peer() -> Result<()> {
+    let zone = |addr: &str| {
+        format!(
+            "local=/example.org/\nlocal-ttl=2\n\
+naptr-record=example.org,100,10,,DOTS-CALL-HOME:signal.udp,,signal.example.org\n\
+naptr-record=signal.example.org,100,10,s,DOTS-CALL-HOME:signal.udp,,_dots-call-home._udp.example.org\n\
+srv-host=_dots-call-home._udp.example.org,ch.example.org,6000,0,0\n\
+host-record=ch.example.org,{addr}\n"
+        )
+    };
+    let mut dns = DnsServer::serving(&zone("127.0.0.1"))?;
+    let dir = TempDir::new("disc-move")?;
+    let lab = dots_agent::pki::create_lab_pki(
+        &dir.path.join("pki"),
+        &[dots_agent::pki::San::parse("example.org")],
+        &["cpe1".into()],
+        1,
+    )?;
+    let p = |x: &std::path::Path| x.display().to_string();
+    let listener = |addr: &str, name: &str| -> Result<(Proc, std::path::PathBuf)> {
+        let ctl = dir.path.join(format!("{name}.sock"));
+        let args: Vec<String> = [
+            "listen",
+            "--udp",
+            &format!("{addr}:6000"),
+            "--tcp",
+            "none",
+            "--ca",
+            &p(&lab.ca),
+            "--cert",
+            &p(&lab.client_cert),
+            "--key",
+            &p(&lab.client_key),
+            "--control",
+            &p(&ctl),
+            "--state-dir",
+            &p(&dir.path.join(name)),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let l = Proc::spawn(
+            &dns.ns,
+            name,
+            &bin("dots-client")?,
+            &args,
+            dir.path.join(format!("{name}.log")),
+        )?;
+        l.wait_log("control socket ready", Duration::from_secs(10))?;
+        Ok((l, ctl))
+    };
+    let (_a, ctl_a) = listener("127.0.0.1", "first")?;
+    let (_b, ctl_b) = listener("127.0.0.2", "second")?;
+    let (_, cert, key) = &lab.agents[0];
+    let args: Vec<String> = [
+        "run",
+        "--discovery-domain",
+        "example.org",
+        "--resolver",
+        &dns.addr().to_string(),
+        "--ca",
+        &p(&lab.ca),
+        "--cert",
+        &p(cert),
+        "--key",
+        &p(key),
+        "--domain",
+        "192.0.2.0/24",
+        "--no-enforce",
+        "--control",
+        &p(&dir.path.join("agent.sock")),
+        "--state-dir",
+        &p(&dir.path.join("as")),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let agent = Proc::spawn(
+        &dns.ns,
+        "dots-agent",
+        &bin("dots-agent")?,
+        &args,
+        dir.path.join("agent.log"),
+    )?;
+    let connected = |ns: &Netns, ctl: &std::path::Path| {
+        let out = tests::procs::run_in(
+            ns,
+            &bin("dots-client").ok()?,
+            &["agents".into(), "--control".into(), p(ctl), "--raw".into()],
+        )
+        .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["body"].as_array()?.first().cloned()
+    };
+    tests::procs::eventually(Duration::from_secs(20), || connected(&dns.ns, &ctl_a)).with_context(
+        || {
+            format!(
+                "no connection to the first peer; log:\n{}",
+                agent.log_text()
+            )
+        },
+    )?;
+    // The records now name the second client.
+    dns.reload(&zone("127.0.0.2"))?;
+    tests::procs::eventually(Duration::from_secs(30), || connected(&dns.ns, &ctl_b)).with_context(
+        || {
+            format!(
+                "the agent did not move to the second peer; log:\n{}",
+                agent.log_text()
+            )
+        },
+    )?;
+    agent.wait_log("discovery names another peer", Duration::from_secs(1))?;
     Ok(())
 }

@@ -31,6 +31,17 @@ use crate::{
 };
 pub use enforcer::{SlotKey, SlotTable};
 
+/// How the agent found its peer, to find it again (RFC 8973 §4: when a
+/// validity timer expires, the peer certificate expires, or DHCP says
+/// something new).
+#[derive(Clone, Debug)]
+pub struct Discovery {
+    pub opts: crate::discovery::DiscoverOptions,
+    pub transports: Vec<Transport>,
+    /// When the DNS TTL or DHCP lease of the current answer runs out.
+    pub valid_until: Option<std::time::SystemTime>,
+}
+
 /// Default state directory of the agent.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/dots-agent";
 
@@ -155,6 +166,9 @@ pub struct AgentOptions {
     pub nat_action: crate::nat::NatAction,
     /// Prometheus text endpoint; off when `None`.
     pub metrics: Option<SocketAddr>,
+    /// Set when the (single) peer came from RFC 8973 discovery: it is looked
+    /// up again when its information expires.
+    pub discovery: Option<Discovery>,
     /// How often counters are read and observers notified while a mitigation is active.
     pub notify_interval: std::time::Duration,
 }
@@ -306,6 +320,11 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             consent,
             restore: saved.take_peer(index, &target.to_string()),
             nat: nat.clone(),
+            discovery: if index == 0 {
+                opts.discovery.clone()
+            } else {
+                None
+            },
             nat_rx: nat_rx.get_mut(index).and_then(Option::take),
             store: store.clone(),
             seed: seed(index),

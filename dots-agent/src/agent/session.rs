@@ -26,8 +26,9 @@ use super::{
     nat_glue::{NatInstall, NatResolved, NatService},
     state::{log_restored, StateStore},
     view::{unix_now, AgentView},
-    PeerTarget,
+    Discovery, PeerTarget,
 };
+use crate::discovery::{LookupErrorKind, RetryPolicy};
 use crate::transport::{Backoff, Connection, Dialer, Incoming, Transport, TransportError};
 
 pub type Server = SignalServer<Box<dyn Endpoint + Send>>;
@@ -40,6 +41,94 @@ enum Ended {
     Closed(String),
     /// The peer redirected us (RFC 9066 §5.2.2).
     Redirect(RedirectedSignal),
+    /// Discovery now names another peer (RFC 8973 §4).
+    Retarget(PeerTarget),
+}
+
+/// The router's own addresses, in a stable order for comparison.
+fn local_addrs() -> Vec<ipnet::IpNet> {
+    let mut v = crate::config::local_interface_prefixes();
+    v.sort();
+    v
+}
+
+/// How often a discovered peer's validity is checked while connected.
+const DISCOVERY_CHECK: Duration = Duration::from_secs(2);
+
+/// Re-discovery of a discovered peer (RFC 8973 §4): when the DNS TTL or DHCP
+/// lease runs out, when the peer's certificate expires, when `dhcp-hook`
+/// writes new results, or when the router's addresses change (a new network;
+/// read with getifaddrs at each check rather than a netlink subscription).
+/// A failed lookup waits before the next try, by kind.
+struct Rediscovery {
+    d: Discovery,
+    addrs: Vec<ipnet::IpNet>,
+    cert_until: Option<std::time::SystemTime>,
+    dhcp_mtime: Option<std::time::SystemTime>,
+    retry: RetryPolicy,
+    not_before: Option<std::time::SystemTime>,
+}
+
+impl Rediscovery {
+    fn new(d: Discovery) -> Rediscovery {
+        let mut r = Rediscovery {
+            d,
+            addrs: local_addrs(),
+            cert_until: None,
+            dhcp_mtime: None,
+            retry: RetryPolicy::default(),
+            not_before: None,
+        };
+        r.dhcp_mtime = r.dhcp_file_mtime();
+        r
+    }
+
+    fn dhcp_file_mtime(&self) -> Option<std::time::SystemTime> {
+        let dir = self.d.opts.state_dir.as_ref()?;
+        std::fs::metadata(crate::discovery::state::discovered_path(dir))
+            .and_then(|m| m.modified())
+            .ok()
+    }
+
+    fn due(&self, now: std::time::SystemTime) -> bool {
+        if self.not_before.is_some_and(|t| now < t) {
+            return false;
+        }
+        self.d.valid_until.is_some_and(|t| t <= now)
+            || self.cert_until.is_some_and(|t| t <= now)
+            || self.dhcp_file_mtime() != self.dhcp_mtime
+            || local_addrs() != self.addrs
+    }
+
+    async fn run(&mut self, current: &PeerTarget) -> Option<PeerTarget> {
+        self.dhcp_mtime = self.dhcp_file_mtime();
+        let addrs = local_addrs();
+        if addrs != self.addrs {
+            info!(now = ?addrs, "the router's addresses changed: discovering the peer again");
+            self.addrs = addrs;
+        }
+        match crate::discovery::find_peer(&self.d.opts, &self.d.transports).await {
+            Ok(found) => {
+                self.retry.on_success();
+                self.not_before = None;
+                self.d.valid_until = found.valid_until;
+                if found.target.endpoints != current.endpoints {
+                    info!(peer = %found.target, endpoints = ?found.target.endpoints, "discovery names another peer");
+                    return Some(found.target);
+                }
+                debug!(peer = %current, "discovery confirms the peer");
+                None
+            }
+            Err((msg, kind)) => {
+                let delay = self
+                    .retry
+                    .on_failure(kind.unwrap_or(LookupErrorKind::Timeout));
+                warn!(error = %msg, retry_in = ?delay, "re-discovery failed; keeping the current peer");
+                self.not_before = Some(std::time::SystemTime::now() + delay);
+                None
+            }
+        }
+    }
 }
 
 /// Everything one peer task needs.
@@ -57,6 +146,8 @@ pub struct PeerTask {
     pub store: Arc<StateStore>,
     pub nat: Option<Arc<NatService>>,
     pub nat_rx: Option<mpsc::UnboundedReceiver<NatResolved>>,
+    /// Set when the peer came from discovery: it is looked up again.
+    pub discovery: Option<Discovery>,
     pub seed: u64,
 }
 
@@ -74,6 +165,11 @@ struct Shell {
     saved: Option<u64>,
     nat: Option<Arc<NatService>>,
     nat_rx: Option<mpsc::UnboundedReceiver<NatResolved>>,
+    rediscovery: Option<Rediscovery>,
+    /// The peer being dialled or talked to.
+    current: Option<PeerTarget>,
+    /// When a discovered peer's validity is checked next.
+    next_check: Instant,
 }
 
 impl PeerTask {
@@ -91,6 +187,7 @@ impl PeerTask {
             store,
             nat,
             nat_rx,
+            discovery,
             mut seed,
         } = self;
         let name = target.to_string();
@@ -104,6 +201,9 @@ impl PeerTask {
             saved: None,
             nat,
             nat_rx,
+            rediscovery: discovery.map(Rediscovery::new),
+            current: None,
+            next_check: Instant::now(),
         };
         let now = Instant::now();
         // Until the first connection the endpoint talks to nobody: what it
@@ -129,6 +229,10 @@ impl PeerTask {
                 target = home.clone();
                 redirected_until = None;
             }
+            if let Some(t) = shell.rediscover_if_due(&target).await {
+                target = t;
+            }
+            shell.current = Some(target.clone());
             shell.set_state(&target, "dialling", None);
             let enforcer = shell.enforcer.clone();
             let dialled = shell
@@ -158,6 +262,11 @@ impl PeerTask {
                 "signal channel up"
             );
             shell.connected(&target, &conn);
+            if let Some(r) = &mut shell.rediscovery {
+                r.cert_until = conn
+                    .peer_certificate()
+                    .and_then(|c| crate::discovery::cert_not_after(&c));
+            }
             seed = seed.wrapping_add(1);
             let ep = match endpoint(conn.transport(), seed) {
                 Ok(ep) => ep,
@@ -177,6 +286,10 @@ impl PeerTask {
                 }
                 Ended::Closed(why) => {
                     warn!(peer = %target, reason = %why, "session closed; redialling")
+                }
+                Ended::Retarget(t) => {
+                    target = t;
+                    continue; // discovery found another peer: dial it now
                 }
                 Ended::Redirect(r) => {
                     info!(alt = %r.alt_ch_client, records = ?r.alt_ch_client_record, ttl = ?r.ttl, "redirected");
@@ -292,6 +405,18 @@ impl Shell {
             if let Some(end) = end {
                 return end;
             }
+            // Checked here, not only in a timer branch, so that busy traffic
+            // cannot keep postponing it.
+            if self.rediscovery.is_some() && Instant::now() >= self.next_check {
+                self.next_check = Instant::now() + DISCOVERY_CHECK;
+                let current = self.current.clone();
+                if let Some(t) = match &current {
+                    Some(c) => self.rediscover_if_due(c).await,
+                    None => None,
+                } {
+                    return Ended::Retarget(t);
+                }
+            }
             tokio::select! {
                 got = conn.recv() => match got {
                     Ok(Incoming::Datagram(bytes)) | Ok(Incoming::Stream(bytes)) => {
@@ -307,8 +432,20 @@ impl Shell {
                 _ = tokio::time::sleep_until(deadline(server).into()) => server.handle_timeout(Instant::now()),
                 Some(cmd) = self.consent.recv() => self.decide(server, cmd),
                 Some(NatResolved(key)) = next_nat(&mut self.nat_rx) => { let _ = server.installed(Instant::now(), &key); }
+                _ = tokio::time::sleep_until(self.next_check.into()), if self.rediscovery.is_some() => {}
             }
         }
+    }
+
+    /// Discovers the peer again when its information expired, the peer's
+    /// certificate expired or DHCP wrote something new; returns the new
+    /// target when it differs from `current`.
+    async fn rediscover_if_due(&mut self, current: &PeerTarget) -> Option<PeerTarget> {
+        let r = self.rediscovery.as_mut()?;
+        if !r.due(std::time::SystemTime::now()) {
+            return None;
+        }
+        r.run(current).await
     }
 
     /// Performs the pending actions and refreshes the operator's view;

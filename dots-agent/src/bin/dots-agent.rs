@@ -375,7 +375,7 @@ fn run(a: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
     } else {
         None
     };
-    if let Some(t) = &discovered {
+    if let Some((t, _)) = &discovered {
         tracing::info!(peer = %t, endpoints = ?t.endpoints, "peer found by discovery");
         config.peers = vec![PeerConfig {
             address: t.endpoints[0].0.to_string(),
@@ -385,8 +385,9 @@ fn run(a: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
     }
     config.check_files()?;
     let mut opts = config.to_options()?;
-    if let Some(t) = discovered {
+    if let Some((t, d)) = discovered {
         opts.peers = vec![t];
+        opts.discovery = Some(d);
     }
     // The router's own addresses belong to its domain (RFC 9066 §5.3.1).
     for p in config.interface_prefixes() {
@@ -402,8 +403,11 @@ fn run(a: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
 }
 
 /// The Call Home DOTS client found by RFC 8973 discovery.
-fn discover_peer(config: &AgentConfig, a: &RunArgs) -> Result<dots_agent::agent::PeerTarget> {
-    use dots_agent::discovery;
+fn discover_peer(
+    config: &AgentConfig,
+    a: &RunArgs,
+) -> Result<(dots_agent::agent::PeerTarget, dots_agent::agent::Discovery)> {
+    use dots_agent::{discovery, transport::Transport};
     let opts = discovery::DiscoverOptions {
         state_dir: Some(config.state_dir.clone()),
         domain: a.discovery_domain.clone(),
@@ -411,28 +415,32 @@ fn discover_peer(config: &AgentConfig, a: &RunArgs) -> Result<dots_agent::agent:
         resolve_names: true,
         ..Default::default()
     };
+    let transports = match config.transport {
+        TransportPref::Udp => vec![Transport::Udp],
+        TransportPref::Tcp => vec![Transport::Tcp],
+        TransportPref::Both => vec![Transport::Udp, Transport::Tcp],
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let outcome = rt.block_on(discovery::discover(&opts))?;
-    let transports = match config.transport {
-        TransportPref::Udp => vec![dots_agent::transport::Transport::Udp],
-        TransportPref::Tcp => vec![dots_agent::transport::Transport::Tcp],
-        TransportPref::Both => vec![
-            dots_agent::transport::Transport::Udp,
-            dots_agent::transport::Transport::Tcp,
-        ],
-    };
-    discovery::endpoint_target(&discovery::preferred(&outcome.candidates), &transports).with_context(|| {
-        let failures: Vec<String> = outcome.failures.iter().map(|(m, f)| format!("{m:?}: {}", f.message)).collect();
-        format!(
-            "no peer configured (--peer or [[peers]]) and discovery found none (DHCP results in {}, \
-             S-NAPTR/DNS-SD in {}){}",
-            config.state_dir.display(),
-            a.discovery_domain.as_deref().unwrap_or("no domain: give --discovery-domain"),
-            if failures.is_empty() { String::new() } else { format!(": {}", failures.join("; ")) }
-        )
-    })
+    match rt.block_on(discovery::find_peer(&opts, &transports)) {
+        Ok(found) => Ok((
+            found.target,
+            dots_agent::agent::Discovery {
+                opts,
+                transports,
+                valid_until: found.valid_until,
+            },
+        )),
+        Err((msg, _)) => anyhow::bail!(
+            "no peer configured (--peer or [[peers]]) and {msg}{}",
+            if a.discovery_domain.is_none() {
+                " (give --discovery-domain for S-NAPTR/DNS-SD)"
+            } else {
+                ""
+            }
+        ),
+    }
 }
 
 /// `check-config`: everything `run` checks before it starts.

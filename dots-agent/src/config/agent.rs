@@ -624,6 +624,7 @@ impl AgentConfig {
             max_mitigations_per_cuid: self.limits.max_mitigations_per_cuid,
             nat_action: self.nat_action,
             metrics: self.metrics,
+            discovery: None,
         })
     }
 

@@ -477,3 +477,53 @@ pub async fn discover(opts: &DiscoverOptions) -> Result<Outcome> {
 
 #[cfg(test)]
 mod tests;
+
+/// What the agent dials after a discovery run, and until when it holds.
+#[derive(Clone, Debug)]
+pub struct Found {
+    pub target: PeerTarget,
+    /// When the information expires (DNS TTL, DHCP lease): discover again then.
+    pub valid_until: Option<SystemTime>,
+}
+
+/// A discovery run for the agent: the preferred mechanism's candidates as
+/// one dial target. On failure the error names every mechanism tried, and
+/// `retry_kind` the lookup failure that decides when to try again (RFC 8973
+/// §4: a failed lookup waits before retrying, by kind).
+pub async fn find_peer(
+    opts: &DiscoverOptions,
+    transports: &[crate::transport::Transport],
+) -> std::result::Result<Found, (String, Option<LookupErrorKind>)> {
+    let outcome = discover(opts).await.map_err(|e| (format!("{e:#}"), None))?;
+    let preferred = preferred(&outcome.candidates);
+    match endpoint_target(&preferred, transports) {
+        Some(target) => Ok(Found {
+            target,
+            valid_until: next_refresh(&preferred),
+        }),
+        None => {
+            let kind = outcome.failures.first().map(|(_, f)| f.kind);
+            let failures: Vec<String> = outcome
+                .failures
+                .iter()
+                .map(|(m, f)| format!("{m:?}: {}", f.message))
+                .collect();
+            Err((
+                format!(
+                    "discovery found no peer (DHCP results in {}, S-NAPTR/DNS-SD in {}){}",
+                    opts.state_dir
+                        .as_ref()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    opts.domain.as_deref().unwrap_or("no domain"),
+                    if failures.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", failures.join("; "))
+                    }
+                ),
+                kind,
+            ))
+        }
+    }
+}

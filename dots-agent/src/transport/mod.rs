@@ -226,6 +226,14 @@ impl Connection {
         }
     }
 
+    /// The peer's certificate (its expiry triggers a new discovery).
+    pub fn peer_certificate(&self) -> Option<openssl::x509::X509> {
+        match self {
+            Connection::Dtls(c) => c.ssl().peer_certificate(),
+            Connection::Tls(c) => c.ssl().peer_certificate(),
+        }
+    }
+
     /// The current session, for callers that keep their own cache.
     pub fn session(&self) -> Option<SslSession> {
         match self {
