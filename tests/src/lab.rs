@@ -327,12 +327,12 @@ impl Sink {
         })
     }
 
-    /// Datagrams tagged `tag` received so far, reading what is queued now
-    /// without waiting (call it often under sustained traffic: socket
-    /// buffers are small).
-    pub fn total(&self, tag: &str) -> usize {
+    /// Reads what is queued now, without waiting, into the tally; returns
+    /// how many datagrams that was.
+    fn drain(&self) -> usize {
         let mut buf = [0u8; 2048];
         let mut tally = self.tally.borrow_mut();
+        let mut n = 0;
         for s in &self.sockets {
             while let Ok((len, _)) = s.recv_from(&mut buf) {
                 let text = String::from_utf8_lossy(&buf[..len]);
@@ -342,9 +342,22 @@ impl Sink {
                     .unwrap_or_default()
                     .to_string();
                 *tally.entry(t).or_default() += 1;
+                n += 1;
             }
         }
-        tally.get(tag).copied().unwrap_or(0)
+        n
+    }
+
+    fn tallied(&self, tag: &str) -> usize {
+        self.tally.borrow().get(tag).copied().unwrap_or(0)
+    }
+
+    /// Datagrams tagged `tag` received so far, reading what is queued now
+    /// without waiting (call it often under sustained traffic: socket
+    /// buffers are small).
+    pub fn total(&self, tag: &str) -> usize {
+        self.drain();
+        self.tallied(tag)
     }
 
     /// Datagrams tagged `tag` received so far, read until nothing new has
@@ -352,30 +365,15 @@ impl Sink {
     pub fn count(&self, tag: &str) -> usize {
         let start = std::time::Instant::now();
         let mut last_change = std::time::Instant::now();
-        let mut buf = [0u8; 2048];
-        let mut tally = self.tally.borrow_mut();
         while last_change.elapsed() < Duration::from_millis(300)
             && start.elapsed() < Duration::from_secs(3)
         {
-            let mut got = false;
-            for s in &self.sockets {
-                while let Ok((len, _)) = s.recv_from(&mut buf) {
-                    let text = String::from_utf8_lossy(&buf[..len]);
-                    let t = text
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string();
-                    *tally.entry(t).or_default() += 1;
-                    got = true;
-                }
-            }
-            if got {
+            if self.drain() > 0 {
                 last_change = std::time::Instant::now();
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        tally.get(tag).copied().unwrap_or(0)
+        self.tallied(tag)
     }
 }
 
@@ -408,15 +406,14 @@ pub fn scope_counter(scope: &Value, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Masquerade on the router's WAN side, as a CPE does.
-pub fn masquerade(lab: &Lab) -> Result<()> {
-    let rules = lab.dir.path.join("nat.nft");
-    std::fs::write(
-        &rules,
-        "table ip dotsnat {\n chain post {\n  type nat hook postrouting priority 100;\n  oifname \"wan\" masquerade\n }\n}\n",
-    )?;
-    lab.cpe.exec(&["nft", "-f", &rules.display().to_string()])?;
-    Ok(())
+/// nftables masquerade on the router's `wan` interface, as a CPE does.
+pub fn masquerade(cpe: &Netns) -> Result<()> {
+    let rules = "table ip nat {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" masquerade\n }\n}\n";
+    let path = std::env::temp_dir().join(format!("{}.nft", unique("dots-nat-")));
+    std::fs::write(&path, rules)?;
+    let r = cpe.exec(&["nft", "-f", &path.display().to_string()]);
+    let _ = std::fs::remove_file(&path);
+    r.map(|_| ())
 }
 
 /// Sends `count` datagrams from a fixed source port (one conntrack flow).
@@ -432,10 +429,12 @@ pub fn send_from(ns: &Netns, sport: u16, dst: &str, count: usize, tag: &str) -> 
     })?
 }
 
-/// The translated (post-NAT) source port of `src`'s flow from `sport`, read
-/// with the conntrack CLI: the reply tuple's destination port.
-pub fn translated_port(lab: &Lab, src: &str, sport: u16) -> Result<u16> {
-    let out = lab.cpe.exec(&[
+/// The translated (post-NAT) source port of `src:sport`'s UDP flow to `dst`,
+/// read with the `conntrack` tool (independent of our parser): the reply
+/// tuple's destination port.
+pub fn translated_port(cpe: &Netns, src: &str, sport: u16, dst: &str) -> Result<u16> {
+    let sport = sport.to_string();
+    let args = [
         "conntrack",
         "-L",
         "-p",
@@ -443,13 +442,18 @@ pub fn translated_port(lab: &Lab, src: &str, sport: u16) -> Result<u16> {
         "--orig-src",
         src,
         "--orig-port-src",
-        &sport.to_string(),
-    ])?;
+        &sport,
+        "--orig-dst",
+        dst,
+    ];
+    let out = cpe.exec(&args)?;
+    // "udp 17 29 src=192.0.2.2 dst=198.51.100.10 sport=5000 dport=9 [UNREPLIED]
+    //  src=198.51.100.10 dst=203.0.113.1 sport=9 dport=40000 ..."
     let line = out.lines().next().context("no conntrack entry")?;
     let dport = line
         .split_whitespace()
-        .filter(|w| w.starts_with("dport="))
+        .filter_map(|w| w.strip_prefix("dport="))
         .nth(1)
-        .context("no reply tuple")?;
-    Ok(dport.trim_start_matches("dport=").parse()?)
+        .context("no reply dport")?;
+    Ok(dport.parse()?)
 }

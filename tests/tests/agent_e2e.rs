@@ -277,12 +277,12 @@ fn restart_keeps_enforcing_and_restores_state() -> Result<()> {
 #[test]
 fn nated_attacker_is_found_and_blocked() -> Result<()> {
     let (lab, sink) = ready_lab(&[])?;
-    masquerade(&lab)?;
+    masquerade(&lab.cpe)?;
     // Both hosts use source port 5000: masquerade must rename one of them.
     send_from(&lab.hosta, 5000, TARGET4, 10, "a1")?;
     send_from(&lab.hostb, 5000, TARGET4, 10, "b1")?;
     assert_eq!((sink.count("a1"), sink.count("b1")), (10, 10));
-    let port = translated_port(&lab, HOSTA4, 5000)?;
+    let port = translated_port(&lab.cpe, HOSTA4, 5000, TARGET4)?;
     // The ISP sees only the router's external address and that port.
     let (code, mid, _) = lab.mitigate(
         "203.0.113.1/32",
@@ -316,7 +316,7 @@ fn nated_attacker_is_found_and_blocked() -> Result<()> {
 #[test]
 fn nat_request_waits_for_a_matching_flow() -> Result<()> {
     let (lab, sink) = ready_lab(&[])?;
-    masquerade(&lab)?;
+    masquerade(&lab.cpe)?;
     // No flow to the other target yet: accepted, pending resolution.
     let (code, mid, body) =
         lab.mitigate("203.0.113.1/32", "198.51.100.11/32", &["--protocol", "17"])?;

@@ -574,6 +574,122 @@ fn real_dhcp_exchange_udhcpc_runs_the_hook() -> Result<()> {
     Ok(())
 }
 
+/// Listeners and a discovering agent in the DNS server's namespace; the
+/// listeners' certificate names `example.org`, the reference identifier of
+/// its S-NAPTR candidates.
+struct DiscoveryLab {
+    dir: TempDir,
+    pki: dots_agent::pki::LabPki,
+}
+
+impl DiscoveryLab {
+    fn new(tag: &str) -> Result<DiscoveryLab> {
+        let dir = TempDir::new(tag)?;
+        let pki = dots_agent::pki::create_lab_pki(
+            &dir.path.join("pki"),
+            &[dots_agent::pki::San::parse("example.org")],
+            &["cpe1".into()],
+            1,
+        )?;
+        Ok(DiscoveryLab { dir, pki })
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path.join(name).display().to_string()
+    }
+
+    /// `dots-client listen` named `name`; returns it and its control socket.
+    fn listener(&self, ns: &Netns, name: &str, udp: &str, tcp: &str) -> Result<(Proc, String)> {
+        let ctl = self.path(&format!("{name}.sock"));
+        let args: Vec<String> = [
+            "listen",
+            "--udp",
+            udp,
+            "--tcp",
+            tcp,
+            "--ca",
+            &self.pki.ca.display().to_string(),
+            "--cert",
+            &self.pki.client_cert.display().to_string(),
+            "--key",
+            &self.pki.client_key.display().to_string(),
+            "--control",
+            &ctl,
+            "--state-dir",
+            &self.path(name),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let l = Proc::spawn(
+            ns,
+            name,
+            &bin("dots-client")?,
+            &args,
+            self.dir.path.join(format!("{name}.log")),
+        )?;
+        l.wait_log("control socket ready", Duration::from_secs(10))?;
+        Ok((l, ctl))
+    }
+
+    /// `dots-agent run` with no peer: it discovers one through `resolver`.
+    fn agent(&self, ns: &Netns, resolver: SocketAddr) -> Result<Proc> {
+        let (_, cert, key) = &self.pki.agents[0];
+        let args: Vec<String> = [
+            "run",
+            "--discovery-domain",
+            "example.org",
+            "--resolver",
+            &resolver.to_string(),
+            "--ca",
+            &self.pki.ca.display().to_string(),
+            "--cert",
+            &cert.display().to_string(),
+            "--key",
+            &key.display().to_string(),
+            "--domain",
+            "192.0.2.0/24",
+            "--no-enforce",
+            "--control",
+            &self.path("agent.sock"),
+            "--state-dir",
+            &self.path("agent-state"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Proc::spawn(
+            ns,
+            "dots-agent",
+            &bin("dots-agent")?,
+            &args,
+            self.dir.path.join("agent.log"),
+        )
+    }
+}
+
+/// The agent connected to the listener at `ctl`, once there is one.
+fn connected_agent(
+    ns: &Netns,
+    ctl: &str,
+    agent: &Proc,
+    within: Duration,
+    what: &str,
+) -> Result<serde_json::Value> {
+    tests::procs::eventually(within, || {
+        let args = [
+            "agents".into(),
+            "--control".into(),
+            ctl.to_string(),
+            "--raw".into(),
+        ];
+        let out = tests::procs::run_in(ns, &bin("dots-client").ok()?, &args).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["body"].as_array()?.first().cloned()
+    })
+    .with_context(|| format!("{what}; agent log:\n{}", agent.log_text()))
+}
+
 /// The agent, given no peer, finds it with S-NAPTR and dials the address,
 /// port and transport the records name (UDP on 6000 first; TCP on 6001 when
 /// UDP is blocked).
@@ -592,93 +708,23 @@ host-record=ch.example.org,127.0.0.1
 ";
     for (block_udp, want) in [(false, "DTLS/UDP"), (true, "TLS/TCP")] {
         let dns = DnsServer::serving(zone)?;
-        let dir = TempDir::new("disc-run")?;
-        // The listener's certificate names the domain: the reference
-        // identifier of S-NAPTR candidates.
-        let lab = dots_agent::pki::create_lab_pki(
-            &dir.path.join("pki"),
-            &[dots_agent::pki::San::parse("example.org")],
-            &["cpe1".into()],
-            1,
-        )?;
+        let lab = DiscoveryLab::new("disc-run")?;
         if block_udp {
-            let rules = dir.path.join("rules.nft");
+            let rules = lab.dir.path.join("rules.nft");
             fs::write(&rules, "table inet t {\n chain input {\n  type filter hook input priority 0;\n  udp dport 6000 drop\n }\n}\n")?;
             dns.ns.exec(&["nft", "-f", &rules.display().to_string()])?;
         }
-        let p = |x: &std::path::Path| x.display().to_string();
-        let ctl = dir.path.join("client.sock");
-        let args: Vec<String> = [
-            "listen",
-            "--udp",
-            "127.0.0.1:6000",
-            "--tcp",
-            "127.0.0.1:6001",
-            "--ca",
-            &p(&lab.ca),
-            "--cert",
-            &p(&lab.client_cert),
-            "--key",
-            &p(&lab.client_key),
-            "--control",
-            &p(&ctl),
-            "--state-dir",
-            &p(&dir.path.join("cs")),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let listener = Proc::spawn(
-            &dns.ns,
-            "dots-client",
-            &bin("dots-client")?,
-            &args,
-            dir.path.join("client.log"),
-        )?;
-        listener.wait_log("control socket ready", Duration::from_secs(10))?;
-        let (_, cert, key) = &lab.agents[0];
-        let args: Vec<String> = [
-            "run",
-            "--discovery-domain",
-            "example.org",
-            "--resolver",
-            &dns.addr().to_string(),
-            "--ca",
-            &p(&lab.ca),
-            "--cert",
-            &p(cert),
-            "--key",
-            &p(key),
-            "--domain",
-            "192.0.2.0/24",
-            "--no-enforce",
-            "--control",
-            &p(&dir.path.join("agent.sock")),
-            "--state-dir",
-            &p(&dir.path.join("as")),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let agent = Proc::spawn(
-            &dns.ns,
-            "dots-agent",
-            &bin("dots-agent")?,
-            &args,
-            dir.path.join("agent.log"),
-        )?;
+        let (_listener, ctl) =
+            lab.listener(&dns.ns, "client", "127.0.0.1:6000", "127.0.0.1:6001")?;
+        let agent = lab.agent(&dns.ns, dns.addr())?;
         agent.wait_log("peer found by discovery", Duration::from_secs(10))?;
-        let info = tests::procs::eventually(Duration::from_secs(20), || {
-            let out = tests::procs::run_in(
-                &dns.ns,
-                &bin("dots-client").ok()?,
-                &["agents".into(), "--control".into(), p(&ctl), "--raw".into()],
-            )
-            .ok()?;
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            v["body"].as_array()?.first().cloned()
-        })
-        .with_context(|| format!("the agent did not connect; log:\n{}", agent.log_text()))?;
+        let info = connected_agent(
+            &dns.ns,
+            &ctl,
+            &agent,
+            Duration::from_secs(20),
+            "the agent did not connect",
+        )?;
         assert_eq!(info["transport"], want, "{info}");
         let port = if block_udp { 6001 } else { 6000 };
         assert!(
@@ -704,106 +750,25 @@ host-record=ch.example.org,{addr}\n"
         )
     };
     let mut dns = DnsServer::serving(&zone("127.0.0.1"))?;
-    let dir = TempDir::new("disc-move")?;
-    let lab = dots_agent::pki::create_lab_pki(
-        &dir.path.join("pki"),
-        &[dots_agent::pki::San::parse("example.org")],
-        &["cpe1".into()],
-        1,
-    )?;
-    let p = |x: &std::path::Path| x.display().to_string();
-    let listener = |addr: &str, name: &str| -> Result<(Proc, std::path::PathBuf)> {
-        let ctl = dir.path.join(format!("{name}.sock"));
-        let args: Vec<String> = [
-            "listen",
-            "--udp",
-            &format!("{addr}:6000"),
-            "--tcp",
-            "none",
-            "--ca",
-            &p(&lab.ca),
-            "--cert",
-            &p(&lab.client_cert),
-            "--key",
-            &p(&lab.client_key),
-            "--control",
-            &p(&ctl),
-            "--state-dir",
-            &p(&dir.path.join(name)),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let l = Proc::spawn(
-            &dns.ns,
-            name,
-            &bin("dots-client")?,
-            &args,
-            dir.path.join(format!("{name}.log")),
-        )?;
-        l.wait_log("control socket ready", Duration::from_secs(10))?;
-        Ok((l, ctl))
-    };
-    let (_a, ctl_a) = listener("127.0.0.1", "first")?;
-    let (_b, ctl_b) = listener("127.0.0.2", "second")?;
-    let (_, cert, key) = &lab.agents[0];
-    let args: Vec<String> = [
-        "run",
-        "--discovery-domain",
-        "example.org",
-        "--resolver",
-        &dns.addr().to_string(),
-        "--ca",
-        &p(&lab.ca),
-        "--cert",
-        &p(cert),
-        "--key",
-        &p(key),
-        "--domain",
-        "192.0.2.0/24",
-        "--no-enforce",
-        "--control",
-        &p(&dir.path.join("agent.sock")),
-        "--state-dir",
-        &p(&dir.path.join("as")),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let agent = Proc::spawn(
+    let lab = DiscoveryLab::new("disc-move")?;
+    let (_a, ctl_a) = lab.listener(&dns.ns, "first", "127.0.0.1:6000", "none")?;
+    let (_b, ctl_b) = lab.listener(&dns.ns, "second", "127.0.0.2:6000", "none")?;
+    let agent = lab.agent(&dns.ns, dns.addr())?;
+    connected_agent(
         &dns.ns,
-        "dots-agent",
-        &bin("dots-agent")?,
-        &args,
-        dir.path.join("agent.log"),
-    )?;
-    let connected = |ns: &Netns, ctl: &std::path::Path| {
-        let out = tests::procs::run_in(
-            ns,
-            &bin("dots-client").ok()?,
-            &["agents".into(), "--control".into(), p(ctl), "--raw".into()],
-        )
-        .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        v["body"].as_array()?.first().cloned()
-    };
-    tests::procs::eventually(Duration::from_secs(20), || connected(&dns.ns, &ctl_a)).with_context(
-        || {
-            format!(
-                "no connection to the first peer; log:\n{}",
-                agent.log_text()
-            )
-        },
+        &ctl_a,
+        &agent,
+        Duration::from_secs(20),
+        "no connection to the first peer",
     )?;
     // The records now name the second client.
     dns.reload(&zone("127.0.0.2"))?;
-    tests::procs::eventually(Duration::from_secs(30), || connected(&dns.ns, &ctl_b)).with_context(
-        || {
-            format!(
-                "the agent did not move to the second peer; log:\n{}",
-                agent.log_text()
-            )
-        },
+    connected_agent(
+        &dns.ns,
+        &ctl_b,
+        &agent,
+        Duration::from_secs(30),
+        "the agent did not move to the second peer",
     )?;
     agent.wait_log("discovery names another peer", Duration::from_secs(1))?;
     Ok(())

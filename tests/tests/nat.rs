@@ -21,7 +21,10 @@ use dots_agent::{
         self, Conntrack, CtEntry, CtEvent, CtMirror, EventSocket, NatAction, NatScope, NatTracker,
     },
 };
-use tests::{unique, veth, Netns};
+use tests::{
+    lab::{ip, masquerade, translated_port},
+    unique, veth, Netns,
+};
 
 const TARGET: &str = "198.51.100.10";
 const EXTERNAL: &str = "203.0.113.1";
@@ -33,11 +36,6 @@ struct Lab {
     hostb: Netns,
     cpe: Netns,
     _target: Netns,
-}
-
-fn ip(ns: &Netns, args: &str) -> Result<()> {
-    ns.ip(&args.split_whitespace().collect::<Vec<_>>())?;
-    Ok(())
 }
 
 impl Lab {
@@ -75,16 +73,6 @@ impl Lab {
     }
 }
 
-/// nftables masquerade of everything leaving `wan` in `ns`.
-pub fn masquerade(ns: &Netns) -> Result<()> {
-    let rules = "table ip nat {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" masquerade\n }\n}\n";
-    let path = std::env::temp_dir().join(format!("{}.nft", unique("dots-nat-")));
-    std::fs::write(&path, rules)?;
-    let r = ns.exec(&["nft", "-f", &path.display().to_string()]);
-    let _ = std::fs::remove_file(&path);
-    r.map(|_| ())
-}
-
 /// Sends one UDP datagram from `host` (bound to `src_port`) to `TARGET:dport`.
 fn send(host: &Netns, src: &str, src_port: u16, dport: u16) -> Result<()> {
     host.enter(|| -> Result<()> {
@@ -96,32 +84,6 @@ fn send(host: &Netns, src: &str, src_port: u16, dport: u16) -> Result<()> {
 
 fn dump(ns: &Netns) -> Result<Vec<CtEntry>> {
     Ok(ns.enter(|| Conntrack::open().and_then(|mut c| c.dump()))??)
-}
-
-/// The translated source port of `src:sport`'s flow to the target, read
-/// with the `conntrack` tool (independent of our parser).
-fn translated_port(ns: &Netns, src: &str, sport: u16) -> Result<u16> {
-    let out = ns.exec(&[
-        "conntrack",
-        "-L",
-        "-p",
-        "udp",
-        "--orig-src",
-        src,
-        "--orig-port-src",
-        &sport.to_string(),
-        "--orig-dst",
-        TARGET,
-    ])?;
-    // "udp 17 29 src=192.0.2.2 dst=198.51.100.10 sport=5000 dport=9 [UNREPLIED]
-    //  src=198.51.100.10 dst=203.0.113.1 sport=9 dport=40000 ..."
-    let line = out.lines().next().context("no conntrack entry")?;
-    let dport = line
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix("dport="))
-        .nth(1)
-        .context("no reply dport")?;
-    Ok(dport.parse()?)
 }
 
 fn scope_spec(ports: &[u16]) -> SlotSpec {
@@ -156,9 +118,9 @@ fn dump_finds_nated_flows_and_matcher_picks_the_attacker() -> Result<()> {
         assert_eq!(e.original.protocol, 17);
     }
     // The attacker is hostb; the ISP sees its translated ports.
-    let xb0 = translated_port(&lab.cpe, HOSTB, 5000)?;
-    let xb1 = translated_port(&lab.cpe, HOSTB, 5001)?;
-    let xa = translated_port(&lab.cpe, HOSTA, 5000)?;
+    let xb0 = translated_port(&lab.cpe, HOSTB, 5000, TARGET)?;
+    let xb1 = translated_port(&lab.cpe, HOSTB, 5001, TARGET)?;
+    let xa = translated_port(&lab.cpe, HOSTA, 5000, TARGET)?;
     assert_ne!(xb0, xa, "masquerade must have translated one of the 5000s");
     let router = router(&lab.cpe)?;
     assert!(router.contains(&EXTERNAL.parse()?));

@@ -124,7 +124,7 @@ fn run(interrupted: &AtomicBool) -> Result<()> {
         "building the lab: hosta + hostb behind a NAT router (cpe), ISP, target",
     );
     let mut lab = Lab::new()?;
-    masquerade(&lab)?;
+    masquerade(&lab.cpe)?;
     lab.start_client()?;
     say(
         start,
@@ -154,7 +154,7 @@ fn run(interrupted: &AtomicBool) -> Result<()> {
     }
     check(interrupted)?;
 
-    let port = translated_port(&lab, HOSTA4, 5000)?;
+    let port = translated_port(&lab.cpe, HOSTA4, 5000, TARGET4)?;
     say(
         start,
         &format!("ISP sees the flood from the router's address 203.0.113.1, source port {port}"),
