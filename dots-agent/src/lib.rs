@@ -1,34 +1,28 @@
-//! dots-agent: a DOTS signal channel Call Home agent (RFC 9066) for Linux
-//! routers, and the ISP-side `dots-client`.
+//! dots-agent: the router side of DOTS signal channel Call Home (RFC 9066).
 //!
-//! The protocol core lives in the sans-IO crate `dots-proto`; this crate holds
-//! what touches the system: the XDP data plane ([`enforce`]) and, as they land,
-//! transport, NAT correlation, discovery and the control socket.
+//! The agent dials its ISP's Call Home DOTS client, validates each mitigation
+//! request against its local domain and policy, finds the devices behind NAT
+//! that a request names, and drops their traffic in XDP.
+//!
+//! - [`agent`]: the runtime: one session per upstream peer, the signal
+//!   server of `dots-proto` driven over the transport of `dots-daemon`, the
+//!   control socket, metrics, persistence.
+//! - [`config`]: `agent.toml` and the flags that override it.
+//! - [`discovery`]: finding the Call Home DOTS client (RFC 8973).
+//! - [`enforce`]: the XDP data plane (loads and drives `dots-ebpf`).
+//! - [`nat`]: conntrack correlation behind NAT (RFC 9066 §5.3.2).
+//! - [`netif`]: the router's own interface addresses.
+//! - [`paths`]: default paths, in one place.
+//! - [`peer`]: a Call Home DOTS client to dial, however it was found.
+//!
+//! This is the only crate whose build needs the eBPF toolchain (its
+//! `build.rs` compiles `dots-ebpf`).
+
 pub mod agent;
-pub mod cli_docs;
-pub mod client;
 pub mod config;
 pub mod discovery;
 pub mod enforce;
-pub mod local_socket;
-pub mod logging;
 pub mod nat;
-pub mod packet;
-pub mod pki;
-pub mod transport;
-
-/// Resolves on Ctrl-C or SIGTERM: how both daemons learn to stop.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
-    }
-}
+pub mod netif;
+pub mod paths;
+pub mod peer;

@@ -2,7 +2,7 @@
 //!
 //! Every map's key and value is defined here once, as `#[repr(C)]` plain data,
 //! together with the pinned map names and the capacity limits. The classifier
-//! follows the bit-vector design (DESIGN principle 4): every field lookup returns
+//! follows the bit-vector design (as in bpf-iptables): every field lookup returns
 //! a [`SlotMask`] of mitigation slots, the masks are ANDed, and any bit left is a
 //! drop charged to that slot.
 #![no_std]
@@ -246,13 +246,21 @@ pub mod stats {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are #[repr(C)] plain data without padding or pointers.
+    // SAFETY (for each impl below): the type is #[repr(C)] plain data with
+    // no padding and no pointers, so any bytes the kernel holds are a value.
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::SlotMask {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Policy {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Ipv4Key {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Ipv6Key {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::PortKey {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::IcmpTypeKey {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::SlotCounters {}
 }
 

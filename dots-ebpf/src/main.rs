@@ -5,7 +5,7 @@
 //! mitigation slots it matches; the bitmaps are ANDed with the set of active
 //! slots. Any bit left means "drop", charged to every matching slot. The cost
 //! per packet is a fixed number of lookups, whatever the number of slots,
-//! prefixes or ranges (DESIGN principle 4). Layouts and names: `dots-common`.
+//! prefixes or ranges. Layouts and names: `dots-common`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use dots_agent::pki::{self, San};
+use dots_daemon::pki::{self, San};
 use serde_json::Value;
 
 use crate::{

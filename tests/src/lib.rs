@@ -14,6 +14,7 @@ use std::{
 };
 
 pub mod lab;
+pub mod packet;
 pub mod procs;
 
 use anyhow::{bail, Context, Result};
@@ -164,6 +165,7 @@ impl PacketSocket {
         if ifindex == 0 {
             bail!("no interface {iface}");
         }
+        // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = proto as u16;
@@ -186,6 +188,7 @@ impl PacketSocket {
     }
 
     pub fn send(&self, frame: &[u8]) -> Result<()> {
+        // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_ifindex = self.ifindex;
@@ -216,6 +219,7 @@ impl PacketSocket {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 65536];
         while start.elapsed() < max && last.elapsed() < quiet {
+            // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
             let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
             // SAFETY: buffers valid for the sizes given.

@@ -6,7 +6,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use dots_agent::pki::{self, San};
+use dots_daemon::pki::{self, San};
 use serde_json::Value;
 use tests::{
     procs::{bin, eventually, run_in, Proc, TempDir},

@@ -5,10 +5,10 @@
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use anyhow::Result;
-use dots_agent::{
-    enforce::{AttachMode, Dataplane, DataplaneOptions, EnforceError, Range, SlotId, SlotSpec},
-    packet::{ExtHeader, Frame, L4},
+use dots_agent::enforce::{
+    AttachMode, Dataplane, DataplaneOptions, EnforceError, Range, SlotId, SlotSpec,
 };
+use tests::packet::{ExtHeader, Frame, L4};
 use tests::{veth, BpffsDir, Netns, PacketSocket};
 
 struct Lab {

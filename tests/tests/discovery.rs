@@ -17,8 +17,9 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use dots_agent::discovery::{
-    self, dhcp, dns::DnsDiscovery, read_discovered, LookupErrorKind, Mechanism, Transport,
+    self, dhcp, dns::DnsDiscovery, read_discovered, LookupErrorKind, Mechanism,
 };
+use dots_daemon::transport::Transport;
 use tests::{
     procs::{bin, eventually, run_in, Proc, TempDir},
     veth, Netns,
@@ -579,15 +580,15 @@ fn real_dhcp_exchange_udhcpc_runs_the_hook() -> Result<()> {
 /// its S-NAPTR candidates.
 struct DiscoveryLab {
     dir: TempDir,
-    pki: dots_agent::pki::LabPki,
+    pki: dots_daemon::pki::LabPki,
 }
 
 impl DiscoveryLab {
     fn new(tag: &str) -> Result<DiscoveryLab> {
         let dir = TempDir::new(tag)?;
-        let pki = dots_agent::pki::create_lab_pki(
+        let pki = dots_daemon::pki::create_lab_pki(
             &dir.path.join("pki"),
-            &[dots_agent::pki::San::parse("example.org")],
+            &[dots_daemon::pki::San::parse("example.org")],
             &["cpe1".into()],
             1,
         )?;

@@ -11,7 +11,7 @@
 use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use dots_agent::{
+use dots_daemon::{
     pki::{self, San},
     transport::{Credentials, Incoming, ListenOptions, Listener},
 };

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Result};
-use dots_agent::{
+use dots_daemon::{
     pki::{issue, new_ca, Identity, San},
     transport::{
         dial, Connection, Credentials, DatagramLoss, DialOptions, Dialer, FailurePolicy, Incoming,

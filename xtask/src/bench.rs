@@ -9,14 +9,14 @@ use anyhow::Result;
 use crate::{cargo, step, workspace_root};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum Which {
+pub(crate) enum Which {
     /// XDP classifier per-packet cost (BPF_PROG_TEST_RUN) vs an empty program and xdp-filter.
     Dataplane,
     /// NAT correlation: request to resolved devices with 100,000 conntrack entries.
     Nat,
 }
 
-pub fn run(which: Which) -> Result<()> {
+pub(crate) fn run(which: Which) -> Result<()> {
     match which {
         Which::Dataplane => dataplane(),
         Which::Nat => nat(),

@@ -9,6 +9,7 @@
 
 mod bench;
 mod setup;
+mod toolchain;
 
 use std::process::Command;
 
@@ -24,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what builds and tests need (nightly rust-src, bpf-linker, Debian packages, bpffs).
+    /// Install what builds and tests need: the pinned eBPF toolchain, bpf-linker and cargo-deb
+    /// (see ebpf-toolchain.toml), Debian packages, bpffs.
     Setup,
     /// Build the workspace and the XDP object.
     Build {
@@ -64,6 +66,9 @@ fn main() -> Result<()> {
                 "--workspace",
                 "--exclude",
                 "dots-ebpf",
+                // The namespace tests: root, bpffs and the tools setup installed.
+                "--features",
+                "tests/lab",
                 "--",
                 "--test-threads=1",
             ]);
@@ -94,6 +99,8 @@ fn build(release: bool) -> Result<()> {
         "--exclude",
         "dots-ebpf",
         "--all-targets",
+        "--features",
+        "tests/lab",
     ]);
     if release {
         cmd.arg("--release");
@@ -145,11 +152,12 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
 pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root());
-    // bpf-linker lives in ~/.cargo/bin; make sure build.rs finds it.
-    if let Some(home) = std::env::var_os("HOME") {
-        let bin = std::path::Path::new(&home).join(".cargo/bin");
+    // Our bpf-linker lives in the project cache (see ebpf-toolchain.toml).
+    // dots-agent/build.rs finds it there by itself; putting it first on PATH
+    // too keeps anything else that looks for `bpf-linker` on the same one.
+    if let Ok(pins) = setup::pins() {
         let path = std::env::var_os("PATH").unwrap_or_default();
-        let mut paths = vec![bin];
+        let mut paths = vec![pins.bpf_linker_bin_dir()];
         paths.extend(std::env::split_paths(&path));
         if let Ok(joined) = std::env::join_paths(paths) {
             cmd.env("PATH", joined);

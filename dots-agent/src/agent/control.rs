@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     net::{UnixListener, UnixStream},
@@ -17,19 +17,20 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::view::AgentView;
-use crate::local_socket;
+use super::view::{AgentView, MitigationView, StatusView};
+use dots_daemon::local_socket;
 
-/// Default path of the agent's control socket.
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/dots-agent.sock";
-
+/// What a CLI command asks the running agent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
+    /// Answered with a [`StatusView`].
     Status,
+    /// Answered with every [`MitigationView`].
     Mitigations,
     /// Decide a mitigation waiting for consent. `peer` picks the upstream
-    /// peer when the same cuid/mid exists under several.
+    /// peer when the same cuid/mid exists under several. Answered with a
+    /// [`Decision`].
     Consent {
         cuid: String,
         mid: u32,
@@ -38,29 +39,84 @@ pub enum Request {
     },
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Reply {
+/// One reply line: `{"ok":true,"body":...}`, or `{"ok":false,"error":"..."}`.
+/// `B` is the body of the request asked (see [`Request`]); the agent sends
+/// `Reply<Body>`, and a client reads the type it expects, as [`call`] does.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reply<B = Body> {
     pub ok: bool,
-    #[serde(skip_serializing_if = "serde_json::Value::is_null", default)]
-    pub body: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<B>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
-impl Reply {
-    fn ok(body: serde_json::Value) -> Reply {
+/// The body of a successful reply, one variant per [`Request`]; serialized
+/// as the inner value alone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Body {
+    Status(StatusView),
+    Mitigations(Vec<MitigationView>),
+    Decision(Decision),
+}
+
+/// The body of the reply to [`Request::Consent`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub decided: Decided,
+}
+
+/// What the operator decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decided {
+    Approved,
+    Rejected,
+}
+
+impl Decided {
+    /// `approved` or `rejected`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decided::Approved => "approved",
+            Decided::Rejected => "rejected",
+        }
+    }
+}
+
+impl std::fmt::Display for Decided {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<B> Reply<B> {
+    fn ok(body: B) -> Reply<B> {
         Reply {
             ok: true,
-            body,
+            body: Some(body),
             error: None,
         }
     }
-    fn error(e: impl std::fmt::Display) -> Reply {
+
+    fn error(e: impl std::fmt::Display) -> Reply<B> {
         Reply {
             ok: false,
-            body: serde_json::Value::Null,
+            body: None,
             error: Some(e.to_string()),
         }
+    }
+
+    /// The body of a successful reply; the agent's error otherwise.
+    pub fn into_result(self) -> Result<B> {
+        if !self.ok {
+            anyhow::bail!(
+                "{}",
+                self.error.unwrap_or_else(|| "the agent refused".into())
+            );
+        }
+        self.body.context("the agent's reply has no body")
     }
 }
 
@@ -116,20 +172,11 @@ async fn answer(req: Request, ctx: &ControlContext) -> Reply {
     let now = Instant::now();
     match req {
         Request::Status => match ctx.view.lock() {
-            Ok(v) => Reply::ok(serde_json::json!({
-                "monitor": v.monitor,
-                "bpffs": v.bpffs,
-                "interfaces": v.interfaces,
-                "peers": v.peers_at(now),
-                "mitigations": v.mitigations.len(),
-            })),
+            Ok(v) => Reply::ok(Body::Status(v.status(now))),
             Err(_) => Reply::error("state poisoned"),
         },
         Request::Mitigations => match ctx.view.lock() {
-            Ok(v) => Reply::ok(
-                serde_json::to_value(v.mitigations.values().collect::<Vec<_>>())
-                    .unwrap_or_default(),
-            ),
+            Ok(v) => Reply::ok(Body::Mitigations(v.mitigation_list())),
             Err(_) => Reply::error("state poisoned"),
         },
         Request::Consent {
@@ -179,9 +226,13 @@ async fn answer(req: Request, ctx: &ControlContext) -> Reply {
                 return Reply::error("the peer's session task has stopped");
             }
             match rx.await {
-                Ok(Ok(())) => Reply::ok(
-                    serde_json::json!({ "decided": if approve { "approved" } else { "rejected" } }),
-                ),
+                Ok(Ok(())) => Reply::ok(Body::Decision(Decision {
+                    decided: if approve {
+                        Decided::Approved
+                    } else {
+                        Decided::Rejected
+                    },
+                })),
                 Ok(Err(e)) => Reply::error(e),
                 Err(_) => Reply::error("the peer's session task has stopped"),
             }
@@ -189,12 +240,129 @@ async fn answer(req: Request, ctx: &ControlContext) -> Reply {
     }
 }
 
-/// Sends one request to the agent at `socket` and returns its reply.
-pub async fn call(socket: &Path, req: &Request) -> Result<Reply> {
+/// Sends one request to the agent at `socket` and returns the body of its
+/// reply, read as `B`; an error when the agent refused.
+pub async fn call<B: DeserializeOwned>(socket: &Path, req: &Request) -> Result<B> {
     let mut lines = local_socket::request(socket, "dots-agent run", req).await?;
     let l = lines
         .next_line()
         .await?
         .context("the agent closed the connection without answering")?;
-    local_socket::parse(&l)
+    local_socket::parse::<Reply<B>>(&l)?.into_result()
+}
+
+/// `dots-agent status`: the running agent's [`StatusView`].
+pub async fn status(socket: &Path) -> Result<StatusView> {
+    call(socket, &Request::Status).await
+}
+
+/// `dots-agent mitigations`: every mitigation the running agent holds.
+pub async fn mitigations(socket: &Path) -> Result<Vec<MitigationView>> {
+    call(socket, &Request::Mitigations).await
+}
+
+/// `dots-agent approve` / `reject`: decides a mitigation waiting for consent.
+pub async fn consent(
+    socket: &Path,
+    cuid: &str,
+    mid: u32,
+    approve: bool,
+    peer: Option<usize>,
+) -> Result<Decision> {
+    let req = Request::Consent {
+        cuid: cuid.to_string(),
+        mid,
+        approve,
+        peer,
+    };
+    call(socket, &req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::view::{MitigationState, PeerState, PeerStatus};
+
+    fn line(r: &Reply) -> String {
+        serde_json::to_string(r).unwrap()
+    }
+
+    #[test]
+    fn replies_keep_their_wire_form() {
+        let decided = Reply::ok(Body::Decision(Decision {
+            decided: Decided::Approved,
+        }));
+        assert_eq!(
+            line(&decided),
+            r#"{"ok":true,"body":{"decided":"approved"}}"#
+        );
+        let refused: Reply = Reply::error("no mitigation x/1");
+        assert_eq!(
+            line(&refused),
+            r#"{"ok":false,"error":"no mitigation x/1"}"#
+        );
+        let e = local_socket::parse::<Reply<Decision>>(&line(&refused))
+            .unwrap()
+            .into_result()
+            .unwrap_err();
+        assert_eq!(e.to_string(), "no mitigation x/1");
+        let d: Decision = local_socket::parse::<Reply<Decision>>(&line(&decided))
+            .unwrap()
+            .into_result()
+            .unwrap();
+        assert_eq!(d.decided.to_string(), "approved");
+    }
+
+    #[test]
+    fn typed_bodies_read_back() {
+        let status = StatusView {
+            monitor: false,
+            bpffs: "/sys/fs/bpf/dots-agent".into(),
+            interfaces: Vec::new(),
+            peers: vec![PeerStatus {
+                peer: "isp.example:4647".into(),
+                state: PeerState::Dialling,
+                last_error: Some("refused".into()),
+                ..Default::default()
+            }],
+            mitigations: 1,
+        };
+        let l = line(&Reply::ok(Body::Status(status.clone())));
+        assert!(l.contains(r#""state":"dialling""#), "{l}");
+        let back: StatusView = local_socket::parse::<Reply<StatusView>>(&l)
+            .unwrap()
+            .into_result()
+            .unwrap();
+        assert_eq!(back, status);
+
+        let m = MitigationView {
+            peer: 0,
+            cuid: "dz6pHjaADkaFTbjreJGBpw".into(),
+            mid: 56,
+            state: MitigationState::PendingConsent,
+            status: 1,
+            sources: vec!["192.0.2.10/32".into()],
+            source_ports: Vec::new(),
+            icmp_types: Vec::new(),
+            targets: vec!["198.51.100.7/32".into()],
+            protocols: vec![17],
+            target_ports: vec!["53".into()],
+            lifetime_left: -1,
+            packets: 0,
+            bytes: 0,
+            pps: 0,
+            bps: 0,
+            devices: Vec::new(),
+        };
+        let l = line(&Reply::ok(Body::Mitigations(vec![m.clone()])));
+        assert!(l.contains(r#""state":"pending-consent""#), "{l}");
+        let back: Vec<MitigationView> = local_socket::parse::<Reply<Vec<MitigationView>>>(&l)
+            .unwrap()
+            .into_result()
+            .unwrap();
+        assert_eq!(back, [m]);
+        // Untyped readers (raw JSON, older tools) still see the same body.
+        let any: Reply = local_socket::parse(&l).unwrap();
+        assert!(matches!(any.body, Some(Body::Mitigations(ref v)) if v.len() == 1));
+    }
 }

@@ -2,8 +2,8 @@
 //!
 //! Every mitigation (peer, cuid, mid) holds one slot. The table below is the
 //! desired state; each change re-applies the whole table to the data plane,
-//! whose apply step is idempotent and writes only differences (DESIGN
-//! principle 2). An update takes a fresh slot and frees the old one in the
+//! whose apply step is idempotent and writes only differences (desired
+//! state, then reconcile: see docs/architecture.md). An update takes a fresh slot and frees the old one in the
 //! same apply, carrying the counters over, so totals never go backwards.
 
 use std::{
@@ -255,7 +255,7 @@ impl SlotTable {
     }
 
     /// Adds the addresses of a peer the agent dials: the agent never cuts
-    /// its own signal channel (DESIGN principle 5).
+    /// its own signal channel.
     pub fn add_exempt(&mut self, addrs: &[IpAddr]) -> Result<(), EnforceError> {
         let before = self.exempt.len();
         self.exempt.extend(addrs.iter().map(|a| IpNet::from(*a)));

@@ -14,7 +14,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::view::AgentView;
+use super::view::{AgentView, MitigationState, PeerState};
 
 /// The metrics of `view`, in the Prometheus text format (version 0.0.4).
 pub fn render(view: &AgentView, now: Instant) -> String {
@@ -26,7 +26,7 @@ pub fn render(view: &AgentView, now: Instant) -> String {
     );
     let _ = writeln!(out, "# TYPE dots_agent_session_up gauge");
     for p in view.peers_at(now) {
-        let up = u8::from(p.state == "connected");
+        let up = u8::from(p.state == PeerState::Connected);
         let _ = writeln!(
             out,
             "dots_agent_session_up{{peer=\"{}\"}} {up}",
@@ -59,7 +59,7 @@ pub fn render(view: &AgentView, now: Instant) -> String {
     }
     let _ = writeln!(out, "# HELP dots_agent_mitigations Mitigations by state.");
     let _ = writeln!(out, "# TYPE dots_agent_mitigations gauge");
-    for state in ["pending-consent", "installing", "active", "monitoring"] {
+    for state in MitigationState::ALL {
         let n = view
             .mitigations
             .values()
@@ -136,14 +136,14 @@ pub async fn serve(addr: SocketAddr, view: Arc<Mutex<AgentView>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::view::PeerStatus;
+    use crate::agent::view::{PeerState, PeerStatus};
 
     #[test]
     fn renders_sessions_and_mitigations() {
         let view = AgentView {
             peers: vec![PeerStatus {
                 peer: "isp.example:4647".into(),
-                state: "connected".into(),
+                state: PeerState::Connected,
                 sessions: 2,
                 ..Default::default()
             }],

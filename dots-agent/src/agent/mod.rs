@@ -7,12 +7,12 @@ pub mod enforcer;
 pub mod metrics;
 mod nat_glue;
 mod session;
+pub mod startup;
 pub mod state;
 pub mod view;
 
 use std::{
-    fmt,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
 };
@@ -25,116 +25,14 @@ use dots_proto::{
 use ipnet::IpNet;
 use tracing::{info, warn};
 
+use dots_daemon::transport::{Credentials, DialOptions, Dialer, Transport};
+
 use crate::{
+    discovery::DiscoveryContext,
     enforce::{AttachMode, Dataplane, DataplaneOptions},
-    transport::{Credentials, DialOptions, Dialer, PeerIdentity, Transport, DEFAULT_PORT},
+    peer::PeerTarget,
 };
 pub use enforcer::{SlotKey, SlotTable};
-
-/// How the agent found its peer, to find it again (RFC 8973 §4: when a
-/// validity timer expires, the peer certificate expires, or DHCP says
-/// something new).
-#[derive(Clone, Debug)]
-pub struct Discovery {
-    pub opts: crate::discovery::DiscoverOptions,
-    pub transports: Vec<Transport>,
-    /// When the DNS TTL or DHCP lease of the current answer runs out.
-    pub valid_until: Option<std::time::SystemTime>,
-}
-
-/// Default state directory of the agent.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/dots-agent";
-
-/// Where a Call Home DOTS client is: a name or address, a port, optionally
-/// known addresses (from a redirect), and the reference identifier its
-/// certificate must carry.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerTarget {
-    pub host: String,
-    pub port: u16,
-    /// Addresses to dial instead of resolving `host`.
-    pub addrs: Vec<IpAddr>,
-    /// Reference identifier; `host` when absent.
-    pub name: Option<String>,
-    /// Endpoints with their own transport and port (from RFC 8973 discovery:
-    /// S-NAPTR may give UDP and TCP different ports); when set, they are
-    /// dialled instead of `addrs` x the configured transports.
-    pub endpoints: Vec<(SocketAddr, Transport)>,
-}
-
-impl fmt::Display for PeerTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.host.parse::<IpAddr>() {
-            Ok(IpAddr::V6(a)) => write!(f, "[{a}]:{}", self.port),
-            _ => write!(f, "{}:{}", self.host, self.port),
-        }
-    }
-}
-
-impl PeerTarget {
-    /// Parses `HOST[:PORT]` or `[V6]:PORT`; the port defaults to 4647.
-    pub fn parse(s: &str) -> Result<PeerTarget> {
-        if let Ok(sa) = s.parse::<SocketAddr>() {
-            return Ok(PeerTarget {
-                host: sa.ip().to_string(),
-                port: sa.port(),
-                addrs: vec![sa.ip()],
-                name: None,
-                endpoints: Vec::new(),
-            });
-        }
-        if let Ok(ip) = s.parse::<IpAddr>() {
-            return Ok(PeerTarget {
-                host: ip.to_string(),
-                port: DEFAULT_PORT,
-                addrs: vec![ip],
-                name: None,
-                endpoints: Vec::new(),
-            });
-        }
-        let (host, port) = match s.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse()
-                    .with_context(|| format!("peer {s:?}: bad port {p:?}"))?,
-            ),
-            None => (s, DEFAULT_PORT),
-        };
-        if host.is_empty() || host.contains(char::is_whitespace) {
-            bail!("peer {s:?}: expected HOST:PORT");
-        }
-        Ok(PeerTarget {
-            host: host.to_string(),
-            port,
-            addrs: Vec::new(),
-            name: None,
-            endpoints: Vec::new(),
-        })
-    }
-
-    /// The addresses to dial: the known ones, else a DNS lookup.
-    pub async fn resolve(&self) -> Vec<SocketAddr> {
-        if !self.addrs.is_empty() {
-            return self
-                .addrs
-                .iter()
-                .map(|a| SocketAddr::new(*a, self.port))
-                .collect();
-        }
-        match tokio::net::lookup_host((self.host.as_str(), self.port)).await {
-            Ok(it) => it.collect(),
-            Err(e) => {
-                warn!(peer = %self, error = %e, "could not resolve");
-                Vec::new()
-            }
-        }
-    }
-
-    /// What the peer's certificate must name.
-    pub fn identity(&self) -> PeerIdentity {
-        PeerIdentity::parse(self.name.as_deref().unwrap_or(&self.host))
-    }
-}
 
 /// Everything `dots-agent run` needs.
 #[derive(Clone, Debug)]
@@ -168,7 +66,7 @@ pub struct AgentOptions {
     pub metrics: Option<SocketAddr>,
     /// Set when the (single) peer came from RFC 8973 discovery: it is looked
     /// up again when its information expires.
-    pub discovery: Option<Discovery>,
+    pub discovery: Option<DiscoveryContext>,
     /// How often counters are read and observers notified while a mitigation is active.
     pub notify_interval: std::time::Duration,
 }
@@ -256,7 +154,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             .iter()
             .map(|p| view::PeerStatus {
                 peer: p.to_string(),
-                state: "dialling".into(),
+                state: view::PeerState::Dialling,
                 ..Default::default()
             })
             .collect(),
@@ -333,7 +231,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         tasks.spawn(task.run());
     }
     tokio::select! {
-        _ = crate::shutdown_signal() => if opts.monitor {
+        _ = dots_daemon::shutdown::signal() => if opts.monitor {
             info!("stopping")
         } else {
             info!("stopping; enforcement stays in place (dots-agent detach removes it)")

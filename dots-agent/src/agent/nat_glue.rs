@@ -32,7 +32,7 @@ use crate::{
 const RECONCILE: Duration = Duration::from_secs(60);
 
 /// What installing a scope means under NAT.
-pub enum NatInstall {
+pub(crate) enum NatInstall {
     /// No source covers a router address: install the scope as it is.
     Direct,
     /// Devices were found: install this slot.
@@ -42,9 +42,9 @@ pub enum NatInstall {
 }
 
 /// Tells a peer task that its pending mitigation now has a slot.
-pub struct NatResolved(pub MitigationKey);
+pub(crate) struct NatResolved(pub(crate) MitigationKey);
 
-pub struct NatService {
+pub(crate) struct NatService {
     /// Lock order: `tracker`, then `mirror`, then `conntrack`.
     tracker: Mutex<NatTracker<SlotKey>>,
     /// `None` without events (or when the first dump failed): dump per
@@ -60,7 +60,7 @@ impl NatService {
     /// the mirror with a dump (in that order, so no flow falls between:
     /// events queued during the dump are applied after it). Returns the
     /// receivers for the peer tasks.
-    pub fn start(
+    pub(crate) fn start(
         action: NatAction,
         peers: usize,
         table: Arc<Mutex<SlotTable>>,
@@ -130,7 +130,7 @@ impl NatService {
     }
 
     /// Starts following `key` if its scope names the router's addresses.
-    pub fn install(&self, key: &SlotKey, spec: &SlotSpec) -> NatInstall {
+    pub(crate) fn install(&self, key: &SlotKey, spec: &SlotSpec) -> NatInstall {
         let Ok(mut tracker) = self.tracker.lock() else {
             return NatInstall::Direct;
         };
@@ -173,7 +173,7 @@ impl NatService {
         }
     }
 
-    pub fn remove(&self, key: &SlotKey) {
+    pub(crate) fn remove(&self, key: &SlotKey) {
         if let Ok(mut t) = self.tracker.lock() {
             t.untrack(key);
         }
@@ -181,7 +181,7 @@ impl NatService {
 
     /// The internal devices found for `key`, for the operator only (never
     /// sent to the peer, RFC 9066 §9).
-    pub fn devices(&self, key: &SlotKey) -> Vec<String> {
+    pub(crate) fn devices(&self, key: &SlotKey) -> Vec<String> {
         let Ok(t) = self.tracker.lock() else {
             return Vec::new();
         };

@@ -25,13 +25,15 @@ use super::{
     enforcer::{slot_spec, SlotKey, SlotTable},
     nat_glue::{NatInstall, NatResolved, NatService},
     state::{log_restored, StateStore},
-    view::{unix_now, AgentView},
-    Discovery, PeerTarget,
+    view::{unix_now, AgentView, PeerState},
 };
-use crate::discovery::{LookupErrorKind, RetryPolicy};
-use crate::transport::{Backoff, Connection, Dialer, Incoming, Transport, TransportError};
+use crate::{
+    discovery::{DiscoveryContext, Rediscovery},
+    peer::PeerTarget,
+};
+use dots_daemon::transport::{Backoff, Connection, Dialer, Incoming, Transport, TransportError};
 
-pub type Server = SignalServer<Box<dyn Endpoint + Send>>;
+pub(crate) type Server = SignalServer<Box<dyn Endpoint + Send>>;
 
 /// How a session ended.
 enum Ended {
@@ -45,110 +47,24 @@ enum Ended {
     Retarget(PeerTarget),
 }
 
-/// The router's own addresses, in a stable order for comparison.
-fn local_addrs() -> Vec<ipnet::IpNet> {
-    let mut v = crate::config::local_interface_prefixes();
-    v.sort();
-    v
-}
-
-/// How often a discovered peer's validity is checked while connected.
-const DISCOVERY_CHECK: Duration = Duration::from_secs(2);
-
-/// Re-discovery of a discovered peer (RFC 8973 §4): when the DNS TTL or DHCP
-/// lease runs out, when the peer's certificate expires, when `dhcp-hook`
-/// writes new results, or when the router's addresses change (a new network;
-/// read with getifaddrs at each check rather than a netlink subscription).
-/// A failed lookup waits before the next try, by kind.
-struct Rediscovery {
-    d: Discovery,
-    addrs: Vec<ipnet::IpNet>,
-    cert_until: Option<std::time::SystemTime>,
-    dhcp_mtime: Option<std::time::SystemTime>,
-    retry: RetryPolicy,
-    not_before: Option<std::time::SystemTime>,
-}
-
-impl Rediscovery {
-    fn new(d: Discovery) -> Rediscovery {
-        let mut r = Rediscovery {
-            d,
-            addrs: local_addrs(),
-            cert_until: None,
-            dhcp_mtime: None,
-            retry: RetryPolicy::default(),
-            not_before: None,
-        };
-        r.dhcp_mtime = r.dhcp_file_mtime();
-        r
-    }
-
-    fn dhcp_file_mtime(&self) -> Option<std::time::SystemTime> {
-        let dir = self.d.opts.state_dir.as_ref()?;
-        std::fs::metadata(crate::discovery::state::discovered_path(dir))
-            .and_then(|m| m.modified())
-            .ok()
-    }
-
-    fn due(&self, now: std::time::SystemTime) -> bool {
-        if self.not_before.is_some_and(|t| now < t) {
-            return false;
-        }
-        self.d.valid_until.is_some_and(|t| t <= now)
-            || self.cert_until.is_some_and(|t| t <= now)
-            || self.dhcp_file_mtime() != self.dhcp_mtime
-            || local_addrs() != self.addrs
-    }
-
-    async fn run(&mut self, current: &PeerTarget) -> Option<PeerTarget> {
-        self.dhcp_mtime = self.dhcp_file_mtime();
-        let addrs = local_addrs();
-        if addrs != self.addrs {
-            info!(now = ?addrs, "the router's addresses changed: discovering the peer again");
-            self.addrs = addrs;
-        }
-        match crate::discovery::find_peer(&self.d.opts, &self.d.transports).await {
-            Ok(found) => {
-                self.retry.on_success();
-                self.not_before = None;
-                self.d.valid_until = found.valid_until;
-                if found.target.endpoints != current.endpoints {
-                    info!(peer = %found.target, endpoints = ?found.target.endpoints, "discovery names another peer");
-                    return Some(found.target);
-                }
-                debug!(peer = %current, "discovery confirms the peer");
-                None
-            }
-            Err((msg, kind)) => {
-                let delay = self
-                    .retry
-                    .on_failure(kind.unwrap_or(LookupErrorKind::Timeout));
-                warn!(error = %msg, retry_in = ?delay, "re-discovery failed; keeping the current peer");
-                self.not_before = Some(std::time::SystemTime::now() + delay);
-                None
-            }
-        }
-    }
-}
-
 /// Everything one peer task needs.
-pub struct PeerTask {
-    pub index: usize,
-    pub target: PeerTarget,
-    pub transports: Vec<Transport>,
-    pub dialer: Dialer,
-    pub server_config: ServerConfig,
-    pub enforcer: Option<Arc<Mutex<SlotTable>>>,
-    pub view: Arc<Mutex<AgentView>>,
-    pub consent: mpsc::Receiver<ConsentCommand>,
+pub(crate) struct PeerTask {
+    pub(crate) index: usize,
+    pub(crate) target: PeerTarget,
+    pub(crate) transports: Vec<Transport>,
+    pub(crate) dialer: Dialer,
+    pub(crate) server_config: ServerConfig,
+    pub(crate) enforcer: Option<Arc<Mutex<SlotTable>>>,
+    pub(crate) view: Arc<Mutex<AgentView>>,
+    pub(crate) consent: mpsc::Receiver<ConsentCommand>,
     /// Mitigations of this peer from the state directory.
-    pub restore: Vec<MitigationRecord>,
-    pub store: Arc<StateStore>,
-    pub nat: Option<Arc<NatService>>,
-    pub nat_rx: Option<mpsc::UnboundedReceiver<NatResolved>>,
+    pub(crate) restore: Vec<MitigationRecord>,
+    pub(crate) store: Arc<StateStore>,
+    pub(crate) nat: Option<Arc<NatService>>,
+    pub(crate) nat_rx: Option<mpsc::UnboundedReceiver<NatResolved>>,
     /// Set when the peer came from discovery: it is looked up again.
-    pub discovery: Option<Discovery>,
-    pub seed: u64,
+    pub(crate) discovery: Option<DiscoveryContext>,
+    pub(crate) seed: u64,
 }
 
 /// The parts of a peer task that serve the signal layer whatever the
@@ -173,7 +89,7 @@ struct Shell {
 }
 
 impl PeerTask {
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         let PeerTask {
             index,
             mut target,
@@ -233,7 +149,7 @@ impl PeerTask {
                 target = t;
             }
             shell.current = Some(target.clone());
-            shell.set_state(&target, "dialling", None);
+            shell.set_state(&target, PeerState::Dialling, None);
             let enforcer = shell.enforcer.clone();
             let dialled = shell
                 .idle(
@@ -246,7 +162,7 @@ impl PeerTask {
                 Err(e) => {
                     let delay = backoff.next_delay();
                     warn!(peer = %target, error = %e, retry_in = ?delay, "dial failed");
-                    shell.set_state(&target, "dialling", Some(e.to_string()));
+                    shell.set_state(&target, PeerState::Dialling, Some(e.to_string()));
                     shell.idle(&mut server, tokio::time::sleep(delay)).await;
                     continue;
                 }
@@ -263,9 +179,10 @@ impl PeerTask {
             );
             shell.connected(&target, &conn);
             if let Some(r) = &mut shell.rediscovery {
-                r.cert_until = conn
-                    .peer_certificate()
-                    .and_then(|c| crate::discovery::cert_not_after(&c));
+                r.set_cert_until(
+                    conn.peer_certificate()
+                        .and_then(|c| crate::discovery::cert_not_after(&c)),
+                );
             }
             seed = seed.wrapping_add(1);
             let ep = match endpoint(conn.transport(), seed) {
@@ -408,7 +325,7 @@ impl Shell {
             // Checked here, not only in a timer branch, so that busy traffic
             // cannot keep postponing it.
             if self.rediscovery.is_some() && Instant::now() >= self.next_check {
-                self.next_check = Instant::now() + DISCOVERY_CHECK;
+                self.next_check = Instant::now() + Rediscovery::CHECK_EVERY;
                 let current = self.current.clone();
                 if let Some(t) = match &current {
                     Some(c) => self.rediscover_if_due(c).await,
@@ -522,15 +439,15 @@ impl Shell {
         let _ = cmd.reply.send(result);
     }
 
-    fn set_state(&self, target: &PeerTarget, state: &str, error: Option<String>) {
+    fn set_state(&self, target: &PeerTarget, state: PeerState, error: Option<String>) {
         if let Ok(mut v) = self.view.lock() {
             if let Some(p) = v.peers.get_mut(self.peer) {
                 p.peer = target.to_string();
-                p.state = state.into();
+                p.state = state;
                 if error.is_some() {
                     p.last_error = error;
                 }
-                if state != "connected" {
+                if state != PeerState::Connected {
                     p.transport = None;
                     p.addr = None;
                     p.connected_at = None;
@@ -543,7 +460,7 @@ impl Shell {
         if let Ok(mut v) = self.view.lock() {
             if let Some(p) = v.peers.get_mut(self.peer) {
                 p.peer = target.to_string();
-                p.state = "connected".into();
+                p.state = PeerState::Connected;
                 p.transport = Some(conn.transport().to_string());
                 p.addr = Some(conn.peer_addr());
                 p.resumed = conn.session_reused();

@@ -1,8 +1,8 @@
 //! The state directory: the active mitigations and the slot table, written
 //! atomically after every change, so a restarted agent restores them with
 //! their remaining lifetime and re-adopts the same classifier slots (the
-//! pinned maps then need no write: drops never stop). DESIGN principle 2:
-//! this desired state is the truth the data plane is reconciled to.
+//! pinned maps then need no write: drops never stop). This desired state
+//! is the truth the data plane is reconciled to.
 
 use std::{
     collections::BTreeMap,

@@ -1,25 +1,110 @@
 //! What the operator sees of the running agent: per-peer session state and
 //! the mitigations, shared between the peer tasks (which update it) and the
 //! control socket (which reads it).
+//!
+//! The view types are also the bodies of the control socket's replies: the
+//! agent serializes them and `dots-agent status` / `mitigations` read them
+//! back, so both ends agree on field names and on the state names.
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Instant, SystemTime},
 };
 
+use anyhow::Context;
 use dots_proto::signal::{Mitigation, MitigationKey, Phase};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::enforce::Attachment;
+use crate::enforce::{dataplane::DataplaneStats, Attachment, Dataplane, DataplaneOptions, SlotId};
+
+/// Where an upstream peer's session stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeerState {
+    /// Dialling, or waiting to dial again.
+    #[default]
+    Dialling,
+    /// The signal channel is up.
+    Connected,
+    /// Sent to another Call Home DOTS client (RFC 9066 §5.2.2).
+    Redirected,
+}
+
+impl PeerState {
+    /// The name `dots-agent status` and the JSON replies use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Dialling => "dialling",
+            PeerState::Connected => "connected",
+            PeerState::Redirected => "redirected",
+        }
+    }
+}
+
+impl std::fmt::Display for PeerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a mitigation stands on the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MitigationState {
+    /// Waiting for the operator (`consent = "require"`).
+    PendingConsent,
+    /// Being written to the data plane.
+    Installing,
+    /// Installed and dropping.
+    Active,
+    /// Monitor mode: accepted, nothing installed.
+    Monitoring,
+}
+
+impl MitigationState {
+    /// Every state, in the order the metrics list them.
+    pub const ALL: [MitigationState; 4] = [
+        MitigationState::PendingConsent,
+        MitigationState::Installing,
+        MitigationState::Active,
+        MitigationState::Monitoring,
+    ];
+
+    /// The name `dots-agent mitigations`, the metrics and the JSON replies use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MitigationState::PendingConsent => "pending-consent",
+            MitigationState::Installing => "installing",
+            MitigationState::Active => "active",
+            MitigationState::Monitoring => "monitoring",
+        }
+    }
+}
+
+impl std::fmt::Display for MitigationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<Phase> for MitigationState {
+    fn from(p: Phase) -> Self {
+        match p {
+            Phase::AwaitingConsent => MitigationState::PendingConsent,
+            Phase::Installing => MitigationState::Installing,
+            Phase::Active => MitigationState::Active,
+            Phase::Monitoring => MitigationState::Monitoring,
+        }
+    }
+}
 
 /// One upstream peer's session, as `dots-agent status` shows it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub peer: String,
-    /// "dialling", "connected" or "redirected".
-    pub state: String,
+    pub state: PeerState,
     pub transport: Option<String>,
     pub addr: Option<SocketAddr>,
     pub resumed: bool,
@@ -35,13 +120,12 @@ pub struct PeerStatus {
 }
 
 /// One mitigation, as `dots-agent mitigations` shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MitigationView {
     pub peer: usize,
     pub cuid: String,
     pub mid: u32,
-    /// "pending-consent", "installing", "active", "monitoring".
-    pub state: String,
+    pub state: MitigationState,
     /// DOTS status code (1 in progress, 2 successfully mitigated).
     pub status: u8,
     pub sources: Vec<String>,
@@ -76,13 +160,7 @@ impl MitigationView {
             peer,
             cuid: key.cuid.clone(),
             mid: key.mid,
-            state: match m.phase {
-                Phase::AwaitingConsent => "pending-consent",
-                Phase::Installing => "installing",
-                Phase::Active => "active",
-                Phase::Monitoring => "monitoring",
-            }
-            .into(),
+            state: m.phase.into(),
             status: m.status().code() as u8,
             sources: s.source_prefix.iter().map(ToString::to_string).collect(),
             source_ports: s
@@ -112,14 +190,45 @@ impl MitigationView {
     }
 }
 
-/// Everything the control socket reports.
-#[derive(Debug, Default, Serialize)]
+/// One interface the classifier runs on, as `dots-agent status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceView {
+    pub iface: String,
+    /// "native", "generic", or "pinned" for a link adopted from an earlier run.
+    pub mode: String,
+    pub pin: PathBuf,
+}
+
+impl From<&Attachment> for InterfaceView {
+    fn from(a: &Attachment) -> Self {
+        InterfaceView {
+            iface: a.iface.clone(),
+            mode: a.mode.to_string(),
+            pin: a.pin.clone(),
+        }
+    }
+}
+
+/// The body of the control socket's `status` reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    /// Monitor mode: nothing is installed.
+    pub monitor: bool,
+    pub bpffs: PathBuf,
+    pub interfaces: Vec<InterfaceView>,
+    /// With `silent_for` computed when the reply was made.
+    pub peers: Vec<PeerStatus>,
+    /// How many mitigations the agent holds (see `mitigations`).
+    pub mitigations: usize,
+}
+
+/// Everything the control socket reports: the runtime's shared state.
+#[derive(Debug, Default)]
 pub struct AgentView {
     pub monitor: bool,
     pub bpffs: PathBuf,
     pub interfaces: Vec<Attachment>,
     pub peers: Vec<PeerStatus>,
-    #[serde(skip)]
     pub mitigations: BTreeMap<(usize, String, u32), MitigationView>,
 }
 
@@ -140,6 +249,26 @@ impl AgentView {
         }
     }
 
+    /// The `status` reply at `now`.
+    pub fn status(&self, now: Instant) -> StatusView {
+        StatusView {
+            monitor: self.monitor,
+            bpffs: self.bpffs.clone(),
+            interfaces: self.interfaces.iter().map(InterfaceView::from).collect(),
+            peers: self
+                .peers_at(now)
+                .into_iter()
+                .map(|p| PeerStatus { last_rx: None, ..p })
+                .collect(),
+            mitigations: self.mitigations.len(),
+        }
+    }
+
+    /// The `mitigations` reply: every mitigation, by peer, cuid and mid.
+    pub fn mitigation_list(&self) -> Vec<MitigationView> {
+        self.mitigations.values().cloned().collect()
+    }
+
     /// Peers with `silent_for` computed at `now`.
     pub fn peers_at(&self, now: Instant) -> Vec<PeerStatus> {
         self.peers
@@ -155,9 +284,153 @@ impl AgentView {
     }
 }
 
+/// `dots-agent dataplane status`: the pinned data plane, read directly from
+/// bpffs (no running agent needed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DataplaneStatus {
+    pub bpffs: PathBuf,
+    /// Interfaces with a pinned link.
+    pub interfaces: Vec<String>,
+    /// The active slots with their drop totals.
+    pub slots: Vec<SlotStatus>,
+    pub stats: DataplaneStats,
+}
+
+/// One active classifier slot and what it dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotStatus {
+    pub slot: SlotId,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl DataplaneStatus {
+    /// Opens the data plane pinned under `bpffs` and reads its state.
+    pub fn read(bpffs: &Path) -> anyhow::Result<DataplaneStatus> {
+        let interfaces = Dataplane::attachments(bpffs);
+        let dp = Dataplane::open(&DataplaneOptions {
+            bpffs: bpffs.to_path_buf(),
+            ..Default::default()
+        })
+        .context("opening the XDP data plane")?;
+        let stats = dp.stats()?;
+        let slots = dp
+            .active_slots()?
+            .into_iter()
+            .map(|slot| {
+                let c = dp.counters(slot)?;
+                Ok(SlotStatus {
+                    slot,
+                    packets: c.packets,
+                    bytes: c.bytes,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(DataplaneStatus {
+            bpffs: bpffs.to_path_buf(),
+            interfaces,
+            slots,
+            stats,
+        })
+    }
+}
+
+/// Seconds since the Unix epoch, now.
 pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_serialize_as_their_names() {
+        for s in MitigationState::ALL {
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::Value::from(s.as_str())
+            );
+            assert_eq!(s.to_string(), s.as_str());
+        }
+        assert_eq!(
+            serde_json::to_string(&MitigationState::PendingConsent).unwrap(),
+            "\"pending-consent\""
+        );
+        for s in [
+            PeerState::Dialling,
+            PeerState::Connected,
+            PeerState::Redirected,
+        ] {
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::Value::from(s.as_str())
+            );
+            let back: PeerState = serde_json::from_value(s.as_str().into()).unwrap();
+            assert_eq!(back, s);
+        }
+    }
+
+    #[test]
+    fn status_reply_keeps_its_keys_and_reads_back() {
+        let now = Instant::now();
+        let view = AgentView {
+            monitor: true,
+            bpffs: "/sys/fs/bpf/dots-agent".into(),
+            interfaces: vec![Attachment {
+                iface: "eth1".into(),
+                mode: "native",
+                pin: "/sys/fs/bpf/dots-agent/link_eth1".into(),
+            }],
+            peers: vec![PeerStatus {
+                peer: "isp.example:4647".into(),
+                state: PeerState::Connected,
+                transport: Some("tls".into()),
+                last_rx: Some(now),
+                ..Default::default()
+            }],
+            mitigations: BTreeMap::new(),
+        };
+        let status = view.status(now);
+        let json = serde_json::to_value(&status).unwrap();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            ["bpffs", "interfaces", "mitigations", "monitor", "peers"]
+        );
+        assert_eq!(json["interfaces"][0]["mode"], "native");
+        assert_eq!(json["peers"][0]["state"], "connected");
+        assert_eq!(json["peers"][0]["silent_for"], 0);
+        assert!(json["peers"][0].get("last_rx").is_none());
+        let peer_keys: Vec<&str> = json["peers"][0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            peer_keys,
+            [
+                "addr",
+                "connected_at",
+                "last_error",
+                "peer",
+                "resumed",
+                "sessions",
+                "silent_for",
+                "state",
+                "transport"
+            ]
+        );
+        let back: StatusView = serde_json::from_value(json).unwrap();
+        assert_eq!(back, status);
+    }
 }

@@ -1,11 +1,4 @@
-//! TOML configuration files: `dots-agent run --config agent.toml` and
-//! `dots-client listen --config client.toml`.
-//!
-//! Keys are kebab-case, every key has a default or is reported as missing,
-//! and unknown keys are rejected. Each error names the file, the key path
-//! (`peers[1].address`) and, where there is one, the bad value. The full key
-//! reference is `docs/configuration.md`; `examples/agent.toml` and
-//! `examples/client.toml` show every key with its default.
+//! `agent.toml`: the settings of `dots-agent run`.
 //!
 //! Three steps, so that each can be run on its own:
 //! * [`AgentConfig::load`] / [`AgentConfig::from_str`]: syntax, unknown keys,
@@ -16,350 +9,723 @@
 //!   are readable. `validate` does not call it, so a configuration can be
 //!   checked on another machine; `dots-agent check-config` runs both.
 //!
-//! Relative paths in a file are taken relative to the directory of that file
-//! (the `origin` given to `from_str`), not to the working directory.
-
-mod agent;
-mod client;
-mod ifaddrs;
-#[cfg(test)]
-mod tests;
+//! The full key reference is `docs/configuration.md`; `examples/agent.toml`
+//! shows every key with its default.
 
 use std::{
-    fmt,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
+use dots_proto::{
+    model::Limits,
+    signal::{ConsentMode, EnforcementMode, ServerConfig},
+};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-pub use agent::{
-    AgentConfig, ConsentPolicy, ConsentTimeout, ConsentTimeoutAction, DomainConfig, LimitsConfig,
-    PeerConfig, ResolvedPeer, TransportPref, XdpConfig, DEFAULT_AGENT_CONTROL_SOCKET,
-    DEFAULT_AGENT_STATE_DIR, DEFAULT_NOTIFY_INTERVAL_SECS,
+use dots_daemon::{
+    config::{
+        check_path_set, check_prefixes, check_readable, check_socket_path, de_prefixes, parse,
+        path_value, quoted, read, resolve, resolve_opt, ConfigError, COMMAND_LINE,
+    },
+    logging::LogFormat,
+    transport::{Credentials, Transport},
 };
-pub use client::{ClientConfig, DEFAULT_CLIENT_STATE_DIR, DEFAULT_LISTEN_ADDR};
-pub use ifaddrs::{interface_prefixes, local_interface_prefixes, InterfaceFilter};
 
-/// What the origin of a configuration built in code (from flags, not a file)
-/// is called in error messages.
-pub const COMMAND_LINE: &str = "<command line>";
+use crate::{
+    agent::AgentOptions,
+    enforce::{AttachMode, DEFAULT_BPFFS_DIR},
+    netif::{interface_prefixes, InterfaceFilter},
+    paths::{DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_DIR},
+    peer::PeerTarget,
+};
 
-/// A configuration that cannot be used. Every variant names the file; all
-/// but [`ConfigError::Read`] and [`ConfigError::Syntax`] name the key path.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{}: cannot read: {source}", file.display())]
-    Read {
-        file: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// Not TOML.
-    #[error("{}{}: {message}", file.display(), at(*line, *column))]
-    Syntax {
-        file: PathBuf,
-        line: Option<usize>,
-        column: Option<usize>,
-        message: String,
-    },
-    /// A key that does not exist, or a value of the wrong type or not among
-    /// the allowed ones, found while reading the file.
-    #[error("{}{}: {key}: {message}", file.display(), at(*line, None))]
-    Key {
-        file: PathBuf,
-        key: String,
-        line: Option<usize>,
-        message: String,
-    },
-    /// A required key is absent.
-    #[error("{}: {key}: missing: {message}", file.display())]
-    Missing {
-        file: PathBuf,
-        key: String,
-        message: String,
-    },
-    /// A value of the right type that is still wrong (semantic checks).
-    #[error("{}: {key} = {value}: {message}", file.display())]
-    Value {
-        file: PathBuf,
-        key: String,
-        /// As it would be written in the file.
+mod flags;
+#[cfg(test)]
+mod tests;
+
+pub use flags::{DiscoveryFlags, RunFlags};
+
+/// Default `notify-interval`, in seconds.
+pub const DEFAULT_NOTIFY_INTERVAL_SECS: u64 = 30;
+
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+const MAX_IFNAME: usize = 15;
+
+/// The whole `agent.toml`. Fields are public so that command-line flags can
+/// override them before [`AgentConfig::validate`] and
+/// [`AgentConfig::to_options`]; `AgentConfig::default()` is the configuration
+/// of an empty file (which does not validate: it has no peer).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Call Home DOTS clients to dial, one session each (`[[peers]]`).
+    pub peers: Vec<PeerConfig>,
+    /// Transport preference of peers that do not set their own.
+    pub transport: TransportPref,
+    /// CA bundle peers' certificates must chain to (default for all peers).
+    pub ca: Option<PathBuf>,
+    /// This agent's certificate, PEM (default for all peers).
+    pub cert: Option<PathBuf>,
+    /// This agent's private key, PEM (default for all peers).
+    pub key: Option<PathBuf>,
+    /// The local domain (`[domain]`).
+    pub domain: DomainConfig,
+    /// Where and how the XDP classifier runs (`[xdp]`).
+    pub xdp: XdpConfig,
+    /// `false`: monitor mode, validate, answer and log requests, install nothing.
+    pub enforce: bool,
+    /// `auto` or `require` (an operator approves each mitigation).
+    pub consent: ConsentMode,
+    /// Seconds a mitigation waits for consent before `consent-timeout-action`.
+    pub consent_timeout: Option<u64>,
+    /// What happens when `consent-timeout` expires; `reject` when absent.
+    pub consent_timeout_action: Option<ConsentTimeoutAction>,
+    /// Prefixes never dropped, whatever a request says. The peers' addresses
+    /// are exempt too, added at run time.
+    #[serde(deserialize_with = "de_prefixes")]
+    pub never_block: Vec<IpNet>,
+    /// Bounds on what a request may ask (`[limits]`).
+    pub limits: LimitsConfig,
+    /// Seconds between counter queries / notifications of unchanged mitigations.
+    pub notify_interval: u64,
+    /// Directory for state that outlives the process.
+    pub state_dir: PathBuf,
+    /// Control socket of the running agent.
+    pub control_socket: PathBuf,
+    /// Log format on stderr.
+    pub log_format: LogFormat,
+    /// Behind NAT, block the internal device's traffic to the target
+    /// (`device`) or only its matching flows (`flow`).
+    pub nat_action: crate::nat::NatAction,
+    /// Prometheus text endpoint, "ADDR:PORT"; none by default.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// The file this came from, for error messages ([`COMMAND_LINE`] when
+    /// built in code); not a key.
+    #[serde(skip)]
+    pub origin: PathBuf,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            peers: Vec::new(),
+            transport: TransportPref::Both,
+            ca: None,
+            cert: None,
+            key: None,
+            domain: DomainConfig::default(),
+            xdp: XdpConfig::default(),
+            enforce: true,
+            consent: ConsentMode::Auto,
+            consent_timeout: None,
+            consent_timeout_action: None,
+            never_block: Vec::new(),
+            limits: LimitsConfig::default(),
+            notify_interval: DEFAULT_NOTIFY_INTERVAL_SECS,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            log_format: LogFormat::Human,
+            nat_action: crate::nat::NatAction::Device,
+            metrics: None,
+            origin: PathBuf::from(COMMAND_LINE),
+        }
+    }
+}
+
+/// One `[[peers]]` entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PeerConfig {
+    /// `HOST[:PORT]` or `[V6]:PORT`; the port defaults to 4647.
+    pub address: String,
+    /// Reference identifier the peer's certificate must carry (DNS name or
+    /// IP address); the host of `address` when absent.
+    #[serde(default)]
+    pub peer_name: Option<String>,
+    /// Overrides the top-level `transport`.
+    #[serde(default)]
+    pub transport: Option<TransportPref>,
+    /// Override the top-level `ca`, `cert`, `key` for this peer.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl PeerConfig {
+    /// A peer with only its address set.
+    pub fn new(address: impl Into<String>) -> Self {
+        Self {
+            address: address.into(),
+            peer_name: None,
+            transport: None,
+            ca: None,
+            cert: None,
+            key: None,
+        }
+    }
+}
+
+/// Which transports to dial: `transport` in the file, `--transport` on the
+/// command line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportPref {
+    /// DTLS over UDP only.
+    Udp,
+    /// TLS over TCP only.
+    Tcp,
+    /// Both, raced (Happy Eyeballs), DTLS first.
+    #[default]
+    Both,
+}
+
+impl TransportPref {
+    /// In preference order.
+    pub fn transports(self) -> Vec<Transport> {
+        match self {
+            TransportPref::Udp => vec![Transport::Udp],
+            TransportPref::Tcp => vec![Transport::Tcp],
+            TransportPref::Both => vec![Transport::Udp, Transport::Tcp],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            TransportPref::Udp => "udp",
+            TransportPref::Tcp => "tcp",
+            TransportPref::Both => "both",
+        }
+    }
+}
+
+/// `[domain]`: the networks whose traffic this agent may be asked to drop.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct DomainConfig {
+    /// Prefixes of the local domain (LAN networks, the public prefix).
+    #[serde(deserialize_with = "de_prefixes")]
+    pub prefixes: Vec<IpNet>,
+    /// Add the addresses of the router's own interfaces, detected at start,
+    /// as host prefixes.
+    pub interface_addresses: bool,
+    /// With `interface-addresses`: include loopback addresses (127/8, ::1).
+    pub include_loopback: bool,
+    /// With `interface-addresses`: include link-local addresses
+    /// (169.254/16, fe80::/10).
+    pub include_link_local: bool,
+}
+
+impl Default for DomainConfig {
+    fn default() -> Self {
+        Self {
+            prefixes: Vec::new(),
+            interface_addresses: true,
+            include_loopback: false,
+            include_link_local: false,
+        }
+    }
+}
+
+/// `[xdp]`: where the classifier runs.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct XdpConfig {
+    /// LAN interfaces to attach the classifier to.
+    pub interfaces: Vec<String>,
+    /// `auto` (native, else generic), `native` or `generic`.
+    pub mode: AttachMode,
+    /// bpffs directory for the pinned maps and links.
+    pub bpffs: PathBuf,
+}
+
+impl Default for XdpConfig {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            mode: AttachMode::Auto,
+            bpffs: PathBuf::from(DEFAULT_BPFFS_DIR),
+        }
+    }
+}
+
+/// `consent-timeout-action`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsentTimeoutAction {
+    /// Enforce the request as if the operator had approved it.
+    Approve,
+    /// Refuse the request.
+    #[default]
+    Reject,
+}
+
+/// `consent-timeout` and `consent-timeout-action` together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsentTimeout {
+    pub after: Duration,
+    pub action: ConsentTimeoutAction,
+}
+
+/// `[limits]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most active mitigations one DOTS client (cuid) may hold.
+    pub max_mitigations_per_cuid: usize,
+    /// Most entries in a scope's `source-prefix`, and separately in
+    /// `target-prefix`.
+    pub max_prefixes: usize,
+    /// Most entries in each port or ICMP type range list of a scope.
+    pub max_ranges: usize,
+    /// Most entries in a scope's `target-protocol`.
+    pub max_protocols: usize,
+    /// Longest lifetime granted, in seconds; longer (and indefinite)
+    /// requests get this. `-1`: grant what is asked, indefinite included.
+    pub max_lifetime: i64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = Limits::default();
+        Self {
+            max_mitigations_per_cuid: ServerConfig::default().max_mitigations_per_cuid,
+            max_prefixes: l.max_prefixes,
+            max_ranges: l.max_ranges,
+            max_protocols: l.max_protocols,
+            max_lifetime: l.max_lifetime.map_or(-1, i64::from),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// As `dots-proto` takes them; assumes [`AgentConfig::validate`] passed
+    /// (an out-of-range `max-lifetime` reads as "no cap").
+    pub fn to_limits(&self) -> Limits {
+        Limits {
+            max_lifetime: u32::try_from(self.max_lifetime).ok(),
+            max_prefixes: self.max_prefixes,
+            max_ranges: self.max_ranges,
+            max_protocols: self.max_protocols,
+        }
+    }
+}
+
+/// A peer with the top-level defaults applied: what one session needs.
+#[derive(Clone, Debug)]
+pub struct ResolvedPeer {
+    pub target: PeerTarget,
+    pub transports: Vec<Transport>,
+    pub credentials: Credentials,
+}
+
+impl AgentConfig {
+    /// Reads and parses `path` (syntax, keys, types); then call
+    /// [`validate`](Self::validate).
+    pub fn load(path: impl AsRef<Path>) -> Result<AgentConfig, ConfigError> {
+        let path = path.as_ref();
+        Self::from_str(&read(path)?, path)
+    }
+
+    /// Parses `text`; `origin` names it in errors and is the base of
+    /// relative paths.
+    #[allow(clippy::should_implement_trait)]
+    pub fn from_str(text: &str, origin: impl AsRef<Path>) -> Result<AgentConfig, ConfigError> {
+        let origin = origin.as_ref();
+        let mut c: AgentConfig = parse(text, origin)?;
+        c.origin = origin.to_path_buf();
+        resolve_opt(&mut c.ca, origin);
+        resolve_opt(&mut c.cert, origin);
+        resolve_opt(&mut c.key, origin);
+        for p in &mut c.peers {
+            resolve_opt(&mut p.ca, origin);
+            resolve_opt(&mut p.cert, origin);
+            resolve_opt(&mut p.key, origin);
+        }
+        resolve(&mut c.state_dir, origin);
+        resolve(&mut c.control_socket, origin);
+        resolve(&mut c.xdp.bpffs, origin);
+        Ok(c)
+    }
+
+    fn value_error(
+        &self,
+        key: impl Into<String>,
         value: String,
-        message: String,
-    },
-}
-
-impl ConfigError {
-    /// The file (or [`COMMAND_LINE`]) the error is in.
-    pub fn file(&self) -> &Path {
-        match self {
-            ConfigError::Read { file, .. }
-            | ConfigError::Syntax { file, .. }
-            | ConfigError::Key { file, .. }
-            | ConfigError::Missing { file, .. }
-            | ConfigError::Value { file, .. } => file,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Value {
+            file: self.origin.clone(),
+            key: key.into(),
+            value,
+            message: message.into(),
         }
     }
 
-    /// The key path, e.g. `peers[1].address`, when the error has one.
-    pub fn key(&self) -> Option<&str> {
-        match self {
-            ConfigError::Key { key, .. }
-            | ConfigError::Missing { key, .. }
-            | ConfigError::Value { key, .. } => Some(key),
-            ConfigError::Read { .. } | ConfigError::Syntax { .. } => None,
+    fn missing(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Missing {
+            file: self.origin.clone(),
+            key: key.into(),
+            message: message.into(),
         }
     }
 
-    /// The 1-based line, when known.
-    pub fn line(&self) -> Option<usize> {
-        match self {
-            ConfigError::Syntax { line, .. } | ConfigError::Key { line, .. } => *line,
-            _ => None,
+    /// Semantic checks that need nothing but the configuration itself. Does
+    /// not look at the certificate files (see [`check_files`](Self::check_files))
+    /// nor at the interfaces: that the domain is non-empty once interface
+    /// addresses are added is checked at start.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.peers.is_empty() {
+            return Err(self.missing(
+                "peers",
+                "no peer to dial: add a [[peers]] table with address = \"HOST[:PORT]\"",
+            ));
         }
-    }
-}
-
-fn at(line: Option<usize>, column: Option<usize>) -> String {
-    match (line, column) {
-        (Some(l), Some(c)) => format!(":{l}:{c}"),
-        (Some(l), None) => format!(":{l}"),
-        _ => String::new(),
-    }
-}
-
-/// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let column = before
-        .rfind('\n')
-        .map_or(before.chars().count(), |i| before[i + 1..].chars().count())
-        + 1;
-    (line, column)
-}
-
-/// Reads a file for `load`.
-fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Deserializes `text` into `T`, turning serde's errors into
-/// [`ConfigError`]s with the key path and line.
-fn parse<T: serde::de::DeserializeOwned>(text: &str, origin: &Path) -> Result<T, ConfigError> {
-    let file = origin.to_path_buf();
-    let de = toml::Deserializer::parse(text).map_err(|e| {
-        let mut message = e.message().trim().to_string();
-        let (line, column) = match e.span() {
-            Some(s) => {
-                // Name what the error is about (a duplicate key, ...).
-                if let Some(what) = text
-                    .get(s.clone())
-                    .filter(|w| !w.trim().is_empty() && w.len() <= 60 && !w.contains('\n'))
-                {
-                    message.push_str(&format!(": {}", what.trim()));
-                }
-                let (l, c) = line_col(text, s.start);
-                (Some(l), Some(c))
+        let mut seen: Vec<(String, u16)> = Vec::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let target = self.peer_target(i, p)?;
+            let id = (target.host.to_ascii_lowercase(), target.port);
+            if let Some(j) = seen.iter().position(|s| *s == id) {
+                return Err(self.value_error(
+                    format!("peers[{i}].address"),
+                    quoted(&p.address),
+                    format!("the same peer as peers[{j}]"),
+                ));
             }
-            None => (None, None),
+            seen.push(id);
+            self.peer_credentials(i, p)?;
+        }
+        check_prefixes(&self.origin, "domain.prefixes", &self.domain.prefixes)?;
+        if self.domain.prefixes.is_empty() && !self.domain.interface_addresses {
+            return Err(self.missing(
+                "domain.prefixes",
+                "the local domain is empty (and interface-addresses = false): every request would be refused",
+            ));
+        }
+        check_prefixes(&self.origin, "never-block", &self.never_block)?;
+        for (i, name) in self.xdp.interfaces.iter().enumerate() {
+            let key = format!("xdp.interfaces[{i}]");
+            if let Some(why) = ifname_problem(name) {
+                return Err(self.value_error(key, quoted(name), why));
+            }
+            if let Some(j) = self.xdp.interfaces[..i].iter().position(|n| n == name) {
+                return Err(self.value_error(
+                    key,
+                    quoted(name),
+                    format!("listed twice (also xdp.interfaces[{j}])"),
+                ));
+            }
+        }
+        check_path_set(&self.origin, "xdp.bpffs", &self.xdp.bpffs)?;
+        check_path_set(&self.origin, "state-dir", &self.state_dir)?;
+        check_socket_path(&self.origin, "control-socket", &self.control_socket)?;
+        if self.notify_interval < 1 {
+            return Err(self.value_error(
+                "notify-interval",
+                self.notify_interval.to_string(),
+                "must be at least 1 (seconds)",
+            ));
+        }
+        match (self.consent_timeout, self.consent_timeout_action) {
+            (Some(0), _) => return Err(self.value_error(
+                "consent-timeout",
+                "0".into(),
+                "must be at least 1 (seconds); leave it out to wait for the operator indefinitely",
+            )),
+            (Some(t), _) if self.consent == ConsentMode::Auto => {
+                return Err(self.value_error(
+                    "consent-timeout",
+                    t.to_string(),
+                    "only applies with consent = \"require\" (consent is \"auto\")",
+                ))
+            }
+            (None, Some(a)) => {
+                return Err(self.value_error(
+                    "consent-timeout-action",
+                    quoted(match a {
+                        ConsentTimeoutAction::Approve => "approve",
+                        ConsentTimeoutAction::Reject => "reject",
+                    }),
+                    "needs consent-timeout",
+                ))
+            }
+            _ => {}
+        }
+        let l = &self.limits;
+        for (key, v) in [
+            (
+                "limits.max-mitigations-per-cuid",
+                l.max_mitigations_per_cuid,
+            ),
+            ("limits.max-prefixes", l.max_prefixes),
+            ("limits.max-ranges", l.max_ranges),
+            ("limits.max-protocols", l.max_protocols),
+        ] {
+            if v < 1 {
+                return Err(self.value_error(key, v.to_string(), "must be at least 1"));
+            }
+        }
+        if l.max_lifetime != -1 && !(1..=i64::from(u32::MAX)).contains(&l.max_lifetime) {
+            return Err(self.value_error(
+                "limits.max-lifetime",
+                l.max_lifetime.to_string(),
+                format!("must be 1 to {} seconds, or -1 for no cap", u32::MAX),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `dots-agent check-config`: everything `run` checks of a file before
+    /// it starts (syntax, keys, values, the certificate files); the options
+    /// it would start with. Discovery and the interfaces are not looked at.
+    pub fn check_file(path: impl AsRef<Path>) -> Result<AgentOptions, ConfigError> {
+        let config = Self::load(path)?;
+        config.validate()?;
+        config.check_files()?;
+        config.to_options()
+    }
+
+    /// Checks that every certificate, key and CA file a peer uses exists and
+    /// is readable. Separate from [`validate`](Self::validate) so that a
+    /// configuration can be checked where the files are not.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let mut checked: Vec<PathBuf> = Vec::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            for (key, path) in self.peer_credential_sources(i, p)? {
+                if !checked.contains(&path) {
+                    check_readable(&self.origin, &key, &path)?;
+                    checked.push(path);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn peer_target(&self, i: usize, p: &PeerConfig) -> Result<PeerTarget, ConfigError> {
+        let key = format!("peers[{i}].address");
+        let mut t = PeerTarget::parse(p.address.trim()).map_err(|_| {
+            self.value_error(
+                key.clone(),
+                quoted(&p.address),
+                "expected HOST[:PORT] or [IPV6]:PORT, with a port from 1 to 65535",
+            )
+        })?;
+        if t.port == 0 {
+            return Err(self.value_error(key, quoted(&p.address), "port 0 cannot be dialled"));
+        }
+        if let Some(name) = &p.peer_name {
+            if name.is_empty() || name.contains(char::is_whitespace) || name.contains('/') {
+                return Err(self.value_error(
+                    format!("peers[{i}].peer-name"),
+                    quoted(name),
+                    "expected a DNS name or an IP address",
+                ));
+            }
+            t.name = Some(name.clone());
+        }
+        Ok(t)
+    }
+
+    /// (key path, file) of the ca, cert and key peer `i` uses.
+    fn peer_credential_sources(
+        &self,
+        i: usize,
+        p: &PeerConfig,
+    ) -> Result<[(String, PathBuf); 3], ConfigError> {
+        let pick = |name: &str, own: &Option<PathBuf>, global: &Option<PathBuf>| {
+            let (key, path) = match (own, global) {
+                (Some(path), _) => (format!("peers[{i}].{name}"), path),
+                (None, Some(path)) => (name.to_string(), path),
+                (None, None) => {
+                    return Err(self.missing(
+                        format!("peers[{i}].{name}"),
+                        format!("set {name} at the top level (for all peers) or in this peer"),
+                    ))
+                }
+            };
+            check_path_set(&self.origin, &key, path)?;
+            Ok((key, path.clone()))
         };
-        ConfigError::Syntax {
-            file: file.clone(),
-            line,
-            column,
-            message,
+        Ok([
+            pick("ca", &p.ca, &self.ca)?,
+            pick("cert", &p.cert, &self.cert)?,
+            pick("key", &p.key, &self.key)?,
+        ])
+    }
+
+    fn peer_credentials(&self, i: usize, p: &PeerConfig) -> Result<Credentials, ConfigError> {
+        let [(_, ca), (_, cert), (_, key)] = self.peer_credential_sources(i, p)?;
+        Ok(Credentials { ca, cert, key })
+    }
+
+    /// Every peer with the top-level defaults applied, for a runtime that
+    /// takes transport and credentials per peer.
+    pub fn resolved_peers(&self) -> Result<Vec<ResolvedPeer>, ConfigError> {
+        self.peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                Ok(ResolvedPeer {
+                    target: self.peer_target(i, p)?,
+                    transports: p.transport.unwrap_or(self.transport).transports(),
+                    credentials: self.peer_credentials(i, p)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Validates, then maps into the runtime's options. `domain` holds the
+    /// configured prefixes only: add [`interface_prefixes`](Self::interface_prefixes)
+    /// at start. `never_block` holds the configured prefixes only: the
+    /// peers' addresses are added by the runtime once resolved.
+    ///
+    /// `AgentOptions` has one transport list and one set of credentials for
+    /// all peers: a configuration whose peers differ in those is refused
+    /// here, naming the first differing key.
+    pub fn to_options(&self) -> Result<AgentOptions, ConfigError> {
+        self.validate()?;
+        let peers = self.resolved_peers()?;
+        let first = &peers[0];
+        for (i, (p, cfg)) in peers.iter().zip(&self.peers).enumerate().skip(1) {
+            if p.transports != first.transports {
+                return Err(self.value_error(
+                    format!("peers[{i}].transport"),
+                    quoted(cfg.transport.unwrap_or(self.transport).name()),
+                    "differs from peers[0]: this version dials all peers with the same transports",
+                ));
+            }
+            for (name, a, b) in [
+                ("ca", &p.credentials.ca, &first.credentials.ca),
+                ("cert", &p.credentials.cert, &first.credentials.cert),
+                ("key", &p.credentials.key, &first.credentials.key),
+            ] {
+                if a != b {
+                    return Err(self.value_error(
+                        format!("peers[{i}].{name}"),
+                        path_value(a),
+                        "differs from peers[0]: this version uses one ca, cert and key for all peers",
+                    ));
+                }
+            }
         }
-    })?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let line = inner.span().map(|s| line_col(text, s.start).0);
-        key_error(file, &path, inner.message().trim(), line)
-    })
-}
-
-/// Classifies one serde message: unknown key, missing key, or bad value.
-fn key_error(file: PathBuf, path: &str, message: &str, line: Option<usize>) -> ConfigError {
-    // serde_path_to_error renders the root as ".".
-    let path = if path == "." { "" } else { path };
-    let join = |name: &str| {
-        if path.is_empty() {
-            name.to_string()
-        } else {
-            format!("{path}.{name}")
-        }
-    };
-    if let Some(rest) = message.strip_prefix("unknown field `") {
-        if let Some((name, expected)) = rest.split_once('`') {
-            // The path may already end in the unknown key.
-            let key = if path.ends_with(name) {
-                path.to_string()
-            } else {
-                join(name)
-            };
-            let expected = expected
-                .trim_start_matches(',')
-                .trim()
-                .replace("expected one of", "the known keys here are")
-                .replace("expected", "the known key here is")
-                .replace("there are no fields", "no keys are allowed here");
-            return ConfigError::Key {
-                file,
-                key,
-                line,
-                message: format!("unknown key; {expected}"),
-            };
-        }
-    }
-    if let Some(rest) = message.strip_prefix("missing field `") {
-        if let Some((name, _)) = rest.split_once('`') {
-            return ConfigError::Missing {
-                file,
-                key: join(name),
-                message: "this key is required".into(),
-            };
-        }
-    }
-    // Rust type names mean little in a configuration file.
-    let message = message
-        .replace("expected u64", "expected a whole number, 0 or more")
-        .replace("expected usize", "expected a whole number, 0 or more")
-        .replace("expected i64", "expected a whole number");
-    ConfigError::Key {
-        file,
-        key: if path.is_empty() {
-            "(top level)".into()
-        } else {
-            path.to_string()
-        },
-        line,
-        message,
-    }
-}
-
-/// `path` taken relative to the directory of `origin` when it is relative.
-fn resolve(path: &mut PathBuf, origin: &Path) {
-    if path.is_relative() && !path.as_os_str().is_empty() {
-        if let Some(dir) = origin.parent().filter(|d| !d.as_os_str().is_empty()) {
-            *path = dir.join(&*path);
-        }
-    }
-}
-
-fn resolve_opt(path: &mut Option<PathBuf>, origin: &Path) {
-    if let Some(p) = path {
-        resolve(p, origin);
-    }
-}
-
-/// How a value is written in TOML, for error messages.
-fn quoted(s: impl fmt::Display) -> String {
-    format!("{:?}", s.to_string())
-}
-
-fn path_value(p: &Path) -> String {
-    quoted(p.display())
-}
-
-/// Checks that a path names a readable regular file.
-fn check_readable(file: &Path, key: &str, path: &Path) -> Result<(), ConfigError> {
-    let bad = |message: String| ConfigError::Value {
-        file: file.to_path_buf(),
-        key: key.to_string(),
-        value: path_value(path),
-        message,
-    };
-    let meta = std::fs::metadata(path).map_err(|e| bad(format!("cannot use this file: {e}")))?;
-    if !meta.is_file() {
-        return Err(bad("not a regular file".into()));
-    }
-    std::fs::File::open(path).map_err(|e| bad(format!("cannot open this file: {e}")))?;
-    Ok(())
-}
-
-/// Checks a path key is set to something.
-fn check_path_set(file: &Path, key: &str, path: &Path) -> Result<(), ConfigError> {
-    if path.as_os_str().is_empty() {
-        return Err(ConfigError::Value {
-            file: file.to_path_buf(),
-            key: key.to_string(),
-            value: "\"\"".into(),
-            message: "must not be empty".into(),
-        });
-    }
-    Ok(())
-}
-
-/// Checks a Unix socket path fits in `sun_path` (108 bytes with the NUL).
-fn check_socket_path(file: &Path, key: &str, path: &Path) -> Result<(), ConfigError> {
-    check_path_set(file, key, path)?;
-    use std::os::unix::ffi::OsStrExt;
-    let len = path.as_os_str().as_bytes().len();
-    if len > 107 {
-        return Err(ConfigError::Value {
-            file: file.to_path_buf(),
-            key: key.to_string(),
-            value: path_value(path),
-            message: format!("a Unix socket path is at most 107 bytes, this one has {len}"),
-        });
-    }
-    Ok(())
-}
-
-/// An IP prefix in a configuration file: `192.0.2.0/24`, `2001:db8::/32`, or
-/// a bare address meaning a host prefix (`/32`, `/128`).
-struct PrefixDe(IpNet);
-
-impl<'de> Deserialize<'de> for PrefixDe {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_prefix(&s).map(PrefixDe).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "{s:?} is not an IP prefix (like \"192.0.2.0/24\", \"2001:db8::/32\" or an address)"
-            ))
+        Ok(AgentOptions {
+            transports: first.transports.clone(),
+            credentials: first.credentials.clone(),
+            peers: peers.into_iter().map(|p| p.target).collect(),
+            domain: self.domain.prefixes.clone(),
+            monitor: !self.enforce,
+            lans: self.xdp.interfaces.clone(),
+            attach_mode: self.xdp.mode,
+            bpffs: self.xdp.bpffs.clone(),
+            consent: self.consent,
+            never_block: self.never_block.clone(),
+            limits: self.limits.to_limits(),
+            control: self.control_socket.clone(),
+            state_dir: self.state_dir.clone(),
+            notify_interval: self.notify_interval(),
+            consent_timeout: self.consent_timeout().map(|t| t.after),
+            consent_timeout_approves: self
+                .consent_timeout()
+                .is_some_and(|t| t.action == ConsentTimeoutAction::Approve),
+            max_mitigations_per_cuid: self.limits.max_mitigations_per_cuid,
+            nat_action: self.nat_action,
+            metrics: self.metrics,
+            discovery: None,
         })
     }
-}
 
-fn parse_prefix(s: &str) -> Option<IpNet> {
-    let s = s.trim();
-    s.parse::<IpNet>()
-        .ok()
-        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-}
-
-fn de_prefixes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
-    Ok(Vec::<PrefixDe>::deserialize(d)?
-        .into_iter()
-        .map(|p| p.0)
-        .collect())
-}
-
-/// Semantic checks of a list of prefixes: no host bits set, no duplicates.
-fn check_prefixes(file: &Path, key: &str, prefixes: &[IpNet]) -> Result<(), ConfigError> {
-    for (i, p) in prefixes.iter().enumerate() {
-        let bad = |message: String| ConfigError::Value {
-            file: file.to_path_buf(),
-            key: format!("{key}[{i}]"),
-            value: quoted(p),
-            message,
-        };
-        if p.trunc() != *p {
-            return Err(bad(format!(
-                "host bits are set: write {:?} (or the address alone for one host)",
-                p.trunc().to_string()
-            )));
+    /// The router's own addresses to add to the domain, as `[domain]` asks
+    /// (empty when `interface-addresses = false`). Reads the interfaces now.
+    pub fn interface_prefixes(&self) -> Vec<IpNet> {
+        if !self.domain.interface_addresses {
+            return Vec::new();
         }
-        if let Some(j) = prefixes[..i].iter().position(|q| q == p) {
-            return Err(bad(format!("listed twice (also {key}[{j}])")));
+        interface_prefixes(InterfaceFilter {
+            loopback: self.domain.include_loopback,
+            link_local: self.domain.include_link_local,
+        })
+    }
+
+    /// `notify-interval`.
+    pub fn notify_interval(&self) -> Duration {
+        Duration::from_secs(self.notify_interval)
+    }
+
+    /// `consent-timeout` with its action (`reject` by default); `None`:
+    /// wait for the operator indefinitely.
+    pub fn consent_timeout(&self) -> Option<ConsentTimeout> {
+        self.consent_timeout.map(|s| ConsentTimeout {
+            after: Duration::from_secs(s),
+            action: self.consent_timeout_action.unwrap_or_default(),
+        })
+    }
+
+    /// `state-dir`.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// `control-socket`.
+    pub fn control_socket(&self) -> &Path {
+        &self.control_socket
+    }
+
+    /// `log-format`.
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+
+    /// `limits.max-mitigations-per-cuid`.
+    pub fn max_mitigations_per_cuid(&self) -> usize {
+        self.limits.max_mitigations_per_cuid
+    }
+
+    /// The signal server settings this configuration implies, with `domain`
+    /// as the local domain (configured prefixes plus interface addresses).
+    pub fn server_config(&self, domain: Vec<IpNet>) -> ServerConfig {
+        ServerConfig {
+            limits: self.limits.to_limits(),
+            domain,
+            consent: self.consent,
+            mode: if self.enforce {
+                EnforcementMode::Enforce
+            } else {
+                EnforcementMode::Monitor
+            },
+            max_mitigations_per_cuid: self.limits.max_mitigations_per_cuid,
+            notify_period: self.notify_interval(),
+            consent_timeout: self.consent_timeout().map(|t| t.after),
+            consent_timeout_approves: self
+                .consent_timeout()
+                .is_some_and(|t| t.action == ConsentTimeoutAction::Approve),
+            ..ServerConfig::default()
         }
     }
-    Ok(())
+}
+
+/// Why `name` cannot be a Linux interface name (`dev_valid_name`).
+fn ifname_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("an interface name cannot be empty".into());
+    }
+    if name.len() > MAX_IFNAME {
+        return Some(format!(
+            "an interface name is at most {MAX_IFNAME} bytes, this one has {}",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Some("not an interface name".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| *c == '/' || *c == ':' || c.is_whitespace())
+    {
+        return Some(format!("an interface name cannot contain {c:?}"));
+    }
+    None
 }

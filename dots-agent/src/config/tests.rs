@@ -7,7 +7,9 @@ use dots_proto::{
 use ipnet::IpNet;
 
 use super::*;
-use crate::{enforce::AttachMode, logging::LogFormat, transport::Transport};
+use dots_daemon::{config::ConfigError, logging::LogFormat, transport::Transport};
+
+use crate::enforce::AttachMode;
 
 const FILE: &str = "/etc/dots-agent/agent.toml";
 
@@ -59,7 +61,7 @@ fn defaults_fill_in() {
     let c = agent_ok(MINIMAL);
     assert_eq!(c.transport, TransportPref::Both);
     assert!(c.enforce);
-    assert_eq!(c.consent, ConsentPolicy::Auto);
+    assert_eq!(c.consent, ConsentMode::Auto);
     assert_eq!(c.consent_timeout(), None);
     assert!(c.never_block.is_empty());
     assert_eq!(c.notify_interval(), Duration::from_secs(30));
@@ -518,86 +520,6 @@ fn is_key_line(s: &str) -> bool {
         return false;
     };
     !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '-')
-}
-
-#[test]
-fn example_client_file_parses_and_validates() {
-    let path = workspace_file("examples/client.toml");
-    let c = ClientConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    c.validate().unwrap_or_else(|e| panic!("{e}"));
-    let o = c.to_options().unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(o.udp, Some("[::]:4647".parse().unwrap()));
-    assert_eq!(
-        c,
-        ClientConfig {
-            ca: c.ca.clone(),
-            cert: c.cert.clone(),
-            key: c.key.clone(),
-            origin: c.origin.clone(),
-            ..ClientConfig::default()
-        }
-    );
-}
-
-#[test]
-fn client_config() {
-    const CF: &str = "/etc/dots-client/client.toml";
-    let base = "ca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
-    let c = ClientConfig::from_str(
-        &format!("{base}udp = \"none\"\ntcp = \"0.0.0.0:4000\"\nallow = [\"cpe1\"]\ncontrol-socket = \"/tmp/c.sock\"\nstate-dir = \"st\"\nlog-format = \"json\"\n"),
-        CF,
-    )
-    .unwrap();
-    let o = c.to_options().unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(o.udp, None);
-    assert_eq!(o.tcp, Some("0.0.0.0:4000".parse().unwrap()));
-    assert_eq!(o.credentials.ca, PathBuf::from("/etc/dots-client/ca.pem"));
-    assert_eq!(o.allow, Some(vec!["cpe1".to_string()]));
-    assert_eq!(o.control, PathBuf::from("/tmp/c.sock"));
-    assert_eq!(o.state_dir, Some(PathBuf::from("/etc/dots-client/st")));
-    assert_eq!(c.log_format(), LogFormat::Json);
-
-    let defaults = ClientConfig::from_str(base, CF)
-        .unwrap()
-        .to_options()
-        .unwrap();
-    assert_eq!(defaults.allow, None);
-    assert_eq!(defaults.control, PathBuf::from("/run/dots-client.sock"));
-    assert_eq!(
-        defaults.state_dir,
-        Some(PathBuf::from("/var/lib/dots-client"))
-    );
-
-    let err = |text: &str| {
-        let e = match ClientConfig::from_str(text, CF) {
-            Ok(c) => c.validate().unwrap_err(),
-            Err(e) => e,
-        };
-        assert!(e.to_string().starts_with(CF), "{e}");
-        e
-    };
-    let e = err(&format!("{base}udp = \"4647\"\n"));
-    assert_eq!(e.key(), Some("udp"), "{e}");
-    assert!(e.to_string().contains("\"4647\""), "{e}");
-    let e = err(&format!("{base}udp = \"none\"\ntcp = \"none\"\n"));
-    assert_eq!(e.key(), Some("tcp"), "{e}");
-    let e = err("ca = \"ca.pem\"\ncert = \"c.pem\"\n");
-    assert_eq!(e.key(), Some("key"), "{e}");
-    assert!(matches!(e, ConfigError::Missing { .. }), "{e}");
-    let e = err(&format!("{base}alow = [\"x\"]\n"));
-    assert_eq!(e.key(), Some("alow"), "{e}");
-    assert!(e.to_string().contains("allow"), "{e}");
-    let e = err(&format!("{base}allow = [\"\"]\n"));
-    assert_eq!(e.key(), Some("allow[0]"), "{e}");
-    let e = err(&format!(
-        "{base}control-socket = \"/{}\"\n",
-        "s".repeat(120)
-    ));
-    assert_eq!(e.key(), Some("control-socket"), "{e}");
-
-    let c = ClientConfig::from_str(base, "/nonexistent/client.toml").unwrap();
-    let e = c.check_files().unwrap_err();
-    assert_eq!(e.key(), Some("ca"), "{e}");
 }
 
 #[test]

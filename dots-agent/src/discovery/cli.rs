@@ -15,7 +15,7 @@ use super::{
     state::{self, DhcpEntry},
     Candidate, DiscoverOptions, ExplicitConfig,
 };
-use crate::agent::DEFAULT_STATE_DIR;
+use crate::paths::DEFAULT_STATE_DIR;
 
 /// Arguments of `dots-agent discover`.
 #[derive(clap::Args, Debug)]

@@ -24,6 +24,7 @@ use std::{
 };
 
 use anyhow::Result;
+use dots_daemon::transport::Transport;
 use hickory_resolver::{
     config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts},
     net::{runtime::TokioRuntimeProvider, DnsError, NetError, NoRecords},
@@ -38,7 +39,7 @@ use tracing::debug;
 use super::{
     retry::LookupErrorKind,
     srv::{self, SrvEntry, SrvRng},
-    Candidate, Mechanism, Transport, DEFAULT_CALL_HOME_PORT, SERVICE_TAG,
+    Candidate, Mechanism, DEFAULT_CALL_HOME_PORT, SERVICE_TAG,
 };
 
 /// Depth limit of non-terminal NAPTR chains (loops in the zone).
@@ -105,7 +106,7 @@ fn transports_of(tags: &[String]) -> Vec<Transport> {
         .into_iter()
         .filter(|t| {
             tags.iter()
-                .any(|g| g.eq_ignore_ascii_case(t.protocol_tag()))
+                .any(|g| g.eq_ignore_ascii_case(super::protocol_tag(*t)))
         })
         .collect()
 }
@@ -390,7 +391,7 @@ impl DnsDiscovery {
         let mut out = Vec::new();
         let mut first_err = None;
         for tr in [Transport::Udp, Transport::Tcp] {
-            let svc = fqdn(&format!("{}.{}", tr.srv_service(), reference_id))?;
+            let svc = fqdn(&format!("{}.{}", super::srv_service(tr), reference_id))?;
             let ptrs = match self.lookup(&svc, RecordType::PTR).await {
                 Ok(p) => p,
                 Err(e) => {

@@ -25,6 +25,7 @@
 pub mod cli;
 pub mod dhcp;
 pub mod dns;
+pub mod rediscover;
 pub mod retry;
 pub mod srv;
 pub mod state;
@@ -39,13 +40,16 @@ use std::{
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::PeerTarget;
+use dots_daemon::transport::Transport;
+
+use crate::peer::PeerTarget;
+pub use rediscover::{DiscoveryContext, Rediscovery};
 pub use retry::{LookupErrorKind, RetryPolicy};
 pub use state::{read_discovered, write_discovered, DhcpEntry, Discovered};
 
 /// Port of the Call Home DOTS client when discovery gives none (DHCP,
 /// S-NAPTR "a" records, explicit addresses without a port).
-pub const DEFAULT_CALL_HOME_PORT: u16 = crate::transport::DEFAULT_PORT;
+pub const DEFAULT_CALL_HOME_PORT: u16 = dots_daemon::transport::DEFAULT_PORT;
 
 /// S-NAPTR application service tag of DOTS Call Home (RFC 8973 §9.4.2).
 pub const SERVICE_TAG: &str = "DOTS-CALL-HOME";
@@ -87,42 +91,19 @@ impl fmt::Display for Mechanism {
     }
 }
 
-/// Transport of the signal channel: DTLS over UDP or TLS over TCP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    Udp,
-    Tcp,
-}
-
-impl Transport {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Udp => "udp",
-            Transport::Tcp => "tcp",
-        }
-    }
-
-    /// The S-NAPTR application protocol tag.
-    pub fn protocol_tag(self) -> &'static str {
-        match self {
-            Transport::Udp => PROTO_SIGNAL_UDP,
-            Transport::Tcp => PROTO_SIGNAL_TCP,
-        }
-    }
-
-    /// The SRV / DNS-SD service label pair.
-    pub fn srv_service(self) -> &'static str {
-        match self {
-            Transport::Udp => SRV_UDP,
-            Transport::Tcp => SRV_TCP,
-        }
+/// The S-NAPTR application protocol tag of a transport.
+pub fn protocol_tag(t: Transport) -> &'static str {
+    match t {
+        Transport::Udp => PROTO_SIGNAL_UDP,
+        Transport::Tcp => PROTO_SIGNAL_TCP,
     }
 }
 
-impl fmt::Display for Transport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+/// The SRV / DNS-SD service label pair of a transport.
+pub fn srv_service(t: Transport) -> &'static str {
+    match t {
+        Transport::Udp => SRV_UDP,
+        Transport::Tcp => SRV_TCP,
     }
 }
 
@@ -184,11 +165,7 @@ impl Candidate {
 /// (address, port, transport) they name, in order, with their reference
 /// identifier. A candidate without a transport gets each of `transports`.
 /// `None` when no candidate has an address.
-pub fn endpoint_target(
-    cands: &[Candidate],
-    transports: &[crate::transport::Transport],
-) -> Option<PeerTarget> {
-    use crate::transport::Transport as T;
+pub fn endpoint_target(cands: &[Candidate], transports: &[Transport]) -> Option<PeerTarget> {
     let first = cands.iter().find(|c| c.address.is_some())?;
     let mut endpoints = Vec::new();
     for c in cands
@@ -196,9 +173,8 @@ pub fn endpoint_target(
         .filter(|c| c.reference_id == first.reference_id)
     {
         let Some(addr) = c.address else { continue };
-        let kinds: Vec<T> = match c.transport {
-            Some(Transport::Udp) => vec![T::Udp],
-            Some(Transport::Tcp) => vec![T::Tcp],
+        let kinds: Vec<Transport> = match c.transport {
+            Some(t) => vec![t],
             None => transports.to_vec(),
         };
         for t in kinds {
@@ -492,7 +468,7 @@ pub struct Found {
 /// §4: a failed lookup waits before retrying, by kind).
 pub async fn find_peer(
     opts: &DiscoverOptions,
-    transports: &[crate::transport::Transport],
+    transports: &[Transport],
 ) -> std::result::Result<Found, (String, Option<LookupErrorKind>)> {
     let outcome = discover(opts).await.map_err(|e| (format!("{e:#}"), None))?;
     let preferred = preferred(&outcome.candidates);

@@ -1,5 +1,13 @@
-use std::{io, path::PathBuf};
+//! Why enforcement failed, and the mapping from aya and system errors to
+//! causes an operator can act on (permissions, missing interface, verifier
+//! rejection).
 
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::ProgramError;
 use thiserror::Error;
 
 use super::SlotId;
@@ -72,4 +80,88 @@ fn is_eperm_map(e: &aya::maps::MapError) -> bool {
         }
         _ => false,
     }
+}
+
+pub(crate) fn io_error(action: &'static str, path: &Path, source: io::Error) -> EnforceError {
+    if matches!(
+        source.raw_os_error(),
+        Some(libc::EPERM) | Some(libc::EACCES)
+    ) {
+        return EnforceError::NotPermitted {
+            action: format!("{action} {}", path.display()),
+        };
+    }
+    EnforceError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            // EPERM only: the verifier answers EACCES for programs it rejects.
+            if io.raw_os_error() == Some(libc::EPERM) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+pub(crate) fn load_error(e: aya::EbpfError) -> EnforceError {
+    if is_eperm(&e) {
+        return EnforceError::NotPermitted {
+            action: "loading the XDP object".into(),
+        };
+    }
+    EnforceError::Load(format!("{e}: {}", chain(&e)))
+}
+
+pub(crate) fn load_error_program(e: ProgramError, name: &str) -> EnforceError {
+    if is_eperm(&e) {
+        return EnforceError::NotPermitted {
+            action: format!("loading program {name}"),
+        };
+    }
+    let verifier_log = match &e {
+        ProgramError::LoadError { verifier_log, .. } => format!("\nverifier log:\n{verifier_log}"),
+        _ => String::new(),
+    };
+    EnforceError::Load(format!("program {name}: {}{verifier_log}", chain(&e)))
+}
+
+pub(crate) fn attach_failure(
+    iface: &str,
+    mode: &'static str,
+    source: ProgramError,
+) -> EnforceError {
+    if matches!(source, ProgramError::UnknownInterface { .. }) {
+        return EnforceError::NoSuchInterface {
+            name: iface.to_string(),
+        };
+    }
+    if is_eperm(&source) {
+        return EnforceError::NotPermitted {
+            action: format!("attaching XDP to {iface}"),
+        };
+    }
+    EnforceError::Attach {
+        iface: iface.to_string(),
+        mode,
+        source,
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        parts.push(err.to_string());
+        cur = err.source();
+    }
+    parts.join(": ")
 }

@@ -14,17 +14,17 @@ use super::{
 };
 
 /// How a map key encodes a right-aligned prefix value.
-pub trait Codec {
+pub(super) trait Codec {
     type K: Pod;
     const WIDTH: u8;
     fn encode(bits: u128) -> Self::K;
     fn decode(k: &Self::K) -> u128;
 }
 
-pub struct V4;
-pub struct V6;
-pub struct Port;
-pub struct IcmpType;
+pub(super) struct V4;
+pub(super) struct V6;
+pub(super) struct Port;
+pub(super) struct IcmpType;
 
 impl Codec for V4 {
     type K = Ipv4Key;
@@ -73,7 +73,7 @@ impl Codec for IcmpType {
 }
 
 /// A table of prefixes to values held in a kernel map.
-pub trait PrefixMap<V> {
+pub(super) trait PrefixMap<V> {
     fn name(&self) -> &'static str;
     fn capacity(&self) -> u32;
     fn read(&self) -> Result<std::collections::HashMap<Prefix, V>, EnforceError>;
@@ -82,7 +82,7 @@ pub trait PrefixMap<V> {
 }
 
 /// An LPM trie keyed by `C`.
-pub struct Lpm<C: Codec, V: Pod> {
+pub(super) struct Lpm<C: Codec, V: Pod> {
     pub name: &'static str,
     pub capacity: u32,
     pub map: LpmTrie<MapData, C::K, V>,
@@ -123,7 +123,7 @@ impl<C: Codec, V: Pod> PrefixMap<V> for Lpm<C, V> {
 }
 
 /// An exact-match hash of host addresses (prefix length = the key's width).
-pub struct Exact<C: Codec> {
+pub(super) struct Exact<C: Codec> {
     pub name: &'static str,
     pub capacity: u32,
     pub map: HashMap<MapData, C::K, SlotMask>,
@@ -174,14 +174,14 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
 }
 
 /// The protocol array: index = IP protocol number.
-pub struct Protocols {
+pub(super) struct Protocols {
     pub map: Array<MapData, SlotMask>,
 }
 
 impl Protocols {
-    pub const NAME: &'static str = dots_common::names::PROTO;
+    pub(super) const NAME: &'static str = dots_common::names::PROTO;
 
-    pub fn read(&self) -> Result<BTreeMap<u8, SlotMask>, EnforceError> {
+    pub(super) fn read(&self) -> Result<BTreeMap<u8, SlotMask>, EnforceError> {
         let mut out = BTreeMap::new();
         for proto in 0..=255u8 {
             let m = self
@@ -195,7 +195,7 @@ impl Protocols {
         Ok(out)
     }
 
-    pub fn set(&mut self, proto: u8, m: SlotMask) -> Result<(), EnforceError> {
+    pub(super) fn set(&mut self, proto: u8, m: SlotMask) -> Result<(), EnforceError> {
         self.map
             .set(u32::from(proto), m, 0)
             .map_err(EnforceError::map(Self::NAME))
@@ -203,13 +203,13 @@ impl Protocols {
 }
 
 /// Per-CPU values summed, and reset.
-pub struct PerCpu<V: Pod> {
+pub(super) struct PerCpu<V: Pod> {
     pub name: &'static str,
     pub map: PerCpuArray<MapData, V>,
 }
 
 impl PerCpu<SlotCounters> {
-    pub fn total(&self, index: u32) -> Result<SlotCounters, EnforceError> {
+    pub(super) fn total(&self, index: u32) -> Result<SlotCounters, EnforceError> {
         let values = self
             .map
             .get(&index, 0)
@@ -224,7 +224,7 @@ impl PerCpu<SlotCounters> {
 }
 
 impl PerCpu<u64> {
-    pub fn total(&self, index: u32) -> Result<u64, EnforceError> {
+    pub(super) fn total(&self, index: u32) -> Result<u64, EnforceError> {
         let values = self
             .map
             .get(&index, 0)
@@ -234,7 +234,7 @@ impl PerCpu<u64> {
 }
 
 impl<V: Pod + Default + Clone> PerCpu<V> {
-    pub fn reset(&mut self, index: u32) -> Result<(), EnforceError> {
+    pub(super) fn reset(&mut self, index: u32) -> Result<(), EnforceError> {
         let cpus = aya::util::nr_cpus().map_err(|(what, source)| EnforceError::Io {
             action: "counting CPUs from",
             path: what.into(),

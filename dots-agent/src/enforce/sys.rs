@@ -1,5 +1,7 @@
-//! The few bpf(2) commands aya 0.14 does not expose.
+//! The system calls aya 0.14 does not wrap: a few bpf(2) commands, the
+//! interface index and the bpffs check.
 
+use super::EnforceError;
 use std::{
     ffi::CString,
     io,
@@ -110,4 +112,48 @@ pub fn test_run(prog: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> io::Result<
         action: attr.retval,
         duration_ns: attr.duration,
     })
+}
+
+/// statfs(2) f_type of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+pub(crate) fn if_index(iface: &str) -> Result<u32, EnforceError> {
+    let no_such = || EnforceError::NoSuchInterface {
+        name: iface.to_string(),
+    };
+    let c = CString::new(iface).map_err(|_| no_such())?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(no_such()),
+        i => Ok(i),
+    }
+}
+
+/// bpffs must hold `dir` or, when it does not exist yet, its nearest ancestor.
+pub(crate) fn check_bpffs(dir: &Path) -> Result<(), EnforceError> {
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let c = CString::new(existing.as_os_str().as_encoded_bytes()).map_err(|_| {
+        EnforceError::BpffsNotMounted {
+            path: dir.to_path_buf(),
+        }
+    })?;
+    // SAFETY: statfs fills the zeroed struct; `c` outlives the call.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is a valid statfs to fill.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(super::error::io_error(
+            "inspecting",
+            existing,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(EnforceError::BpffsNotMounted {
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok(())
 }

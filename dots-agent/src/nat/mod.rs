@@ -44,7 +44,7 @@ pub enum NatError {
 /// The router's own addresses in the current network namespace: the
 /// candidates for an external (post-NAT) address in a request.
 pub fn router_addresses() -> Vec<IpAddr> {
-    crate::config::local_interface_prefixes()
+    crate::netif::local_interface_prefixes()
         .into_iter()
         .map(|p| p.addr())
         .collect()

@@ -44,7 +44,7 @@ pub struct NatTracker<K> {
 
 impl<K: Ord + Clone> NatTracker<K> {
     /// `router`: the router's own addresses (e.g. from
-    /// [`crate::config::local_interface_prefixes`]); a request whose source
+    /// [`crate::netif::local_interface_prefixes`]); a request whose source
     /// prefix covers one of them is resolved through conntrack.
     pub fn new(router: Vec<IpAddr>, action: NatAction) -> Self {
         NatTracker {

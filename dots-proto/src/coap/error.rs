@@ -1,6 +1,6 @@
-//! Error types of the CoAP layer.
+//! Error types of the CoAP layer, and the error responses built from them.
 
-use coap_lite::ResponseType;
+use coap_lite::{MessageClass, Packet, ResponseType};
 
 /// Errors returned by the endpoints and message helpers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,9 +48,18 @@ impl ErrorResponse {
     }
 
     /// The response message (without token: the endpoint sets it).
-    pub fn to_packet(&self) -> coap_lite::Packet {
-        super::msg::diagnostic_response(self.code, &self.diagnostic)
+    pub fn to_packet(&self) -> Packet {
+        diagnostic_response(self.code, &self.diagnostic)
     }
+}
+
+/// An error response with a diagnostic payload: no Content-Format, the
+/// payload is UTF-8 text for humans (RFC 7252 §5.5.2).
+pub fn diagnostic_response(code: ResponseType, diagnostic: &str) -> Packet {
+    let mut p = Packet::new();
+    p.header.code = MessageClass::Response(code);
+    p.payload = diagnostic.as_bytes().to_vec();
+    p
 }
 
 impl std::fmt::Display for ErrorResponse {
@@ -58,7 +67,7 @@ impl std::fmt::Display for ErrorResponse {
         write!(
             f,
             "{}: {}",
-            coap_lite::MessageClass::Response(self.code),
+            MessageClass::Response(self.code),
             self.diagnostic
         )
     }

@@ -5,6 +5,9 @@ use coap_lite::{
     option_value::OptionValueU16, CoapOption, MessageClass, Packet, RequestType, ResponseType,
 };
 
+// Error responses are built next to `ErrorResponse`; the builder is
+// offered here too, with the other message builders.
+pub use super::error::diagnostic_response;
 use super::error::{CoapError, ErrorResponse};
 
 /// Content-Format `application/dots+cbor` (RFC 9132 §10.4).
@@ -87,14 +90,6 @@ pub fn cbor_response(code: ResponseType, cbor: Vec<u8>) -> Packet {
     let mut p = response(code);
     set_content_format(&mut p, CONTENT_FORMAT_DOTS_CBOR);
     p.payload = cbor;
-    p
-}
-
-/// An error response with a diagnostic payload: no Content-Format, the
-/// payload is UTF-8 text for humans (RFC 7252 §5.5.2).
-pub fn diagnostic_response(code: ResponseType, diagnostic: &str) -> Packet {
-    let mut p = response(code);
-    p.payload = diagnostic.as_bytes().to_vec();
     p
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::error::CoapError;
 
 /// MAX_LATENCY of RFC 7252 §4.8.2: the assumed worst one-way delay.
-pub const MAX_LATENCY: Duration = Duration::from_secs(100);
+const MAX_LATENCY: Duration = Duration::from_secs(100);
 
 /// Upper bound used when a derived time would not fit a `Duration`.
 const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 3600);

@@ -7,7 +7,7 @@ use super::error::ErrorResponse;
 use super::msg;
 
 /// The fixed prefix of every DOTS signal channel URI.
-pub const PREFIX: [&str; 2] = [".well-known", "dots"];
+const PREFIX: [&str; 2] = [".well-known", "dots"];
 
 /// A DOTS signal channel resource.
 #[derive(Debug, Clone, PartialEq, Eq)]

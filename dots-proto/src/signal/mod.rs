@@ -18,7 +18,6 @@ mod client;
 mod error;
 mod heartbeat;
 mod mitigation;
-mod persist;
 mod server;
 mod session;
 
@@ -29,6 +28,7 @@ pub use action::{Action, Counters, MitigationKey};
 pub use client::{Body, ClientConfig, ClientEvent, RequestKind, SignalClient};
 pub use error::SignalError;
 pub use mitigation::{overlaps, Mitigation, Mitigations, Phase};
-pub use persist::MitigationRecord;
-pub use server::{ConsentMode, EnforcementMode, PendingConsent, ServerConfig, SignalServer};
+pub use server::{
+    ConsentMode, EnforcementMode, MitigationRecord, PendingConsent, ServerConfig, SignalServer,
+};
 pub use session::{ParamRange, PutOutcome, SessionConfig, SessionParams, SessionPolicy};

@@ -21,12 +21,10 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use dots_agent::{
-    enforce::{sys, Dataplane, DataplaneOptions, Range, SlotId, SlotLimits, SlotSpec},
-    packet::{Frame, L4},
-};
+use dots_agent::enforce::{sys, Dataplane, DataplaneOptions, Range, SlotId, SlotLimits, SlotSpec};
 use ipnet::IpNet;
 use serde_json::{json, Value};
+use tests::packet::{Frame, L4};
 use tests::{sh, BpffsDir, Netns};
 
 const XDP_DROP: u32 = 1;

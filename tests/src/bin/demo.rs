@@ -103,7 +103,7 @@ fn ctrlc_handler(f: impl Fn() + Send + 'static) -> Result<()> {
         .build()?;
     std::thread::spawn(move || {
         rt.block_on(async {
-            dots_agent::shutdown_signal().await;
+            dots_daemon::shutdown::signal().await;
             f();
         })
     });

@@ -1,0 +1,79 @@
+//! From a configuration to the runtime's options, as `dots-agent run` starts:
+//! find the peer by discovery when none is configured, check the files, and
+//! add the router's own addresses to the local domain.
+
+use anyhow::Result;
+use tracing::info;
+
+use super::AgentOptions;
+use crate::{
+    config::{AgentConfig, DiscoveryFlags, PeerConfig},
+    discovery::{self, DiscoverOptions, DiscoveryContext},
+    peer::PeerTarget,
+};
+
+/// The options `dots-agent run` starts the runtime with. RFC 8973 §4:
+/// explicit configuration first; without a peer, discovery with `discovery`
+/// (which then also looks the peer up again when its information expires).
+pub async fn options(mut config: AgentConfig, discovery: &DiscoveryFlags) -> Result<AgentOptions> {
+    let discovered = if config.peers.is_empty() {
+        Some(discover_peer(&config, discovery).await?)
+    } else {
+        None
+    };
+    if let Some((t, _)) = &discovered {
+        info!(peer = %t, endpoints = ?t.endpoints, "peer found by discovery");
+        config.peers = vec![PeerConfig {
+            address: t.endpoints[0].0.to_string(),
+            peer_name: t.name.clone(),
+            ..Default::default()
+        }];
+    }
+    config.check_files()?;
+    let mut opts = config.to_options()?;
+    if let Some((t, d)) = discovered {
+        opts.peers = vec![t];
+        opts.discovery = Some(d);
+    }
+    // The router's own addresses belong to its domain (RFC 9066 §5.3.1).
+    for p in config.interface_prefixes() {
+        if !opts.domain.iter().any(|d| d.contains(&p)) {
+            opts.domain.push(p);
+        }
+    }
+    info!(domain = ?opts.domain, "local domain");
+    Ok(opts)
+}
+
+/// The Call Home DOTS client found by RFC 8973 discovery.
+async fn discover_peer(
+    config: &AgentConfig,
+    flags: &DiscoveryFlags,
+) -> Result<(PeerTarget, DiscoveryContext)> {
+    let opts = DiscoverOptions {
+        state_dir: Some(config.state_dir.clone()),
+        domain: flags.domain.clone(),
+        resolver: flags.resolver,
+        resolve_names: true,
+        ..Default::default()
+    };
+    let transports = config.transport.transports();
+    match discovery::find_peer(&opts, &transports).await {
+        Ok(found) => Ok((
+            found.target,
+            DiscoveryContext {
+                opts,
+                transports,
+                valid_until: found.valid_until,
+            },
+        )),
+        Err((msg, _)) => anyhow::bail!(
+            "no peer configured (--peer or [[peers]]) and {msg}{}",
+            if flags.domain.is_none() {
+                " (give --discovery-domain for S-NAPTR/DNS-SD)"
+            } else {
+                ""
+            }
+        ),
+    }
+}

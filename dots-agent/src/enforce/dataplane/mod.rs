@@ -1,0 +1,258 @@
+//! Loading the XDP classifier and adopting its pinned maps.
+//!
+//! - [`attach`]: pinned links per interface, detach, teardown.
+//! - [`apply`]: the idempotent step that makes the maps match a desired set
+//!   of slots.
+//!
+//! Maps are pinned by name under the bpffs directory and re-used when they
+//! are already there, so a restarted agent adopts the running classifier
+//! instead of replacing it: enforcement never stops across restarts. The XDP
+//! link is pinned too, so drops continue after the process exits until
+//! [`Dataplane::teardown`] removes everything.
+
+mod apply;
+mod attach;
+
+use std::{
+    fs,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, MapData},
+    programs::{ProgramError, Xdp},
+    Ebpf, EbpfLoader,
+};
+use dots_common::{names, stats, Policy, SlotCounters, SlotMask, MAX_EXEMPT_PREFIXES};
+
+pub use apply::ApplyReport;
+pub use attach::{AttachMode, Attachment};
+
+use super::{
+    error::{io_error, load_error, load_error_program},
+    maps::{Exact, IcmpType, Lpm, PerCpu, Port, Protocols, V4, V6},
+    plan::Contents,
+    spec::{SlotId, SlotLimits},
+    sys::check_bpffs,
+    EnforceError, DEFAULT_BPFFS_DIR,
+};
+
+/// The XDP object built by build.rs from `dots-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dots-ebpf"));
+
+/// How the classifier is loaded.
+#[derive(Clone, Debug)]
+pub struct DataplaneOptions {
+    /// bpffs directory for the pinned maps and links.
+    pub bpffs: PathBuf,
+    /// Level of the XDP program's own log statements (aya-log); levels above
+    /// it are removed by the verifier and cost nothing.
+    pub ebpf_log_level: log::LevelFilter,
+    pub limits: SlotLimits,
+}
+
+impl Default for DataplaneOptions {
+    fn default() -> Self {
+        DataplaneOptions {
+            bpffs: PathBuf::from(DEFAULT_BPFFS_DIR),
+            ebpf_log_level: log::LevelFilter::Info,
+            limits: SlotLimits::default(),
+        }
+    }
+}
+
+/// Classifier-wide packet statistics (see `dots_common::stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DataplaneStats {
+    pub unparsed: u64,
+    pub exempt: u64,
+    pub dropped: u64,
+}
+
+/// The loaded classifier and its maps.
+pub struct Dataplane {
+    dir: PathBuf,
+    ebpf: Ebpf,
+    limits: SlotLimits,
+    policy: Array<MapData, Policy>,
+    src4_exact: Exact<V4>,
+    src6_exact: Exact<V6>,
+    src4_lpm: Lpm<V4, SlotMask>,
+    src6_lpm: Lpm<V6, SlotMask>,
+    dst4: Lpm<V4, SlotMask>,
+    dst6: Lpm<V6, SlotMask>,
+    sport: Lpm<Port, SlotMask>,
+    dport: Lpm<Port, SlotMask>,
+    icmp_type: Lpm<IcmpType, SlotMask>,
+    proto: Protocols,
+    exempt4: Lpm<V4, u8>,
+    exempt6: Lpm<V6, u8>,
+    counters: PerCpu<SlotCounters>,
+    stats: PerCpu<u64>,
+    /// What the maps hold after the last successful apply; `None` means
+    /// "read them back from the kernel first" (after open, or after an error).
+    mirror: Option<Contents>,
+}
+impl Dataplane {
+    /// Loads the classifier, creating or adopting the pinned maps.
+    pub fn open(opts: &DataplaneOptions) -> Result<Dataplane, EnforceError> {
+        check_bpffs(&opts.bpffs)?;
+        fs::create_dir_all(&opts.bpffs)
+            .map_err(|source| io_error("creating", &opts.bpffs, source))?;
+        let level = log_level_byte(opts.ebpf_log_level);
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<PathBuf> = names::ALL_MAPS.iter().map(|n| opts.bpffs.join(n)).collect();
+        for (name, pin) in names::ALL_MAPS.iter().zip(&pins) {
+            loader.map_pin_path(name, pin.as_path());
+        }
+        loader.override_global("AYA_LOG_LEVEL", &level, false);
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(load_error)?;
+        let program: &mut Xdp = xdp_program(&mut ebpf, names::PROGRAM)?;
+        program
+            .load()
+            .map_err(|e| load_error_program(e, names::PROGRAM))?;
+
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| EnforceError::Load(format!("map {name} missing from the object")))
+        };
+        macro_rules! typed {
+            ($name:expr) => {
+                take($name)?.try_into().map_err(EnforceError::map($name))?
+            };
+        }
+        macro_rules! lpm {
+            ($name:expr, $cap:expr) => {
+                Lpm {
+                    name: $name,
+                    capacity: $cap,
+                    map: typed!($name),
+                }
+            };
+        }
+        use dots_common::{
+            MAX_RANGE_PREFIXES as RANGES, MAX_SOURCE_PREFIXES as SOURCES,
+            MAX_TARGET_PREFIXES as TARGETS,
+        };
+        let policy = typed!(names::POLICY);
+        let src4_exact = Exact {
+            name: names::SRC4_EXACT,
+            capacity: SOURCES,
+            map: typed!(names::SRC4_EXACT),
+        };
+        let src6_exact = Exact {
+            name: names::SRC6_EXACT,
+            capacity: SOURCES,
+            map: typed!(names::SRC6_EXACT),
+        };
+        let src4_lpm = lpm!(names::SRC4_LPM, SOURCES);
+        let src6_lpm = lpm!(names::SRC6_LPM, SOURCES);
+        let dst4 = lpm!(names::DST4_LPM, TARGETS);
+        let dst6 = lpm!(names::DST6_LPM, TARGETS);
+        let sport = lpm!(names::SPORT, RANGES);
+        let dport = lpm!(names::DPORT, RANGES);
+        let icmp_type = lpm!(names::ICMP_TYPE, RANGES);
+        let proto = Protocols {
+            map: typed!(names::PROTO),
+        };
+        let exempt4 = lpm!(names::EXEMPT4, MAX_EXEMPT_PREFIXES);
+        let exempt6 = lpm!(names::EXEMPT6, MAX_EXEMPT_PREFIXES);
+        let counters = PerCpu {
+            name: names::COUNTERS,
+            map: typed!(names::COUNTERS),
+        };
+        let stats = PerCpu {
+            name: names::STATS,
+            map: typed!(names::STATS),
+        };
+        Ok(Dataplane {
+            dir: opts.bpffs.clone(),
+            ebpf,
+            limits: opts.limits,
+            policy,
+            src4_exact,
+            src6_exact,
+            src4_lpm,
+            src6_lpm,
+            dst4,
+            dst6,
+            sport,
+            dport,
+            icmp_type,
+            proto,
+            exempt4,
+            exempt6,
+            counters,
+            stats,
+            mirror: None,
+        })
+    }
+
+    /// The bpffs directory this classifier is pinned under.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The aya object, e.g. to start an `aya_log::EbpfLogger` on it.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Drop counters of `slot`, summed over CPUs.
+    pub fn counters(&self, slot: SlotId) -> Result<SlotCounters, EnforceError> {
+        self.counters.total(u32::from(slot))
+    }
+
+    pub fn stats(&self) -> Result<DataplaneStats, EnforceError> {
+        Ok(DataplaneStats {
+            unparsed: self.stats.total(stats::UNPARSED)?,
+            exempt: self.stats.total(stats::EXEMPT)?,
+            dropped: self.stats.total(stats::DROPPED)?,
+        })
+    }
+
+    /// The loaded classifier program, for `BPF_PROG_TEST_RUN`.
+    pub fn program_fd(&mut self) -> Result<std::os::fd::OwnedFd, EnforceError> {
+        program_fd(&mut self.ebpf, names::PROGRAM)
+    }
+
+    /// Loads the empty XDP program shipped beside the classifier (the
+    /// benchmark's baseline) and returns its fd.
+    pub fn pass_program_fd(&mut self) -> Result<std::os::fd::OwnedFd, EnforceError> {
+        let program: &mut Xdp = xdp_program(&mut self.ebpf, names::PASS_PROGRAM)?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|e| load_error_program(e, names::PASS_PROGRAM))?;
+        }
+        program_fd(&mut self.ebpf, names::PASS_PROGRAM)
+    }
+}
+
+fn program_fd(ebpf: &mut Ebpf, name: &str) -> Result<std::os::fd::OwnedFd, EnforceError> {
+    let program: &mut Xdp = xdp_program(ebpf, name)?;
+    let fd = program.fd().map_err(|e| load_error_program(e, name))?;
+    fd.as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| io_error("duplicating the fd of", Path::new(name), e))
+}
+
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, EnforceError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| EnforceError::Load(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(|e: ProgramError| EnforceError::Load(format!("program {name}: {e}")))
+}
+
+/// aya-log's level byte: Error = 1 ... Trace = 5; 0 silences everything.
+fn log_level_byte(level: log::LevelFilter) -> u8 {
+    match level {
+        log::LevelFilter::Off => 0,
+        log::LevelFilter::Error => 1,
+        log::LevelFilter::Warn => 2,
+        log::LevelFilter::Info => 3,
+        log::LevelFilter::Debug => 4,
+        log::LevelFilter::Trace => 5,
+    }
+}

@@ -1,0 +1,322 @@
+//! The command line of `dots-client`: clap types only. The flags of
+//! `listen` are [`ListenFlags`], in the configuration module that applies
+//! them.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+
+use dots_client::{config::ListenFlags, control::DEFAULT_CONTROL_SOCKET, request::Mitigation};
+
+/// Call Home DOTS client: the ISP-side peer that agents dial, and tools
+/// around the DOTS signal channel's wire format.
+///
+/// Start the listener with `dots-client listen`; the other commands act on
+/// connected agents through its control socket. Each prints the CoAP response
+/// code and the decoded body (JSON form of the RFC figures).
+#[derive(Parser)]
+#[command(
+    name = "dots-client",
+    version,
+    about,
+    long_about,
+    propagate_version = true
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Accept agents over DTLS (UDP) and TLS (TCP), authenticated by
+    /// certificate, and keep one signal session per agent.
+    ///
+    /// Example:
+    ///   dots-client listen --ca ca.pem --cert client.pem --key client.key
+    Listen(ListenFlags),
+    /// List connected agents.
+    Agents(Common),
+    /// Ask an agent to mitigate: drop traffic from SOURCE (inside the agent's
+    /// network) to TARGET.
+    ///
+    /// Example:
+    ///   dots-client mitigate --agent cpe1 --source 192.0.2.10/32 \
+    ///     --source-port 1024-65535 --target 198.51.100.7/32 --protocol 17
+    Mitigate(MitigateArgs),
+    /// Withdraw a mitigation (the agent answers with its final counters).
+    Withdraw {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        mid: u32,
+    },
+    /// Show one mitigation (--mid) or all of them, with status and counters.
+    Status {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        mid: Option<u32>,
+    },
+    /// Print the agent's Observe notifications as they arrive (Ctrl-C stops).
+    Watch(Common),
+    /// Show the agent's session configuration (heartbeat, retransmission).
+    Config(Common),
+    /// Redirect the agent to another Call Home DOTS client (RFC 9066 §5.2.2).
+    Redirect {
+        #[command(flatten)]
+        common: Common,
+        /// Name of the alternate client (also its reference identifier).
+        #[arg(long = "alt", value_name = "FQDN")]
+        alt: String,
+        /// Its addresses (repeatable); without them the agent resolves --alt.
+        #[arg(long = "record", value_name = "IP")]
+        records: Vec<IpAddr>,
+        /// How long the redirect holds, in seconds.
+        #[arg(long)]
+        ttl: Option<u32>,
+    },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    ///
+    /// Example: dots-client completions bash > /etc/bash_completion.d/dots-client
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for this command and its subcommands into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Convert DOTS messages between JSON and CBOR.
+    #[command(subcommand)]
+    Cbor(CborCommand),
+    /// Create a test PKI: a CA, a certificate for this ISP-side client and one
+    /// per agent. For labs and trials; production uses its own CA.
+    ///
+    /// Example:
+    ///   dots-client pki --out pki --client-name isp.example --agent cpe1 --agent cpe2
+    Pki {
+        /// Directory to write ca.pem, client.pem/.key and agent-NAME.pem/.key to.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Name (DNS) or IP address agents will use as the reference
+        /// identifier of this client (repeatable; the first is also the CN).
+        #[arg(
+            long = "client-name",
+            value_name = "NAME|IP",
+            default_value = "dots-client"
+        )]
+        client_names: Vec<String>,
+        /// Agent certificate to issue (repeatable): its DNS name and identity.
+        #[arg(long = "agent", value_name = "NAME")]
+        agents: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+#[derive(clap::Args)]
+pub(crate) struct Common {
+    /// Agent to act on (its certificate identity, see `dots-client agents`);
+    /// may be omitted when one agent is connected.
+    #[arg(long)]
+    pub(crate) agent: Option<String>,
+    /// Control socket of `dots-client listen`.
+    #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+    pub(crate) control: PathBuf,
+    /// Print the raw JSON reply lines of the control socket.
+    #[arg(long)]
+    pub(crate) raw: bool,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct MitigateArgs {
+    #[command(flatten)]
+    pub(crate) common: Common,
+    /// Attack source prefix inside the agent's network (repeatable).
+    #[arg(
+        long = "source",
+        value_name = "PREFIX",
+        required_unless_present = "json_file"
+    )]
+    pub(crate) sources: Vec<ipnet::IpNet>,
+    /// Source port or range LO-HI (repeatable).
+    #[arg(long = "source-port", value_name = "LO[-HI]")]
+    pub(crate) source_ports: Vec<String>,
+    /// Source ICMP type or range LO-HI (repeatable).
+    #[arg(long = "icmp-type", value_name = "LO[-HI]")]
+    pub(crate) icmp_types: Vec<String>,
+    /// Attack target prefix (repeatable).
+    #[arg(
+        long = "target",
+        value_name = "PREFIX",
+        required_unless_present = "json_file"
+    )]
+    pub(crate) targets: Vec<ipnet::IpNet>,
+    /// Target port or range LO-HI (repeatable).
+    #[arg(long = "target-port", value_name = "LO[-HI]")]
+    pub(crate) target_ports: Vec<String>,
+    /// Target protocol number (repeatable), e.g. 6 TCP, 17 UDP.
+    #[arg(long = "protocol", value_name = "N")]
+    pub(crate) protocols: Vec<u8>,
+    /// Lifetime in seconds (-1: until withdrawn).
+    #[arg(long, default_value_t = 3600, allow_negative_numbers = true)]
+    pub(crate) lifetime: i64,
+    /// Update this existing mitigation instead of creating a new one.
+    #[arg(long)]
+    pub(crate) mid: Option<u32>,
+    /// Read the request body (JSON form, as in RFC 9066 Figure 10) from FILE
+    /// instead of the flags above.
+    #[arg(long = "json", value_name = "FILE", conflicts_with_all = ["sources", "targets"])]
+    pub(crate) json_file: Option<PathBuf>,
+}
+
+impl MitigateArgs {
+    /// The scope the flags describe (without `--json`).
+    pub(crate) fn mitigation(&self) -> Mitigation {
+        Mitigation {
+            sources: self.sources.clone(),
+            source_ports: self.source_ports.clone(),
+            icmp_types: self.icmp_types.clone(),
+            targets: self.targets.clone(),
+            target_ports: self.target_ports.clone(),
+            protocols: self.protocols.clone(),
+            lifetime: self.lifetime,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum CborCommand {
+    /// Read the JSON form on stdin, write the CBOR wire form on stdout.
+    ///
+    /// Example:
+    ///   echo '{"ietf-dots-signal-channel:heartbeat":{"peer-hb-status":true}}' \
+    ///     | dots-client cbor encode --hex
+    Encode {
+        /// Write hexadecimal text instead of raw bytes.
+        #[arg(long)]
+        hex: bool,
+    },
+    /// Read the CBOR wire form on stdin, write the JSON form on stdout.
+    Decode {
+        /// Read hexadecimal text (whitespace ignored) instead of raw bytes.
+        #[arg(long)]
+        hex: bool,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn man_pages_carry_name_and_version() {
+        let dir = std::env::temp_dir().join(format!("dots-client-man-{}", std::process::id()));
+        dots_daemon::cli_docs::man_pages::<Cli>(&dir).unwrap();
+        let version = env!("CARGO_PKG_VERSION");
+        for (page, title) in [
+            ("dots-client.1", format!("\"dots-client {version}\"")),
+            (
+                "dots-client-listen.1",
+                format!("\"dots-client-listen {version}\""),
+            ),
+        ] {
+            let text = std::fs::read_to_string(dir.join(page)).unwrap();
+            assert!(text.contains(&title), "{page}: {text}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn names_itself() {
+        let cmd = Cli::command();
+        assert_eq!(cmd.get_name(), "dots-client");
+        assert_eq!(cmd.get_version(), Some(env!("CARGO_PKG_VERSION")));
+        let Err(e) = Cli::try_parse_from(["dots-client", "--version"]) else {
+            panic!("--version parsed as a command")
+        };
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert_eq!(
+            e.to_string().trim(),
+            format!("dots-client {}", env!("CARGO_PKG_VERSION"))
+        );
+        let subs: Vec<&str> = cmd.get_subcommands().map(|s| s.get_name()).collect();
+        assert!(subs.contains(&"listen"), "{subs:?}");
+    }
+
+    #[test]
+    fn mitigate_flags() {
+        let cli = Cli::try_parse_from([
+            "dots-client",
+            "mitigate",
+            "--agent",
+            "cpe1",
+            "--source",
+            "192.0.2.10/32",
+            "--source-port",
+            "1024-65535",
+            "--target",
+            "198.51.100.7/32",
+            "--protocol",
+            "17",
+            "--lifetime",
+            "-1",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Mitigate(a) = cli.command else {
+            panic!("not mitigate")
+        };
+        assert_eq!(a.common.agent.as_deref(), Some("cpe1"));
+        let m = a.mitigation();
+        assert_eq!(m.lifetime, -1);
+        assert_eq!(m.source_ports, ["1024-65535"]);
+        assert_eq!(m.protocols, [17]);
+        assert!(
+            Cli::try_parse_from(["dots-client", "mitigate", "--source", "192.0.2.1/32"]).is_err()
+        );
+        assert!(Cli::try_parse_from([
+            "dots-client",
+            "mitigate",
+            "--json",
+            "f.json",
+            "--source",
+            "192.0.2.1/32"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["dots-client", "mitigate", "--json", "f.json"]).is_ok());
+    }
+
+    #[test]
+    fn listen_takes_the_config_flags() {
+        let cli = Cli::try_parse_from([
+            "dots-client",
+            "listen",
+            "--udp",
+            "none",
+            "--allow",
+            "cpe1",
+            "--log-format",
+            "json",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Listen(flags) = cli.command else {
+            panic!("not listen")
+        };
+        assert_eq!(flags.udp.as_deref(), Some("none"));
+        assert_eq!(flags.allow, ["cpe1"]);
+        assert_eq!(
+            flags.log_format,
+            Some(dots_daemon::logging::LogFormat::Json)
+        );
+    }
+}

@@ -1,0 +1,212 @@
+//! The flags of `dots-client listen`, and how they override `client.toml`:
+//! a flag given replaces the file's value (`--allow` replaces the file's
+//! list); without `--config` the flags apply to [`ClientConfig::default`].
+
+use std::path::PathBuf;
+
+use dots_daemon::{config::ConfigError, logging::LogFormat};
+
+use super::ClientConfig;
+
+/// Flags of `dots-client listen`.
+#[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListenFlags {
+    /// TOML configuration (see examples/client.toml); the flags below
+    /// override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// UDP address for DTLS, or "none" [default: [::]:4647].
+    #[arg(long)]
+    pub udp: Option<String>,
+    /// TCP address for TLS, or "none" [default: [::]:4647].
+    #[arg(long)]
+    pub tcp: Option<String>,
+    /// CA bundle agents' certificates must chain to.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// This client's certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Agent identity allowed in (repeatable); default: any from the CA.
+    #[arg(long = "allow", value_name = "NAME")]
+    pub allow: Vec<String>,
+    /// Control socket path [default: /run/dots-client.sock].
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Directory for state that outlives the process (session-ticket keys,
+    /// so agents resume their sessions after a restart) [default:
+    /// /var/lib/dots-client].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Log format on stderr (filter with RUST_LOG) [default: human].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl ListenFlags {
+    /// The configuration `dots-client listen` uses: `--config` (or the
+    /// defaults) with the flags applied.
+    pub fn load(&self) -> Result<ClientConfig, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => ClientConfig::load(path)?,
+            None => ClientConfig::default(),
+        };
+        self.apply(&mut c);
+        Ok(c)
+    }
+
+    /// Overrides `c` with the flags given.
+    pub fn apply(&self, c: &mut ClientConfig) {
+        if let Some(v) = &self.udp {
+            c.udp = v.clone();
+        }
+        if let Some(v) = &self.tcp {
+            c.tcp = v.clone();
+        }
+        for (flag, field) in [
+            (&self.ca, &mut c.ca),
+            (&self.cert, &mut c.cert),
+            (&self.key, &mut c.key),
+        ] {
+            if flag.is_some() {
+                field.clone_from(flag);
+            }
+        }
+        if !self.allow.is_empty() {
+            c.allow = self.allow.clone();
+        }
+        if let Some(v) = &self.control {
+            c.control_socket = v.clone();
+        }
+        if let Some(v) = &self.state_dir {
+            c.state_dir = v.clone();
+        }
+        if let Some(f) = self.log_format {
+            c.log_format = f;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Wrapper {
+        #[command(flatten)]
+        listen: ListenFlags,
+    }
+
+    fn flags(args: &[&str]) -> ListenFlags {
+        Wrapper::try_parse_from(std::iter::once("listen").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .listen
+    }
+
+    fn file() -> ClientConfig {
+        ClientConfig::from_str(
+            r#"
+udp = "none"
+tcp = "0.0.0.0:4000"
+ca = "ca.pem"
+cert = "client.pem"
+key = "client.key"
+allow = ["cpe1", "cpe2"]
+control-socket = "/run/x.sock"
+state-dir = "st"
+log-format = "json"
+"#,
+            "/etc/dots-client/client.toml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn applied(args: &[&str]) -> ClientConfig {
+        let mut c = file();
+        flags(args).apply(&mut c);
+        c
+    }
+
+    #[test]
+    fn no_flag_changes_nothing() {
+        assert_eq!(flags(&[]), ListenFlags::default());
+        assert_eq!(applied(&[]), file());
+        assert_eq!(
+            ListenFlags::default().load().unwrap(),
+            ClientConfig::default()
+        );
+    }
+
+    #[test]
+    fn addresses_override() {
+        let c = applied(&["--udp", "[::]:4647", "--tcp", "none"]);
+        assert_eq!(c.udp, "[::]:4647");
+        assert_eq!(c.tcp, "none");
+        assert_eq!(applied(&["--tcp", "127.0.0.1:1"]).udp, "none");
+    }
+
+    #[test]
+    fn credentials_override_one_by_one() {
+        let c = applied(&["--key", "/k"]);
+        assert_eq!(c.key, Some(PathBuf::from("/k")));
+        assert_eq!(c.ca, file().ca);
+        assert_eq!(c.cert, file().cert);
+        assert_eq!(c.ca.as_deref(), Some(Path::new("/etc/dots-client/ca.pem")));
+        let c = applied(&["--ca", "a", "--cert", "b"]);
+        assert_eq!(c.ca, Some(PathBuf::from("a")));
+        assert_eq!(c.cert, Some(PathBuf::from("b")));
+        assert_eq!(c.key, file().key);
+    }
+
+    #[test]
+    fn allow_replaces_the_files_list() {
+        assert_eq!(applied(&["--allow", "cpe9"]).allow, ["cpe9"]);
+        assert_eq!(applied(&["--allow", "a", "--allow", "b"]).allow, ["a", "b"]);
+        assert_eq!(applied(&[]).allow, ["cpe1", "cpe2"]);
+    }
+
+    #[test]
+    fn paths_and_log_format_override() {
+        let c = applied(&[
+            "--control",
+            "/run/y.sock",
+            "--state-dir",
+            "/var/lib/y",
+            "--log-format",
+            "human",
+        ]);
+        assert_eq!(c.control_socket, Path::new("/run/y.sock"));
+        assert_eq!(c.state_dir, Path::new("/var/lib/y"));
+        assert_eq!(c.log_format, LogFormat::Human);
+        assert_eq!(c.udp, file().udp);
+        assert!(Wrapper::try_parse_from(["listen", "--log-format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn load_applies_flags_to_the_file_or_the_defaults() {
+        let c = flags(&["--ca", "ca.pem", "--cert", "c.pem", "--key", "c.key"])
+            .load()
+            .unwrap();
+        assert_eq!(
+            c,
+            ClientConfig {
+                ca: Some("ca.pem".into()),
+                cert: Some("c.pem".into()),
+                key: Some("c.key".into()),
+                ..ClientConfig::default()
+            }
+        );
+        c.validate().unwrap_or_else(|e| panic!("{e}"));
+        let e = flags(&["--config", "/nonexistent/client.toml"])
+            .load()
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+    }
+}

@@ -1,0 +1,22 @@
+//! What both DOTS Call Home daemons share: `dots-agent` on the customer's
+//! router and `dots-client` at the ISP.
+//!
+//! - [`transport`]: the Call Home (D)TLS layer. The agent dials (TLS/DTLS
+//!   client role reversed per RFC 9066 §3.1) and the ISP side listens; both
+//!   authenticate with certificates.
+//! - [`local_socket`]: the JSON-lines Unix control sockets of both daemons.
+//! - [`config`]: TOML loading with errors that name the file, key and value.
+//! - [`logging`], [`cli_docs`]: log output, man pages and completions.
+//! - [`pki`]: certificate issuing for labs and tests (`dots-client pki`).
+//! - [`shutdown`]: how both daemons learn to stop.
+//!
+//! Nothing here needs the eBPF toolchain: the ISP side builds with stable
+//! Rust alone.
+
+pub mod cli_docs;
+pub mod config;
+pub mod local_socket;
+pub mod logging;
+pub mod pki;
+pub mod shutdown;
+pub mod transport;

@@ -1,0 +1,17 @@
+//! Ctrl-C and SIGTERM: how both daemons learn to stop.
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}

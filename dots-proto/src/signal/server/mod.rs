@@ -1,0 +1,791 @@
+//! The server role: the Call Home agent answering the peer's CoAP requests.
+//!
+//! Asynchronous model (RFC 9132 §4.4.1/§4.4.2): a PUT that needs the data
+//! plane is answered at once, 2.01 (or 2.04) with status 1
+//! (attack-mitigation-in-progress); the entry moves to status 2 only when
+//! the shell reports [`SignalServer::installed`], and observers are
+//! notified then. Status and counters come only from the shell's results.
+//!
+//! Choices where the RFCs leave room, in one place:
+//! * an install failure reported after the 2.01 ends the mitigation with a
+//!   notification carrying status 6 (attack-mitigation-terminated): the
+//!   answer is already sent, and 6 is the server-side end of a mitigation;
+//! * consent rejected: notification with status 7 (withdrawn by the DOTS
+//!   server) and conflict-cause 4 (RFC 9066 §5.3.1), and the entry ends;
+//! * a new mid overlapping an older one of the same cuid supersedes it
+//!   (the older is removed before the newer is installed); a lower mid
+//!   overlapping a newer one is refused with 4.09;
+//! * too many mitigations for one cuid is 4.22, like other size limits;
+//! * expiry and withdrawal notify observers with status 6 and remove the
+//!   drops at once ([`Action::Remove`] queued in the same call);
+//! * DELETE of an enforced mitigation is answered once the data plane has
+//!   removed it: [`Action::Remove`] is queued, the shell removes the drops,
+//!   reads the final counters and calls [`SignalServer::removed`], which
+//!   sends 2.02 with exactly those. If the shell does not call it within
+//!   [`ServerConfig::counters_wait`] (default 1 s, below CoAP's 2 s
+//!   ACK_TIMEOUT so the peer does not retransmit meanwhile), 2.02 goes out
+//!   with the last counters reported (at most one `notify_period` old).
+//!   A zero `counters_wait` answers at once (the earlier behaviour). A
+//!   retransmitted DELETE arriving meanwhile is absorbed by the endpoint's
+//!   deduplication; answers still waiting at [`SignalServer::reconnect`]
+//!   are dropped with the old connection;
+//! * periodic notifications of active mitigations wait for the counters
+//!   queried at the same tick (up to `counters_wait`, at most half a
+//!   period), so each period sends one notification with fresh counters
+//!   rather than a stale one followed by a fresh one;
+//! * consent (RFC 9066 §5.3.1): a request awaiting consent is listed by
+//!   [`SignalServer::pending`]; with [`ServerConfig::consent_timeout`] set,
+//!   a request pending that long is approved or rejected as
+//!   [`ServerConfig::consent_timeout_approves`] says
+//!   ([`Action::ConsentTimedOut`] tells the shell);
+//! * every error answer to a peer request also queues [`Action::Rejected`]
+//!   (code and diagnostic as sent) for the shell's log;
+//! * persistence: [`SignalServer::snapshot`] / [`SignalServer::restore`],
+//!   see [`SignalServer::restore`] for what a restored entry looks like;
+//! * an efficacy update only records `attack-status`, it does not refresh
+//!   the lifetime;
+//! * `mitigation-start` is never sent: there is no wall clock in here.
+
+mod answer;
+mod config;
+mod consent;
+mod observe;
+mod persist;
+mod requests;
+mod session;
+mod timer;
+mod withdraw;
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use coap_lite::{Packet, RequestType, ResponseType};
+
+use self::answer::{bad_request, method_not_allowed, rejected, scopes_response, Answer};
+use self::consent::ConsentQueue;
+use self::observe::{ObserveTarget, Observers};
+use self::requests::Admitted;
+use self::session::Session;
+use self::timer::{Timer, TimerTable};
+use self::withdraw::{deleted_response, Withdrawals};
+use super::action::{Action, Counters, MitigationKey};
+use super::error::SignalError;
+use super::heartbeat;
+use super::mitigation::{same_scope, Mitigation, Mitigations, Phase};
+use super::session::SessionConfig;
+use crate::coap::{msg, Delivery, DotsResource, Endpoint, ErrorResponse, Event, RequestId};
+use crate::model::{
+    ConflictInformation, DotsMessage, MitigationScope, MitigationStatus, MitigationUri, Scope,
+    ValidatedRequest,
+};
+
+pub use self::config::{ConsentMode, EnforcementMode, ServerConfig};
+pub use self::consent::PendingConsent;
+pub use self::persist::MitigationRecord;
+
+/// What handling one request produced besides the answer.
+#[derive(Debug, Default)]
+struct Reply {
+    /// The answer registers this observer (GET + Observe 0).
+    observe: Option<ObserveTarget>,
+    /// The answer waits for [`SignalServer::removed`].
+    defer: Option<(MitigationKey, Option<Counters>)>,
+}
+
+/// The Call Home DOTS server state machine over one connection at a time.
+pub struct SignalServer<E> {
+    ep: E,
+    config: ServerConfig,
+    mitigations: Mitigations,
+    session: Session,
+    observers: Observers,
+    actions: VecDeque<Action>,
+    withdrawals: Withdrawals,
+    /// Every deadline of ours (the endpoint keeps its own), kept current
+    /// by each public method so that [`Self::poll_timeout`] only reads it.
+    timers: TimerTable,
+}
+
+impl<E: Endpoint> SignalServer<E> {
+    /// Starts serving on `ep`, a connection just established.
+    pub fn new(now: Instant, ep: E, config: ServerConfig) -> Result<Self, SignalError> {
+        config.validate()?;
+        let mut timers = TimerTable::default();
+        timers.set(Timer::NotifyPeriod, now + config.notify_period);
+        let mut server = Self {
+            session: Session::new(now, config.session),
+            ep,
+            config,
+            mitigations: Mitigations::default(),
+            observers: Observers::default(),
+            actions: VecDeque::new(),
+            withdrawals: Withdrawals::default(),
+            timers,
+        };
+        server.ep.set_params(server.session.transmission())?;
+        server.rearm_all();
+        Ok(server)
+    }
+
+    /// Continues on a new connection after [`Action::SessionLost`] or a
+    /// redirect; mitigations survive, observers (bound to the old
+    /// connection) do not, nor do DELETE answers still waiting for final
+    /// counters. Returns the old endpoint.
+    pub fn reconnect(&mut self, now: Instant, ep: E) -> Result<E, SignalError> {
+        let old = std::mem::replace(&mut self.ep, ep);
+        self.observers.clear();
+        self.withdrawals.clear();
+        self.session.restart(now);
+        self.rearm_all();
+        self.ep.set_params(self.session.transmission())?;
+        Ok(old)
+    }
+
+    pub fn mitigations(&self) -> &Mitigations {
+        &self.mitigations
+    }
+
+    pub fn session(&self) -> &SessionConfig {
+        self.session.config()
+    }
+
+    /// The endpoint, e.g. to release a stream before closing it.
+    pub fn endpoint_mut(&mut self) -> &mut E {
+        &mut self.ep
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.ep.poll_transmit()
+    }
+
+    /// The next action; drain [`Self::poll_transmit`] first so that, e.g.,
+    /// the answer to a redirect leaves before [`Action::Close`].
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let ours = self.timers.next_timeout();
+        self.ep.poll_timeout().into_iter().chain(ours).min()
+    }
+
+    /// Bytes from the peer. An error means they were not CoAP; the state is
+    /// unchanged and the session goes on.
+    pub fn handle_input(&mut self, now: Instant, bytes: &[u8]) -> Result<(), SignalError> {
+        let handled = self
+            .ep
+            .handle_input(now, bytes)
+            .map(|events| self.handle_events(now, events));
+        // Even bytes that are not CoAP count as traffic: re-arm either way.
+        self.rearm_all();
+        Ok(handled?)
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let events = self.ep.handle_timeout(now);
+        self.handle_events(now, events);
+        for timer in Timer::VALUES {
+            // Read again first: an earlier timer of this loop may have
+            // moved this one (a consent rejection ending the last
+            // mitigation switches to the idle session parameters, and so
+            // to another heartbeat interval and allowed silence).
+            self.rearm(timer);
+            if self.timers.is_expired(timer, now) {
+                self.on_timeout(now, timer);
+            }
+        }
+        self.apply_session(now);
+        self.rearm_all();
+    }
+
+    // ---- data-plane results ----
+
+    /// The data plane enforces `key`: status 2, observers notified.
+    pub fn installed(&mut self, now: Instant, key: &MitigationKey) -> Result<(), SignalError> {
+        let m = self.entry(key)?;
+        if m.phase == Phase::Installing {
+            m.set_phase(now, Phase::Active);
+            self.notify(now, key);
+        }
+        self.rearm_all();
+        Ok(())
+    }
+
+    /// The data plane could not enforce `key`: the mitigation ends with
+    /// status 6 (see the module documentation).
+    pub fn install_failed(&mut self, now: Instant, key: &MitigationKey) -> Result<(), SignalError> {
+        self.entry(key)?;
+        self.end(now, key, MitigationStatus::Terminated, None);
+        self.apply_session(now);
+        self.rearm_all();
+        Ok(())
+    }
+
+    /// Fresh counters for `key`; observers are notified when they changed,
+    /// or when a periodic notification was waiting for them.
+    pub fn counters(
+        &mut self,
+        now: Instant,
+        key: &MitigationKey,
+        counters: Counters,
+    ) -> Result<(), SignalError> {
+        let m = self.entry(key)?;
+        if m.counters != Some(counters) || m.counters_due {
+            m.counters = Some(counters);
+            self.notify(now, key);
+        }
+        self.rearm_all();
+        Ok(())
+    }
+
+    /// The data plane performed [`Action::Remove`] for `key` and these are
+    /// its final counters. When a DELETE of `key` waits for them, it is
+    /// answered now, 2.02 with `final_counters`, and `true` is returned.
+    /// Otherwise (expiry, supersession, late call after the fallback
+    /// answer) nothing happens and the result is `false`: calling this
+    /// after every `Remove` is always fine.
+    pub fn removed(&mut self, now: Instant, key: &MitigationKey, final_counters: Counters) -> bool {
+        let Some(d) = self.withdrawals.take(key) else {
+            return false;
+        };
+        self.answer_delete(now, d.id, key.mid, Some(final_counters));
+        self.rearm_all();
+        true
+    }
+
+    // ---- consent ----
+
+    /// Requests awaiting the operator's consent, oldest first.
+    pub fn pending(&self, now: Instant) -> Vec<PendingConsent> {
+        self.consent_queue().pending(now)
+    }
+
+    /// The operator's answer to [`Action::AskConsent`].
+    pub fn consent(
+        &mut self,
+        now: Instant,
+        key: &MitigationKey,
+        approved: bool,
+    ) -> Result<(), SignalError> {
+        self.decide(now, key, approved)?;
+        self.rearm_all();
+        Ok(())
+    }
+
+    fn consent_queue(&self) -> ConsentQueue<'_> {
+        ConsentQueue::new(&self.mitigations, self.config.consent_timeout)
+    }
+
+    /// Approves or rejects `key` if it still awaits consent.
+    fn decide(
+        &mut self,
+        now: Instant,
+        key: &MitigationKey,
+        approved: bool,
+    ) -> Result<(), SignalError> {
+        let m = self.entry(key)?;
+        if m.phase != Phase::AwaitingConsent {
+            return Ok(());
+        }
+        if approved {
+            m.set_phase(now, Phase::Installing);
+            let request = m.request.clone();
+            self.actions.push_back(Action::Install {
+                key: key.clone(),
+                request,
+            });
+        } else {
+            let conflict = consent::rejection();
+            self.end(now, key, MitigationStatus::Withdrawn, Some(conflict));
+            self.apply_session(now);
+        }
+        Ok(())
+    }
+
+    /// Decides the requests that waited [`ServerConfig::consent_timeout`].
+    fn consent_timeouts(&mut self, now: Instant) {
+        let approved = self.config.consent_timeout_approves;
+        for key in self.consent_queue().timed_out(now) {
+            self.actions.push_back(Action::ConsentTimedOut {
+                key: key.clone(),
+                approved,
+            });
+            // The key was just listed: it exists.
+            let _ = self.decide(now, &key, approved);
+        }
+    }
+
+    // ---- persistence ----
+
+    /// The mitigations as records to persist (see [`MitigationRecord`]),
+    /// lifetimes counted at `now`. Entries whose lifetime is over are left
+    /// out. [`Mitigations::revision`] tells when a new snapshot is worth
+    /// writing.
+    pub fn snapshot(&self, now: Instant) -> Vec<MitigationRecord> {
+        self.mitigations
+            .iter()
+            .filter_map(|(k, m)| MitigationRecord::of(now, k, m))
+            .collect()
+    }
+
+    /// Re-creates persisted mitigations, their remaining lifetime counted
+    /// from `now`; returns the keys restored, in key order.
+    ///
+    /// * Every record is decoded first: one that cannot be read fails the
+    ///   whole call ([`SignalError::Restore`]) and nothing changes.
+    /// * Expired records are skipped, and so are keys already present (the
+    ///   live state wins).
+    /// * Each request is validated again against the current
+    ///   configuration (limits, domain; a lifetime above today's
+    ///   `max_lifetime` is shortened to it); one that no longer passes is
+    ///   not restored and an [`Action::Rejected`] says why.
+    /// * Phases: `active` and `installing` come back as
+    ///   [`Phase::Installing`] with an [`Action::Install`] queued. The
+    ///   data plane may still hold the drops (pinned maps), so the shell
+    ///   must treat an identical re-install as a no-op (the agent's slot
+    ///   table does) and confirm with [`Self::installed`] — status 2 then
+    ///   again comes from the data plane alone. `awaiting-consent` stays
+    ///   pending with its age (the consent timeout goes on counting) and an
+    ///   [`Action::AskConsent`] is queued again for the operator;
+    ///   `monitoring` stays as it is with no action. In monitor mode every
+    ///   record comes back as [`Phase::Monitoring`] and nothing is
+    ///   installed.
+    /// * Last counters and `attack-status` are kept; observers are not
+    ///   notified (a restored server has none yet).
+    pub fn restore(
+        &mut self,
+        now: Instant,
+        records: Vec<MitigationRecord>,
+    ) -> Result<Vec<MitigationKey>, SignalError> {
+        let decoded = records
+            .into_iter()
+            .map(|r| r.scope().map(|scope| (r, scope)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut keys = Vec::new();
+        for (r, scope) in decoded {
+            let key = r.key();
+            if r.expired() || self.mitigations.contains(&key) {
+                continue;
+            }
+            let m = match r.revive(now, scope, &self.config) {
+                Ok(m) => m,
+                Err(e) => {
+                    let diagnostic = format!("not restored: {}", e.diagnostic);
+                    let action = rejected(Some(r.cuid), Some(r.mid), &e, diagnostic);
+                    self.actions.push_back(action);
+                    continue;
+                }
+            };
+            let request = m.request.clone();
+            match m.phase {
+                Phase::Installing => self.actions.push_back(Action::Install {
+                    key: key.clone(),
+                    request,
+                }),
+                Phase::AwaitingConsent => self.actions.push_back(Action::AskConsent {
+                    key: key.clone(),
+                    request,
+                }),
+                Phase::Active | Phase::Monitoring => {}
+            }
+            self.mitigations.insert(key.clone(), m);
+            keys.push(key);
+        }
+        self.apply_session(now);
+        self.rearm_all();
+        Ok(keys)
+    }
+
+    fn entry(&mut self, key: &MitigationKey) -> Result<&mut Mitigation, SignalError> {
+        self.mitigations
+            .get_mut(key)
+            .ok_or_else(|| SignalError::UnknownMitigation {
+                cuid: key.cuid.clone(),
+                mid: key.mid,
+            })
+    }
+
+    // ---- timers ----
+
+    /// Reads `timer`'s deadline again from the state it stands for.
+    /// [`Timer::NotifyPeriod`] and [`Timer::CountersDue`] stand for nothing
+    /// else: they are set where they are scheduled and left alone here.
+    fn rearm(&mut self, timer: Timer) {
+        let at = match timer {
+            Timer::LifetimeEnd => self.mitigations.next_expiry(),
+            Timer::ConsentTimeout => self.consent_queue().next_deadline(),
+            Timer::DeleteAnswer => self.withdrawals.next_deadline(),
+            Timer::CountersDue | Timer::NotifyPeriod => return,
+            Timer::PeerSilence => self.session.loss_deadline(self.ep.last_rx()),
+            Timer::Heartbeat => self.session.heartbeat_due(),
+        };
+        match at {
+            Some(t) => self.timers.set(timer, t),
+            None => self.timers.stop(timer),
+        }
+    }
+
+    fn rearm_all(&mut self) {
+        for timer in Timer::VALUES {
+            self.rearm(timer);
+        }
+    }
+
+    fn on_timeout(&mut self, now: Instant, timer: Timer) {
+        match timer {
+            Timer::LifetimeEnd => {
+                for key in self.mitigations.expired(now) {
+                    self.end(now, &key, MitigationStatus::Terminated, None);
+                }
+            }
+            Timer::ConsentTimeout => self.consent_timeouts(now),
+            Timer::DeleteAnswer => {
+                for d in self.withdrawals.take_late(now) {
+                    self.answer_delete(now, d.id, d.key.mid, d.last);
+                }
+            }
+            Timer::CountersDue => {
+                self.timers.stop(Timer::CountersDue);
+                for key in self.mitigations.keys_where(|m| m.counters_due) {
+                    self.notify(now, &key);
+                }
+            }
+            Timer::NotifyPeriod => self.tick(now),
+            Timer::PeerSilence => self.lose_session(),
+            Timer::Heartbeat => self.send_heartbeat(now),
+        }
+    }
+
+    // ---- events and requests ----
+
+    fn handle_events(&mut self, now: Instant, events: Vec<Event>) {
+        for event in events {
+            match event {
+                Event::Request { id, request } => self.on_request(now, id, &request),
+                Event::ObserverRemoved { token, .. } => {
+                    self.observers.remove(&token);
+                }
+                Event::Closed(_) => self.lose_session(),
+                // Answers to our heartbeats only matter as traffic, which
+                // the endpoint already counted.
+                _ => {}
+            }
+        }
+        self.apply_session(now);
+    }
+
+    fn on_request(&mut self, now: Instant, id: RequestId, request: &Packet) {
+        let mut reply = Reply::default();
+        let resource = DotsResource::from_request(request);
+        let (cuid, mid) = match &resource {
+            Ok(
+                DotsResource::Mitigate { cuid, mid, .. } | DotsResource::Redirect { cuid, mid, .. },
+            ) => (Some(cuid.clone()), *mid),
+            _ => (None, None),
+        };
+        let answer = resource.and_then(|resource| self.route(now, resource, request, &mut reply));
+        let packet = match answer {
+            Ok(packet) => packet,
+            Err(e) => {
+                let diagnostic = e.diagnostic.clone();
+                self.actions.push_back(rejected(cuid, mid, &e, diagnostic));
+                e.to_packet()
+            }
+        };
+        if let Some((key, last)) = reply.defer {
+            let deadline = now + self.config.counters_wait;
+            self.withdrawals.wait(id, key, last, deadline);
+            return;
+        }
+        match self.ep.respond(now, id, packet) {
+            Ok(Some(token)) => {
+                if let Some(target) = reply.observe {
+                    self.observers.insert(token, target);
+                }
+            }
+            Ok(None) => {}
+            // Too large for the peer, or the stream is gone: nothing to
+            // change in our state, the peer will retry.
+            Err(_) => {}
+        }
+        self.flush_redirect();
+    }
+
+    fn route(
+        &mut self,
+        now: Instant,
+        resource: DotsResource,
+        request: &Packet,
+        reply: &mut Reply,
+    ) -> Answer {
+        let method = msg::method(request);
+        match (resource, method) {
+            (DotsResource::Mitigate { cdid, cuid, mid }, Some(RequestType::Put)) => {
+                self.put_mitigation(now, cdid, cuid, mid, request)
+            }
+            (DotsResource::Mitigate { cuid, mid, .. }, Some(RequestType::Get)) => {
+                let answer = requests::get_mitigations(&self.mitigations, now, &cuid, mid)?;
+                reply.observe = Some(ObserveTarget { cuid, mid });
+                Ok(answer)
+            }
+            (DotsResource::Mitigate { cuid, mid, .. }, Some(RequestType::Delete)) => {
+                self.delete_mitigation(now, cuid, mid, reply)
+            }
+            (DotsResource::Mitigate { .. }, _) => Err(method_not_allowed("mitigate")),
+            (DotsResource::Config { sid }, method) => {
+                requests::config_request(self.session.config_mut(), sid, method, request)
+            }
+            (DotsResource::Heartbeat, _) => {
+                let (_, answer) = heartbeat::accept(request)?;
+                self.session.peer_heartbeat(now);
+                Ok(answer)
+            }
+            (DotsResource::Redirect { .. }, Some(RequestType::Put)) => self.redirect(request),
+            (DotsResource::Redirect { .. }, _) => Err(method_not_allowed("redirect")),
+        }
+    }
+
+    fn put_mitigation(
+        &mut self,
+        now: Instant,
+        cdid: Option<String>,
+        cuid: String,
+        mid: Option<u32>,
+        request: &Packet,
+    ) -> Answer {
+        msg::require_dots_cbor(request)?;
+        let body = MitigationScope::decode(&request.payload).map_err(bad_request)?;
+        if msg::has_empty_if_match(request) {
+            return requests::efficacy_update(&mut self.mitigations, cuid, mid, &body);
+        }
+        let uri = MitigationUri {
+            cdid,
+            cuid: Some(cuid),
+            mid: mid.map(|m| m.to_string()),
+        };
+        let Admitted {
+            request: req,
+            key,
+            overlapping,
+        } = requests::admit(&self.mitigations, &self.config, &uri, &body)?;
+        // Accepted: from here on, state changes.
+        let existing = self.mitigations.get(&key);
+        let refresh = existing.is_some_and(|m| same_scope(&m.request.scope, &req.scope));
+        let code = if existing.is_some() {
+            ResponseType::Changed
+        } else {
+            ResponseType::Created
+        };
+        for old in &overlapping {
+            self.end(now, old, MitigationStatus::Terminated, None);
+        }
+        let was_enforced = self.mitigations.get(&key).is_some_and(Mitigation::enforced);
+        // A refresh only restarts the lifetime; anything else (re)starts the phase.
+        let phase = (!refresh).then(|| self.start_phase(&key, &req, was_enforced));
+        match (self.mitigations.get_mut(&key), phase) {
+            (Some(m), phase) => {
+                m.refresh(now, req);
+                if let Some(phase) = phase {
+                    // A new request: consent age and the rest start over.
+                    m.phase = phase;
+                    m.since = now;
+                }
+            }
+            (None, Some(phase)) => {
+                self.mitigations
+                    .insert(key.clone(), Mitigation::new(now, req, phase));
+            }
+            // A refresh always has an entry.
+            (None, None) => {}
+        }
+        let scope = self.view(now, &key);
+        self.notify(now, &key);
+        Ok(scopes_response(code, scope.into_iter().collect()))
+    }
+
+    /// The phase a new or updated request starts in, queuing its action.
+    /// An updated entry that was enforced and now waits for consent is
+    /// removed from the data plane meanwhile.
+    fn start_phase(
+        &mut self,
+        key: &MitigationKey,
+        req: &ValidatedRequest,
+        was_enforced: bool,
+    ) -> Phase {
+        let (phase, action) = match (self.config.mode, self.config.consent) {
+            (EnforcementMode::Monitor, _) => (
+                Phase::Monitoring,
+                Action::Monitored {
+                    key: key.clone(),
+                    request: req.clone(),
+                },
+            ),
+            (EnforcementMode::Enforce, ConsentMode::Require) => (
+                Phase::AwaitingConsent,
+                Action::AskConsent {
+                    key: key.clone(),
+                    request: req.clone(),
+                },
+            ),
+            (EnforcementMode::Enforce, ConsentMode::Auto) => (
+                Phase::Installing,
+                Action::Install {
+                    key: key.clone(),
+                    request: req.clone(),
+                },
+            ),
+        };
+        if was_enforced && phase != Phase::Installing {
+            self.actions.push_back(Action::Remove { key: key.clone() });
+        }
+        self.actions.push_back(action);
+        phase
+    }
+
+    /// Withdrawal. An enforced entry's answer waits for the final counters
+    /// (see the module documentation); the placeholder answer returned
+    /// then is not sent.
+    fn delete_mitigation(
+        &mut self,
+        now: Instant,
+        cuid: String,
+        mid: Option<u32>,
+        reply: &mut Reply,
+    ) -> Answer {
+        let mid = mid.ok_or_else(|| bad_request("DELETE needs a mid"))?;
+        let key = MitigationKey::new(cuid, mid);
+        let m = self
+            .mitigations
+            .get(&key)
+            .ok_or_else(|| ErrorResponse::new(ResponseType::NotFound, "no such mitigation"))?;
+        let (counters, enforced) = (m.counters, m.enforced());
+        self.end(now, &key, MitigationStatus::Terminated, None);
+        if enforced && !self.config.counters_wait.is_zero() {
+            reply.defer = Some((key, counters));
+        }
+        Ok(deleted_response(mid, counters))
+    }
+
+    fn answer_delete(&mut self, now: Instant, id: RequestId, mid: u32, counters: Option<Counters>) {
+        // A failure means the connection is gone: the peer will retry.
+        let _ = self.ep.respond(now, id, deleted_response(mid, counters));
+    }
+
+    /// RFC 9066 §5.2.2: 2.01, then dial the new client; 4.00 when we cannot.
+    fn redirect(&mut self, request: &Packet) -> Answer {
+        let target = requests::redirect_target(self.config.allow_redirect, request)?;
+        self.session.go_down();
+        self.actions.push_back(Action::Redirect { target });
+        Ok(msg::response(ResponseType::Created))
+    }
+
+    /// After answering a redirect, the connection closes.
+    fn flush_redirect(&mut self) {
+        if matches!(self.actions.back(), Some(Action::Redirect { .. })) {
+            self.actions.push_back(Action::Close);
+        }
+    }
+
+    // ---- lifecycle helpers ----
+
+    /// Ends a mitigation: data plane told, observers get `status`.
+    fn end(
+        &mut self,
+        now: Instant,
+        key: &MitigationKey,
+        status: MitigationStatus,
+        conflict: Option<ConflictInformation>,
+    ) {
+        let Some(m) = self.mitigations.remove(key) else {
+            return;
+        };
+        if m.enforced() {
+            self.actions.push_back(Action::Remove { key: key.clone() });
+        }
+        let scope = Scope {
+            status: Some(status),
+            lifetime: Some(0),
+            conflict_information: conflict,
+            ..m.to_scope(now)
+        };
+        self.send_notification(now, key, scope);
+    }
+
+    fn view(&self, now: Instant, key: &MitigationKey) -> Option<Scope> {
+        self.mitigations.get(key).map(|m| m.to_scope(now))
+    }
+
+    /// Notifies the observers of `key` of its current state.
+    fn notify(&mut self, now: Instant, key: &MitigationKey) {
+        if let Some(m) = self.mitigations.get_mut(key) {
+            // A periodic notification that waited for counters counts from
+            // its tick, so the period does not drift.
+            if !m.counters_due {
+                m.last_notified = now;
+            }
+            m.counters_due = false;
+        }
+        if let Some(scope) = self.view(now, key) {
+            self.send_notification(now, key, scope);
+        }
+    }
+
+    fn send_notification(&mut self, now: Instant, key: &MitigationKey, scope: Scope) {
+        let delivery = self.config.notify_delivery;
+        self.observers
+            .notify(&mut self.ep, now, key, &scope, delivery);
+    }
+
+    /// Periodic work: counters of enforced mitigations, and notifications
+    /// for entries nobody heard about for a period. Those of active
+    /// entries wait for the counters just queried (see the module docs).
+    fn tick(&mut self, now: Instant) {
+        let period = self.config.notify_period;
+        self.timers.set(Timer::NotifyPeriod, now + period);
+        let enforced = self.mitigations.keys_where(|m| m.phase == Phase::Active);
+        if !enforced.is_empty() {
+            self.actions
+                .push_back(Action::QueryCounters { keys: enforced });
+        }
+        let wait = self.config.counters_wait.min(period / 2);
+        for key in self
+            .mitigations
+            .keys_where(|m| m.last_notified + period <= now)
+        {
+            let active = self
+                .mitigations
+                .get(&key)
+                .is_some_and(|m| m.phase == Phase::Active);
+            match self.mitigations.get_mut(&key) {
+                Some(m) if active && !wait.is_zero() => {
+                    m.last_notified = now;
+                    m.counters_due = true;
+                    self.timers.set(Timer::CountersDue, now + wait);
+                }
+                _ => self.notify(now, &key),
+            }
+        }
+    }
+
+    fn send_heartbeat(&mut self, now: Instant) {
+        let request = self.session.heartbeat(now);
+        // A failure (stream closed) surfaces as silence, then loss.
+        let _ = self.ep.send_request(now, request, Delivery::NonConfirmable);
+    }
+
+    fn lose_session(&mut self) {
+        if self.session.go_down() {
+            self.observers.clear();
+            self.actions.push_back(Action::SessionLost);
+        }
+    }
+
+    /// Switches between idle and mitigating parameters as needed.
+    fn apply_session(&mut self, now: Instant) {
+        let mitigating = !self.mitigations.is_empty();
+        if let Some(params) = self.session.apply(now, mitigating) {
+            // The policy only admits values the endpoint accepts.
+            let _ = self.ep.set_params(params);
+        }
+    }
+}
