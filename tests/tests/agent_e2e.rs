@@ -341,11 +341,16 @@ fn nat_request_waits_for_a_matching_flow() -> Result<()> {
         0,
         "enforced once a matching flow appeared"
     );
-    send_from(&lab.hostb, 7000, OTHER_TARGET4, 20, "hostb")?;
-    assert_eq!(
-        sink.count("hostb"),
-        20,
-        "only the device that talked to the target"
+    // Only the device that talked to the target is blocked. (Had hostb then
+    // sent to that target too, its new flow would match the request and be
+    // blocked as well: a request naming the router's address covers every
+    // device behind it that sends such traffic.)
+    let (_, out) = lab.agent_cmd(&["mitigations"])?;
+    assert!(
+        out.contains("behind NAT: 192.0.2.2") && !out.contains("192.0.2.18"),
+        "{out}"
     );
+    send_from(&lab.hostb, 7000, TARGET4, 20, "hostb")?;
+    assert_eq!(sink.count("hostb"), 20, "the other device is not blocked");
     Ok(())
 }

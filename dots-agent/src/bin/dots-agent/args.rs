@@ -115,8 +115,9 @@ pub(crate) struct ControlArgs {
 
 #[derive(clap::Args)]
 pub(crate) struct ConsentArgs {
-    /// The mitigation, as CUID/MID (see `dots-agent mitigations`).
-    #[arg(value_name = "CUID/MID")]
+    /// The mitigation, as CUID/MID (see `dots-agent mitigations`). A CUID
+    /// may start with '-' (it is base64url), so hyphens are taken as a value.
+    #[arg(value_name = "CUID/MID", allow_hyphen_values = true)]
     pub(crate) which: String,
     /// Upstream peer index, when the same CUID/MID exists under several.
     #[arg(long)]
@@ -259,6 +260,10 @@ mod tests {
             ("dz6pHjaADkaFTbjreJGBpw".to_string(), 56)
         );
         assert_eq!(parse("a/b/7").unwrap(), ("a/b".to_string(), 7));
+        assert_eq!(
+            parse("-e09k2l4aoWV4rnhaOF-6Q/12").unwrap(),
+            ("-e09k2l4aoWV4rnhaOF-6Q".to_string(), 12)
+        );
         let e = parse("56").unwrap_err();
         assert!(
             e.to_string().starts_with("\"56\": expected CUID/MID"),
