@@ -227,7 +227,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             store: store.clone(),
             seed: seed(index),
         };
-        info!(peer = %target, transports = ?opts.transports, "dialling");
+        info!(peer = %target, transports = %dots_daemon::logging::list(&opts.transports), "dialling");
         tasks.spawn(task.run());
     }
     tokio::select! {

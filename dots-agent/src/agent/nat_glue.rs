@@ -207,7 +207,7 @@ fn refresh_macs(tracker: &mut NatTracker<SlotKey>) {
 fn log_devices(tracker: &NatTracker<SlotKey>, key: &SlotKey) {
     if let Some(set) = tracker.devices(key) {
         let devices: Vec<String> = set.iter().map(|d| d.addr.to_string()).collect();
-        info!(cuid = %key.cuid, mid = key.mid, ?devices, "internal devices behind NAT");
+        info!(cuid = %key.cuid, mid = key.mid, devices = %dots_daemon::logging::list(&devices), "internal devices behind NAT");
     }
 }
 

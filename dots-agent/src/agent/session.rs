@@ -31,7 +31,10 @@ use crate::{
     discovery::{DiscoveryContext, Rediscovery},
     peer::PeerTarget,
 };
-use dots_daemon::transport::{Backoff, Connection, Dialer, Incoming, Transport, TransportError};
+use dots_daemon::{
+    logging::list,
+    transport::{Backoff, Connection, Dialer, Incoming, Transport, TransportError},
+};
 
 pub(crate) type Server = SignalServer<Box<dyn Endpoint + Send>>;
 
@@ -209,7 +212,7 @@ impl PeerTask {
                     continue; // discovery found another peer: dial it now
                 }
                 Ended::Redirect(r) => {
-                    info!(alt = %r.alt_ch_client, records = ?r.alt_ch_client_record, ttl = ?r.ttl, "redirected");
+                    info!(alt = %r.alt_ch_client, records = %list(&r.alt_ch_client_record), ttl = ?r.ttl, "redirected");
                     target = PeerTarget {
                         host: r.alt_ch_client.clone(),
                         port: target.port,
@@ -504,7 +507,7 @@ impl Shell {
                     None | Some(NatInstall::Direct) => spec,
                     Some(NatInstall::Resolved(s)) => s,
                     Some(NatInstall::Pending) => {
-                        info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix,
+                        info!(cuid = %key.cuid, mid = key.mid, sources = %list(&request.scope.source_prefix),
                               "the router's own address: waiting for a matching flow in conntrack");
                         return None;
                     }
@@ -521,8 +524,8 @@ impl Shell {
                 };
                 match result {
                     Ok(slot) => {
-                        info!(cuid = %key.cuid, mid = key.mid, slot, sources = ?request.scope.source_prefix,
-                              targets = ?request.scope.target_prefix, lifetime = request.lifetime, "mitigation enforced");
+                        info!(cuid = %key.cuid, mid = key.mid, slot, sources = %list(&request.scope.source_prefix),
+                              targets = %list(&request.scope.target_prefix), lifetime = request.lifetime, "mitigation enforced");
                         let _ = server.installed(now, &key);
                     }
                     Err(reason) => {
@@ -573,8 +576,8 @@ impl Shell {
                 }
             }
             Action::AskConsent { key, request } => {
-                info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix,
-                      targets = ?request.scope.target_prefix,
+                info!(cuid = %key.cuid, mid = key.mid, sources = %list(&request.scope.source_prefix),
+                      targets = %list(&request.scope.target_prefix),
                       "mitigation awaits operator consent: dots-agent approve|reject {}/{}", key.cuid, key.mid);
             }
             Action::ConsentTimedOut { key, approved } => {
@@ -589,8 +592,8 @@ impl Shell {
                 warn!(cuid = cuid.as_deref().unwrap_or("-"), mid = ?mid, %code, %diagnostic, "request refused");
             }
             Action::Monitored { key, request } => {
-                info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix,
-                      targets = ?request.scope.target_prefix, lifetime = request.lifetime,
+                info!(cuid = %key.cuid, mid = key.mid, sources = %list(&request.scope.source_prefix),
+                      targets = %list(&request.scope.target_prefix), lifetime = request.lifetime,
                       "monitor mode: mitigation validated and answered, nothing installed");
             }
             Action::Redirect { target } => return Some(Ended::Redirect(target)),

@@ -7,6 +7,7 @@ use std::{net::IpAddr, path::PathBuf};
 use clap::{Parser, Subcommand};
 
 use dots_client::{config::ListenFlags, control::DEFAULT_CONTROL_SOCKET, request::Mitigation};
+use dots_daemon::config::prefix_arg;
 
 /// Call Home DOTS client: the ISP-side peer that agents dial, and tools
 /// around the DOTS signal channel's wire format.
@@ -135,10 +136,12 @@ pub(crate) struct Common {
 pub(crate) struct MitigateArgs {
     #[command(flatten)]
     pub(crate) common: Common,
-    /// Attack source prefix inside the agent's network (repeatable).
+    /// Attack source prefix inside the agent's network (repeatable); a bare
+    /// address is one host (/32 or /128).
     #[arg(
         long = "source",
         value_name = "PREFIX",
+        value_parser = prefix_arg,
         required_unless_present = "json_file"
     )]
     pub(crate) sources: Vec<ipnet::IpNet>,
@@ -148,10 +151,11 @@ pub(crate) struct MitigateArgs {
     /// Source ICMP type or range LO-HI (repeatable).
     #[arg(long = "icmp-type", value_name = "LO[-HI]")]
     pub(crate) icmp_types: Vec<String>,
-    /// Attack target prefix (repeatable).
+    /// Attack target prefix (repeatable); a bare address is one host.
     #[arg(
         long = "target",
         value_name = "PREFIX",
+        value_parser = prefix_arg,
         required_unless_present = "json_file"
     )]
     pub(crate) targets: Vec<ipnet::IpNet>,
@@ -294,6 +298,40 @@ mod tests {
         ])
         .is_err());
         assert!(Cli::try_parse_from(["dots-client", "mitigate", "--json", "f.json"]).is_ok());
+    }
+
+    #[test]
+    fn bare_addresses_are_host_prefixes() {
+        let cli = Cli::try_parse_from([
+            "dots-client",
+            "mitigate",
+            "--source",
+            "192.0.2.10",
+            "--target",
+            "198.51.100.7",
+            "--target",
+            "2001:db8::7",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Mitigate(a) = cli.command else {
+            panic!("not mitigate")
+        };
+        let m = a.mitigation();
+        let s: Vec<String> = m.sources.iter().map(ToString::to_string).collect();
+        let t: Vec<String> = m.targets.iter().map(ToString::to_string).collect();
+        assert_eq!(s, ["192.0.2.10/32"]);
+        assert_eq!(t, ["198.51.100.7/32", "2001:db8::7/128"]);
+        let e = Cli::try_parse_from([
+            "dots-client",
+            "mitigate",
+            "--source",
+            "192.0.2",
+            "--target",
+            "198.51.100.7",
+        ])
+        .err()
+        .expect("not an address");
+        assert!(e.to_string().contains("is not an IP prefix"), "{e}");
     }
 
     #[test]
