@@ -3,7 +3,7 @@
 //! add the router's own addresses to the local domain.
 
 use anyhow::Result;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::AgentOptions;
 use crate::{
@@ -29,7 +29,9 @@ pub async fn options(mut config: AgentConfig, discovery: &DiscoveryFlags) -> Res
             ..Default::default()
         }];
     }
-    config.check_files()?;
+    for w in config.check()? {
+        warn!("{w}");
+    }
     let mut opts = config.to_options()?;
     if let Some((t, d)) = discovered {
         opts.peers = vec![t];

@@ -7,7 +7,11 @@
 //!   file (peers parse, prefixes are prefixes, intervals are in range, ...);
 //! * [`AgentConfig::check_files`]: the certificate and key files exist and
 //!   are readable. `validate` does not call it, so a configuration can be
-//!   checked on another machine; `dots-agent check-config` runs both.
+//!   checked on another machine;
+//! * [`AgentConfig::check`]: `validate`, then what makes sessions fail on
+//!   this machine: the certificates in depth (PEM, key match, expiry, chain
+//!   to the CA), and when enforcing the LAN interfaces and the bpffs mount.
+//!   `dots-agent check-config` and `run` use it.
 //!
 //! The full key reference is `docs/configuration.md`; `examples/agent.toml`
 //! shows every key with its default.
@@ -41,6 +45,7 @@ use crate::{
     peer::PeerTarget,
 };
 
+mod check;
 mod flags;
 #[cfg(test)]
 mod tests;
@@ -480,13 +485,14 @@ impl AgentConfig {
     }
 
     /// `dots-agent check-config`: everything `run` checks of a file before
-    /// it starts (syntax, keys, values, the certificate files); the options
-    /// it would start with. Discovery and the interfaces are not looked at.
-    pub fn check_file(path: impl AsRef<Path>) -> Result<AgentOptions, ConfigError> {
+    /// it starts (syntax, keys, values, [`check`](Self::check)); the
+    /// options it would start with and the warnings. Discovery is not run.
+    pub fn check_file(
+        path: impl AsRef<Path>,
+    ) -> Result<(AgentOptions, Vec<String>), ConfigError> {
         let config = Self::load(path)?;
-        config.validate()?;
-        config.check_files()?;
-        config.to_options()
+        let warnings = config.check()?;
+        Ok((config.to_options()?, warnings))
     }
 
     /// Checks that every certificate, key and CA file a peer uses exists and
