@@ -6,10 +6,10 @@
 use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
 
 use prometheus_client::{
-    encoding::{DescriptorEncoder, EncodeMetric},
+    encoding::EncodeMetric,
     metrics::{counter::ConstCounter, gauge::ConstGauge},
 };
-pub use prometheus_client::{collector::Collector, registry::Registry};
+pub use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},

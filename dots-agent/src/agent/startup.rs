@@ -5,9 +5,9 @@
 use anyhow::Result;
 use tracing::{info, warn};
 
-use super::AgentOptions;
+use super::{AgentOptions, Reloader};
 use crate::{
-    config::{AgentConfig, DiscoveryFlags, PeerConfig},
+    config::{AgentConfig, DiscoveryFlags, PeerConfig, RunFlags},
     discovery::{self, DiscoverOptions, DiscoveryContext},
     peer::PeerTarget,
 };
@@ -37,14 +37,21 @@ pub async fn options(mut config: AgentConfig, discovery: &DiscoveryFlags) -> Res
         opts.peers = vec![t];
         opts.discovery = Some(d);
     }
-    // The router's own addresses belong to its domain (RFC 9066 §5.3.1).
-    for p in config.interface_prefixes() {
-        if !opts.domain.iter().any(|d| d.contains(&p)) {
-            opts.domain.push(p);
-        }
-    }
-    info!(domain = ?opts.domain, "local domain");
+    // The router's own addresses join the domain in the runtime, as they
+    // change (RFC 9066 §5.3.1).
     Ok(opts)
+}
+
+/// What SIGHUP runs: the configuration file and the flags read again and
+/// checked as at start (`--log-format` and discovery are not re-read).
+pub fn reloader(flags: RunFlags) -> Reloader {
+    Box::new(move || {
+        let config = flags.load(None)?;
+        for w in config.check()? {
+            warn!("{w}");
+        }
+        Ok(config.to_options()?)
+    })
 }
 
 /// The Call Home DOTS client found by RFC 8973 discovery.

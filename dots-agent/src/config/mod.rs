@@ -585,8 +585,8 @@ impl AgentConfig {
     }
 
     /// Validates, then maps into the runtime's options. `domain` holds the
-    /// configured prefixes only: add [`interface_prefixes`](Self::interface_prefixes)
-    /// at start. `never_block` holds the configured prefixes only: the
+    /// configured prefixes only: the runtime adds the router's addresses,
+    /// as they change, when `interface_addresses` is set. `never_block` holds the configured prefixes only: the
     /// peers' addresses are added by the runtime once resolved.
     ///
     /// `AgentOptions` has one transport list and one set of credentials for
@@ -623,6 +623,10 @@ impl AgentConfig {
             credentials: first.credentials.clone(),
             peers: peers.into_iter().map(|p| p.target).collect(),
             domain: self.domain.prefixes.clone(),
+            interface_addresses: self.domain.interface_addresses.then_some(InterfaceFilter {
+                loopback: self.domain.include_loopback,
+                link_local: self.domain.include_link_local,
+            }),
             monitor: !self.enforce,
             lans: self.xdp.interfaces.clone(),
             attach_mode: self.xdp.mode,

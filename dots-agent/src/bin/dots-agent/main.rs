@@ -67,7 +67,8 @@ fn run(flags: &RunFlags, log_format: Option<LogFormat>) -> Result<()> {
         .build()?;
     rt.block_on(async {
         let opts = agent::startup::options(config, &flags.discovery).await?;
-        agent::run(opts).await
+        let reload = agent::startup::reloader(flags.clone());
+        agent::run(opts, Some(reload)).await
     })
 }
 
