@@ -164,38 +164,56 @@ impl Lab {
 
     /// Starts the agent in the cpe namespace with XDP on both LAN interfaces.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
-        let (_, cert, key) = &self.pki.agents[0];
-        let mut args: Vec<String> = [
-            "run",
-            "--peer",
-            "203.0.113.2:4647",
-            "--ca",
-            &self.pki.ca.display().to_string(),
-            "--cert",
-            &cert.display().to_string(),
-            "--key",
-            &key.display().to_string(),
-            "--domain",
-            "192.0.2.0/24",
-            "--domain",
-            "2001:db8:1::/48",
-            "--lan",
-            &self.lans.0,
-            "--lan",
-            &self.lans.1,
-            "--bpffs",
-            &self.bpffs.path.display().to_string(),
-            "--control",
-            &self.path("agent.sock"),
-            "--state-dir",
-            &self.path("agent-state"),
-            "--notify-interval",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args = self.agent_args(true);
         args.extend(extra.iter().map(|s| s.to_string()));
+        self.start_agent_with(args)
+    }
+
+    /// The arguments of `dots-agent run` in this lab: certificates, LAN
+    /// interfaces, bpffs, control socket, state directory, a one-second
+    /// notify interval; the peer and the domain too with `peer_and_domain`
+    /// (without, they come from a `--config` file).
+    pub fn agent_args(&self, peer_and_domain: bool) -> Vec<String> {
+        let (_, cert, key) = &self.pki.agents[0];
+        let mut args: Vec<String> = vec!["run".into()];
+        if peer_and_domain {
+            args.extend(
+                [
+                    "--peer",
+                    "203.0.113.2:4647",
+                    "--domain",
+                    "192.0.2.0/24",
+                    "--domain",
+                    "2001:db8:1::/48",
+                ]
+                .map(String::from),
+            );
+        }
+        args.extend([
+            "--ca".into(),
+            self.pki.ca.display().to_string(),
+            "--cert".into(),
+            cert.display().to_string(),
+            "--key".into(),
+            key.display().to_string(),
+            "--lan".into(),
+            self.lans.0.clone(),
+            "--lan".into(),
+            self.lans.1.clone(),
+            "--bpffs".into(),
+            self.bpffs.path.display().to_string(),
+            "--control".into(),
+            self.path("agent.sock"),
+            "--state-dir".into(),
+            self.path("agent-state"),
+            "--notify-interval".into(),
+            "1".into(),
+        ]);
+        args
+    }
+
+    /// Starts `dots-agent` with exactly `args` and waits until it connected.
+    pub fn start_agent_with(&mut self, args: Vec<String>) -> Result<()> {
         let p = Proc::spawn(
             &self.cpe,
             "dots-agent",
