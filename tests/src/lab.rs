@@ -43,6 +43,8 @@ pub struct Lab {
     pub bpffs: BpffsDir,
     pub pki: pki::LabPki,
     pub lans: (String, String),
+    /// More environment for the agent (e.g. NOTIFY_SOCKET).
+    pub agent_env: Vec<(String, String)>,
 }
 
 pub fn ip(ns: &Netns, args: &str) -> Result<()> {
@@ -122,6 +124,7 @@ impl Lab {
             bpffs: BpffsDir::new()?,
             pki,
             lans,
+            agent_env: Vec::new(),
         })
     }
 
@@ -214,12 +217,13 @@ impl Lab {
 
     /// Starts `dots-agent` with exactly `args` and waits until it connected.
     pub fn start_agent_with(&mut self, args: Vec<String>) -> Result<()> {
-        let p = Proc::spawn(
+        let p = Proc::spawn_with_env(
             &self.cpe,
             "dots-agent",
             &bin("dots-agent")?,
             &args,
             self.dir.path.join("agent.log"),
+            &self.agent_env,
         )?;
         self.agent = Some(p);
         eventually(Duration::from_secs(20), || {

@@ -68,6 +68,18 @@ impl Proc {
         args: &[String],
         log: PathBuf,
     ) -> Result<Proc> {
+        Proc::spawn_with_env(ns, name, bin, args, log, &[])
+    }
+
+    /// [`Proc::spawn`] with more environment variables.
+    pub fn spawn_with_env(
+        ns: &Netns,
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        log: PathBuf,
+        env: &[(String, String)],
+    ) -> Result<Proc> {
         let out = fs::File::create(&log)?;
         let err = out.try_clone()?;
         let child = Command::new("nsenter")
@@ -79,6 +91,7 @@ impl Proc {
                 std::env::var("DOTS_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

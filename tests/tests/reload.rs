@@ -126,17 +126,20 @@ fn snat(lab: &Lab, addr: &str) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the agent logged `needle` `n` times.
-fn logged(lab: &Lab, needle: &str, n: usize) -> Result<()> {
+/// Waits until the local domain the agent logged last does (or does not)
+/// hold `prefix`.
+fn domain_holds(lab: &Lab, prefix: &str, holds: bool) -> Result<()> {
     let agent = lab.agent.as_ref().context("agent")?;
     let start = std::time::Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
-        if agent.log_text().matches(needle).count() >= n {
+        let log = agent.log_text();
+        let last = log.lines().filter(|l| l.contains("local domain")).last();
+        if last.is_some_and(|l| l.contains(prefix) == holds) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    anyhow::bail!("{needle:?} not logged {n} times; log:\n{}", lab.agent_log())
+    anyhow::bail!("the domain never {} {prefix}; log:\n{}", if holds { "held" } else { "lost" }, lab.agent_log())
 }
 
 #[test]
@@ -152,7 +155,7 @@ fn router_address_changes_reach_validation_and_nat() -> Result<()> {
     // The ISP side gives the router another address (renumbering), and the
     // LAN is translated to it.
     ip(&lab.cpe, "addr add 203.0.113.6/32 dev wan")?;
-    logged(&lab, "the router's addresses changed", 1)?;
+    domain_holds(&lab, "203.0.113.6/32", true)?;
     snat(&lab, "203.0.113.6")?;
     send_from(&lab.hosta, 5000, TARGET4, 10, "a1")?;
     assert_eq!(sink.count("a1"), 10);
@@ -167,7 +170,7 @@ fn router_address_changes_reach_validation_and_nat() -> Result<()> {
 
     // The address goes away: a request naming it is refused again.
     ip(&lab.cpe, "addr del 203.0.113.6/32 dev wan")?;
-    logged(&lab, "the router's addresses changed", 2)?;
+    domain_holds(&lab, "203.0.113.6/32", false)?;
     let (code, _, body) = lab.mitigate("203.0.113.6/32", "198.51.100.11/32", &["--protocol", "17"])?;
     assert_eq!(code, "4.00 Bad Request", "{body}");
     assert!(
@@ -175,4 +178,51 @@ fn router_address_changes_reach_validation_and_nat() -> Result<()> {
         "{body}"
     );
     Ok(())
+}
+
+#[test]
+fn systemd_hears_ready_status_watchdog_and_reload() -> Result<()> {
+    use std::os::unix::net::UnixDatagram;
+    let mut lab = Lab::new()?;
+    lab.start_client()?;
+    let path = lab.dir.path.join("notify.sock");
+    let sock = UnixDatagram::bind(&path)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    lab.agent_env = vec![
+        ("NOTIFY_SOCKET".into(), path.display().to_string()),
+        ("WATCHDOG_USEC".into(), "2000000".into()),
+    ];
+    lab.start_agent(&[])?;
+    let mut seen = Vec::new();
+    let mut next = || -> Result<String> {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf)?;
+        let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+        seen.push(m.clone());
+        Ok(m)
+    };
+    // READY first (control socket up, XDP attached), then the status
+    // follows the session, and the watchdog is fed.
+    let first = next()?;
+    assert!(first.starts_with("READY=1\nSTATUS="), "{first}");
+    let (mut up, mut watchdog) = (false, false);
+    for _ in 0..20 {
+        let m = next()?;
+        up |= m.contains("STATUS=1/1 sessions up");
+        watchdog |= m == "WATCHDOG=1";
+        if up && watchdog {
+            break;
+        }
+    }
+    assert!(up && watchdog, "{seen:?}");
+    lab.agent.as_ref().context("agent")?.signal(libc::SIGHUP);
+    let mut reloading = false;
+    for _ in 0..20 {
+        let m = next()?;
+        reloading |= m.starts_with("RELOADING=1\nMONOTONIC_USEC=");
+        if reloading && m.starts_with("READY=1") {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("no RELOADING then READY: {seen:?}")
 }
