@@ -119,9 +119,7 @@ pub fn check_credentials(
                 format!("not valid before {t} (is the clock right?)"),
             ))
         }
-        Validity::Expired(t) => {
-            return Err(bad(keys.cert, &creds.cert, format!("expired on {t}")))
-        }
+        Validity::Expired(t) => return Err(bad(keys.cert, &creds.cert, format!("expired on {t}"))),
         Validity::Valid { days_left, until } if days_left < warn_days() => {
             warnings.push(format!(
                 "{}: {} = {}: expires on {until} (in {days_left} days)",
@@ -280,7 +278,10 @@ mod tests {
         assert_eq!(check(&setup(&d.0, 365)).unwrap(), Vec::<String>::new());
         let w = check(&setup(&d.0, 10)).unwrap();
         assert_eq!(w.len(), 1, "{w:?}");
-        assert!(w[0].contains("cert = ") && w[0].contains("expires on"), "{w:?}");
+        assert!(
+            w[0].contains("cert = ") && w[0].contains("expires on"),
+            "{w:?}"
+        );
     }
 
     #[test]

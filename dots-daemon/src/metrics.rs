@@ -5,11 +5,13 @@
 
 use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
 
+pub use prometheus_client::{
+    collector::Collector, encoding::DescriptorEncoder, registry::Registry,
+};
 use prometheus_client::{
     encoding::EncodeMetric,
     metrics::{counter::ConstCounter, gauge::ConstGauge},
 };
-pub use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -117,11 +119,7 @@ async fn answer(mut stream: TcpStream, registry: &Registry) {
     let mut words = request.split_whitespace();
     let (status, content_type, body) = match (words.next(), words.next()) {
         (Some("GET"), Some("/metrics")) => ("200 OK", CONTENT_TYPE, render(registry)),
-        (Some("GET"), _) => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics\n".to_string(),
-        ),
+        (Some("GET"), _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
         _ => (
             "405 Method Not Allowed",
             "text/plain",

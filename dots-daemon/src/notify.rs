@@ -96,10 +96,7 @@ impl Notifier {
     /// A reload starts; [`Notifier::ready`] ends it. Carries the monotonic
     /// time `Type=notify-reload` asks for.
     pub fn reloading(&self) {
-        self.send_logged(&format!(
-            "RELOADING=1\nMONOTONIC_USEC={}",
-            monotonic_usec()
-        ));
+        self.send_logged(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
     }
 
     /// The daemon is stopping.

@@ -79,11 +79,14 @@ fn flood_is_dropped_and_counted(v6: bool) -> Result<()> {
     );
     assert!(
         metrics.contains(&format!(",mid=\"{mid}\"}} 500"))
-            && metrics.contains("dots_agent_dropped_packets_total{peer=\"203.0.113.2:4647\",cuid=\""),
+            && metrics
+                .contains("dots_agent_dropped_packets_total{peer=\"203.0.113.2:4647\",cuid=\""),
         "{metrics}"
     );
     assert!(
-        metrics.contains("dots_agent_mitigation_requests_total{peer=\"203.0.113.2:4647\",code=\"2.01\"} 1"),
+        metrics.contains(
+            "dots_agent_mitigation_requests_total{peer=\"203.0.113.2:4647\",code=\"2.01\"} 1"
+        ),
         "{metrics}"
     );
     assert!(metrics.contains("dots_agent_slots_used 1"), "{metrics}");

@@ -99,17 +99,29 @@ fn sighup_reloads_without_dropping_sessions_or_drops() -> Result<()> {
     // The session stayed up (one session, never redialled) and the drops
     // went on.
     assert_eq!(log.matches("signal channel up").count(), 1, "{log}");
-    assert_eq!(probe(&lab, &sink, "after")?, 0, "the mitigation still drops");
+    assert_eq!(
+        probe(&lab, &sink, "after")?,
+        0,
+        "the mitigation still drops"
+    );
     lab.wait_status(mid, "attack-successfully-mitigated")?;
 
     // A bad file: logged, the running configuration stays.
     std::fs::write(&file, "[[peers]\n")?;
-    hangup(&lab, "the configuration is not valid; keeping the running one", 1)?;
+    hangup(
+        &lab,
+        "the configuration is not valid; keeping the running one",
+        1,
+    )?;
     assert!(
         lab.agent.as_mut().context("agent")?.running(),
         "SIGHUP must not stop the agent"
     );
-    assert_eq!(probe(&lab, &sink, "bad")?, 0, "drops go on after a bad reload");
+    assert_eq!(
+        probe(&lab, &sink, "bad")?,
+        0,
+        "drops go on after a bad reload"
+    );
     let (code, _, _) = lab.mitigate("203.0.113.201/32", "198.51.100.11/32", &[])?;
     assert_eq!(code, "2.01 Created", "the last good configuration holds");
     Ok(())
@@ -133,13 +145,17 @@ fn domain_holds(lab: &Lab, prefix: &str, holds: bool) -> Result<()> {
     let start = std::time::Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
         let log = agent.log_text();
-        let last = log.lines().filter(|l| l.contains("local domain")).last();
+        let last = log.lines().rfind(|l| l.contains("local domain"));
         if last.is_some_and(|l| l.contains(prefix) == holds) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    anyhow::bail!("the domain never {} {prefix}; log:\n{}", if holds { "held" } else { "lost" }, lab.agent_log())
+    anyhow::bail!(
+        "the domain never {} {prefix}; log:\n{}",
+        if holds { "held" } else { "lost" },
+        lab.agent_log()
+    )
 }
 
 #[test]
@@ -149,7 +165,8 @@ fn router_address_changes_reach_validation_and_nat() -> Result<()> {
     lab.start_agent(&[])?;
     let sink = sink(&lab)?;
     // Not the router's address (yet): outside the domain.
-    let (code, _, body) = lab.mitigate("203.0.113.6/32", "198.51.100.10/32", &["--protocol", "17"])?;
+    let (code, _, body) =
+        lab.mitigate("203.0.113.6/32", "198.51.100.10/32", &["--protocol", "17"])?;
     assert_eq!(code, "4.00 Bad Request", "{body}");
 
     // The ISP side gives the router another address (renumbering), and the
@@ -159,22 +176,31 @@ fn router_address_changes_reach_validation_and_nat() -> Result<()> {
     snat(&lab, "203.0.113.6")?;
     send_from(&lab.hosta, 5000, TARGET4, 10, "a1")?;
     assert_eq!(sink.count("a1"), 10);
-    let (code, mid, _) = lab.mitigate("203.0.113.6/32", "198.51.100.10/32", &["--protocol", "17"])?;
+    let (code, mid, _) =
+        lab.mitigate("203.0.113.6/32", "198.51.100.10/32", &["--protocol", "17"])?;
     assert_eq!(code, "2.01 Created");
     // Resolved through conntrack to the device behind the new address.
     lab.wait_status(mid, "attack-successfully-mitigated")?;
     send_from(&lab.hosta, 5000, TARGET4, 50, "a2")?;
-    assert_eq!(sink.count("a2"), 0, "the device behind the new address is blocked");
+    assert_eq!(
+        sink.count("a2"),
+        0,
+        "the device behind the new address is blocked"
+    );
     let (_, out) = lab.agent_cmd(&["mitigations"])?;
     assert!(out.contains("behind NAT: 192.0.2.2"), "{out}");
 
     // The address goes away: a request naming it is refused again.
     ip(&lab.cpe, "addr del 203.0.113.6/32 dev wan")?;
     domain_holds(&lab, "203.0.113.6/32", false)?;
-    let (code, _, body) = lab.mitigate("203.0.113.6/32", "198.51.100.11/32", &["--protocol", "17"])?;
+    let (code, _, body) =
+        lab.mitigate("203.0.113.6/32", "198.51.100.11/32", &["--protocol", "17"])?;
     assert_eq!(code, "4.00 Bad Request", "{body}");
     assert!(
-        body["diagnostic"].as_str().unwrap_or_default().contains("outside"),
+        body["diagnostic"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("outside"),
         "{body}"
     );
     Ok(())

@@ -211,12 +211,7 @@ async fn answer(req: Request, ctx: &ControlContext) -> Reply {
                     ))
                 }
             };
-            let Some(tx) = ctx
-                .consent
-                .lock()
-                .ok()
-                .and_then(|c| c.get(&owner).cloned())
-            else {
+            let Some(tx) = ctx.consent.lock().ok().and_then(|c| c.get(&owner).cloned()) else {
                 return Reply::error("no such peer");
             };
             let (reply, rx) = oneshot::channel();

@@ -123,7 +123,10 @@ mod tests {
         assert_eq!(live.generation, 3);
         assert_eq!(
             nat_router(&router),
-            ["192.0.2.1".parse::<IpAddr>().unwrap(), "203.0.113.1".parse().unwrap()]
+            [
+                "192.0.2.1".parse::<IpAddr>().unwrap(),
+                "203.0.113.1".parse().unwrap()
+            ]
         );
     }
 }

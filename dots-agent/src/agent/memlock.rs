@@ -29,8 +29,15 @@ pub(super) fn raise() {
         };
         // SAFETY: setrlimit reads one rlimit we own.
         if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &new) } == 0 {
-            debug!(from = cur.rlim_cur, to = if want == libc::RLIM_INFINITY { "infinity".to_string() } else { want.to_string() },
-                   "RLIMIT_MEMLOCK raised (BPF maps are charged to it before Linux 5.11)");
+            debug!(
+                from = cur.rlim_cur,
+                to = if want == libc::RLIM_INFINITY {
+                    "infinity".to_string()
+                } else {
+                    want.to_string()
+                },
+                "RLIMIT_MEMLOCK raised (BPF maps are charged to it before Linux 5.11)"
+            );
             return;
         }
     }
@@ -75,7 +82,12 @@ mod tests {
             rlim_max: 0,
         };
         // SAFETY: getrlimit writes one rlimit we own.
-        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur) }, 0);
-        assert!(cur.rlim_cur == libc::RLIM_INFINITY || cur.rlim_cur >= ENOUGH || cur.rlim_cur == cur.rlim_max);
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur) };
+        assert_eq!(rc, 0);
+        assert!(
+            cur.rlim_cur == libc::RLIM_INFINITY
+                || cur.rlim_cur >= ENOUGH
+                || cur.rlim_cur == cur.rlim_max
+        );
     }
 }

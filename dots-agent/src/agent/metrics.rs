@@ -119,9 +119,12 @@ fn encode_view(enc: &mut DescriptorEncoder, v: &AgentView, now: Instant) -> fmt:
         enc,
         "dots_agent_session_up",
         "Whether the signal channel to the peer is up.",
-        peers
-            .iter()
-            .map(|p| (peer(&p.configured), i64::from(p.state == PeerState::Connected))),
+        peers.iter().map(|p| {
+            (
+                peer(&p.configured),
+                i64::from(p.state == PeerState::Connected),
+            )
+        }),
     )?;
     counter(
         enc,

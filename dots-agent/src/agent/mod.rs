@@ -4,9 +4,9 @@
 
 pub mod control;
 pub mod enforcer;
-pub mod metrics;
 mod live;
 mod memlock;
+pub mod metrics;
 mod nat_glue;
 mod session;
 pub mod startup;
@@ -22,10 +22,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use dots_daemon::{exit::ConfigProblem, logging::list, notify::Notifier};
-use dots_proto::{
-    model::Limits,
-    signal::ConsentMode,
-};
+use dots_proto::{model::Limits, signal::ConsentMode};
 use ipnet::IpNet;
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
@@ -116,7 +113,8 @@ pub async fn run(opts: AgentOptions, reload: Option<Reloader>) -> Result<()> {
             warn!("the local domain is empty for now: every request is refused until the router has an address");
         } else {
             return Err(ConfigProblem(
-                "no local domain: give --domain PREFIX so requests can be checked against it".into(),
+                "no local domain: give --domain PREFIX so requests can be checked against it"
+                    .into(),
             )
             .into());
         }
@@ -226,7 +224,12 @@ pub async fn run(opts: AgentOptions, reload: Option<Reloader>) -> Result<()> {
     let discovery = rt.opts.discovery.clone();
     for (index, target) in rt.opts.peers.clone().into_iter().enumerate() {
         let restore = saved.take_peer(index, &target.to_string());
-        rt.spawn_peer(index, target, restore, if index == 0 { discovery.clone() } else { None });
+        rt.spawn_peer(
+            index,
+            target,
+            restore,
+            if index == 0 { discovery.clone() } else { None },
+        );
     }
     let notifier = Arc::new(Notifier::from_env());
     notifier.ready(&status_line(&view));
@@ -473,8 +476,12 @@ impl Runtime {
         if let Some(e) = &self.enforcer {
             if new.never_block != self.opts.never_block {
                 match e.lock().map(|mut t| t.set_never_block(&new.never_block)) {
-                    Ok(Ok(())) => info!(never_block = %list(&new.never_block), "SIGHUP: never-block list applied"),
-                    Ok(Err(err)) => warn!(error = %err, "SIGHUP: the never-block list could not be applied"),
+                    Ok(Ok(())) => {
+                        info!(never_block = %list(&new.never_block), "SIGHUP: never-block list applied")
+                    }
+                    Ok(Err(err)) => {
+                        warn!(error = %err, "SIGHUP: the never-block list could not be applied")
+                    }
                     Err(_) => {}
                 }
             }

@@ -353,7 +353,12 @@ async fn follow(
             match installed {
                 Ok(Ok(slot)) => {
                     info!(cuid = %k.cuid, mid = k.mid, slot, "NATed device enforced");
-                    if let Some(tx) = service.peers.lock().ok().and_then(|p| p.get(&k.peer).cloned()) {
+                    if let Some(tx) = service
+                        .peers
+                        .lock()
+                        .ok()
+                        .and_then(|p| p.get(&k.peer).cloned())
+                    {
                         let _ = tx.send(NatResolved(MitigationKey::new(k.cuid.clone(), k.mid)));
                     }
                 }

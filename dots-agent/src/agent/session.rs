@@ -195,7 +195,9 @@ impl PeerTask {
             if live.generation != generation {
                 match Dialer::new(&live.credentials, DialOptions::default()) {
                     Ok(d) => dialer = d,
-                    Err(e) => warn!(error = %e, "new certificate files unusable; dialling with the previous ones"),
+                    Err(e) => {
+                        warn!(error = %e, "new certificate files unusable; dialling with the previous ones")
+                    }
                 }
                 generation = live.generation;
             }
@@ -211,7 +213,11 @@ impl PeerTask {
                     let delay = backoff.next_delay();
                     warn!(peer = %target, error = %e, retry_in = ?delay, "dial failed");
                     shell.set_state(&target, PeerState::Dialling, Some(e.to_string()));
-                    if shell.idle(&mut server, tokio::time::sleep(delay)).await.is_err() {
+                    if shell
+                        .idle(&mut server, tokio::time::sleep(delay))
+                        .await
+                        .is_err()
+                    {
                         return shell.retire(&server);
                     }
                     continue;
@@ -276,7 +282,11 @@ impl PeerTask {
                 }
             }
             let delay = backoff.next_delay();
-            if shell.idle(&mut server, tokio::time::sleep(delay)).await.is_err() {
+            if shell
+                .idle(&mut server, tokio::time::sleep(delay))
+                .await
+                .is_err()
+            {
                 return shell.retire(&server);
             }
         }
@@ -371,8 +381,12 @@ impl Shell {
             return;
         }
         match server.set_config(Instant::now(), live.server.clone()) {
-            Ok(()) => debug!(peer = %self.name, domain = %list(&live.server.domain), "new settings applied"),
-            Err(e) => warn!(peer = %self.name, error = %e, "new settings refused by the signal layer; keeping the previous ones"),
+            Ok(()) => {
+                debug!(peer = %self.name, domain = %list(&live.server.domain), "new settings applied")
+            }
+            Err(e) => {
+                warn!(peer = %self.name, error = %e, "new settings refused by the signal layer; keeping the previous ones")
+            }
         }
     }
 

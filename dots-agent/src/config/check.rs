@@ -120,9 +120,15 @@ mod tests {
     fn only_a_bpffs_holds_pins() {
         // /sys/fs/bpf is mounted on the machines that run the tests (cargo
         // xtask setup mounts it); /tmp never is a bpffs.
-        assert_eq!(bpffs_problem(Path::new("/sys/fs/bpf/dots-agent-not-yet")), None);
+        assert_eq!(
+            bpffs_problem(Path::new("/sys/fs/bpf/dots-agent-not-yet")),
+            None
+        );
         let e = bpffs_problem(Path::new("/tmp/not/there")).unwrap();
-        assert!(e.contains("not on a mounted bpffs (/tmp is not one)"), "{e}");
+        assert!(
+            e.contains("not on a mounted bpffs (/tmp is not one)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -155,7 +161,10 @@ mod tests {
         let origin = dir.join("agent.toml");
         let parse = |t: String| AgentConfig::from_str(&t, &origin).unwrap();
         let good = parse(text(&pki.agents[0].2, "lo", "/sys/fs/bpf/dots-check"));
-        assert_eq!(good.check().unwrap_or_else(|e| panic!("{e}")), Vec::<String>::new());
+        assert_eq!(
+            good.check().unwrap_or_else(|e| panic!("{e}")),
+            Vec::<String>::new()
+        );
         let e = parse(text(&pki.agents[0].2, "nosuch0", "/sys/fs/bpf/x"))
             .check()
             .unwrap_err();

@@ -487,9 +487,7 @@ impl AgentConfig {
     /// `dots-agent check-config`: everything `run` checks of a file before
     /// it starts (syntax, keys, values, [`check`](Self::check)); the
     /// options it would start with and the warnings. Discovery is not run.
-    pub fn check_file(
-        path: impl AsRef<Path>,
-    ) -> Result<(AgentOptions, Vec<String>), ConfigError> {
+    pub fn check_file(path: impl AsRef<Path>) -> Result<(AgentOptions, Vec<String>), ConfigError> {
         let config = Self::load(path)?;
         let warnings = config.check()?;
         Ok((config.to_options()?, warnings))

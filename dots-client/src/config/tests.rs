@@ -109,11 +109,17 @@ fn check_looks_into_the_certificates() {
         )
     };
     let c = ClientConfig::from_str(&text(&pki.client_key), &file).unwrap();
-    assert_eq!(c.check().unwrap_or_else(|e| panic!("{e}")), Vec::<String>::new());
+    assert_eq!(
+        c.check().unwrap_or_else(|e| panic!("{e}")),
+        Vec::<String>::new()
+    );
     // The agent's key with the client's certificate: refused, naming `key`.
     let c = ClientConfig::from_str(&text(&pki.agents[0].2), &file).unwrap();
     let e = c.check().unwrap_err();
     assert_eq!(e.key(), Some("key"), "{e}");
-    assert!(e.to_string().contains("is not the key of the certificate"), "{e}");
+    assert!(
+        e.to_string().contains("is not the key of the certificate"),
+        "{e}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -92,7 +92,9 @@ fn detach(bpffs: Option<PathBuf>, config: Option<PathBuf>) -> Result<()> {
     let links = Dataplane::attachments(&dir);
     let ours = |n: &str| {
         dots_common::names::ALL_MAPS.contains(&n)
-            || links.iter().any(|i| n.strip_suffix(i.as_str()) == Some("link_"))
+            || links
+                .iter()
+                .any(|i| n.strip_suffix(i.as_str()) == Some("link_"))
     };
     if !names.iter().any(|n| ours(n)) {
         return Err(ConfigProblem(format!(

@@ -386,15 +386,8 @@ mod tests {
 
     #[test]
     fn pki_commands() {
-        let cli = Cli::try_parse_from([
-            "dots-client",
-            "pki",
-            "--out",
-            "p",
-            "--agent",
-            "cpe1",
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
+        let cli = Cli::try_parse_from(["dots-client", "pki", "--out", "p", "--agent", "cpe1"])
+            .unwrap_or_else(|e| panic!("{e}"));
         let Command::Pki(p) = cli.command else {
             panic!("not pki")
         };

@@ -201,8 +201,7 @@ fn listen(flags: &ListenFlags) -> Result<()> {
 /// logged; the listener keeps its sessions. Changes take effect at the
 /// next start (see docs/configuration.md).
 async fn on_hangup(flags: ListenFlags) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         return;
     };
     while hup.recv().await.is_some() {
@@ -217,7 +216,9 @@ async fn on_hangup(flags: ListenFlags) {
                 }
                 tracing::info!("SIGHUP: the configuration is valid; dots-client applies changes when it restarts, the sessions stay up");
             }
-            Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: the configuration is not valid; the running listener is unchanged"),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "SIGHUP: the configuration is not valid; the running listener is unchanged")
+            }
         }
     }
 }
