@@ -45,6 +45,8 @@ pub struct Lab {
     pub lans: (String, String),
     /// More environment for the agent (e.g. NOTIFY_SOCKET).
     pub agent_env: Vec<(String, String)>,
+    /// More environment for the client.
+    pub client_env: Vec<(String, String)>,
 }
 
 pub fn ip(ns: &Netns, args: &str) -> Result<()> {
@@ -125,6 +127,7 @@ impl Lab {
             pki,
             lans,
             agent_env: Vec::new(),
+            client_env: Vec::new(),
         })
     }
 
@@ -153,12 +156,13 @@ impl Lab {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let p = Proc::spawn(
+        let p = Proc::spawn_with_env(
             &self.isp,
             "dots-client",
             &bin("dots-client")?,
             &args,
             self.dir.path.join("client.log"),
+            &self.client_env,
         )?;
         p.wait_log("control socket ready", Duration::from_secs(10))?;
         self.client = Some(p);
@@ -419,6 +423,16 @@ pub fn send(ns: &Netns, dst: &str, count: usize, tag: &str) -> Result<()> {
         }
         Ok(())
     })?
+}
+
+/// Whether a mitigate reply is the refusal of a source outside the agent's
+/// domain (RFC 9066 §5.3.1): 4.00 with a diagnostic saying so.
+pub fn refused_as_outside(code: &str, body: &Value) -> bool {
+    code == "4.00 Bad Request"
+        && body["diagnostic"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("outside")
 }
 
 pub fn scope_counter(scope: &Value, key: &str) -> u64 {

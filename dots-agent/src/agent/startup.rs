@@ -1,6 +1,7 @@
 //! From a configuration to the runtime's options, as `dots-agent run` starts:
-//! find the peer by discovery when none is configured, check the files, and
-//! add the router's own addresses to the local domain.
+//! find the peer by discovery when none is configured and check the
+//! configuration on this machine; and how SIGHUP reads it again
+//! ([`reloader`]).
 
 use anyhow::Result;
 use tracing::{info, warn};

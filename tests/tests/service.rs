@@ -1,8 +1,10 @@
-//! The agent changes its settings while it runs, without dropping sessions
-//! or drops: SIGHUP with an edited configuration file (new domain prefix,
-//! a peer removed and another added, a bad file kept out), and the router's
-//! addresses changing under it (rtnetlink events reach validation and NAT
-//! correlation, RFC 9066 §5.3.1 and §5.3.2). The lab: `tests::lab`.
+//! The daemons as services. The agent changes its settings while it runs,
+//! without dropping sessions or drops: SIGHUP with an edited configuration
+//! file (new domain prefix, a peer removed and another added, a bad file
+//! kept out), and the router's addresses changing under it (rtnetlink
+//! events reach validation and NAT correlation, RFC 9066 §5.3.1 and
+//! §5.3.2). Both tell systemd when they are ready, how they are, and that
+//! they live (sd_notify). The lab: `tests::lab`.
 
 use std::time::Duration;
 
@@ -195,14 +197,7 @@ fn router_address_changes_reach_validation_and_nat() -> Result<()> {
     domain_holds(&lab, "203.0.113.6/32", false)?;
     let (code, _, body) =
         lab.mitigate("203.0.113.6/32", "198.51.100.11/32", &["--protocol", "17"])?;
-    assert_eq!(code, "4.00 Bad Request", "{body}");
-    assert!(
-        body["diagnostic"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("outside"),
-        "{body}"
-    );
+    assert!(refused_as_outside(&code, &body), "{code} {body}");
     Ok(())
 }
 
@@ -251,4 +246,43 @@ fn systemd_hears_ready_status_watchdog_and_reload() -> Result<()> {
         }
     }
     anyhow::bail!("no RELOADING then READY: {seen:?}")
+}
+
+#[test]
+fn the_client_tells_systemd_it_is_ready_and_survives_sighup() -> Result<()> {
+    use std::os::unix::net::UnixDatagram;
+    let mut lab = Lab::new()?;
+    let path = lab.dir.path.join("client-notify.sock");
+    let sock = UnixDatagram::bind(&path)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    lab.client_env = vec![("NOTIFY_SOCKET".into(), path.display().to_string())];
+    lab.start_client()?;
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf)?;
+    let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert_eq!(first, "READY=1\nSTATUS=0 agent(s) connected");
+    lab.start_agent(&[])?;
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|m: &String| m == "STATUS=1 agent(s) connected")
+    {
+        let n = sock
+            .recv(&mut buf)
+            .with_context(|| format!("no status with the agent: {seen:?}"))?;
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let client = lab.client.as_mut().context("client")?;
+    client.signal(libc::SIGHUP);
+    client.wait_log(
+        "SIGHUP: the configuration is valid",
+        Duration::from_secs(10),
+    )?;
+    assert!(client.running(), "SIGHUP must not stop the listener");
+    let (ok, r) = lab.client(&["agents"])?;
+    assert!(
+        ok && r[0]["body"].as_array().is_some_and(|a| a.len() == 1),
+        "{r:?}"
+    );
+    Ok(())
 }
