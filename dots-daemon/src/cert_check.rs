@@ -122,10 +122,11 @@ pub fn check_credentials(
         Validity::Expired(t) => return Err(bad(keys.cert, &creds.cert, format!("expired on {t}"))),
         Validity::Valid { days_left, until } if days_left < warn_days() => {
             warnings.push(format!(
-                "{}: {} = {}: expires on {until} (in {days_left} days)",
+                "{}: {} = {}: expires on {until} (in {})",
                 file.display(),
                 keys.cert,
-                path_value(&creds.cert)
+                path_value(&creds.cert),
+                days(days_left)
             ));
         }
         Validity::Valid { .. } => {}
@@ -137,10 +138,11 @@ pub fn check_credentials(
                 usable_ca = true;
                 if days_left < warn_days() {
                     warnings.push(format!(
-                        "{}: {} = {}: a CA certificate expires on {until} (in {days_left} days)",
+                        "{}: {} = {}: a CA certificate expires on {until} (in {})",
                         file.display(),
                         keys.ca,
-                        path_value(&creds.ca)
+                        path_value(&creds.ca),
+                        days(days_left)
                     ));
                 }
             }
@@ -166,6 +168,14 @@ pub fn check_credentials(
         ));
     }
     Ok(warnings)
+}
+
+fn days(n: i32) -> String {
+    match n {
+        0 => "less than a day".into(),
+        1 => "1 day".into(),
+        n => format!("{n} days"),
+    }
 }
 
 fn warn_days() -> i32 {

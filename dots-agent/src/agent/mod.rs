@@ -79,7 +79,8 @@ pub struct AgentOptions {
 
 /// How `dots-agent run` reads its configuration again on SIGHUP: the same
 /// file and flags, checked as at start.
-pub type Reloader = Box<dyn FnMut() -> Result<AgentOptions> + Send>;
+/// It is given the options the agent runs with.
+pub type Reloader = Box<dyn FnMut(&AgentOptions) -> Result<AgentOptions> + Send>;
 
 /// Runs the agent until it is stopped (Ctrl-C / SIGTERM). SIGHUP calls
 /// `reload` and applies what it returns without dropping sessions or
@@ -92,6 +93,9 @@ pub async fn run(opts: AgentOptions, reload: Option<Reloader>) -> Result<()> {
         )
         .into());
     }
+    // From here on SIGHUP reloads instead of ending the process.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     memlock::raise();
     let addresses = match netif::watch_addresses() {
         Ok(rx) => rx,
@@ -238,7 +242,7 @@ pub async fn run(opts: AgentOptions, reload: Option<Reloader>) -> Result<()> {
         move || status_line(&view)
     });
     dots_daemon::notify::spawn_watchdog(notifier.clone());
-    rt.serve(reload, addresses, &notifier).await
+    rt.serve(reload, hup, addresses, &notifier).await
 }
 
 /// One line for `systemctl status`: sessions up and mitigations.
@@ -380,11 +384,10 @@ impl Runtime {
     async fn serve(
         &mut self,
         mut reload: Option<Reloader>,
+        mut hup: tokio::signal::unix::Signal,
         mut addresses: watch::Receiver<Vec<IpNet>>,
         notifier: &Notifier,
     ) -> Result<()> {
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .context("installing the SIGHUP handler")?;
         let shutdown = dots_daemon::shutdown::signal();
         tokio::pin!(shutdown);
         loop {
@@ -401,7 +404,7 @@ impl Runtime {
                 Some(()) = hup.recv() => {
                     notifier.reloading();
                     match reload.as_mut() {
-                        Some(r) => match r() {
+                        Some(r) => match r(&self.opts) {
                             Ok(new) => self.reload(new),
                             Err(e) => error!(error = %format!("{e:#}"), "SIGHUP: the configuration is not valid; keeping the running one"),
                         },
@@ -427,9 +430,10 @@ impl Runtime {
     }
 
     /// SIGHUP with a valid configuration: new peers are dialled, removed
-    /// ones closed (their mitigations end), the domain, never-block list,
-    /// consent mode and limits apply to the next requests, new credentials
-    /// and transports to the next dials. Sessions and drops of the peers
+    /// ones closed (their mitigations end), the domain, consent mode and
+    /// limits apply to the next requests, never-block additions at once
+    /// (the exempt set only grows), new credentials and transports to the
+    /// next dials. Sessions and drops of the peers
     /// that stay go on. What needs a restart is logged.
     fn reload(&mut self, new: AgentOptions) {
         let mut restart = Vec::new();
@@ -450,13 +454,7 @@ impl Runtime {
         if !restart.is_empty() {
             warn!(keys = %list(&restart), "SIGHUP: these settings changed and apply only after a restart");
         }
-        // Without configured peers the running (discovered) one stays.
-        let targets = if new.peers.is_empty() {
-            self.opts.peers.clone()
-        } else {
-            new.peers.clone()
-        };
-        let keep_discovery = new.peers.is_empty();
+        let targets = new.peers.clone();
         let removed: Vec<usize> = self
             .peers
             .iter()
@@ -477,7 +475,7 @@ impl Runtime {
             if new.never_block != self.opts.never_block {
                 match e.lock().map(|mut t| t.set_never_block(&new.never_block)) {
                     Ok(Ok(())) => {
-                        info!(never_block = %list(&new.never_block), "SIGHUP: never-block list applied")
+                        info!(never_block = %list(&new.never_block), "SIGHUP: never-block additions applied")
                     }
                     Ok(Err(err)) => {
                         warn!(error = %err, "SIGHUP: the never-block list could not be applied")
@@ -486,17 +484,12 @@ impl Runtime {
                 }
             }
         }
-        let discovery = self.opts.discovery.clone();
         let added: Vec<PeerTarget> = targets
             .iter()
             .filter(|t| !self.peers.values().any(|h| h.target == **t))
             .cloned()
             .collect();
-        self.opts = AgentOptions {
-            peers: targets,
-            discovery: if keep_discovery { discovery } else { None },
-            ..new
-        };
+        self.opts = new;
         self.generation += 1;
         self.publish();
         for t in added {

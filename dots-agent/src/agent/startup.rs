@@ -24,11 +24,7 @@ pub async fn options(mut config: AgentConfig, discovery: &DiscoveryFlags) -> Res
     };
     if let Some((t, _)) = &discovered {
         info!(peer = %t, endpoints = ?t.endpoints, "peer found by discovery");
-        config.peers = vec![PeerConfig {
-            address: t.endpoints[0].0.to_string(),
-            peer_name: t.name.clone(),
-            ..Default::default()
-        }];
+        config.peers = vec![discovered_peer(t)];
     }
     for w in config.check()? {
         warn!("{w}");
@@ -45,14 +41,38 @@ pub async fn options(mut config: AgentConfig, discovery: &DiscoveryFlags) -> Res
 
 /// What SIGHUP runs: the configuration file and the flags read again and
 /// checked as at start (`--log-format` and discovery are not re-read).
+/// A file without peers keeps the peer discovery found (discovery is not
+/// run again by a reload).
 pub fn reloader(flags: RunFlags) -> Reloader {
-    Box::new(move || {
-        let config = flags.load(None)?;
+    Box::new(move |running: &AgentOptions| {
+        let mut config = flags.load(None)?;
+        let discovered = config.peers.is_empty() && running.discovery.is_some();
+        if discovered {
+            config.peers = running.peers.iter().map(discovered_peer).collect();
+        }
         for w in config.check()? {
             warn!("{w}");
         }
-        Ok(config.to_options()?)
+        let mut opts = config.to_options()?;
+        if discovered {
+            opts.peers = running.peers.clone();
+            opts.discovery = running.discovery.clone();
+        }
+        Ok(opts)
     })
+}
+
+/// A discovered peer as the configuration would name it, so that the
+/// checks of a configuration with peers apply.
+fn discovered_peer(t: &PeerTarget) -> PeerConfig {
+    PeerConfig {
+        address: t
+            .endpoints
+            .first()
+            .map_or_else(|| t.to_string(), |(a, _)| a.to_string()),
+        peer_name: t.name.clone(),
+        ..Default::default()
+    }
 }
 
 /// The Call Home DOTS client found by RFC 8973 discovery.
