@@ -11,7 +11,8 @@
 //! - [`discovery`]: finding the Call Home DOTS client (RFC 8973).
 //! - [`enforce`]: the XDP data plane (loads and drives `dots-ebpf`).
 //! - [`nat`]: conntrack correlation behind NAT (RFC 9066 §5.3.2).
-//! - [`netif`]: the router's own interface addresses.
+//! - [`netif`]: the router's own interface addresses, followed as they
+//!   change (rtnetlink address events).
 //! - [`paths`]: default paths, in one place.
 //! - [`peer`]: a Call Home DOTS client to dial, however it was found.
 //!
@@ -24,5 +25,6 @@ pub mod discovery;
 pub mod enforce;
 pub mod nat;
 pub mod netif;
+mod netlink;
 pub mod paths;
 pub mod peer;

@@ -6,12 +6,22 @@
 //! each as a host prefix (`/32`, `/128`): never the interface's whole
 //! network, as a WAN interface's subnet holds other customers.
 //!
-//! The runtime adds these at start: `domain = config.domain.prefixes +
-//! config.interface_prefixes()`, then refuses to start if that is empty.
+//! The addresses change while the agent runs (a PPPoE reconnect, DHCP
+//! renumbering): [`watch_addresses`] follows them with rtnetlink address
+//! events (`RTM_NEWADDR` / `RTM_DELADDR` of the `RTNLGRP_IPV4_IFADDR` and
+//! `RTNLGRP_IPV6_IFADDR` groups, rtnetlink(7)), and the runtime applies
+//! each change to the local domain and to NAT correlation.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use ipnet::IpNet;
+use tokio::sync::watch;
+
+use crate::netlink;
 
 /// Which special addresses to keep.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -33,14 +43,91 @@ pub fn local_interface_prefixes() -> Vec<IpNet> {
 
 /// Addresses of all local interfaces as host prefixes, filtered.
 pub fn interface_prefixes(filter: InterfaceFilter) -> Vec<IpNet> {
-    let mut out: Vec<IpNet> = read_addresses()
-        .into_iter()
-        .filter(|a| keep(*a, filter))
-        .map(IpNet::from)
-        .collect();
+    filtered(&all_prefixes(), filter)
+}
+
+/// The host prefixes of `all` that `filter` keeps.
+pub fn filtered(all: &[IpNet], filter: InterfaceFilter) -> Vec<IpNet> {
+    all.iter()
+        .copied()
+        .filter(|p| keep(p.addr(), filter))
+        .collect()
+}
+
+/// Every address of the local interfaces as a host prefix, sorted, without
+/// duplicates, loopback and link-local included.
+fn all_prefixes() -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = read_addresses().into_iter().map(IpNet::from).collect();
     out.sort();
     out.dedup();
     out
+}
+
+/// `RTMGRP_IPV4_IFADDR` and `RTMGRP_IPV6_IFADDR`: the multicast groups
+/// `RTNLGRP_IPV4_IFADDR` (5) and `RTNLGRP_IPV6_IFADDR` (9) as bind(2) bits.
+const ADDRESS_GROUPS: u32 = (1 << (5 - 1)) | (1 << (9 - 1));
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
+
+/// Whether a datagram from the address groups announces a change.
+fn announces_change(buf: &[u8]) -> bool {
+    netlink::messages(buf).any(|m| m.ty == RTM_NEWADDR || m.ty == RTM_DELADDR)
+}
+
+/// The router's addresses (every address as a host prefix, sorted,
+/// loopback and link-local included: filter with [`filtered`]), kept
+/// current by rtnetlink address events. The set is read again on each
+/// event burst (and after lost events), and published when it differs.
+/// A thread follows the events until every receiver is gone.
+pub fn watch_addresses() -> io::Result<watch::Receiver<Vec<IpNet>>> {
+    let sock = netlink::Socket::open(libc::NETLINK_ROUTE, ADDRESS_GROUPS)?;
+    sock.set_rcvbuf(1 << 20);
+    // Subscribed first, then read: no change falls between.
+    let (tx, rx) = watch::channel(all_prefixes());
+    std::thread::Builder::new()
+        .name("dots-addr-events".into())
+        .spawn(move || follow_addresses(&sock, &tx))?;
+    Ok(rx)
+}
+
+fn follow_addresses(sock: &netlink::Socket, tx: &watch::Sender<Vec<IpNet>>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while !tx.is_closed() {
+        let mut changed = false;
+        let mut wait = Duration::from_millis(500);
+        // Read the whole burst (an interface coming up brings several
+        // addresses), then the set once.
+        loop {
+            match sock.wait_readable(wait) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "address events stopped; the router's addresses are no longer followed");
+                    return;
+                }
+            }
+            match sock.recv(&mut buf) {
+                Ok(n) => changed |= announces_change(&buf[..n]),
+                // Events were lost: read the set again.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => changed = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "address events stopped; the router's addresses are no longer followed");
+                    return;
+                }
+            }
+            wait = Duration::from_millis(20);
+        }
+        if changed {
+            let now = all_prefixes();
+            tx.send_if_modified(|cur| {
+                if *cur == now {
+                    return false;
+                }
+                *cur = now;
+                true
+            });
+        }
+    }
 }
 
 fn keep(a: IpAddr, f: InterfaceFilter) -> bool {
@@ -133,6 +220,30 @@ mod tests {
             assert_eq!(keep(ip, none), default, "{a}");
             assert_eq!(keep(ip, all), with_all, "{a}");
         }
+    }
+
+    #[test]
+    fn address_messages_announce_changes() {
+        let msg = |ty: u16| {
+            let mut b = Vec::new();
+            netlink::put_header(&mut b, ty, 0, 0, 8);
+            b.extend_from_slice(&[0; 8]);
+            b
+        };
+        assert!(announces_change(&msg(RTM_NEWADDR)));
+        assert!(announces_change(&[msg(16), msg(RTM_DELADDR)].concat()));
+        assert!(!announces_change(&msg(16))); // RTM_NEWLINK
+        assert!(!announces_change(&[1, 2, 3]));
+    }
+
+    #[tokio::test]
+    async fn the_watch_starts_with_the_current_addresses() {
+        let rx = watch_addresses().expect("rtnetlink");
+        assert_eq!(*rx.borrow(), all_prefixes());
+        assert_eq!(
+            filtered(&rx.borrow(), InterfaceFilter::default()),
+            local_interface_prefixes()
+        );
     }
 
     #[test]

@@ -92,6 +92,18 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
     let registry: Registry = Arc::default();
     let control = dots_daemon::local_socket::bind(&opts.control, "dots-client listen")?;
     info!(socket = %opts.control.display(), "control socket ready");
+    // systemd (Type=notify): serving from here on; the status counts agents.
+    let notifier = Arc::new(dots_daemon::notify::Notifier::from_env());
+    let agents = {
+        let registry = registry.clone();
+        move || {
+            let n = registry.lock().map(|r| r.len()).unwrap_or(0);
+            format!("{n} agent(s) connected")
+        }
+    };
+    notifier.ready(&agents());
+    dots_daemon::notify::spawn_status(notifier.clone(), agents);
+    dots_daemon::notify::spawn_watchdog(notifier.clone());
     let mut generation = 0u64;
     loop {
         tokio::select! {
@@ -135,7 +147,7 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
                 Ok((s, _)) => { tokio::spawn(serve_control(s, registry.clone())); }
                 Err(e) => warn!(error = %e, "control socket accept failed"),
             },
-            _ = dots_daemon::shutdown::signal() => { info!("stopping"); break; }
+            _ = dots_daemon::shutdown::signal() => { info!("stopping"); notifier.stopping(); break; }
         }
     }
     // Close every session properly (close_notify, RFC 8323 Release), so the

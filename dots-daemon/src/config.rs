@@ -310,6 +310,14 @@ pub fn parse_prefix(s: &str) -> Option<IpNet> {
         .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
 }
 
+/// A clap value parser for prefixes on the command line, read as in the
+/// configuration files: a bare address is a host prefix (`/32`, `/128`).
+pub fn prefix_arg(s: &str) -> Result<IpNet, String> {
+    parse_prefix(s).ok_or_else(|| {
+        format!("{s:?} is not an IP prefix (like 192.0.2.0/24, 2001:db8::/32 or an address)")
+    })
+}
+
 pub fn de_prefixes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
     Ok(Vec::<PrefixDe>::deserialize(d)?
         .into_iter()

@@ -43,6 +43,10 @@ pub struct Lab {
     pub bpffs: BpffsDir,
     pub pki: pki::LabPki,
     pub lans: (String, String),
+    /// More environment for the agent (e.g. NOTIFY_SOCKET).
+    pub agent_env: Vec<(String, String)>,
+    /// More environment for the client.
+    pub client_env: Vec<(String, String)>,
 }
 
 pub fn ip(ns: &Netns, args: &str) -> Result<()> {
@@ -122,6 +126,8 @@ impl Lab {
             bpffs: BpffsDir::new()?,
             pki,
             lans,
+            agent_env: Vec::new(),
+            client_env: Vec::new(),
         })
     }
 
@@ -150,12 +156,13 @@ impl Lab {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let p = Proc::spawn(
+        let p = Proc::spawn_with_env(
             &self.isp,
             "dots-client",
             &bin("dots-client")?,
             &args,
             self.dir.path.join("client.log"),
+            &self.client_env,
         )?;
         p.wait_log("control socket ready", Duration::from_secs(10))?;
         self.client = Some(p);
@@ -164,44 +171,63 @@ impl Lab {
 
     /// Starts the agent in the cpe namespace with XDP on both LAN interfaces.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
-        let (_, cert, key) = &self.pki.agents[0];
-        let mut args: Vec<String> = [
-            "run",
-            "--peer",
-            "203.0.113.2:4647",
-            "--ca",
-            &self.pki.ca.display().to_string(),
-            "--cert",
-            &cert.display().to_string(),
-            "--key",
-            &key.display().to_string(),
-            "--domain",
-            "192.0.2.0/24",
-            "--domain",
-            "2001:db8:1::/48",
-            "--lan",
-            &self.lans.0,
-            "--lan",
-            &self.lans.1,
-            "--bpffs",
-            &self.bpffs.path.display().to_string(),
-            "--control",
-            &self.path("agent.sock"),
-            "--state-dir",
-            &self.path("agent-state"),
-            "--notify-interval",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args = self.agent_args(true);
         args.extend(extra.iter().map(|s| s.to_string()));
-        let p = Proc::spawn(
+        self.start_agent_with(args)
+    }
+
+    /// The arguments of `dots-agent run` in this lab: certificates, LAN
+    /// interfaces, bpffs, control socket, state directory, a one-second
+    /// notify interval; the peer and the domain too with `peer_and_domain`
+    /// (without, they come from a `--config` file).
+    pub fn agent_args(&self, peer_and_domain: bool) -> Vec<String> {
+        let (_, cert, key) = &self.pki.agents[0];
+        let mut args: Vec<String> = vec!["run".into()];
+        if peer_and_domain {
+            args.extend(
+                [
+                    "--peer",
+                    "203.0.113.2:4647",
+                    "--domain",
+                    "192.0.2.0/24",
+                    "--domain",
+                    "2001:db8:1::/48",
+                ]
+                .map(String::from),
+            );
+        }
+        args.extend([
+            "--ca".into(),
+            self.pki.ca.display().to_string(),
+            "--cert".into(),
+            cert.display().to_string(),
+            "--key".into(),
+            key.display().to_string(),
+            "--lan".into(),
+            self.lans.0.clone(),
+            "--lan".into(),
+            self.lans.1.clone(),
+            "--bpffs".into(),
+            self.bpffs.path.display().to_string(),
+            "--control".into(),
+            self.path("agent.sock"),
+            "--state-dir".into(),
+            self.path("agent-state"),
+            "--notify-interval".into(),
+            "1".into(),
+        ]);
+        args
+    }
+
+    /// Starts `dots-agent` with exactly `args` and waits until it connected.
+    pub fn start_agent_with(&mut self, args: Vec<String>) -> Result<()> {
+        let p = Proc::spawn_with_env(
             &self.cpe,
             "dots-agent",
             &bin("dots-agent")?,
             &args,
             self.dir.path.join("agent.log"),
+            &self.agent_env,
         )?;
         self.agent = Some(p);
         eventually(Duration::from_secs(20), || {
@@ -397,6 +423,16 @@ pub fn send(ns: &Netns, dst: &str, count: usize, tag: &str) -> Result<()> {
         }
         Ok(())
     })?
+}
+
+/// Whether a mitigate reply is the refusal of a source outside the agent's
+/// domain (RFC 9066 §5.3.1): 4.00 with a diagnostic saying so.
+pub fn refused_as_outside(code: &str, body: &Value) -> bool {
+    code == "4.00 Bad Request"
+        && body["diagnostic"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("outside")
 }
 
 pub fn scope_counter(scope: &Value, key: &str) -> u64 {

@@ -68,6 +68,18 @@ impl Proc {
         args: &[String],
         log: PathBuf,
     ) -> Result<Proc> {
+        Proc::spawn_with_env(ns, name, bin, args, log, &[])
+    }
+
+    /// [`Proc::spawn`] with more environment variables.
+    pub fn spawn_with_env(
+        ns: &Netns,
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        log: PathBuf,
+        env: &[(String, String)],
+    ) -> Result<Proc> {
         let out = fs::File::create(&log)?;
         let err = out.try_clone()?;
         let child = Command::new("nsenter")
@@ -79,6 +91,7 @@ impl Proc {
                 std::env::var("DOTS_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -109,6 +122,17 @@ impl Proc {
             self.name,
             self.log_text()
         )
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn stop(&mut self) {

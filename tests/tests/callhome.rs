@@ -279,14 +279,25 @@ fn agent_from_another_ca_is_rejected() -> Result<()> {
     let lab = Lab::new()?;
     let isp = lab.default_listener()?;
     // An agent certificate from a CA the listener does not trust.
-    let other = pki::create_lab_pki(&lab.dir.path.join("other"), &[], &["mallory".into()], 1)?;
-    let (_, cert, key) = &other.agents[0];
+    // (Named apart from the lab's CA: chain building goes by names.)
+    let other = lab.dir.path.join("other");
+    let other_ca = pki::new_ca("another CA", 1)?;
+    let (other_ca_pem, _) = other_ca.write(&other, "ca")?;
+    let (cert, key) = pki::issue(&other_ca, "mallory", &[pki::San::parse("mallory")], 1)?
+        .write(&other, "agent-mallory")?;
+    // Its bundle trusts the listener's CA and holds its own, so the agent
+    // passes its own start-up checks: only the listener can refuse it.
+    let bundle = lab.dir.path.join("mallory-ca.pem");
+    std::fs::write(
+        &bundle,
+        [std::fs::read(&lab.pki.ca)?, std::fs::read(&other_ca_pem)?].concat(),
+    )?;
     let args: Vec<String> = [
         "run",
         "--peer",
         "127.0.0.1:4647",
         "--ca",
-        &lab.pki.ca.display().to_string(),
+        &bundle.display().to_string(),
         "--cert",
         &cert.display().to_string(),
         "--key",

@@ -3,6 +3,7 @@
 //! through it, one JSON object per line.
 
 use std::{
+    collections::BTreeMap,
     path::Path,
     sync::{Arc, Mutex},
     time::Instant,
@@ -132,8 +133,9 @@ pub struct ConsentCommand {
 #[derive(Clone)]
 pub struct ControlContext {
     pub view: Arc<Mutex<AgentView>>,
-    /// One sender per peer task, by peer index.
-    pub consent: Vec<mpsc::Sender<ConsentCommand>>,
+    /// One sender per peer task, by peer index (peers come and go with
+    /// reloads).
+    pub consent: Arc<Mutex<BTreeMap<usize, mpsc::Sender<ConsentCommand>>>>,
 }
 
 pub fn bind(path: &Path) -> Result<UnixListener> {
@@ -209,7 +211,7 @@ async fn answer(req: Request, ctx: &ControlContext) -> Reply {
                     ))
                 }
             };
-            let Some(tx) = ctx.consent.get(owner) else {
+            let Some(tx) = ctx.consent.lock().ok().and_then(|c| c.get(&owner).cloned()) else {
                 return Reply::error("no such peer");
             };
             let (reply, rx) = oneshot::channel();

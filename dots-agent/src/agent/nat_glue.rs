@@ -12,9 +12,12 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
+
+use dots_daemon::logging::list;
 
 use dots_proto::signal::MitigationKey;
 use tokio::sync::mpsc;
@@ -52,23 +55,21 @@ pub(crate) struct NatService {
     mirror: Mutex<Option<CtMirror>>,
     conntrack: Mutex<Option<Conntrack>>,
     /// Peer task channels, by peer index.
-    peers: Vec<mpsc::UnboundedSender<NatResolved>>,
+    peers: Mutex<BTreeMap<usize, mpsc::UnboundedSender<NatResolved>>>,
 }
 
 impl NatService {
     /// Opens conntrack, subscribes to new and destroyed flows, then loads
     /// the mirror with a dump (in that order, so no flow falls between:
-    /// events queued during the dump are applied after it). Returns the
-    /// receivers for the peer tasks.
+    /// events queued during the dump are applied after it). `router`: the
+    /// router's own addresses; see [`NatService::set_router_addresses`].
     pub(crate) fn start(
         action: NatAction,
-        peers: usize,
+        router: Vec<IpAddr>,
         table: Arc<Mutex<SlotTable>>,
-    ) -> (Arc<NatService>, Vec<mpsc::UnboundedReceiver<NatResolved>>) {
-        let (txs, rxs): (Vec<_>, Vec<_>) = (0..peers).map(|_| mpsc::unbounded_channel()).unzip();
-        let router = nat::router_addresses();
+    ) -> Arc<NatService> {
         info!(
-            ?router,
+            router = %list(&router),
             ?action,
             "NAT correlation: the router's own addresses"
         );
@@ -111,7 +112,7 @@ impl NatService {
             tracker: Mutex::new(NatTracker::new(router, action)),
             mirror: Mutex::new(mirror),
             conntrack: Mutex::new(conntrack),
-            peers: txs,
+            peers: Mutex::default(),
         });
         if let Some(s) = events {
             match s.spawn(Duration::from_millis(200)) {
@@ -126,7 +127,36 @@ impl NatService {
                 }
             }
         }
-        (service, rxs)
+        service
+    }
+
+    /// The channel on which peer task `index` hears that a pending
+    /// mitigation now has a slot.
+    pub(crate) fn add_peer(&self, index: usize) -> mpsc::UnboundedReceiver<NatResolved> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Ok(mut p) = self.peers.lock() {
+            p.insert(index, tx);
+        }
+        rx
+    }
+
+    /// Peer `index` is gone (removed by a reload).
+    pub(crate) fn remove_peer(&self, index: usize) {
+        if let Ok(mut p) = self.peers.lock() {
+            p.remove(&index);
+        }
+    }
+
+    /// The router's addresses changed: requests from now on that name one
+    /// of `router` are resolved through conntrack; an address it no longer
+    /// has is not the router's any more.
+    pub(crate) fn set_router_addresses(&self, router: Vec<IpAddr>) {
+        if let Ok(mut t) = self.tracker.lock() {
+            if t.router_addresses() != router.as_slice() {
+                info!(router = %list(&router), "NAT correlation: the router's addresses changed");
+                t.set_router_addresses(router);
+            }
+        }
     }
 
     /// Starts following `key` if its scope names the router's addresses.
@@ -207,7 +237,7 @@ fn refresh_macs(tracker: &mut NatTracker<SlotKey>) {
 fn log_devices(tracker: &NatTracker<SlotKey>, key: &SlotKey) {
     if let Some(set) = tracker.devices(key) {
         let devices: Vec<String> = set.iter().map(|d| d.addr.to_string()).collect();
-        info!(cuid = %key.cuid, mid = key.mid, ?devices, "internal devices behind NAT");
+        info!(cuid = %key.cuid, mid = key.mid, devices = %list(&devices), "internal devices behind NAT");
     }
 }
 
@@ -323,7 +353,12 @@ async fn follow(
             match installed {
                 Ok(Ok(slot)) => {
                     info!(cuid = %k.cuid, mid = k.mid, slot, "NATed device enforced");
-                    if let Some(tx) = service.peers.get(k.peer) {
+                    if let Some(tx) = service
+                        .peers
+                        .lock()
+                        .ok()
+                        .and_then(|p| p.get(&k.peer).cloned())
+                    {
                         let _ = tx.send(NatResolved(MitigationKey::new(k.cuid.clone(), k.mid)));
                     }
                 }

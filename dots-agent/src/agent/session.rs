@@ -6,6 +6,7 @@
 //! agent dials again when the session is lost).
 
 use std::{
+    collections::BTreeMap,
     future::Future,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -15,14 +16,16 @@ use std::{
 use dots_proto::{
     coap::{DatagramConfig, DatagramEndpoint, Endpoint, StreamConfig, StreamEndpoint},
     model::RedirectedSignal,
-    signal::{Action, MitigationKey, MitigationRecord, ServerConfig, SignalServer},
+    signal::{Action, MitigationKey, MitigationRecord, Phase, SignalServer},
 };
-use tokio::sync::mpsc;
+use ipnet::IpNet;
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use super::{
     control::ConsentCommand,
     enforcer::{slot_spec, SlotKey, SlotTable},
+    live::Live,
     nat_glue::{NatInstall, NatResolved, NatService},
     state::{log_restored, StateStore},
     view::{unix_now, AgentView, PeerState},
@@ -31,7 +34,10 @@ use crate::{
     discovery::{DiscoveryContext, Rediscovery},
     peer::PeerTarget,
 };
-use dots_daemon::transport::{Backoff, Connection, Dialer, Incoming, Transport, TransportError};
+use dots_daemon::{
+    logging::list,
+    transport::{Backoff, Connection, DialOptions, Dialer, Incoming, Transport, TransportError},
+};
 
 pub(crate) type Server = SignalServer<Box<dyn Endpoint + Send>>;
 
@@ -45,15 +51,20 @@ enum Ended {
     Redirect(RedirectedSignal),
     /// Discovery now names another peer (RFC 8973 §4).
     Retarget(PeerTarget),
+    /// A reload removed this peer.
+    Stopped,
 }
 
 /// Everything one peer task needs.
 pub(crate) struct PeerTask {
     pub(crate) index: usize,
     pub(crate) target: PeerTarget,
-    pub(crate) transports: Vec<Transport>,
-    pub(crate) dialer: Dialer,
-    pub(crate) server_config: ServerConfig,
+    /// Settings a reload or an address change alters (see [`super::live`]).
+    pub(crate) live: watch::Receiver<Arc<Live>>,
+    /// Fired when a reload removes this peer.
+    pub(crate) stop: oneshot::Receiver<()>,
+    /// The router's addresses, for re-discovery.
+    pub(crate) addresses: watch::Receiver<Vec<IpNet>>,
     pub(crate) enforcer: Option<Arc<Mutex<SlotTable>>>,
     pub(crate) view: Arc<Mutex<AgentView>>,
     pub(crate) consent: mpsc::Receiver<ConsentCommand>,
@@ -86,16 +97,29 @@ struct Shell {
     current: Option<PeerTarget>,
     /// When a discovered peer's validity is checked next.
     next_check: Instant,
+    live: watch::Receiver<Arc<Live>>,
+    stop: oneshot::Receiver<()>,
+    stopped: bool,
+    /// The mitigations the signal server held at the last step, and
+    /// whether each awaited consent: to tell a new request (2.01) from an
+    /// update (2.04), and an install that follows consent (no request) in
+    /// the request counts.
+    known: BTreeMap<MitigationKey, bool>,
+    /// Off while the actions of restored mitigations are performed.
+    counting: bool,
 }
+
+/// A reload removed the peer while the task waited.
+struct Stopped;
 
 impl PeerTask {
     pub(crate) async fn run(self) {
         let PeerTask {
             index,
             mut target,
-            transports,
-            mut dialer,
-            server_config,
+            live,
+            stop,
+            addresses,
             enforcer,
             view,
             consent,
@@ -117,23 +141,38 @@ impl PeerTask {
             saved: None,
             nat,
             nat_rx,
-            rediscovery: discovery.map(Rediscovery::new),
+            rediscovery: discovery.map(|d| Rediscovery::new(d, addresses)),
             current: None,
             next_check: Instant::now(),
+            live,
+            stop,
+            stopped: false,
+            known: Default::default(),
+            counting: true,
         };
         let now = Instant::now();
+        let first = shell.live.borrow_and_update().clone();
         // Until the first connection the endpoint talks to nobody: what it
         // would send is dropped.
         let mut server = match endpoint(Transport::Udp, seed)
             .map_err(|e| e.to_string())
-            .and_then(|ep| SignalServer::new(now, ep, server_config).map_err(|e| e.to_string()))
-        {
+            .and_then(|ep| {
+                SignalServer::new(now, ep, first.server.clone()).map_err(|e| e.to_string())
+            }) {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "invalid signal configuration");
                 return;
             }
         };
+        let mut dialer = match Dialer::new(&first.credentials, DialOptions::default()) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "cannot use the certificate files");
+                return;
+            }
+        };
+        let mut generation = first.generation;
         shell.restore(&mut server, restore);
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60), 2.0);
         let home = target.clone();
@@ -151,21 +190,39 @@ impl PeerTask {
             shell.current = Some(target.clone());
             shell.set_state(&target, PeerState::Dialling, None);
             let enforcer = shell.enforcer.clone();
+            // A reload may have brought new credentials or transports.
+            let live = shell.live.borrow().clone();
+            if live.generation != generation {
+                match Dialer::new(&live.credentials, DialOptions::default()) {
+                    Ok(d) => dialer = d,
+                    Err(e) => {
+                        warn!(error = %e, "new certificate files unusable; dialling with the previous ones")
+                    }
+                }
+                generation = live.generation;
+            }
             let dialled = shell
                 .idle(
                     &mut server,
-                    connect(&mut dialer, &target, &transports, enforcer.as_ref()),
+                    connect(&mut dialer, &target, &live.transports, enforcer.as_ref()),
                 )
                 .await;
             let conn = match dialled {
-                Ok(c) => c,
-                Err(e) => {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
                     let delay = backoff.next_delay();
                     warn!(peer = %target, error = %e, retry_in = ?delay, "dial failed");
                     shell.set_state(&target, PeerState::Dialling, Some(e.to_string()));
-                    shell.idle(&mut server, tokio::time::sleep(delay)).await;
+                    if shell
+                        .idle(&mut server, tokio::time::sleep(delay))
+                        .await
+                        .is_err()
+                    {
+                        return shell.retire(&server);
+                    }
                     continue;
                 }
+                Err(Stopped) => return shell.retire(&server),
             };
             backoff.reset();
             info!(
@@ -208,8 +265,9 @@ impl PeerTask {
                     target = t;
                     continue; // discovery found another peer: dial it now
                 }
+                Ended::Stopped => return shell.retire(&server),
                 Ended::Redirect(r) => {
-                    info!(alt = %r.alt_ch_client, records = ?r.alt_ch_client_record, ttl = ?r.ttl, "redirected");
+                    info!(alt = %r.alt_ch_client, records = %list(&r.alt_ch_client_record), ttl = ?r.ttl, "redirected");
                     target = PeerTarget {
                         host: r.alt_ch_client.clone(),
                         port: target.port,
@@ -224,7 +282,13 @@ impl PeerTask {
                 }
             }
             let delay = backoff.next_delay();
-            shell.idle(&mut server, tokio::time::sleep(delay)).await;
+            if shell
+                .idle(&mut server, tokio::time::sleep(delay))
+                .await
+                .is_err()
+            {
+                return shell.retire(&server);
+            }
         }
     }
 }
@@ -288,18 +352,70 @@ fn deadline(server: &Server) -> Instant {
 
 impl Shell {
     /// Awaits `fut` (a dial, a backoff) while keeping the signal layer's
-    /// timers and the operator's decisions going. Nothing can be sent.
-    async fn idle<F: Future>(&mut self, server: &mut Server, fut: F) -> F::Output {
+    /// timers, the operator's decisions and live settings going. Nothing
+    /// can be sent. [`Stopped`] when a reload removed the peer meanwhile.
+    async fn idle<F: Future>(&mut self, server: &mut Server, fut: F) -> Result<F::Output, Stopped> {
         tokio::pin!(fut);
         loop {
             let _ = self.step(server);
             while server.poll_transmit().is_some() {}
             tokio::select! {
-                out = &mut fut => return out,
+                out = &mut fut => return Ok(out),
                 _ = tokio::time::sleep_until(deadline(server).into()) => server.handle_timeout(Instant::now()),
                 Some(cmd) = self.consent.recv() => self.decide(server, cmd),
                 Some(NatResolved(key)) = next_nat(&mut self.nat_rx) => { let _ = server.installed(Instant::now(), &key); }
+                Ok(()) = self.live.changed() => self.apply_live(server),
+                _ = &mut self.stop, if !self.stopped => {
+                    self.stopped = true;
+                    return Err(Stopped);
+                }
             }
+        }
+    }
+
+    /// Applies the newest live settings to the signal server (a reload, an
+    /// address change): requests from now on are checked against them.
+    fn apply_live(&mut self, server: &mut Server) {
+        let live = self.live.borrow_and_update().clone();
+        if *server.config() == live.server {
+            return;
+        }
+        match server.set_config(Instant::now(), live.server.clone()) {
+            Ok(()) => {
+                debug!(peer = %self.name, domain = %list(&live.server.domain), "new settings applied")
+            }
+            Err(e) => {
+                warn!(peer = %self.name, error = %e, "new settings refused by the signal layer; keeping the previous ones")
+            }
+        }
+    }
+
+    /// A reload removed this peer: its slots are freed (nothing else would
+    /// ever expire them), its state forgotten and its view entries dropped.
+    fn retire(&mut self, server: &Server) {
+        info!(peer = %self.name, mitigations = server.mitigations().iter().count(), "peer removed by a reload: its mitigations end");
+        let keys: Vec<SlotKey> = server
+            .mitigations()
+            .iter()
+            .map(|(k, _)| self.slot_key(k))
+            .collect();
+        if let Some(n) = &self.nat {
+            for k in &keys {
+                n.remove(k);
+            }
+            n.remove_peer(self.peer);
+        }
+        if let Some(e) = &self.enforcer {
+            if let Ok(mut t) = e.lock() {
+                if let Err(err) = t.retain_peer(self.peer, &[]) {
+                    warn!(error = %err, "could not free the removed peer's slots");
+                }
+            }
+        }
+        self.store.update(self.peer, &self.name, Vec::new());
+        if let Ok(mut v) = self.view.lock() {
+            v.mitigations.retain(|(p, _, _), _| *p != self.peer);
+            v.peers.remove(&self.peer);
         }
     }
 
@@ -337,6 +453,9 @@ impl Shell {
             tokio::select! {
                 got = conn.recv() => match got {
                     Ok(Incoming::Datagram(bytes)) | Ok(Incoming::Stream(bytes)) => {
+                        if self.live.has_changed().unwrap_or(false) {
+                            self.apply_live(server);
+                        }
                         let now = Instant::now();
                         if let Err(e) = server.handle_input(now, &bytes) {
                             debug!(error = %e, "input dropped");
@@ -350,6 +469,11 @@ impl Shell {
                 Some(cmd) = self.consent.recv() => self.decide(server, cmd),
                 Some(NatResolved(key)) = next_nat(&mut self.nat_rx) => { let _ = server.installed(Instant::now(), &key); }
                 _ = tokio::time::sleep_until(self.next_check.into()), if self.rediscovery.is_some() => {}
+                Ok(()) = self.live.changed() => self.apply_live(server),
+                _ = &mut self.stop, if !self.stopped => {
+                    self.stopped = true;
+                    return Ended::Stopped;
+                }
             }
         }
     }
@@ -370,6 +494,7 @@ impl Shell {
     fn step(&mut self, server: &mut Server) -> Option<Ended> {
         let mut end = None;
         while let Some(action) = server.poll_action() {
+            self.count_request(&action);
             // The first ending wins: a redirect is followed by a close.
             if let Some(e) = self.perform(server, action) {
                 end = end.or(Some(e));
@@ -392,6 +517,11 @@ impl Shell {
                 }
             }
         }
+        self.known = server
+            .mitigations()
+            .iter()
+            .map(|(k, m)| (k.clone(), m.phase == Phase::AwaitingConsent))
+            .collect();
         let revision = server.mitigations().revision();
         if self.saved != Some(revision) {
             self.saved = Some(revision);
@@ -399,6 +529,29 @@ impl Shell {
                 .update(self.peer, &self.name, server.snapshot(now));
         }
         end
+    }
+
+    /// Counts a mitigation request by the code it was answered with: a
+    /// refusal's own, 2.01 for a new mitigation, 2.04 for an update.
+    fn count_request(&self, action: &Action) {
+        if !self.counting {
+            return;
+        }
+        let code = match action {
+            Action::Rejected { code, .. } => code.clone(),
+            Action::Install { key, .. }
+            | Action::AskConsent { key, .. }
+            | Action::Monitored { key, .. } => match self.known.get(key) {
+                None => "2.01".to_string(),
+                // Consent decided: the request was counted when it came.
+                Some(true) => return,
+                Some(false) => "2.04".to_string(),
+            },
+            _ => return,
+        };
+        if let Ok(mut v) = self.view.lock() {
+            *v.requests.entry((self.peer, code)).or_default() += 1;
+        }
     }
 
     /// Brings back the mitigations of the previous run; slots of ones that
@@ -413,6 +566,10 @@ impl Shell {
             }
         };
         log_restored(&self.name, keys.len(), offered);
+        // Re-installing restored mitigations answers no request.
+        self.counting = false;
+        let _ = self.step(server);
+        self.counting = true;
         if let Some(e) = &self.enforcer {
             let keep: Vec<SlotKey> = keys.iter().map(|k| self.slot_key(k)).collect();
             if let Ok(mut t) = e.lock() {
@@ -441,7 +598,7 @@ impl Shell {
 
     fn set_state(&self, target: &PeerTarget, state: PeerState, error: Option<String>) {
         if let Ok(mut v) = self.view.lock() {
-            if let Some(p) = v.peers.get_mut(self.peer) {
+            if let Some(p) = v.peers.get_mut(&self.peer) {
                 p.peer = target.to_string();
                 p.state = state;
                 if error.is_some() {
@@ -458,7 +615,7 @@ impl Shell {
 
     fn connected(&self, target: &PeerTarget, conn: &Connection) {
         if let Ok(mut v) = self.view.lock() {
-            if let Some(p) = v.peers.get_mut(self.peer) {
+            if let Some(p) = v.peers.get_mut(&self.peer) {
                 p.peer = target.to_string();
                 p.state = PeerState::Connected;
                 p.transport = Some(conn.transport().to_string());
@@ -468,13 +625,18 @@ impl Shell {
                 p.last_rx = Some(Instant::now());
                 p.sessions += 1;
                 p.last_error = None;
+                p.cert_not_after = conn
+                    .peer_certificate()
+                    .and_then(|c| crate::discovery::cert_not_after(&c))
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs() as i64);
             }
         }
     }
 
     fn heard(&self, now: Instant) {
         if let Ok(mut v) = self.view.lock() {
-            if let Some(p) = v.peers.get_mut(self.peer) {
+            if let Some(p) = v.peers.get_mut(&self.peer) {
                 p.last_rx = Some(now);
             }
         }
@@ -504,7 +666,7 @@ impl Shell {
                     None | Some(NatInstall::Direct) => spec,
                     Some(NatInstall::Resolved(s)) => s,
                     Some(NatInstall::Pending) => {
-                        info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix,
+                        info!(cuid = %key.cuid, mid = key.mid, sources = %list(&request.scope.source_prefix),
                               "the router's own address: waiting for a matching flow in conntrack");
                         return None;
                     }
@@ -521,8 +683,8 @@ impl Shell {
                 };
                 match result {
                     Ok(slot) => {
-                        info!(cuid = %key.cuid, mid = key.mid, slot, sources = ?request.scope.source_prefix,
-                              targets = ?request.scope.target_prefix, lifetime = request.lifetime, "mitigation enforced");
+                        info!(cuid = %key.cuid, mid = key.mid, slot, sources = %list(&request.scope.source_prefix),
+                              targets = %list(&request.scope.target_prefix), lifetime = request.lifetime, "mitigation enforced");
                         let _ = server.installed(now, &key);
                     }
                     Err(reason) => {
@@ -573,8 +735,8 @@ impl Shell {
                 }
             }
             Action::AskConsent { key, request } => {
-                info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix,
-                      targets = ?request.scope.target_prefix,
+                info!(cuid = %key.cuid, mid = key.mid, sources = %list(&request.scope.source_prefix),
+                      targets = %list(&request.scope.target_prefix),
                       "mitigation awaits operator consent: dots-agent approve|reject {}/{}", key.cuid, key.mid);
             }
             Action::ConsentTimedOut { key, approved } => {
@@ -589,8 +751,8 @@ impl Shell {
                 warn!(cuid = cuid.as_deref().unwrap_or("-"), mid = ?mid, %code, %diagnostic, "request refused");
             }
             Action::Monitored { key, request } => {
-                info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix,
-                      targets = ?request.scope.target_prefix, lifetime = request.lifetime,
+                info!(cuid = %key.cuid, mid = key.mid, sources = %list(&request.scope.source_prefix),
+                      targets = %list(&request.scope.target_prefix), lifetime = request.lifetime,
                       "monitor mode: mitigation validated and answered, nothing installed");
             }
             Action::Redirect { target } => return Some(Ended::Redirect(target)),

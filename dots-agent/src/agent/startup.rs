@@ -1,13 +1,14 @@
 //! From a configuration to the runtime's options, as `dots-agent run` starts:
-//! find the peer by discovery when none is configured, check the files, and
-//! add the router's own addresses to the local domain.
+//! find the peer by discovery when none is configured and check the
+//! configuration on this machine; and how SIGHUP reads it again
+//! ([`reloader`]).
 
 use anyhow::Result;
-use tracing::info;
+use tracing::{info, warn};
 
-use super::AgentOptions;
+use super::{AgentOptions, Reloader};
 use crate::{
-    config::{AgentConfig, DiscoveryFlags, PeerConfig},
+    config::{AgentConfig, DiscoveryFlags, PeerConfig, RunFlags},
     discovery::{self, DiscoverOptions, DiscoveryContext},
     peer::PeerTarget,
 };
@@ -23,26 +24,55 @@ pub async fn options(mut config: AgentConfig, discovery: &DiscoveryFlags) -> Res
     };
     if let Some((t, _)) = &discovered {
         info!(peer = %t, endpoints = ?t.endpoints, "peer found by discovery");
-        config.peers = vec![PeerConfig {
-            address: t.endpoints[0].0.to_string(),
-            peer_name: t.name.clone(),
-            ..Default::default()
-        }];
+        config.peers = vec![discovered_peer(t)];
     }
-    config.check_files()?;
+    for w in config.check()? {
+        warn!("{w}");
+    }
     let mut opts = config.to_options()?;
     if let Some((t, d)) = discovered {
         opts.peers = vec![t];
         opts.discovery = Some(d);
     }
-    // The router's own addresses belong to its domain (RFC 9066 §5.3.1).
-    for p in config.interface_prefixes() {
-        if !opts.domain.iter().any(|d| d.contains(&p)) {
-            opts.domain.push(p);
-        }
-    }
-    info!(domain = ?opts.domain, "local domain");
+    // The router's own addresses join the domain in the runtime, as they
+    // change (RFC 9066 §5.3.1).
     Ok(opts)
+}
+
+/// What SIGHUP runs: the configuration file and the flags read again and
+/// checked as at start (`--log-format` and discovery are not re-read).
+/// A file without peers keeps the peer discovery found (discovery is not
+/// run again by a reload).
+pub fn reloader(flags: RunFlags) -> Reloader {
+    Box::new(move |running: &AgentOptions| {
+        let mut config = flags.load(None)?;
+        let discovered = config.peers.is_empty() && running.discovery.is_some();
+        if discovered {
+            config.peers = running.peers.iter().map(discovered_peer).collect();
+        }
+        for w in config.check()? {
+            warn!("{w}");
+        }
+        let mut opts = config.to_options()?;
+        if discovered {
+            opts.peers = running.peers.clone();
+            opts.discovery = running.discovery.clone();
+        }
+        Ok(opts)
+    })
+}
+
+/// A discovered peer as the configuration would name it, so that the
+/// checks of a configuration with peers apply.
+fn discovered_peer(t: &PeerTarget) -> PeerConfig {
+    PeerConfig {
+        address: t
+            .endpoints
+            .first()
+            .map_or_else(|| t.to_string(), |(a, _)| a.to_string()),
+        peer_name: t.name.clone(),
+        ..Default::default()
+    }
 }
 
 /// The Call Home DOTS client found by RFC 8973 discovery.

@@ -117,6 +117,14 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
     #[serde(skip)]
     pub last_rx: Option<Instant>,
+    /// The peer as configured (or first discovered), whatever `peer` is
+    /// now (a redirect changes it): the metrics' `peer` label.
+    #[serde(skip)]
+    pub configured: String,
+    /// When the peer's certificate of the current session expires, in
+    /// seconds since the Unix epoch.
+    #[serde(skip)]
+    pub cert_not_after: Option<i64>,
 }
 
 /// One mitigation, as `dots-agent mitigations` shows it.
@@ -228,8 +236,11 @@ pub struct AgentView {
     pub monitor: bool,
     pub bpffs: PathBuf,
     pub interfaces: Vec<Attachment>,
-    pub peers: Vec<PeerStatus>,
+    /// By peer index; indices are not reused when a reload removes a peer.
+    pub peers: BTreeMap<usize, PeerStatus>,
     pub mitigations: BTreeMap<(usize, String, u32), MitigationView>,
+    /// Mitigation requests (PUT) answered, by peer index and response code.
+    pub requests: BTreeMap<(usize, String), u64>,
 }
 
 impl AgentView {
@@ -258,7 +269,12 @@ impl AgentView {
             peers: self
                 .peers_at(now)
                 .into_iter()
-                .map(|p| PeerStatus { last_rx: None, ..p })
+                .map(|p| PeerStatus {
+                    last_rx: None,
+                    configured: String::new(),
+                    cert_not_after: None,
+                    ..p
+                })
                 .collect(),
             mitigations: self.mitigations.len(),
         }
@@ -272,7 +288,7 @@ impl AgentView {
     /// Peers with `silent_for` computed at `now`.
     pub fn peers_at(&self, now: Instant) -> Vec<PeerStatus> {
         self.peers
-            .iter()
+            .values()
             .cloned()
             .map(|mut p| {
                 p.silent_for = p
@@ -385,14 +401,21 @@ mod tests {
                 mode: "native",
                 pin: "/sys/fs/bpf/dots-agent/link_eth1".into(),
             }],
-            peers: vec![PeerStatus {
-                peer: "isp.example:4647".into(),
-                state: PeerState::Connected,
-                transport: Some("tls".into()),
-                last_rx: Some(now),
-                ..Default::default()
-            }],
+            peers: [(
+                0,
+                PeerStatus {
+                    peer: "isp.example:4647".into(),
+                    state: PeerState::Connected,
+                    transport: Some("tls".into()),
+                    last_rx: Some(now),
+                    configured: "isp.example:4647".into(),
+                    cert_not_after: Some(1),
+                    ..Default::default()
+                },
+            )]
+            .into(),
             mitigations: BTreeMap::new(),
+            requests: BTreeMap::new(),
         };
         let status = view.status(now);
         let json = serde_json::to_value(&status).unwrap();

@@ -9,7 +9,10 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use ipnet::IpNet;
 
-use dots_daemon::{config::ConfigError, logging::LogFormat};
+use dots_daemon::{
+    config::{prefix_arg, ConfigError},
+    logging::LogFormat,
+};
 
 use super::{AgentConfig, ConsentMode, PeerConfig, TransportPref};
 use crate::{enforce::AttachMode, nat::NatAction};
@@ -43,7 +46,7 @@ pub struct RunFlags {
     pub peer_name: Option<String>,
     /// The local domain: source prefixes of requests must fall inside
     /// (repeatable; the router's own addresses are added).
-    #[arg(long = "domain", value_name = "PREFIX")]
+    #[arg(long = "domain", value_name = "PREFIX", value_parser = prefix_arg)]
     pub domain: Vec<IpNet>,
     /// Monitor mode: validate, answer and log requests, install nothing
     /// (status stays 1 "attack-mitigation-in-progress").
@@ -59,7 +62,7 @@ pub struct RunFlags {
     #[arg(long, value_enum)]
     pub consent: Option<ConsentMode>,
     /// Prefix never to drop, whatever a request says (repeatable).
-    #[arg(long = "never-block", value_name = "PREFIX")]
+    #[arg(long = "never-block", value_name = "PREFIX", value_parser = prefix_arg)]
     pub never_block: Vec<IpNet>,
     /// bpffs directory for pinned maps and links [default: /sys/fs/bpf/dots-agent].
     #[arg(long)]

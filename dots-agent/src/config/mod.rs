@@ -7,7 +7,11 @@
 //!   file (peers parse, prefixes are prefixes, intervals are in range, ...);
 //! * [`AgentConfig::check_files`]: the certificate and key files exist and
 //!   are readable. `validate` does not call it, so a configuration can be
-//!   checked on another machine; `dots-agent check-config` runs both.
+//!   checked on another machine;
+//! * [`AgentConfig::check`]: `validate`, then what makes sessions fail on
+//!   this machine: the certificates in depth (PEM, key match, expiry, chain
+//!   to the CA), and when enforcing the LAN interfaces and the bpffs mount.
+//!   `dots-agent check-config` and `run` use it.
 //!
 //! The full key reference is `docs/configuration.md`; `examples/agent.toml`
 //! shows every key with its default.
@@ -41,6 +45,7 @@ use crate::{
     peer::PeerTarget,
 };
 
+mod check;
 mod flags;
 #[cfg(test)]
 mod tests;
@@ -480,13 +485,12 @@ impl AgentConfig {
     }
 
     /// `dots-agent check-config`: everything `run` checks of a file before
-    /// it starts (syntax, keys, values, the certificate files); the options
-    /// it would start with. Discovery and the interfaces are not looked at.
-    pub fn check_file(path: impl AsRef<Path>) -> Result<AgentOptions, ConfigError> {
+    /// it starts (syntax, keys, values, [`check`](Self::check)); the
+    /// options it would start with and the warnings. Discovery is not run.
+    pub fn check_file(path: impl AsRef<Path>) -> Result<(AgentOptions, Vec<String>), ConfigError> {
         let config = Self::load(path)?;
-        config.validate()?;
-        config.check_files()?;
-        config.to_options()
+        let warnings = config.check()?;
+        Ok((config.to_options()?, warnings))
     }
 
     /// Checks that every certificate, key and CA file a peer uses exists and
@@ -579,8 +583,8 @@ impl AgentConfig {
     }
 
     /// Validates, then maps into the runtime's options. `domain` holds the
-    /// configured prefixes only: add [`interface_prefixes`](Self::interface_prefixes)
-    /// at start. `never_block` holds the configured prefixes only: the
+    /// configured prefixes only: the runtime adds the router's addresses,
+    /// as they change, when `interface_addresses` is set. `never_block` holds the configured prefixes only: the
     /// peers' addresses are added by the runtime once resolved.
     ///
     /// `AgentOptions` has one transport list and one set of credentials for
@@ -617,6 +621,10 @@ impl AgentConfig {
             credentials: first.credentials.clone(),
             peers: peers.into_iter().map(|p| p.target).collect(),
             domain: self.domain.prefixes.clone(),
+            interface_addresses: self.domain.interface_addresses.then_some(InterfaceFilter {
+                loopback: self.domain.include_loopback,
+                link_local: self.domain.include_link_local,
+            }),
             monitor: !self.enforce,
             lans: self.xdp.interfaces.clone(),
             attach_mode: self.xdp.mode,

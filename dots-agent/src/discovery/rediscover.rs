@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use dots_daemon::transport::Transport;
+use dots_daemon::{logging::list, transport::Transport};
+use ipnet::IpNet;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{DiscoverOptions, LookupErrorKind, RetryPolicy};
@@ -19,21 +21,23 @@ pub struct DiscoveryContext {
     pub valid_until: Option<std::time::SystemTime>,
 }
 
-/// The router's own addresses, in a stable order for comparison.
-fn local_addrs() -> Vec<ipnet::IpNet> {
-    let mut v = crate::netif::local_interface_prefixes();
-    v.sort();
-    v
+/// The router's own addresses that say which network it is on (loopback
+/// and link-local left out), sorted.
+fn local_addrs(all: &watch::Receiver<Vec<IpNet>>) -> Vec<IpNet> {
+    crate::netif::filtered(&all.borrow(), crate::netif::InterfaceFilter::default())
 }
 
 /// Re-discovery of a discovered peer (RFC 8973 §4): when the DNS TTL or DHCP
 /// lease runs out, when the peer's certificate expires, when `dhcp-hook`
 /// writes new results, or when the router's addresses change (a new network;
-/// read with getifaddrs at each check rather than a netlink subscription).
+/// followed by rtnetlink events, see [`crate::netif::watch_addresses`]).
 /// A failed lookup waits before the next try, by kind.
 pub struct Rediscovery {
     d: DiscoveryContext,
-    addrs: Vec<ipnet::IpNet>,
+    /// Every address of the router, kept current by address events.
+    watched: watch::Receiver<Vec<IpNet>>,
+    /// The addresses the last discovery ran with.
+    addrs: Vec<IpNet>,
     cert_until: Option<std::time::SystemTime>,
     dhcp_mtime: Option<std::time::SystemTime>,
     retry: RetryPolicy,
@@ -49,10 +53,13 @@ impl Rediscovery {
         self.cert_until = until;
     }
 
-    pub fn new(d: DiscoveryContext) -> Rediscovery {
+    /// `addresses`: the router's addresses, from
+    /// [`crate::netif::watch_addresses`].
+    pub fn new(d: DiscoveryContext, addresses: watch::Receiver<Vec<IpNet>>) -> Rediscovery {
         let mut r = Rediscovery {
             d,
-            addrs: local_addrs(),
+            addrs: local_addrs(&addresses),
+            watched: addresses,
             cert_until: None,
             dhcp_mtime: None,
             retry: RetryPolicy::default(),
@@ -76,14 +83,14 @@ impl Rediscovery {
         self.d.valid_until.is_some_and(|t| t <= now)
             || self.cert_until.is_some_and(|t| t <= now)
             || self.dhcp_file_mtime() != self.dhcp_mtime
-            || local_addrs() != self.addrs
+            || local_addrs(&self.watched) != self.addrs
     }
 
     pub async fn run(&mut self, current: &PeerTarget) -> Option<PeerTarget> {
         self.dhcp_mtime = self.dhcp_file_mtime();
-        let addrs = local_addrs();
+        let addrs = local_addrs(&self.watched);
         if addrs != self.addrs {
-            info!(now = ?addrs, "the router's addresses changed: discovering the peer again");
+            info!(now = %list(&addrs), "the router's addresses changed: discovering the peer again");
             self.addrs = addrs;
         }
         match super::find_peer(&self.d.opts, &self.d.transports).await {

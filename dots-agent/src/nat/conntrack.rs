@@ -11,7 +11,8 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use super::{netlink, NatError};
+use super::NatError;
+use crate::netlink;
 
 const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
@@ -392,7 +393,7 @@ impl EventSocket {
 mod tests {
     use super::*;
 
-    use netlink::test_attr as attr;
+    use crate::netlink::test_attr as attr;
 
     fn nested(ty: u16, parts: &[Vec<u8>]) -> Vec<u8> {
         attr(ty | 0x8000, &parts.concat())

@@ -17,7 +17,6 @@
 pub mod conntrack;
 pub mod mirror;
 pub mod neigh;
-mod netlink;
 pub mod resolve;
 pub mod tracker;
 

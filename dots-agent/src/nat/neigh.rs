@@ -3,7 +3,8 @@
 
 use std::{collections::HashMap, fmt, net::IpAddr};
 
-use super::{netlink, NatError};
+use super::NatError;
+use crate::netlink;
 
 const NETLINK_ROUTE: i32 = 0;
 const RTM_NEWNEIGH: u16 = 28;
@@ -89,7 +90,7 @@ pub fn neighbours() -> Result<HashMap<IpAddr, Mac>, NatError> {
 mod tests {
     use super::*;
 
-    use netlink::test_attr as attr;
+    use crate::netlink::test_attr as attr;
 
     #[test]
     fn parses_a_neighbour() {

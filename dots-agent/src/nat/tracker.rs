@@ -58,6 +58,13 @@ impl<K: Ord + Clone> NatTracker<K> {
         &self.router
     }
 
+    /// The router's addresses changed (PPPoE reconnect, DHCP renumbering):
+    /// requests from now on are resolved against `router`; mitigations
+    /// already followed keep the scope they were tracked with.
+    pub fn set_router_addresses(&mut self, router: Vec<IpAddr>) {
+        self.router = router;
+    }
+
     /// Whether `spec` needs NAT resolution.
     pub fn covers(&self, spec: &SlotSpec) -> bool {
         NatScope::from_spec(spec, &self.router).is_some()

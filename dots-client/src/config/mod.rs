@@ -169,6 +169,20 @@ impl ClientConfig {
         check_readable(&self.origin, "key", &c.key)
     }
 
+    /// `dots-client check-config` and start-up: [`validate`](Self::validate),
+    /// then the certificate files in depth (readable, PEM, the key is the
+    /// certificate's, valid now, chains to `ca`). Returns the warnings
+    /// (certificates expiring within 30 days).
+    pub fn check(&self) -> Result<Vec<String>, ConfigError> {
+        self.validate()?;
+        dots_daemon::cert_check::check_credentials(
+            &self.origin,
+            dots_daemon::cert_check::CredentialKeys::TOP,
+            &self.credentials()?,
+            std::time::SystemTime::now(),
+        )
+    }
+
     /// Validates, then maps into the listener's options.
     pub fn to_options(&self) -> Result<ClientOptions, ConfigError> {
         self.validate()?;

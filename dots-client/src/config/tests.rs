@@ -89,3 +89,37 @@ fn client_config() {
     let e = c.check_files().unwrap_err();
     assert_eq!(e.key(), Some("ca"), "{e}");
 }
+
+#[test]
+fn check_looks_into_the_certificates() {
+    let dir = std::env::temp_dir().join(format!("dots-client-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let pki = dots_daemon::pki::create_lab_pki(
+        &dir,
+        &[dots_daemon::pki::San::parse("isp.example")],
+        &["cpe1".into()],
+        365,
+    )
+    .unwrap();
+    let file = dir.join("client.toml");
+    let text = |key: &std::path::Path| {
+        format!(
+            "ca = \"ca.pem\"\ncert = \"client.pem\"\nkey = {:?}\n",
+            key.display().to_string()
+        )
+    };
+    let c = ClientConfig::from_str(&text(&pki.client_key), &file).unwrap();
+    assert_eq!(
+        c.check().unwrap_or_else(|e| panic!("{e}")),
+        Vec::<String>::new()
+    );
+    // The agent's key with the client's certificate: refused, naming `key`.
+    let c = ClientConfig::from_str(&text(&pki.agents[0].2), &file).unwrap();
+    let e = c.check().unwrap_err();
+    assert_eq!(e.key(), Some("key"), "{e}");
+    assert!(
+        e.to_string().contains("is not the key of the certificate"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -29,7 +29,7 @@ use openssl::{
 use super::{Transport, TransportError};
 
 /// Where the certificate material of one side lives (PEM files).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credentials {
     /// CA bundle the peer's certificate must chain to.
     pub ca: PathBuf,

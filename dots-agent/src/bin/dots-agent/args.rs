@@ -52,7 +52,10 @@ pub(crate) enum Command {
     ///     --cert agent.pem --key agent.key --domain 192.0.2.0/24 --lan eth1
     Run(Box<RunFlags>),
     /// Validate a configuration file without running: syntax, every key and
-    /// value, and that the certificate files exist.
+    /// value, the certificate files in depth (PEM, the key matches the
+    /// certificate, not expired, chains to the CA; a warning when one
+    /// expires within 30 days) and, when enforcing, that the LAN interfaces
+    /// exist and the bpffs is mounted. Exits 78 when something is wrong.
     CheckConfig {
         #[arg(value_name = "FILE")]
         config: PathBuf,
@@ -85,9 +88,19 @@ pub(crate) enum Command {
     },
     /// Remove everything the agent put in the kernel: detach XDP from every
     /// interface and unpin all maps. Enforcement stops at once.
+    ///
+    /// Exits non-zero, removing nothing, when the directory holds no pins
+    /// of dots-agent or also holds other files.
+    ///
+    /// Example: dots-agent detach --config /etc/dots-agent/agent.toml
     Detach {
-        #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
-        bpffs: PathBuf,
+        /// bpffs directory of the pins [default: the configuration's
+        /// xdp.bpffs, else /sys/fs/bpf/dots-agent].
+        #[arg(long)]
+        bpffs: Option<PathBuf>,
+        /// Read xdp.bpffs from this configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Discover the Call Home DOTS client (RFC 8973): explicit
     /// configuration, DHCP (as recorded by dhcp-hook), S-NAPTR, DNS-SD; print

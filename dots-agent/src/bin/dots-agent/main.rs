@@ -9,7 +9,6 @@ mod show;
 use std::{future::Future, path::PathBuf};
 
 use anyhow::{Context, Result};
-use clap::Parser;
 
 use args::{Cli, Command, ConsentArgs, ControlArgs, DataplaneCommand};
 use dots_agent::{
@@ -18,24 +17,28 @@ use dots_agent::{
     discovery,
     enforce::{Dataplane, DataplaneOptions},
 };
-use dots_daemon::logging::{self, LogFormat};
+use dots_daemon::{
+    exit::{self, ConfigProblem},
+    logging::{self, LogFormat},
+};
 
 fn main() {
-    if let Err(e) = real_main() {
-        eprintln!("dots-agent: {e:#}");
-        std::process::exit(1);
+    if let Err(e) = real_main(exit::parse_args::<Cli>()) {
+        exit::fail("dots-agent", &e);
     }
 }
 
-fn real_main() -> Result<()> {
-    let cli = Cli::parse();
+fn real_main(cli: Cli) -> Result<()> {
     if !matches!(cli.command, Command::Run(_)) {
         logging::init(cli.log_format.unwrap_or_default());
     }
     match cli.command {
         Command::Run(flags) => run(&flags, cli.log_format),
         Command::CheckConfig { config } => {
-            let opts = AgentConfig::check_file(&config)?;
+            let (opts, warnings) = AgentConfig::check_file(&config)?;
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
             show::check_config(&config, &opts);
             Ok(())
         }
@@ -48,11 +51,7 @@ fn real_main() -> Result<()> {
         Command::Mitigations(a) => mitigations(&a),
         Command::Approve(a) => consent(&a, true),
         Command::Reject(a) => consent(&a, false),
-        Command::Detach { bpffs } => {
-            let removed = Dataplane::teardown(&bpffs)?;
-            tracing::info!(bpffs = %bpffs.display(), removed, "data plane removed");
-            Ok(())
-        }
+        Command::Detach { bpffs, config } => detach(bpffs, config),
         Command::Dataplane(cmd) => dataplane(cmd),
         Command::Discover(a) => discovery::cli::run_discover(&a),
         Command::DhcpHook(a) => discovery::cli::run_dhcp_hook(&a),
@@ -68,8 +67,55 @@ fn run(flags: &RunFlags, log_format: Option<LogFormat>) -> Result<()> {
         .build()?;
     rt.block_on(async {
         let opts = agent::startup::options(config, &flags.discovery).await?;
-        agent::run(opts).await
+        let reload = agent::startup::reloader(flags.clone());
+        agent::run(opts, Some(reload)).await
     })
+}
+
+/// `dots-agent detach`: the bpffs directory from `--bpffs`, else from the
+/// configuration file, else the default. Refuses a directory without pins
+/// of ours, or with files that are not ours (a wrong path must not unpin
+/// someone else's maps).
+fn detach(bpffs: Option<PathBuf>, config: Option<PathBuf>) -> Result<()> {
+    let dir = match (bpffs, config) {
+        (Some(b), _) => b,
+        (None, Some(c)) => AgentConfig::load(&c)?.xdp.bpffs,
+        (None, None) => PathBuf::from(dots_agent::enforce::DEFAULT_BPFFS_DIR),
+    };
+    let names: Vec<String> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    let links = Dataplane::attachments(&dir);
+    let ours = |n: &str| {
+        dots_common::names::ALL_MAPS.contains(&n)
+            || links
+                .iter()
+                .any(|i| n.strip_suffix(i.as_str()) == Some("link_"))
+    };
+    if !names.iter().any(|n| ours(n)) {
+        return Err(ConfigProblem(format!(
+            "{}: no pins of dots-agent here (no DOTS_* maps, no link_IFACE): nothing removed; \
+             give the agent's --bpffs or --config",
+            dir.display()
+        ))
+        .into());
+    }
+    let foreign: Vec<&String> = names.iter().filter(|n| !ours(n)).collect();
+    if !foreign.is_empty() {
+        return Err(ConfigProblem(format!(
+            "{}: also holds {}, not dots-agent's: refusing to remove anything there",
+            dir.display(),
+            logging::list(&foreign)
+        ))
+        .into());
+    }
+    let removed = Dataplane::teardown(&dir)?;
+    tracing::info!(bpffs = %dir.display(), removed, "data plane removed");
+    Ok(())
 }
 
 /// Runs one control-socket call to completion.

@@ -7,6 +7,7 @@ use std::{net::IpAddr, path::PathBuf};
 use clap::{Parser, Subcommand};
 
 use dots_client::{config::ListenFlags, control::DEFAULT_CONTROL_SOCKET, request::Mitigation};
+use dots_daemon::config::prefix_arg;
 
 /// Call Home DOTS client: the ISP-side peer that agents dial, and tools
 /// around the DOTS signal channel's wire format.
@@ -91,29 +92,79 @@ pub(crate) enum Command {
     /// Convert DOTS messages between JSON and CBOR.
     #[command(subcommand)]
     Cbor(CborCommand),
-    /// Create a test PKI: a CA, a certificate for this ISP-side client and one
-    /// per agent. For labs and trials; production uses its own CA.
+    /// Validate a configuration file without running: syntax, every key and
+    /// value, and the certificate files in depth (PEM, the key matches the
+    /// certificate, not expired, chains to the CA; a warning when one
+    /// expires within 30 days). Exits 78 when something is wrong.
+    ///
+    /// Example: dots-client check-config /etc/dots-client/client.toml
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Create or extend a test PKI: a CA, a certificate for this ISP-side
+    /// client and one per agent. For labs and trials; production uses its
+    /// own CA.
+    ///
+    /// The CA in --out is made once and reused: running this again, or
+    /// `pki add-agent`, issues from the same CA, so certificates already
+    /// handed out stay valid. Existing certificate files are not replaced
+    /// without --force (remove ca.pem and ca.key to start a new CA).
     ///
     /// Example:
     ///   dots-client pki --out pki --client-name isp.example --agent cpe1 --agent cpe2
-    Pki {
-        /// Directory to write ca.pem, client.pem/.key and agent-NAME.pem/.key to.
+    ///   dots-client pki add-agent cpe3 --out pki
+    Pki(PkiArgs),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub(crate) struct PkiArgs {
+    #[command(subcommand)]
+    pub(crate) command: Option<PkiCommand>,
+    /// Directory of ca.pem/.key, client.pem/.key and agent-NAME.pem/.key.
+    #[arg(long, value_name = "DIR", required = true)]
+    pub(crate) out: Option<PathBuf>,
+    /// Name (DNS) or IP address agents will use as the reference
+    /// identifier of this client (repeatable; the first is also the CN).
+    #[arg(
+        long = "client-name",
+        value_name = "NAME|IP",
+        default_value = "dots-client"
+    )]
+    pub(crate) client_names: Vec<String>,
+    /// Agent certificate to issue (repeatable): its DNS name and identity.
+    #[arg(long = "agent", value_name = "NAME")]
+    pub(crate) agents: Vec<String>,
+    #[command(flatten)]
+    pub(crate) issue: IssueArgs,
+}
+
+/// What every issuing command takes.
+#[derive(clap::Args)]
+pub(crate) struct IssueArgs {
+    /// Validity in days (also of a new CA).
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) days: u32,
+    /// Replace certificate files that exist (the CA is always kept).
+    #[arg(long)]
+    pub(crate) force: bool,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PkiCommand {
+    /// Issue one more agent certificate from the CA in --out.
+    ///
+    /// Example: dots-client pki add-agent cpe3 --out pki
+    AddAgent {
+        /// The agent's DNS name and identity.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Directory holding the CA (ca.pem, ca.key).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// Name (DNS) or IP address agents will use as the reference
-        /// identifier of this client (repeatable; the first is also the CN).
-        #[arg(
-            long = "client-name",
-            value_name = "NAME|IP",
-            default_value = "dots-client"
-        )]
-        client_names: Vec<String>,
-        /// Agent certificate to issue (repeatable): its DNS name and identity.
-        #[arg(long = "agent", value_name = "NAME")]
-        agents: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
-        days: u32,
+        #[command(flatten)]
+        issue: IssueArgs,
     },
 }
 
@@ -135,10 +186,12 @@ pub(crate) struct Common {
 pub(crate) struct MitigateArgs {
     #[command(flatten)]
     pub(crate) common: Common,
-    /// Attack source prefix inside the agent's network (repeatable).
+    /// Attack source prefix inside the agent's network (repeatable); a bare
+    /// address is one host (/32 or /128).
     #[arg(
         long = "source",
         value_name = "PREFIX",
+        value_parser = prefix_arg,
         required_unless_present = "json_file"
     )]
     pub(crate) sources: Vec<ipnet::IpNet>,
@@ -148,10 +201,11 @@ pub(crate) struct MitigateArgs {
     /// Source ICMP type or range LO-HI (repeatable).
     #[arg(long = "icmp-type", value_name = "LO[-HI]")]
     pub(crate) icmp_types: Vec<String>,
-    /// Attack target prefix (repeatable).
+    /// Attack target prefix (repeatable); a bare address is one host.
     #[arg(
         long = "target",
         value_name = "PREFIX",
+        value_parser = prefix_arg,
         required_unless_present = "json_file"
     )]
     pub(crate) targets: Vec<ipnet::IpNet>,
@@ -294,6 +348,78 @@ mod tests {
         ])
         .is_err());
         assert!(Cli::try_parse_from(["dots-client", "mitigate", "--json", "f.json"]).is_ok());
+    }
+
+    #[test]
+    fn bare_addresses_are_host_prefixes() {
+        let cli = Cli::try_parse_from([
+            "dots-client",
+            "mitigate",
+            "--source",
+            "192.0.2.10",
+            "--target",
+            "198.51.100.7",
+            "--target",
+            "2001:db8::7",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Mitigate(a) = cli.command else {
+            panic!("not mitigate")
+        };
+        let m = a.mitigation();
+        let s: Vec<String> = m.sources.iter().map(ToString::to_string).collect();
+        let t: Vec<String> = m.targets.iter().map(ToString::to_string).collect();
+        assert_eq!(s, ["192.0.2.10/32"]);
+        assert_eq!(t, ["198.51.100.7/32", "2001:db8::7/128"]);
+        let e = Cli::try_parse_from([
+            "dots-client",
+            "mitigate",
+            "--source",
+            "192.0.2",
+            "--target",
+            "198.51.100.7",
+        ])
+        .err()
+        .expect("not an address");
+        assert!(e.to_string().contains("is not an IP prefix"), "{e}");
+    }
+
+    #[test]
+    fn pki_commands() {
+        let cli = Cli::try_parse_from(["dots-client", "pki", "--out", "p", "--agent", "cpe1"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Pki(p) = cli.command else {
+            panic!("not pki")
+        };
+        assert!(p.command.is_none());
+        assert_eq!(p.out.as_deref(), Some(std::path::Path::new("p")));
+        assert_eq!((p.issue.days, p.issue.force), (365, false));
+        let cli = Cli::try_parse_from([
+            "dots-client",
+            "pki",
+            "add-agent",
+            "cpe3",
+            "--out",
+            "p",
+            "--force",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Pki(PkiArgs {
+            command: Some(PkiCommand::AddAgent { name, issue, .. }),
+            ..
+        }) = cli.command
+        else {
+            panic!("not add-agent")
+        };
+        assert_eq!(name, "cpe3");
+        assert!(issue.force);
+        for bad in [
+            &["dots-client", "pki", "--out", "p", "--days", "0"][..],
+            &["dots-client", "pki", "--agent", "x"][..],
+            &["dots-client", "pki", "add-agent", "x"][..],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

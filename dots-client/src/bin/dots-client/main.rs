@@ -9,23 +9,22 @@ mod show;
 use std::io::{Read, Write};
 
 use anyhow::{Context, Result};
-use clap::Parser;
 
-use args::{CborCommand, Cli, Command, Common};
+use args::{CborCommand, Cli, Command, Common, PkiArgs, PkiCommand};
 use dots_client::{
-    config::ListenFlags,
+    config::{ClientConfig, ListenFlags},
     control::{self, Reply, Request},
     listener, request, wire,
 };
 use dots_daemon::{
+    exit::{self, ConfigProblem},
     logging,
-    pki::{self, San},
+    pki::{agent_stem, PkiDir, PkiError, San, CLIENT_STEM},
 };
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("dots-client: {e:#}");
-        std::process::exit(1);
+    if let Err(e) = run(exit::parse_args::<Cli>()) {
+        exit::fail("dots-client", &e);
     }
 }
 
@@ -57,14 +56,15 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&json)?);
             Ok(())
         }
-        Command::Pki {
-            out,
-            client_names,
-            agents,
-            days,
-        } => {
-            let sans: Vec<San> = client_names.iter().map(|n| San::parse(n)).collect();
-            show::pki(&pki::create_lab_pki(&out, &sans, &agents, days)?);
+        Command::Pki(p) => pki(p),
+        Command::CheckConfig { config } => {
+            logging::init(Default::default());
+            let c = ClientConfig::load(&config)?;
+            for w in c.check()? {
+                tracing::warn!("{w}");
+            }
+            let o = c.to_options()?;
+            show::check_config(&config, &o);
             Ok(())
         }
         Command::Listen(flags) => listen(&flags),
@@ -136,13 +136,91 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// `dots-client pki` and `pki add-agent`: issue from the CA in the
+/// directory (made on first use), never overwriting without --force.
+fn pki(p: PkiArgs) -> Result<()> {
+    let exists = |e: PkiError| match e {
+        PkiError::Exists { path } => anyhow::Error::new(ConfigProblem(format!(
+            "{} exists: nothing written (--force replaces certificate files; \
+             `pki add-agent NAME` issues one more agent)",
+            path.display()
+        ))),
+        e @ (PkiError::NoCa { .. } | PkiError::CaExpired { .. } | PkiError::Validity(_)) => {
+            anyhow::Error::new(ConfigProblem(e.to_string()))
+        }
+        e => e.into(),
+    };
+    match p.command {
+        Some(PkiCommand::AddAgent { name, out, issue }) => {
+            let dir = PkiDir::open(&out).map_err(exists)?;
+            let (cert, key) = dir
+                .issue_agent(&name, issue.days, issue.force)
+                .map_err(exists)?;
+            println!("agent {name}: {} {}", cert.display(), key.display());
+            Ok(())
+        }
+        None => {
+            let out = p.out.context("--out is required")?;
+            let sans: Vec<San> = p.client_names.iter().map(|n| San::parse(n)).collect();
+            let (dir, created) = PkiDir::open_or_create(&out, p.issue.days).map_err(exists)?;
+            let mut stems = vec![CLIENT_STEM.to_string()];
+            stems.extend(p.agents.iter().map(|a| agent_stem(a)));
+            dir.check_free(&stems, p.issue.force).map_err(exists)?;
+            println!(
+                "CA:      {} ({})",
+                dir.ca_path().display(),
+                if created { "new" } else { "reused" }
+            );
+            let (cert, key) = dir.issue_client(&sans, p.issue.days, p.issue.force)?;
+            println!("client:  {} {}", cert.display(), key.display());
+            for a in &p.agents {
+                let (cert, key) = dir.issue_agent(a, p.issue.days, p.issue.force)?;
+                println!("agent {a}: {} {}", cert.display(), key.display());
+            }
+            Ok(())
+        }
+    }
+}
+
 /// `dots-client listen`.
 fn listen(flags: &ListenFlags) -> Result<()> {
     let c = flags.load()?;
     logging::init(c.log_format());
-    c.check_files()?;
+    for w in c.check()? {
+        tracing::warn!("{w}");
+    }
     let opts = c.to_options()?;
-    runtime()?.block_on(listener::listen(opts))
+    let flags = flags.clone();
+    runtime()?.block_on(async move {
+        tokio::spawn(on_hangup(flags));
+        listener::listen(opts).await
+    })
+}
+
+/// SIGHUP: the configuration is read and checked again and the result
+/// logged; the listener keeps its sessions. Changes take effect at the
+/// next start (see docs/configuration.md).
+async fn on_hangup(flags: ListenFlags) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match flags.load().map_err(anyhow::Error::from).and_then(|c| {
+            let w = c.check()?;
+            c.to_options()?;
+            Ok(w)
+        }) {
+            Ok(warnings) => {
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+                tracing::info!("SIGHUP: the configuration is valid; dots-client applies changes when it restarts, the sessions stay up");
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "SIGHUP: the configuration is not valid; the running listener is unchanged")
+            }
+        }
+    }
 }
 
 /// Sends one control request and prints the replies.

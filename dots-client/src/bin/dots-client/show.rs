@@ -1,7 +1,6 @@
 //! How `dots-client` prints control-socket replies and what it created.
 
 use dots_client::control::Reply;
-use dots_daemon::pki::LabPki;
 
 /// One reply: its raw JSON line with `raw`, else the response code, agent
 /// and mid on one line and the decoded body as pretty JSON.
@@ -34,15 +33,17 @@ pub(crate) fn reply(r: &Reply, raw: bool) {
     }
 }
 
-/// `dots-client pki`: where the files went.
-pub(crate) fn pki(lab: &LabPki) {
-    println!("CA:      {}", lab.ca.display());
+/// `dots-client check-config`.
+pub(crate) fn check_config(path: &std::path::Path, o: &dots_client::listener::ClientOptions) {
+    let addr = |a: Option<std::net::SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
     println!(
-        "client:  {} {}",
-        lab.client_cert.display(),
-        lab.client_key.display()
+        "{}: valid (DTLS {}, TLS {}, {})",
+        path.display(),
+        addr(o.udp),
+        addr(o.tcp),
+        match &o.allow {
+            Some(a) => format!("{} allowed agent(s)", a.len()),
+            None => "any agent certified by the CA".into(),
+        }
     );
-    for (name, cert, key) in &lab.agents {
-        println!("agent {name}: {} {}", cert.display(), key.display());
-    }
 }

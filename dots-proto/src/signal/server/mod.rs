@@ -141,6 +141,27 @@ impl<E: Endpoint> SignalServer<E> {
         Ok(old)
     }
 
+    /// Replaces the settings while running (a reload, a new address in the
+    /// local domain): requests from now on are checked against the new
+    /// domain, limits and consent mode; mitigations already accepted stay
+    /// as they are. A new notify period starts now; the session policy
+    /// applies from the next connection. Invalid settings change nothing.
+    pub fn set_config(&mut self, now: Instant, config: ServerConfig) -> Result<(), SignalError> {
+        config.validate()?;
+        if config.notify_period != self.config.notify_period {
+            self.timers
+                .set(Timer::NotifyPeriod, now + config.notify_period);
+        }
+        self.config = config;
+        self.rearm_all();
+        Ok(())
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
     pub fn mitigations(&self) -> &Mitigations {
         &self.mitigations
     }

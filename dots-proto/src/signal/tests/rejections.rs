@@ -179,3 +179,40 @@ fn refused_requests_are_reported_as_actions() {
         other => panic!("two rejections expected, got {other:?}"),
     }
 }
+
+#[test]
+fn a_new_domain_applies_to_the_next_requests_only() {
+    let mut p = Pair::new(dgram, server_config());
+    let mid = p.enforce(basic_scope());
+    p.take_actions();
+    // 203.0.113.0/24 is outside: refused.
+    let outside = scope("198.51.100.1/32", "203.0.113.7/32", 60);
+    let (_, token) = p
+        .client
+        .request_mitigation(p.now, outside.clone())
+        .expect("send");
+    assert_eq!(p.rejected(token).0, ResponseType::BadRequest);
+    // The router got that address: the same request is accepted.
+    let mut wider = p.server.config().clone();
+    wider.domain.push("203.0.113.7/32".parse().expect("prefix"));
+    p.server.set_config(p.now, wider).expect("valid");
+    let (_, code, _) = p.create(outside);
+    assert_eq!(code, ResponseType::Created);
+    // The domain shrinks: the earlier mitigations stay, new ones are refused.
+    let mut narrow = p.server.config().clone();
+    narrow.domain.clear();
+    p.server.set_config(p.now, narrow).expect("valid");
+    assert!(p.server.mitigations().iter().any(|(k, _)| k.mid == mid));
+    let (_, token) = p
+        .client
+        .request_mitigation(p.now, scope("198.51.100.2/32", "192.0.2.9/32", 60))
+        .expect("send");
+    assert_eq!(p.rejected(token).0, ResponseType::BadRequest);
+    // Invalid settings change nothing.
+    let bad = ServerConfig {
+        notify_period: std::time::Duration::ZERO,
+        ..p.server.config().clone()
+    };
+    assert!(p.server.set_config(p.now, bad).is_err());
+    assert!(p.server.config().domain.is_empty());
+}

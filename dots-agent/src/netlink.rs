@@ -1,7 +1,9 @@
-//! The few netlink primitives the NAT module needs, written by hand over a
+//! The few netlink primitives the agent needs, written by hand over a
 //! raw `AF_NETLINK` socket: message framing, attribute walking, a dump loop.
 //!
-//! Kept deliberately small; see docs/nat.md for why no netlink crate.
+//! Kept deliberately small; see docs/nat.md for why no netlink crate. Used
+//! by NAT correlation (conntrack, neighbours) and by the address watch of
+//! [`crate::netif`].
 
 use std::{
     io,
