@@ -374,7 +374,10 @@ mod tests {
         json.add_option(CoapOption::Accept, vec![50]);
         let err = check_accept(&json).expect_err("json");
         assert_eq!(err.code, ResponseType::NotAcceptable);
-        assert_eq!(err.diagnostic, "Accept 50: only 271 (application/dots+cbor) is served");
+        assert_eq!(
+            err.diagnostic,
+            "Accept 50: only 271 (application/dots+cbor) is served"
+        );
         let mut long = request(RequestType::Get, &[]);
         long.add_option(CoapOption::Accept, vec![0, 0, 1, 15]);
         assert_eq!(code(check_accept(&long)), Some(ResponseType::BadRequest));

@@ -278,7 +278,9 @@ impl Endpoint for StreamEndpoint {
 
     fn poll_timeout(&self) -> Option<Instant> {
         let pings = self.pings.values().map(|(_, d)| *d).min();
-        let csm = self.csm_deadline.filter(|_| !self.peer_csm_seen && !self.closed);
+        let csm = self
+            .csm_deadline
+            .filter(|_| !self.peer_csm_seen && !self.closed);
         [pings, self.core.next_deadline(), csm]
             .into_iter()
             .flatten()

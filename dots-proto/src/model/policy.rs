@@ -145,9 +145,13 @@ impl Policy {
             key: "max-lifetime",
             message: match requested_lifetime {
                 INDEFINITE_LIFETIME => {
-                    format!("an indefinite lifetime is asked, more than the {max} s this agent grants")
+                    format!(
+                        "an indefinite lifetime is asked, more than the {max} s this agent grants"
+                    )
                 }
-                n => format!("a lifetime of {n} s is asked, more than the {max} s this agent grants"),
+                n => {
+                    format!("a lifetime of {n} s is asked, more than the {max} s this agent grants")
+                }
             },
         })
     }
@@ -306,8 +310,8 @@ mod tests {
             None
         );
         // All sources exempt.
-        let all = Exemption::of(&scope(&["192.0.2.1/32"], &["203.0.113.0/24"]), &exempt)
-            .expect("meets");
+        let all =
+            Exemption::of(&scope(&["192.0.2.1/32"], &["203.0.113.0/24"]), &exempt).expect("meets");
         assert!(all.complete);
         assert_eq!(all.sources, [net("192.0.2.1/32")]);
         // The only target is exempt (a peer's own address, say).
@@ -315,14 +319,14 @@ mod tests {
             .expect("meets");
         assert!(t.complete);
         // Part of the sources.
-        let part = Exemption::of(&scope(&["192.0.2.0/24"], &["203.0.113.0/24"]), &exempt)
-            .expect("meets");
+        let part =
+            Exemption::of(&scope(&["192.0.2.0/24"], &["203.0.113.0/24"]), &exempt).expect("meets");
         assert!(!part.complete);
         assert_eq!(part.sources, [net("192.0.2.0/28")]);
         // Covered only by two exempt prefixes together.
         let halves = [net("192.0.2.0/25"), net("192.0.2.128/25")];
-        let union = Exemption::of(&scope(&["192.0.2.0/24"], &["203.0.113.0/24"]), &halves)
-            .expect("meets");
+        let union =
+            Exemption::of(&scope(&["192.0.2.0/24"], &["203.0.113.0/24"]), &halves).expect("meets");
         assert!(union.complete);
         // One family exempt, the other not: traffic is left to drop.
         let mixed = Exemption::of(

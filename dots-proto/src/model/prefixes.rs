@@ -321,12 +321,18 @@ mod tests {
     #[test]
     fn union_coverage() {
         let set = PrefixSet::new(&[net("192.0.2.0/25"), net("192.0.2.128/25")]);
-        assert!(set.covers(&net("192.0.2.0/24")), "the two halves make the /24");
+        assert!(
+            set.covers(&net("192.0.2.0/24")),
+            "the two halves make the /24"
+        );
         assert!(set.covers(&net("192.0.2.100/30")));
         assert!(!set.covers(&net("192.0.0.0/22")));
         assert!(!set.covers(&net("2001:db8::/64")), "other family");
         let gap = PrefixSet::new(&[net("192.0.2.0/26"), net("192.0.2.128/25")]);
-        assert!(!gap.covers(&net("192.0.2.0/24")), "192.0.2.64/26 is missing");
+        assert!(
+            !gap.covers(&net("192.0.2.0/24")),
+            "192.0.2.64/26 is missing"
+        );
         let v6 = PrefixSet::new(&[net("2001:db8::/33"), net("2001:db8:8000::/33")]);
         assert!(v6.covers(&net("2001:db8::/32")));
         assert!(PrefixSet::new(&[]).is_empty());
@@ -395,7 +401,11 @@ mod tests {
     fn parts_inside() {
         let got = inside(
             &[net("192.0.2.0/24"), net("198.51.100.7/32")],
-            &[net("192.0.2.1/32"), net("198.51.100.0/24"), net("10.0.0.0/8")],
+            &[
+                net("192.0.2.1/32"),
+                net("198.51.100.0/24"),
+                net("10.0.0.0/8"),
+            ],
         );
         assert_eq!(got, [net("192.0.2.1/32"), net("198.51.100.7/32")]);
     }

@@ -101,7 +101,10 @@ fn check_host_name(name: &str) -> Result<(), &'static str> {
         if label.is_empty() || label.len() > 63 {
             return Err("has a label that is empty or longer than 63 bytes");
         }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             return Err("is not a host name (letters, digits, hyphens and dots only)");
         }
         if label.starts_with('-') || label.ends_with('-') {

@@ -385,7 +385,11 @@ fn check_unique(scope: &Scope) -> Result<(), ValidationError> {
         format!("\"{v}\"")
     }
     let port_keys = |r: &[PortRange]| r.iter().map(|r| r.lower).collect::<Vec<_>>();
-    let type_keys: Vec<u8> = scope.source_icmp_type_range.iter().map(|r| r.lower).collect();
+    let type_keys: Vec<u8> = scope
+        .source_icmp_type_range
+        .iter()
+        .map(|r| r.lower)
+        .collect();
     let lower_port = |l: &u16| format!("lower-port {l}");
     let checks = [
         (
@@ -432,12 +436,19 @@ fn check_matchable(scope: &Scope) -> Result<(), ValidationError> {
     let protocols = &scope.target_protocol;
     if icmp && ports {
         return Err(ValidationError::NoMatch {
-            why: "source-icmp-type-range needs ICMP packets and port ranges need packets with ports",
+            why:
+                "source-icmp-type-range needs ICMP packets and port ranges need packets with ports",
         });
     }
     if icmp && !protocols.is_empty() {
-        let v4 = scope.target_prefix.iter().any(|p| matches!(p, IpNet::V4(_)));
-        let v6 = scope.target_prefix.iter().any(|p| matches!(p, IpNet::V6(_)));
+        let v4 = scope
+            .target_prefix
+            .iter()
+            .any(|p| matches!(p, IpNet::V4(_)));
+        let v6 = scope
+            .target_prefix
+            .iter()
+            .any(|p| matches!(p, IpNet::V6(_)));
         let fits = (v4 && protocols.contains(&ICMP)) || (v6 && protocols.contains(&ICMPV6));
         if !fits {
             return Err(ValidationError::NoMatch {
@@ -948,8 +959,14 @@ mod tests {
             (
                 Scope {
                     source_icmp_type_range: vec![
-                        IcmpTypeRange { lower: 128, upper: None },
-                        IcmpTypeRange { lower: 128, upper: Some(129) },
+                        IcmpTypeRange {
+                            lower: 128,
+                            upper: None,
+                        },
+                        IcmpTypeRange {
+                            lower: 128,
+                            upper: Some(129),
+                        },
                     ],
                     ..scope()
                 },

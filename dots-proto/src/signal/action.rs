@@ -60,7 +60,10 @@ impl std::fmt::Display for SessionEnd {
                 write!(f, "the peer aborted the connection: \"{diagnostic}\"")
             }
             SessionEnd::Aborted { diagnostic } => {
-                write!(f, "aborted the connection, the peer broke the protocol: {diagnostic}")
+                write!(
+                    f,
+                    "aborted the connection, the peer broke the protocol: {diagnostic}"
+                )
             }
         }
     }
@@ -93,7 +96,10 @@ pub enum Action {
     },
     /// Part of `key`'s traffic is exempt from enforcement and will not be
     /// dropped (the peer hears it as conflict-cause 4): for the log.
-    PartlyExempt { key: MitigationKey, exempt: Exemption },
+    PartlyExempt {
+        key: MitigationKey,
+        exempt: Exemption,
+    },
     /// The consent timeout ([`super::ServerConfig::consent_timeout`])
     /// decided a pending request: an approval is followed by
     /// [`Action::Install`], a rejection ended it (conflict-cause 4).

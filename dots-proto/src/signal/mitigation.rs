@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::action::{Counters, MitigationKey};
 use crate::model::{
-    AttackStatus, Bound, Exemption, IcmpTypeRange, MitigationStatus,
-    PortRange, Scope, ValidatedRequest, INDEFINITE_LIFETIME,
+    AttackStatus, Bound, Exemption, IcmpTypeRange, MitigationStatus, PortRange, Scope,
+    ValidatedRequest, INDEFINITE_LIFETIME,
 };
 
 /// Where a mitigation stands. Only [`Phase::Active`] reports status 2:
@@ -211,9 +211,18 @@ pub(crate) fn same_request(stored: &Scope, update: &Scope) -> bool {
         v
     }
     let prefixes = |v: &[IpNet]| set(v.iter().map(IpNet::trunc).collect());
-    let ports = |v: &[PortRange]| set(v.iter().map(|r| (r.lower, r.upper.unwrap_or(r.lower))).collect());
-    let types =
-        |v: &[IcmpTypeRange]| set(v.iter().map(|r| (r.lower, r.upper.unwrap_or(r.lower))).collect());
+    let ports = |v: &[PortRange]| {
+        set(v
+            .iter()
+            .map(|r| (r.lower, r.upper.unwrap_or(r.lower)))
+            .collect())
+    };
+    let types = |v: &[IcmpTypeRange]| {
+        set(v
+            .iter()
+            .map(|r| (r.lower, r.upper.unwrap_or(r.lower)))
+            .collect())
+    };
     let texts = |v: &[String]| set(v.to_vec());
     let (a, b) = (stored, update);
     prefixes(&a.target_prefix) == prefixes(&b.target_prefix)

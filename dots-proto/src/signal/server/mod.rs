@@ -99,9 +99,7 @@ use super::heartbeat;
 use super::mitigation::{same_scope, Mitigation, Mitigations, Phase};
 use super::session::SessionConfig;
 use super::shared::BudgetAccount;
-use crate::coap::{
-    msg, CloseReason, Delivery, DotsResource, Endpoint, Event, RequestId,
-};
+use crate::coap::{msg, CloseReason, Delivery, DotsResource, Endpoint, Event, RequestId};
 use crate::model::{
     ConflictInformation, DotsMessage, MitigationScope, MitigationStatus, MitigationUri, Scope,
     ValidatedRequest,
@@ -422,7 +420,13 @@ impl<E: Endpoint> SignalServer<E> {
             if r.expired() || self.mitigations.contains(&key) {
                 continue;
             }
-            let m = match r.revive(now, scope, &self.config, &self.account, self.mitigations.len()) {
+            let m = match r.revive(
+                now,
+                scope,
+                &self.config,
+                &self.account,
+                self.mitigations.len(),
+            ) {
                 Ok(m) => m,
                 Err(e) => {
                     let diagnostic = format!("not restored: {}", e.diagnostic);

@@ -19,8 +19,8 @@ use crate::model::{
 };
 use crate::signal::action::MitigationKey;
 use crate::signal::mitigation::{same_request, Mitigations};
-use crate::signal::shared::BudgetAccount;
 use crate::signal::session::{PutOutcome, SessionConfig};
+use crate::signal::shared::BudgetAccount;
 
 /// A request that passed validation, the domain check and the exemption
 /// check, with what the local policy says about it.
@@ -87,11 +87,7 @@ fn legitimate_traffic(mid: u32, e: &Exemption) -> ErrorResponse {
 
 /// An error answer whose body is the request's scope with its
 /// conflict-information (RFC 9132 §4.4.1).
-fn conflict_response(
-    mid: u32,
-    diagnostic: String,
-    conflict: ConflictInformation,
-) -> ErrorResponse {
+fn conflict_response(mid: u32, diagnostic: String, conflict: ConflictInformation) -> ErrorResponse {
     let body = MitigationScope {
         scopes: vec![Scope {
             mid: Some(mid),
