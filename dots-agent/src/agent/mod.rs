@@ -6,6 +6,7 @@ pub mod control;
 pub mod enforcer;
 pub mod metrics;
 mod nat_glue;
+mod redirect;
 mod session;
 pub mod startup;
 pub mod state;
@@ -20,7 +21,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use dots_proto::{
     model::Limits,
-    signal::{ConsentMode, EnforcementMode, ServerConfig},
+    signal::{ConsentMode, EnforcementMode, ExemptSet, MitigationBudget, ServerConfig},
 };
 use ipnet::IpNet;
 use tracing::{info, warn};
@@ -51,6 +52,8 @@ pub struct AgentOptions {
     pub consent: ConsentMode,
     pub never_block: Vec<IpNet>,
     pub limits: Limits,
+    /// `[policy]`: what requests, peers and the agent may block.
+    pub policy: crate::config::PolicyConfig,
     /// Control socket for `dots-agent status`, `mitigations`, `approve`, `reject`.
     pub control: PathBuf,
     /// Where the active mitigations are written, atomically, to survive a restart.
@@ -180,8 +183,15 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             consent: consent_senders,
         },
     ));
-    let server_config = ServerConfig {
+    // Shared by every peer's signal server: the prefixes requests are
+    // judged exempt by (peers' addresses are added as they are dialled),
+    // and the agent-wide count of mitigations, one data-plane slot each.
+    let exempt = ExemptSet::new(&opts.never_block);
+    let budget = MitigationBudget::new(Some(opts.policy.max_mitigations));
+    let mut server_config = ServerConfig {
         limits: opts.limits,
+        exempt,
+        budget,
         domain: opts.domain.clone(),
         consent: opts.consent,
         mode: if opts.monitor {
@@ -195,6 +205,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         max_mitigations_per_cuid: opts.max_mitigations_per_cuid,
         ..ServerConfig::default()
     };
+    opts.policy.apply(&mut server_config);
     // NAT correlation runs only where something is enforced.
     let (nat, mut nat_rx): (Option<Arc<nat_glue::NatService>>, Vec<_>) = match &enforcer {
         Some(table) => {
@@ -226,6 +237,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             nat_rx: nat_rx.get_mut(index).and_then(Option::take),
             store: store.clone(),
             seed: seed(index),
+            redirect_fallback: opts.policy.redirect_fallback(),
         };
         info!(peer = %target, transports = ?opts.transports, "dialling");
         tasks.spawn(task.run());
