@@ -18,7 +18,7 @@ pub mod msg;
 mod params;
 mod uri;
 
-pub use coap_lite::{MessageClass, MessageType, Packet, RequestType, ResponseType};
+pub use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 pub use error::{CoapError, ErrorResponse};
 pub use msg::{Token, CONTENT_FORMAT_DOTS_CBOR};
 pub use params::TransmissionParams;
