@@ -46,6 +46,8 @@ pub enum FrameError {
     BadCsmOption(u16),
     #[error("no CSM from the peer within {0:?}")]
     NoCsm(std::time::Duration),
+    #[error("first message is not a CSM")]
+    CsmNotFirst,
 }
 
 impl From<FrameError> for CoapError {

@@ -167,7 +167,7 @@ impl StreamEndpoint {
         let is_signal = framing::is_signal(&packet);
         let is_csm = is_signal && u8::from(packet.header.code) == framing::CODE_CSM;
         if !self.peer_csm_seen && !is_csm {
-            let e = FrameError::Options("first message is not a CSM".into());
+            let e = FrameError::CsmNotFirst;
             return self.protocol_error(&e, events);
         }
         let Some(token) = Token::from_slice(packet.get_token()) else {
