@@ -747,6 +747,41 @@ impl ClonePath for Packet {
     }
 }
 
+/// A server and a peer talking to it over one transport.
+trait Rig {
+    type Ep: Endpoint;
+    fn exchange(&mut self, request: Packet) -> Option<Packet>;
+    fn server(&mut self) -> &mut SignalServer<Self::Ep>;
+    fn now(&self) -> Instant;
+}
+
+/// Creates the [`existing`] mitigations and has the data plane confirm them.
+fn enforce_existing<R: Rig>(rig: &mut R) {
+    for (mid, s) in existing() {
+        let a = rig.exchange(put_scope(mid, s)).expect("answered");
+        assert_eq!(code(&a), ResponseType::Created);
+        let now = rig.now();
+        rig.server()
+            .installed(now, &MitigationKey::new(CUID, mid))
+            .expect("known");
+    }
+    while rig.server().poll_action().is_some() {}
+}
+
+/// Whether the frames in `bytes` (what a server sent) hold a 7.05 Abort.
+fn has_abort(bytes: &[u8]) -> bool {
+    framing::StreamDecoder::new(1 << 20)
+        .feed(bytes)
+        .unwrap_or_default()
+        .iter()
+        .any(|f| {
+            matches!(
+                framing::Signal::from_packet(f),
+                Ok(framing::Signal::Abort { .. })
+            )
+        })
+}
+
 /// A server with the [`existing`] mitigations enforced, over datagrams.
 struct DatagramRig {
     now: Instant,
@@ -774,14 +809,7 @@ impl DatagramRig {
             peer,
             budget,
         };
-        for (mid, s) in existing() {
-            let a = rig.exchange(put_scope(mid, s)).expect("answered");
-            assert_eq!(code(&a), ResponseType::Created);
-            rig.server
-                .installed(now, &MitigationKey::new(CUID, mid))
-                .expect("known");
-        }
-        while rig.server.poll_action().is_some() {}
+        enforce_existing(&mut rig);
         rig
     }
 
@@ -796,6 +824,10 @@ impl DatagramRig {
         while self.peer.poll_transmit().is_some() {}
         events
     }
+}
+
+impl Rig for DatagramRig {
+    type Ep = DatagramEndpoint;
 
     fn exchange(&mut self, request: Packet) -> Option<Packet> {
         self.peer
@@ -805,11 +837,23 @@ impl DatagramRig {
         while let Some(bytes) = self.peer.poll_transmit() {
             events.extend(self.deliver(&bytes));
         }
-        events.into_iter().find_map(|e| match e {
-            Event::Response { response, .. } => Some(response),
-            _ => None,
-        })
+        first_response(events)
     }
+
+    fn server(&mut self) -> &mut SignalServer<DatagramEndpoint> {
+        &mut self.server
+    }
+
+    fn now(&self) -> Instant {
+        self.now
+    }
+}
+
+fn first_response(events: Vec<Event>) -> Option<Packet> {
+    events.into_iter().find_map(|e| match e {
+        Event::Response { response, .. } => Some(response),
+        _ => None,
+    })
 }
 
 /// The same over a stream, after both CSMs.
@@ -828,14 +872,7 @@ impl StreamRig {
         let mut rig = Self { now, server, peer };
         if send_csm {
             rig.pump();
-            for (mid, s) in existing() {
-                let a = rig.exchange(put_scope(mid, s)).expect("answered");
-                assert_eq!(code(&a), ResponseType::Created);
-                rig.server
-                    .installed(now, &MitigationKey::new(CUID, mid))
-                    .expect("known");
-            }
-            while rig.server.poll_action().is_some() {}
+            enforce_existing(&mut rig);
         }
         rig
     }
@@ -861,16 +898,6 @@ impl StreamRig {
         }
     }
 
-    fn exchange(&mut self, request: Packet) -> Option<Packet> {
-        self.peer
-            .send_request(self.now, request, Delivery::Confirmable)
-            .expect("send");
-        self.pump().into_iter().find_map(|e| match e {
-            Event::Response { response, .. } => Some(response),
-            _ => None,
-        })
-    }
-
     /// Raw bytes, one write at a time; whether the server aborted (in
     /// what it sent since the last call).
     fn write(&mut self, writes: &[Vec<u8>]) -> bool {
@@ -884,14 +911,26 @@ impl StreamRig {
         while let Some(b) = self.server.poll_transmit() {
             out.extend(b);
         }
-        let mut decoder = framing::StreamDecoder::new(1 << 20);
-        let frames = decoder.feed(&out).unwrap_or_default();
-        frames.iter().any(|f| {
-            matches!(
-                framing::Signal::from_packet(f),
-                Ok(framing::Signal::Abort { .. })
-            )
-        })
+        has_abort(&out)
+    }
+}
+
+impl Rig for StreamRig {
+    type Ep = StreamEndpoint;
+
+    fn exchange(&mut self, request: Packet) -> Option<Packet> {
+        self.peer
+            .send_request(self.now, request, Delivery::Confirmable)
+            .expect("send");
+        first_response(self.pump())
+    }
+
+    fn server(&mut self) -> &mut SignalServer<StreamEndpoint> {
+        &mut self.server
+    }
+
+    fn now(&self) -> Instant {
+        self.now
     }
 }
 
@@ -1019,12 +1058,7 @@ fn check_stream(case: &Case, p: Packet, failures: &mut Vec<String>) {
     let frames = framing::StreamDecoder::new(1 << 20)
         .feed(&out)
         .unwrap_or_default();
-    let aborted = frames.iter().any(|f| {
-        matches!(
-            framing::Signal::from_packet(f),
-            Ok(framing::Signal::Abort { .. })
-        )
-    });
+    let aborted = has_abort(&out);
     let got = frames.iter().find_map(|f| match f.header.code {
         MessageClass::Response(c) => Some(Expect::Code(c)),
         _ => None,

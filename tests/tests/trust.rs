@@ -16,10 +16,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use dots_daemon::{
-    pki::{self, San},
-    transport::{Connection, Credentials, Incoming, ListenOptions, Listener},
-};
+use dots_daemon::transport::{Connection, Incoming, ListenOptions, Listener};
 use dots_proto::{
     coap::{
         framing, msg, CoapOption, Delivery, DotsResource, Endpoint, Event, MessageClass, Packet,
@@ -30,7 +27,7 @@ use dots_proto::{
 use serde_json::Value;
 use tests::{
     lab::*,
-    procs::{bin, TempDir},
+    procs::{bin, loopback_agent, loopback_pki, TempDir},
 };
 
 const CUID: &str = "hostile-peer";
@@ -198,17 +195,7 @@ fn fingerprint(list: &[Value]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_tls_peer_is_aborted_and_the_agent_redials() -> Result<()> {
     let dir = TempDir::new("trust")?;
-    let lab = pki::create_lab_pki(
-        &dir.path.join("pki"),
-        &[San::parse("127.0.0.1")],
-        &["cpe1".into()],
-        1,
-    )?;
-    let creds = Credentials {
-        ca: lab.ca.clone(),
-        cert: lab.client_cert.clone(),
-        key: lab.client_key.clone(),
-    };
+    let (lab, creds) = loopback_pki(&dir.path)?;
     let mut listener = Listener::bind(
         None,
         Some("127.0.0.1:0".parse()?),
@@ -219,30 +206,12 @@ async fn hostile_tls_peer_is_aborted_and_the_agent_redials() -> Result<()> {
     let port = listener.local_tcp_addr().context("no TCP address")?.port();
     let control = dir.path.join("agent.sock");
     let log = dir.path.join("agent.log");
-    let (_, cert, key) = &lab.agents[0];
-    let mut agent = tokio::process::Command::new(bin("dots-agent")?)
-        .args(["run", "--peer", &format!("127.0.0.1:{port}")])
-        .args([
-            "--transport",
-            "tcp",
-            "--no-enforce",
-            "--domain",
-            "192.0.2.0/24",
-        ])
-        .arg("--ca")
-        .arg(&lab.ca)
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
+    let mut agent = loopback_agent(&lab, port, "tcp", &log)?
         .arg("--control")
         .arg(&control)
         .arg("--state-dir")
         .arg(dir.path.join("state"))
-        .env("NO_COLOR", "1")
         .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::from(std::fs::File::create(&log)?))
-        .kill_on_drop(true)
         .spawn()?;
     let pid = agent.id().context("no pid")?;
     let result = async {

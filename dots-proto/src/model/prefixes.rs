@@ -69,6 +69,15 @@ pub enum Special {
 }
 
 impl Special {
+    pub const ALL: [Special; 6] = [
+        Special::Unspecified,
+        Special::Loopback,
+        Special::Multicast,
+        Special::Broadcast,
+        Special::LinkLocal,
+        Special::Ipv4Mapped,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Special::Unspecified => "unspecified",
@@ -359,15 +368,7 @@ mod tests {
 
     #[test]
     fn special_ranges_are_named() {
-        let all = [
-            Special::Unspecified,
-            Special::Loopback,
-            Special::Multicast,
-            Special::Broadcast,
-            Special::LinkLocal,
-            Special::Ipv4Mapped,
-        ];
-        let said = |p: &str| special_use(&net(p), &all).map(|(_, s)| s);
+        let said = |p: &str| special_use(&net(p), &Special::ALL).map(|(_, s)| s);
         assert_eq!(said("127.0.0.1/32").as_deref(), Some("is loopback"));
         assert_eq!(
             said("0.0.0.0/0").as_deref(),

@@ -329,15 +329,8 @@ const SOURCE_SPECIALS: &[Special] = &[
     Special::Ipv4Mapped,
 ];
 
-/// Targets must be routable (see the module documentation).
-const TARGET_SPECIALS: &[Special] = &[
-    Special::Unspecified,
-    Special::Loopback,
-    Special::Multicast,
-    Special::Broadcast,
-    Special::LinkLocal,
-    Special::Ipv4Mapped,
-];
+/// Targets must be routable (see the module documentation): none of them.
+const TARGET_SPECIALS: &[Special] = &Special::ALL;
 
 fn check_prefixes(
     field: &'static str,
