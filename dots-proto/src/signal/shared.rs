@@ -61,6 +61,12 @@ impl MitigationBudget {
         self.lock().limit
     }
 
+    /// Changes the limit (a configuration reload). What is held stays held;
+    /// only new mitigations see the new limit.
+    pub fn set_limit(&self, limit: Option<usize>) {
+        self.lock().limit = limit;
+    }
+
     /// Mitigations held by all servers.
     pub fn held(&self) -> usize {
         self.lock().held.values().sum()
@@ -134,31 +140,47 @@ impl Drop for BudgetAccount {
 /// one lets a request be judged against it (RFC 9066 §5.3.1).
 #[derive(Debug, Clone, Default)]
 pub struct ExemptSet {
-    inner: Arc<Mutex<BTreeSet<IpNet>>>,
+    inner: Arc<Mutex<Exempt>>,
+}
+
+#[derive(Debug, Default)]
+struct Exempt {
+    /// The operator's `never-block`.
+    configured: BTreeSet<IpNet>,
+    /// The peers' addresses, as they are dialled.
+    peers: BTreeSet<IpNet>,
 }
 
 impl ExemptSet {
-    pub fn new(prefixes: &[IpNet]) -> Self {
+    /// A set holding the operator's `never_block` prefixes.
+    pub fn new(never_block: &[IpNet]) -> Self {
         let set = Self::default();
-        set.add(prefixes);
+        set.set_configured(never_block);
         set
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeSet<IpNet>> {
+    fn lock(&self) -> MutexGuard<'_, Exempt> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn add(&self, prefixes: &[IpNet]) {
-        self.lock().extend(prefixes.iter().map(IpNet::trunc));
+    /// Replaces the operator's prefixes (a configuration reload); the
+    /// peers' addresses stay.
+    pub fn set_configured(&self, never_block: &[IpNet]) {
+        self.lock().configured = never_block.iter().map(IpNet::trunc).collect();
     }
 
     /// Adds single addresses (a peer's), as host prefixes.
     pub fn add_addrs(&self, addrs: &[IpAddr]) {
-        self.lock().extend(addrs.iter().map(|a| IpNet::from(*a)));
+        self.lock()
+            .peers
+            .extend(addrs.iter().map(|a| IpNet::from(*a)));
     }
 
+    /// Every exempt prefix, sorted, without repeats.
     pub fn prefixes(&self) -> Vec<IpNet> {
-        self.lock().iter().copied().collect()
+        let e = self.lock();
+        let all: BTreeSet<IpNet> = e.configured.union(&e.peers).copied().collect();
+        all.into_iter().collect()
     }
 }
 
@@ -195,19 +217,28 @@ mod tests {
         assert_eq!(unlimited.account().reserve(10_000), Ok(()));
         assert_eq!(budget.clone(), budget);
         assert_ne!(budget, MitigationBudget::new(Some(3)));
+        // A reload lowers the limit: what is held stays, nothing new fits.
+        budget.set_limit(Some(2));
+        assert_eq!(budget.limit(), Some(2));
+        assert!(a.reserve(6).is_err());
+        assert_eq!(a.reserve(4), Ok(()));
     }
 
     #[test]
     fn exempt_set_is_shared() {
-        let set = ExemptSet::new(&["192.0.2.1/24".parse().expect("prefix")]);
+        let net = |s: &str| s.parse::<IpNet>().expect("prefix");
+        let set = ExemptSet::new(&[net("192.0.2.1/24")]);
         let copy = set.clone();
         copy.add_addrs(&["198.51.100.53".parse().expect("addr")]);
         assert_eq!(
             set.prefixes(),
-            [
-                "192.0.2.0/24".parse::<IpNet>().expect("prefix"),
-                "198.51.100.53/32".parse().expect("prefix")
-            ]
+            [net("192.0.2.0/24"), net("198.51.100.53/32")]
+        );
+        // A reload replaces never-block; the peers' addresses stay.
+        set.set_configured(&[net("203.0.113.0/24")]);
+        assert_eq!(
+            copy.prefixes(),
+            [net("198.51.100.53/32"), net("203.0.113.0/24")]
         );
     }
 }
