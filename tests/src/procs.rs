@@ -56,12 +56,14 @@ pub fn loopback_pki(dir: &Path) -> Result<(pki::LabPki, Credentials)> {
 
 /// `dots-agent run --no-enforce` dialling the loopback listener on `port`
 /// over `transport` ("udp" or "tcp") with the agent certificate of `lab`,
-/// its domain 192.0.2.0/24, stderr to `log`; killed when dropped.
+/// its domain 192.0.2.0/24; its control socket (`agent.sock`), state
+/// directory (`agent-state`) and log (`agent.log`) in `dir`, so that tests
+/// running at the same time do not meet. Killed when dropped.
 pub fn loopback_agent(
     lab: &pki::LabPki,
     port: u16,
     transport: &str,
-    log: &Path,
+    dir: &Path,
 ) -> Result<tokio::process::Command> {
     let (_, cert, key) = lab.agents.first().context("no agent certificate")?;
     let mut c = tokio::process::Command::new(bin("dots-agent")?);
@@ -74,8 +76,14 @@ pub fn loopback_agent(
         .arg(cert)
         .arg("--key")
         .arg(key)
+        .arg("--control")
+        .arg(dir.join("agent.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("agent-state"))
         .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::from(fs::File::create(log)?))
+        .stderr(std::process::Stdio::from(fs::File::create(
+            dir.join("agent.log"),
+        )?))
         .kill_on_drop(true);
     Ok(c)
 }

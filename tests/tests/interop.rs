@@ -53,7 +53,7 @@ async fn libcoap_client_drives_the_agent() -> Result<()> {
     .await?;
     let port = listener.local_udp_addr().context("no UDP address")?.port();
 
-    let mut agent = loopback_agent(&lab, port, "udp", &dir.path.join("agent.log"))?.spawn()?;
+    let mut agent = loopback_agent(&lab, port, "udp", &dir.path)?.spawn()?;
     let mut conn = tokio::time::timeout(Duration::from_secs(15), listener.accept())
         .await
         .context("agent did not dial")??;

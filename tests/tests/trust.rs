@@ -206,11 +206,7 @@ async fn hostile_tls_peer_is_aborted_and_the_agent_redials() -> Result<()> {
     let port = listener.local_tcp_addr().context("no TCP address")?.port();
     let control = dir.path.join("agent.sock");
     let log = dir.path.join("agent.log");
-    let mut agent = loopback_agent(&lab, port, "tcp", &log)?
-        .arg("--control")
-        .arg(&control)
-        .arg("--state-dir")
-        .arg(dir.path.join("state"))
+    let mut agent = loopback_agent(&lab, port, "tcp", &dir.path)?
         .env("RUST_LOG", "info")
         .spawn()?;
     let pid = agent.id().context("no pid")?;
