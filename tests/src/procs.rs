@@ -9,6 +9,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use dots_daemon::{
+    pki::{self, San},
+    transport::Credentials,
+};
 
 use crate::Netns;
 
@@ -30,6 +34,58 @@ pub fn bin(name: &str) -> Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// A lab PKI in `dir` whose client certificate names 127.0.0.1, and that
+/// client's credentials: for a Call Home listener on loopback that an agent
+/// (certificate `agents[0]`) dials.
+pub fn loopback_pki(dir: &Path) -> Result<(pki::LabPki, Credentials)> {
+    let lab = pki::create_lab_pki(
+        &dir.join("pki"),
+        &[San::parse("127.0.0.1")],
+        &["cpe1".into()],
+        1,
+    )?;
+    let creds = Credentials {
+        ca: lab.ca.clone(),
+        cert: lab.client_cert.clone(),
+        key: lab.client_key.clone(),
+    };
+    Ok((lab, creds))
+}
+
+/// `dots-agent run --no-enforce` dialling the loopback listener on `port`
+/// over `transport` ("udp" or "tcp") with the agent certificate of `lab`,
+/// its domain 192.0.2.0/24; its control socket (`agent.sock`), state
+/// directory (`agent-state`) and log (`agent.log`) in `dir`, so that tests
+/// running at the same time do not meet. Killed when dropped.
+pub fn loopback_agent(
+    lab: &pki::LabPki,
+    port: u16,
+    transport: &str,
+    dir: &Path,
+) -> Result<tokio::process::Command> {
+    let (_, cert, key) = lab.agents.first().context("no agent certificate")?;
+    let mut c = tokio::process::Command::new(bin("dots-agent")?);
+    c.args(["run", "--peer", &format!("127.0.0.1:{port}")])
+        .args(["--transport", transport, "--no-enforce"])
+        .args(["--domain", "192.0.2.0/24"])
+        .arg("--ca")
+        .arg(&lab.ca)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .arg("--control")
+        .arg(dir.join("agent.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("agent-state"))
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::from(fs::File::create(
+            dir.join("agent.log"),
+        )?))
+        .kill_on_drop(true);
+    Ok(c)
 }
 
 /// A private temporary directory, removed on drop.

@@ -100,6 +100,12 @@ impl Lab {
             "--domain".into(),
             DOMAIN.into(),
             "--no-enforce".into(),
+            // Its own socket and state: tests running at the same time
+            // (other test binaries, other checkouts) must not meet.
+            "--control".into(),
+            self.path("agent.sock"),
+            "--state-dir".into(),
+            self.path("agent-state"),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         Proc::spawn(
@@ -307,6 +313,10 @@ fn agent_from_another_ca_is_rejected() -> Result<()> {
         "--no-enforce",
         "--transport",
         "udp",
+        "--control",
+        &lab.path("agent.sock"),
+        "--state-dir",
+        &lab.path("agent-state"),
     ]
     .iter()
     .map(|s| s.to_string())

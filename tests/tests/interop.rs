@@ -11,12 +11,9 @@
 use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use dots_daemon::{
-    pki::{self, San},
-    transport::{Credentials, Incoming, ListenOptions, Listener},
-};
+use dots_daemon::transport::{Incoming, ListenOptions, Listener};
 use dots_proto::cbor;
-use tests::procs::{bin, TempDir};
+use tests::procs::{loopback_agent, loopback_pki, TempDir};
 use tokio::net::UdpSocket;
 
 const CUID: &str = "libcoap-interop";
@@ -46,17 +43,7 @@ fn decode_file(path: &Path) -> Result<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libcoap_client_drives_the_agent() -> Result<()> {
     let dir = TempDir::new("interop")?;
-    let lab = pki::create_lab_pki(
-        &dir.path.join("pki"),
-        &[San::parse("127.0.0.1")],
-        &["cpe1".into()],
-        1,
-    )?;
-    let creds = Credentials {
-        ca: lab.ca.clone(),
-        cert: lab.client_cert.clone(),
-        key: lab.client_key.clone(),
-    };
+    let (lab, creds) = loopback_pki(&dir.path)?;
     let mut listener = Listener::bind(
         Some("127.0.0.1:0".parse()?),
         None,
@@ -66,30 +53,7 @@ async fn libcoap_client_drives_the_agent() -> Result<()> {
     .await?;
     let port = listener.local_udp_addr().context("no UDP address")?.port();
 
-    let (_, cert, key) = &lab.agents[0];
-    let mut agent = tokio::process::Command::new(bin("dots-agent")?)
-        .args([
-            "run",
-            "--peer",
-            &format!("127.0.0.1:{port}"),
-            "--transport",
-            "udp",
-            "--no-enforce",
-            "--domain",
-            "192.0.2.0/24",
-        ])
-        .arg("--ca")
-        .arg(&lab.ca)
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::from(std::fs::File::create(
-            dir.path.join("agent.log"),
-        )?))
-        .kill_on_drop(true)
-        .spawn()?;
+    let mut agent = loopback_agent(&lab, port, "udp", &dir.path)?.spawn()?;
     let mut conn = tokio::time::timeout(Duration::from_secs(15), listener.accept())
         .await
         .context("agent did not dial")??;

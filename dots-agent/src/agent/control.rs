@@ -355,6 +355,8 @@ mod tests {
             pps: 0,
             bps: 0,
             devices: Vec::new(),
+            exempt: vec!["192.0.2.250/32".into()],
+            over_limit: None,
         };
         let l = line(&Reply::ok(Body::Mitigations(vec![m.clone()])));
         assert!(l.contains(r#""state":"pending-consent""#), "{l}");

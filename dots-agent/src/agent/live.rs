@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use dots_daemon::transport::{Credentials, Transport};
-use dots_proto::signal::{EnforcementMode, ServerConfig};
+use dots_proto::signal::{EnforcementMode, ExemptSet, MitigationBudget, ServerConfig};
 use ipnet::IpNet;
 
 use super::AgentOptions;
@@ -24,11 +24,39 @@ pub(crate) struct Live {
     pub(crate) generation: u64,
 }
 
+/// What every peer's signal server shares, made once and kept across
+/// reloads (a reload changes their settings, not their contents): the
+/// prefixes requests are judged exempt by (never-block, and the peers'
+/// addresses as they are dialled) and the agent-wide count of mitigations,
+/// one data-plane slot each.
+#[derive(Clone, Debug)]
+pub(crate) struct Shared {
+    exempt: ExemptSet,
+    budget: MitigationBudget,
+}
+
+impl Shared {
+    pub(crate) fn new(opts: &AgentOptions) -> Shared {
+        Shared {
+            exempt: ExemptSet::new(&opts.never_block),
+            budget: MitigationBudget::new(Some(opts.policy.max_mitigations)),
+        }
+    }
+
+    /// A reload: the configured never-block list and the agent-wide limit.
+    pub(crate) fn update(&self, opts: &AgentOptions) {
+        self.exempt.set_configured(&opts.never_block);
+        self.budget.set_limit(Some(opts.policy.max_mitigations));
+    }
+}
+
 impl AgentOptions {
     /// The signal server's settings, with `domain` as the local domain.
-    pub fn server_config(&self, domain: Vec<IpNet>) -> ServerConfig {
-        ServerConfig {
+    pub(crate) fn server_config(&self, domain: Vec<IpNet>, shared: &Shared) -> ServerConfig {
+        let mut config = ServerConfig {
             limits: self.limits,
+            exempt: shared.exempt.clone(),
+            budget: shared.budget.clone(),
             domain,
             consent: self.consent,
             mode: if self.monitor {
@@ -41,7 +69,9 @@ impl AgentOptions {
             consent_timeout_approves: self.consent_timeout_approves,
             max_mitigations_per_cuid: self.max_mitigations_per_cuid,
             ..ServerConfig::default()
-        }
+        };
+        self.policy.apply(&mut config);
+        config
     }
 
     /// The local domain (RFC 9066 §5.3.1): the configured prefixes, plus
@@ -60,9 +90,9 @@ impl AgentOptions {
         domain
     }
 
-    pub(crate) fn live(&self, router: &[IpNet], generation: u64) -> Live {
+    pub(crate) fn live(&self, router: &[IpNet], generation: u64, shared: &Shared) -> Live {
         Live {
-            server: self.server_config(self.effective_domain(router)),
+            server: self.server_config(self.effective_domain(router), shared),
             transports: self.transports.clone(),
             credentials: self.credentials.clone(),
             generation,
@@ -118,7 +148,7 @@ mod tests {
         assert_eq!(all.effective_domain(&router).len(), 4);
         assert_eq!(opts(None).effective_domain(&router), [net("192.0.2.0/24")]);
         // The live settings carry it to the signal server.
-        let live = o.live(&router[..2], 3);
+        let live = o.live(&router[..2], 3, &Shared::new(&o));
         assert_eq!(live.server.domain, [net("192.0.2.0/24")]);
         assert_eq!(live.generation, 3);
         assert_eq!(

@@ -236,18 +236,22 @@ mod tests {
                 pps: 0,
                 bps: 0,
                 devices: Vec::new(),
+                exempt: Vec::new(),
+                over_limit: None,
             },
         );
-        let (_, live) = watch::channel(Arc::new(
-            crate::config::AgentConfig::from_str(
+        let opts = crate::config::AgentConfig::from_str(
                 "ca = \"/nonexistent/c\"\ncert = \"/nonexistent/c\"\nkey = \"/nonexistent/k\"\n[[peers]]\naddress = \"isp.example\"\n[domain]\nprefixes = [\"192.0.2.0/24\"]\n",
                 "/x/agent.toml",
             )
             .unwrap()
             .to_options()
-            .unwrap()
-            .live(&[], 0),
-        ));
+            .unwrap();
+        let (_, live) = watch::channel(Arc::new(opts.live(
+            &[],
+            0,
+            &crate::agent::live::Shared::new(&opts),
+        )));
         let r = registry(Arc::new(Mutex::new(view)), None, live);
         let text = dots_daemon::metrics::render(&r);
         for want in [

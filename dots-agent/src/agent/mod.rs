@@ -8,6 +8,7 @@ mod live;
 mod memlock;
 pub mod metrics;
 mod nat_glue;
+mod redirect;
 mod session;
 pub mod startup;
 pub mod state;
@@ -57,6 +58,8 @@ pub struct AgentOptions {
     pub consent: ConsentMode,
     pub never_block: Vec<IpNet>,
     pub limits: Limits,
+    /// `[policy]`: what requests, peers and the agent may block.
+    pub policy: crate::config::PolicyConfig,
     /// Control socket for `dots-agent status`, `mitigations`, `approve`, `reject`.
     pub control: PathBuf,
     /// Where the active mitigations are written, atomically, to survive a restart.
@@ -199,11 +202,13 @@ pub async fn run(opts: AgentOptions, reload: Option<Reloader>) -> Result<()> {
             consent: consent.clone(),
         },
     ));
+    // Shared by every peer's signal server, and kept across reloads.
+    let shared = live::Shared::new(&opts);
     // NAT correlation runs only where something is enforced.
     let nat = enforcer.as_ref().map(|table| {
         nat_glue::NatService::start(opts.nat_action, live::nat_router(&router), table.clone())
     });
-    let (live_tx, _) = watch::channel(Arc::new(opts.live(&router, 0)));
+    let (live_tx, _) = watch::channel(Arc::new(opts.live(&router, 0, &shared)));
     let live_tx = Arc::new(live_tx);
     if let Some(addr) = opts.metrics {
         let registry = metrics::registry(view.clone(), enforcer.clone(), live_tx.subscribe());
@@ -214,6 +219,7 @@ pub async fn run(opts: AgentOptions, reload: Option<Reloader>) -> Result<()> {
         router,
         generation: 0,
         live: live_tx,
+        shared,
         addresses: addresses.clone(),
         enforcer,
         view: view.clone(),
@@ -313,6 +319,8 @@ struct Runtime {
     /// Reloads so far (the credentials generation of [`live::Live`]).
     generation: u64,
     live: Arc<watch::Sender<Arc<live::Live>>>,
+    /// Agent-wide exempt set and mitigation budget of the signal servers.
+    shared: live::Shared,
     addresses: watch::Receiver<Vec<IpNet>>,
     enforcer: Option<Arc<Mutex<SlotTable>>>,
     view: Arc<Mutex<view::AgentView>>,
@@ -367,6 +375,7 @@ impl Runtime {
             nat_rx: self.nat.as_ref().map(|n| n.add_peer(index)),
             store: self.store.clone(),
             seed: seed(index),
+            redirect_fallback: self.opts.policy.redirect_fallback(),
         };
         info!(peer = %target, transports = %list(&self.opts.transports), "dialling");
         let task = self.tasks.spawn(task.run()).id();
@@ -489,6 +498,7 @@ impl Runtime {
             .filter(|t| !self.peers.values().any(|h| h.target == **t))
             .cloned()
             .collect();
+        self.shared.update(&new);
         self.opts = new;
         self.generation += 1;
         self.publish();
@@ -515,7 +525,7 @@ impl Runtime {
 
     /// Sends the live settings to the peer tasks when they changed.
     fn publish(&self) {
-        let live = self.opts.live(&self.router, self.generation);
+        let live = self.opts.live(&self.router, self.generation, &self.shared);
         self.live.send_if_modified(|cur| {
             if **cur == live {
                 return false;

@@ -16,7 +16,7 @@ use std::{
 use dots_proto::{
     coap::{DatagramConfig, DatagramEndpoint, Endpoint, StreamConfig, StreamEndpoint},
     model::RedirectedSignal,
-    signal::{Action, MitigationKey, MitigationRecord, Phase, SignalServer},
+    signal::{Action, ExemptSet, MitigationKey, MitigationRecord, Phase, SessionEnd, SignalServer},
 };
 use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -27,6 +27,7 @@ use super::{
     enforcer::{slot_spec, SlotKey, SlotTable},
     live::Live,
     nat_glue::{NatInstall, NatResolved, NatService},
+    redirect::Redirected,
     state::{log_restored, StateStore},
     view::{unix_now, AgentView, PeerState},
 };
@@ -43,8 +44,9 @@ pub(crate) type Server = SignalServer<Box<dyn Endpoint + Send>>;
 
 /// How a session ended.
 enum Ended {
-    /// No traffic from the peer for missing-hb-allowed intervals.
-    Lost,
+    /// The signal layer ended the session: silence, or a Release or
+    /// Abort either way.
+    Lost(SessionEnd),
     /// The peer closed the connection, or it failed.
     Closed(String),
     /// The peer redirected us (RFC 9066 §5.2.2).
@@ -76,6 +78,8 @@ pub(crate) struct PeerTask {
     /// Set when the peer came from discovery: it is looked up again.
     pub(crate) discovery: Option<DiscoveryContext>,
     pub(crate) seed: u64,
+    /// How long a redirect's alternate may stay unreachable.
+    pub(crate) redirect_fallback: Duration,
 }
 
 /// The parts of a peer task that serve the signal layer whatever the
@@ -129,6 +133,7 @@ impl PeerTask {
             nat_rx,
             discovery,
             mut seed,
+            redirect_fallback,
         } = self;
         let name = target.to_string();
         let mut shell = Shell {
@@ -152,6 +157,8 @@ impl PeerTask {
         };
         let now = Instant::now();
         let first = shell.live.borrow_and_update().clone();
+        // Agent-wide: a reload keeps the same set, so this handle stays good.
+        let exempt_set = first.server.exempt.clone();
         // Until the first connection the endpoint talks to nobody: what it
         // would send is dropped.
         let mut server = match endpoint(Transport::Udp, seed)
@@ -173,16 +180,18 @@ impl PeerTask {
             }
         };
         let mut generation = first.generation;
+        server.set_wall_clock(now, unix_now());
         shell.restore(&mut server, restore);
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60), 2.0);
         let home = target.clone();
-        // A redirect holds until its ttl runs out, then the configured peer applies again.
-        let mut redirected_until: Option<Instant> = None;
+        // A redirect holds until its ttl runs out or its target stays
+        // unreachable too long; then the configured peer applies again.
+        let mut redirected: Option<Redirected> = None;
         loop {
-            if redirected_until.is_some_and(|t| Instant::now() >= t) {
-                info!(peer = %home, "redirect ttl expired, returning to the configured peer");
+            if let Some(why) = redirected.as_ref().and_then(|r| r.over(Instant::now())) {
+                info!(peer = %home, reason = %why, "returning to the configured peer");
                 target = home.clone();
-                redirected_until = None;
+                redirected = None;
             }
             if let Some(t) = shell.rediscover_if_due(&target).await {
                 target = t;
@@ -204,7 +213,13 @@ impl PeerTask {
             let dialled = shell
                 .idle(
                     &mut server,
-                    connect(&mut dialer, &target, &live.transports, enforcer.as_ref()),
+                    connect(
+                        &mut dialer,
+                        &target,
+                        &live.transports,
+                        enforcer.as_ref(),
+                        &exempt_set,
+                    ),
                 )
                 .await;
             let conn = match dialled {
@@ -225,6 +240,10 @@ impl PeerTask {
                 Err(Stopped) => return shell.retire(&server),
             };
             backoff.reset();
+            if let Some(r) = &mut redirected {
+                r.reached();
+            }
+            server.set_wall_clock(Instant::now(), unix_now());
             info!(
                 peer = %target,
                 addr = %conn.peer_addr(),
@@ -254,9 +273,12 @@ impl PeerTask {
                 return;
             }
             let ended = shell.drive(&mut server, conn).await;
+            if let Some(r) = &mut redirected {
+                r.lost(Instant::now());
+            }
             match ended {
-                Ended::Lost => {
-                    warn!(peer = %target, "session lost: no traffic from the peer; redialling")
+                Ended::Lost(why) => {
+                    warn!(peer = %target, reason = %why, "session lost; redialling")
                 }
                 Ended::Closed(why) => {
                     warn!(peer = %target, reason = %why, "session closed; redialling")
@@ -275,9 +297,7 @@ impl PeerTask {
                         name: Some(r.alt_ch_client.clone()),
                         endpoints: Vec::new(),
                     };
-                    redirected_until = r
-                        .ttl
-                        .map(|t| Instant::now() + Duration::from_secs(u64::from(t)));
+                    redirected = Some(Redirected::new(Instant::now(), r.ttl, redirect_fallback));
                     continue; // dial the new peer at once
                 }
             }
@@ -298,6 +318,7 @@ async fn connect(
     target: &PeerTarget,
     transports: &[Transport],
     enforcer: Option<&Arc<Mutex<SlotTable>>>,
+    exempt_set: &ExemptSet,
 ) -> Result<Connection, TransportError> {
     // Discovered endpoints carry their own transport and port.
     if !target.endpoints.is_empty() {
@@ -309,6 +330,7 @@ async fn connect(
             .collect();
         exempt(
             enforcer,
+            exempt_set,
             &candidates.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
         );
         return dialer.dial(&candidates, &target.identity()).await;
@@ -318,14 +340,16 @@ async fn connect(
         .iter()
         .flat_map(|a| transports.iter().map(move |t| (*a, *t)))
         .collect();
-    exempt(enforcer, &addrs);
+    exempt(enforcer, exempt_set, &addrs);
     dialer.dial(&candidates, &target.identity()).await
 }
 
-/// The agent never cuts its own lifeline: the peer's addresses are exempt.
-fn exempt(enforcer: Option<&Arc<Mutex<SlotTable>>>, addrs: &[SocketAddr]) {
+/// The agent never cuts its own lifeline: the peer's addresses are exempt,
+/// in the data plane and for judging requests (RFC 9066 §5.3.1).
+fn exempt(enforcer: Option<&Arc<Mutex<SlotTable>>>, exempt_set: &ExemptSet, addrs: &[SocketAddr]) {
+    let ips: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
+    exempt_set.add_addrs(&ips);
     if let Some(e) = enforcer {
-        let ips: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
         if let Ok(mut t) = e.lock() {
             if let Err(err) = t.add_exempt(&ips) {
                 warn!(error = %err, "could not exempt the peer's addresses");
@@ -734,10 +758,18 @@ impl Shell {
                     }
                 }
             }
-            Action::AskConsent { key, request } => {
+            Action::AskConsent {
+                key,
+                request,
+                reason,
+            } => {
                 info!(cuid = %key.cuid, mid = key.mid, sources = %list(&request.scope.source_prefix),
-                      targets = %list(&request.scope.target_prefix),
+                      targets = %list(&request.scope.target_prefix), over_limit = reason.as_deref().unwrap_or("-"),
                       "mitigation awaits operator consent: dots-agent approve|reject {}/{}", key.cuid, key.mid);
+            }
+            Action::PartlyExempt { key, exempt } => {
+                warn!(cuid = %key.cuid, mid = key.mid, exempt_sources = %list(&exempt.sources), exempt_targets = %list(&exempt.targets),
+                      "part of the mitigation is exempt (never-block or a peer's address) and is not dropped; the peer is told (conflict-cause 4)");
             }
             Action::ConsentTimedOut { key, approved } => {
                 info!(cuid = %key.cuid, mid = key.mid, approved, "consent timeout decided the pending mitigation");
@@ -756,7 +788,7 @@ impl Shell {
                       "monitor mode: mitigation validated and answered, nothing installed");
             }
             Action::Redirect { target } => return Some(Ended::Redirect(target)),
-            Action::SessionLost => return Some(Ended::Lost),
+            Action::SessionLost { reason } => return Some(Ended::Lost(reason)),
             Action::Close => {
                 server.endpoint_mut().close("closing");
                 return Some(Ended::Closed("closed by the signal layer".into()));

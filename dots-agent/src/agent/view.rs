@@ -151,6 +151,14 @@ pub struct MitigationView {
     /// Internal devices found behind NAT (address and MAC): for the operator
     /// only, never sent to the peer (RFC 9066 §9).
     pub devices: Vec<String>,
+    /// Sources and targets of the scope that are exempt (never-block, a
+    /// peer's address) and so not dropped; the peer is told too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exempt: Vec<String>,
+    /// The local policy bound this request goes past (why it waits for
+    /// consent with `over-limit = "consent"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over_limit: Option<String>,
 }
 
 fn range<T: std::fmt::Display + PartialEq + Copy>(lower: T, upper: Option<T>) -> String {
@@ -194,6 +202,13 @@ impl MitigationView {
             pps: c.pps,
             bps: c.bps,
             devices: Vec::new(),
+            exempt: m
+                .exempt
+                .iter()
+                .flat_map(|e| e.sources.iter().chain(&e.targets))
+                .map(ToString::to_string)
+                .collect(),
+            over_limit: m.over_limit.as_ref().map(ToString::to_string),
         }
     }
 }

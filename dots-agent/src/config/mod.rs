@@ -47,10 +47,12 @@ use crate::{
 
 mod check;
 mod flags;
+mod policy;
 #[cfg(test)]
 mod tests;
 
 pub use flags::{DiscoveryFlags, RunFlags};
+pub use policy::{PolicyConfig, DEFAULT_MAX_HEARTBEAT_INTERVAL, DEFAULT_REDIRECT_FALLBACK};
 
 /// Default `notify-interval`, in seconds.
 pub const DEFAULT_NOTIFY_INTERVAL_SECS: u64 = 30;
@@ -91,8 +93,10 @@ pub struct AgentConfig {
     /// are exempt too, added at run time.
     #[serde(deserialize_with = "de_prefixes")]
     pub never_block: Vec<IpNet>,
-    /// Bounds on what a request may ask (`[limits]`).
+    /// Bounds on the size of a request (`[limits]`).
     pub limits: LimitsConfig,
+    /// What a request, a peer and all peers may block (`[policy]`).
+    pub policy: PolicyConfig,
     /// Seconds between counter queries / notifications of unchanged mitigations.
     pub notify_interval: u64,
     /// Directory for state that outlives the process.
@@ -128,6 +132,7 @@ impl Default for AgentConfig {
             consent_timeout_action: None,
             never_block: Vec::new(),
             limits: LimitsConfig::default(),
+            policy: PolicyConfig::default(),
             notify_interval: DEFAULT_NOTIFY_INTERVAL_SECS,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
@@ -289,9 +294,8 @@ pub struct LimitsConfig {
     pub max_ranges: usize,
     /// Most entries in a scope's `target-protocol`.
     pub max_protocols: usize,
-    /// Longest lifetime granted, in seconds; longer (and indefinite)
-    /// requests get this. `-1`: grant what is asked, indefinite included.
-    pub max_lifetime: i64,
+    /// Moved to `[policy]`; still read, so that the error can say so.
+    pub max_lifetime: Option<i64>,
 }
 
 impl Default for LimitsConfig {
@@ -302,17 +306,17 @@ impl Default for LimitsConfig {
             max_prefixes: l.max_prefixes,
             max_ranges: l.max_ranges,
             max_protocols: l.max_protocols,
-            max_lifetime: l.max_lifetime.map_or(-1, i64::from),
+            max_lifetime: None,
         }
     }
 }
 
 impl LimitsConfig {
-    /// As `dots-proto` takes them; assumes [`AgentConfig::validate`] passed
-    /// (an out-of-range `max-lifetime` reads as "no cap").
-    pub fn to_limits(&self) -> Limits {
+    /// As `dots-proto` takes them, with `max_lifetime` from
+    /// `policy.max-lifetime`; assumes [`AgentConfig::validate`] passed.
+    pub fn to_limits(&self, policy: &PolicyConfig) -> Limits {
         Limits {
-            max_lifetime: u32::try_from(self.max_lifetime).ok(),
+            max_lifetime: policy.max_lifetime(),
             max_prefixes: self.max_prefixes,
             max_ranges: self.max_ranges,
             max_protocols: self.max_protocols,
@@ -474,11 +478,22 @@ impl AgentConfig {
                 return Err(self.value_error(key, v.to_string(), "must be at least 1"));
             }
         }
-        if l.max_lifetime != -1 && !(1..=i64::from(u32::MAX)).contains(&l.max_lifetime) {
+        if let Some(v) = l.max_lifetime {
             return Err(self.value_error(
                 "limits.max-lifetime",
-                l.max_lifetime.to_string(),
-                format!("must be 1 to {} seconds, or -1 for no cap", u32::MAX),
+                v.to_string(),
+                "moved: write it as max-lifetime in the [policy] section",
+            ));
+        }
+        self.policy.validate(&self.origin)?;
+        if l.max_mitigations_per_cuid > self.policy.max_mitigations_per_peer {
+            return Err(self.value_error(
+                "limits.max-mitigations-per-cuid",
+                l.max_mitigations_per_cuid.to_string(),
+                format!(
+                    "more than policy.max-mitigations-per-peer ({}), which holds all of a peer's cuids",
+                    self.policy.max_mitigations_per_peer
+                ),
             ));
         }
         Ok(())
@@ -631,7 +646,8 @@ impl AgentConfig {
             bpffs: self.xdp.bpffs.clone(),
             consent: self.consent,
             never_block: self.never_block.clone(),
-            limits: self.limits.to_limits(),
+            limits: self.limits.to_limits(&self.policy),
+            policy: self.policy,
             control: self.control_socket.clone(),
             state_dir: self.state_dir.clone(),
             notify_interval: self.notify_interval(),
@@ -694,9 +710,11 @@ impl AgentConfig {
 
     /// The signal server settings this configuration implies, with `domain`
     /// as the local domain (configured prefixes plus interface addresses).
+    /// The agent-wide handles (budget, exempt set) are fresh here: the
+    /// runtime makes one of each and shares them between its peers.
     pub fn server_config(&self, domain: Vec<IpNet>) -> ServerConfig {
-        ServerConfig {
-            limits: self.limits.to_limits(),
+        let mut c = ServerConfig {
+            limits: self.limits.to_limits(&self.policy),
             domain,
             consent: self.consent,
             mode: if self.enforce {
@@ -711,7 +729,9 @@ impl AgentConfig {
                 .consent_timeout()
                 .is_some_and(|t| t.action == ConsentTimeoutAction::Approve),
             ..ServerConfig::default()
-        }
+        };
+        self.policy.apply(&mut c);
+        c
     }
 }
 

@@ -76,7 +76,8 @@ fn defaults_fill_in() {
     assert_eq!(c.xdp.bpffs, PathBuf::from("/sys/fs/bpf/dots-agent"));
     assert!(c.domain.interface_addresses);
     assert!(!c.domain.include_loopback && !c.domain.include_link_local);
-    assert_eq!(c.limits.to_limits(), Limits::default());
+    assert_eq!(c.limits.to_limits(&c.policy), Limits::default());
+    assert_eq!(c.policy, PolicyConfig::default());
     assert_eq!(c.max_mitigations_per_cuid(), 64);
     assert_eq!(c.peers[0].peer_name, None);
     assert_eq!(c.peers[0].transport, None);
@@ -265,12 +266,86 @@ fn bad_intervals_and_limits() {
     let e = agent_err(&format!("{MINIMAL}\n[limits]\nmax-ranges = 0\n"));
     assert_eq!(e.key(), Some("limits.max-ranges"), "{e}");
     for bad in ["0", "-2", "4294967296"] {
-        let e = agent_err(&format!("{MINIMAL}\n[limits]\nmax-lifetime = {bad}\n"));
-        assert_eq!(e.key(), Some("limits.max-lifetime"), "{e}");
+        let e = agent_err(&format!("{MINIMAL}\n[policy]\nmax-lifetime = {bad}\n"));
+        assert_eq!(e.key(), Some("policy.max-lifetime"), "{e}");
         assert!(e.to_string().contains(bad), "{e}");
     }
-    let c = agent_ok(&format!("{MINIMAL}\n[limits]\nmax-lifetime = -1\n"));
-    assert_eq!(c.limits.to_limits().max_lifetime, None);
+    let c = agent_ok(&format!("{MINIMAL}\n[policy]\nmax-lifetime = -1\n"));
+    assert_eq!(c.limits.to_limits(&c.policy).max_lifetime, None);
+    // Its old place is named in the error.
+    let e = agent_err(&format!("{MINIMAL}\n[limits]\nmax-lifetime = 600\n"));
+    assert_eq!(e.key(), Some("limits.max-lifetime"), "{e}");
+    assert!(e.to_string().contains("[policy]"), "{e}");
+}
+
+#[test]
+fn policy_section_is_read_and_checked() {
+    let c = agent_ok(&format!(
+        "{MINIMAL}\n[policy]\nover-limit = \"consent\"\nmax-sources-v4 = 16\nmax-sources-v6 = 4\n\
+         max-targets-v4 = 1024\nmax-targets-v6 = 8\nmax-lifetime = 3600\nshorten-lifetime = false\n\
+         max-mitigations-per-peer = 100\nmax-mitigations = 256\nmax-heartbeat-interval = 20\n\
+         redirect-fallback = 60\n"
+    ));
+    let p = c.policy;
+    assert_eq!(
+        p.to_policy(),
+        dots_proto::model::Policy {
+            max_sources_v4: 16,
+            max_sources_v6: 4,
+            max_targets_v4: 1024,
+            max_targets_v6: 8,
+            shorten_lifetime: false,
+            over_limit: dots_proto::model::OverLimit::Consent,
+        }
+    );
+    assert_eq!(p.max_mitigations, 256);
+    assert_eq!(p.redirect_fallback(), Duration::from_secs(60));
+    let s = c.server_config(vec![net("192.0.2.0/24")]);
+    assert_eq!(s.max_mitigations_per_peer, 100);
+    assert_eq!(s.limits.max_lifetime, Some(3600));
+    assert_eq!(s.session.heartbeat_interval.max, 20);
+    assert_eq!(s.policy, p.to_policy());
+    let o = c.to_options().unwrap();
+    assert_eq!(o.policy, p);
+    assert_eq!(o.limits.max_lifetime, Some(3600));
+
+    let bad = [
+        ("over-limit = \"ask\"", "policy.over-limit"),
+        ("max-sources-v4 = 0", "policy.max-sources-v4"),
+        ("max-sources-v4 = 4294967297", "policy.max-sources-v4"),
+        ("max-targets-v6 = 0", "policy.max-targets-v6"),
+        ("max-mitigations = 257", "policy.max-mitigations"),
+        ("max-mitigations = 0", "policy.max-mitigations"),
+        (
+            "max-mitigations-per-peer = 300",
+            "policy.max-mitigations-per-peer",
+        ),
+        (
+            "max-heartbeat-interval = 241",
+            "policy.max-heartbeat-interval",
+        ),
+        (
+            "max-heartbeat-interval = 0",
+            "policy.max-heartbeat-interval",
+        ),
+        ("redirect-fallback = 0", "policy.redirect-fallback"),
+        ("shorten-lifetime = 1", "policy.shorten-lifetime"),
+        ("max-slots = 3", "policy.max-slots"),
+    ];
+    for (line, key) in bad {
+        let e = agent_err(&format!("{MINIMAL}\n[policy]\n{line}\n"));
+        assert_eq!(e.key(), Some(key), "{line}: {e}");
+    }
+    let e = agent_err(&format!("{MINIMAL}\n[policy]\nmax-mitigations = 257\n"));
+    assert!(
+        e.to_string().contains("the data plane has 256 slots"),
+        "{e}"
+    );
+    // The per-cuid limit cannot exceed the per-peer one.
+    let e = agent_err(&format!(
+        "{MINIMAL}\n[limits]\nmax-mitigations-per-cuid = 20\n[policy]\nmax-mitigations-per-peer = 10\n"
+    ));
+    assert_eq!(e.key(), Some("limits.max-mitigations-per-cuid"), "{e}");
 }
 
 #[test]
@@ -383,7 +458,10 @@ max-mitigations-per-cuid = 8
 max-prefixes = 4
 max-ranges = 5
 max-protocols = 6
+
+[policy]
 max-lifetime = 600
+max-mitigations-per-peer = 50
 "#;
 
 #[test]

@@ -209,7 +209,11 @@ impl<'a> Fields<'a> {
         self.opt(key, as_bool)
     }
 
-    /// An array child (absent = empty), each item converted by `f`.
+    /// An array child (absent = empty), each item converted by `f`. An
+    /// empty array is refused: a leaf-list or list without entries has no
+    /// instance, and its encoding leaves it out (RFC 7951 §5.3-5.4, RFC
+    /// 9254 §4.3-4.4); reading `[]` as "absent" would turn a client's "none
+    /// of these" into "any".
     pub(crate) fn list<T>(
         &self,
         key: u64,
@@ -219,7 +223,14 @@ impl<'a> Fields<'a> {
             return Ok(Vec::new());
         };
         let path = self.path(key);
-        as_array(v, &path)?
+        let items = as_array(v, &path)?;
+        if items.is_empty() {
+            return Err(CborError::Value {
+                path,
+                reason: "empty array: leave the node out instead".into(),
+            });
+        }
+        items
             .iter()
             .enumerate()
             .map(|(i, item)| f(item, &join(&path, &i.to_string())))

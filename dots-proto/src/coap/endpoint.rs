@@ -79,6 +79,9 @@ pub trait Endpoint {
     }
     /// Applies newly negotiated parameters to exchanges started from now on.
     fn set_params(&mut self, params: TransmissionParams) -> Result<(), CoapError>;
+    /// The connection starts now: timers counted from its start (the
+    /// stream's CSM timer) run from here. Calling it again changes nothing.
+    fn start(&mut self, _now: Instant) {}
     /// Announces an orderly close to the peer where the transport has a way to
     /// (RFC 8323 Release on streams); datagrams have none.
     fn close(&mut self, _diagnostic: &str) {}
@@ -143,6 +146,9 @@ impl<E: Endpoint + ?Sized> Endpoint for Box<E> {
     }
     fn set_params(&mut self, params: TransmissionParams) -> Result<(), CoapError> {
         (**self).set_params(params)
+    }
+    fn start(&mut self, now: Instant) {
+        (**self).start(now)
     }
     fn close(&mut self, diagnostic: &str) {
         (**self).close(diagnostic)

@@ -32,11 +32,15 @@ pub enum CoapError {
 }
 
 /// An error that the caller turns into a CoAP error response: a code and a
-/// diagnostic payload (RFC 7252 §5.5.2).
+/// diagnostic payload (RFC 7252 §5.5.2), or a DOTS CBOR body where the
+/// protocol gives the error one (RFC 9132 §4.4.1: 4.09 carries
+/// `conflict-information`); the diagnostic then only goes to the log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ErrorResponse {
     pub code: ResponseType,
     pub diagnostic: String,
+    /// CBOR body (Content-Format 271) sent instead of the diagnostic.
+    pub body: Option<Vec<u8>>,
 }
 
 impl ErrorResponse {
@@ -44,12 +48,24 @@ impl ErrorResponse {
         ErrorResponse {
             code,
             diagnostic: diagnostic.into(),
+            body: None,
+        }
+    }
+
+    /// An error answered with a DOTS CBOR body.
+    pub fn with_body(code: ResponseType, diagnostic: impl Into<String>, cbor: Vec<u8>) -> Self {
+        ErrorResponse {
+            body: Some(cbor),
+            ..Self::new(code, diagnostic)
         }
     }
 
     /// The response message (without token: the endpoint sets it).
     pub fn to_packet(&self) -> Packet {
-        diagnostic_response(self.code, &self.diagnostic)
+        match &self.body {
+            Some(cbor) => super::msg::cbor_response(self.code, cbor.clone()),
+            None => diagnostic_response(self.code, &self.diagnostic),
+        }
     }
 }
 

@@ -44,6 +44,10 @@ pub enum FrameError {
     UnknownSignal(u8),
     #[error("unsupported critical option {0} in CSM")]
     BadCsmOption(u16),
+    #[error("no CSM from the peer within {0:?}")]
+    NoCsm(std::time::Duration),
+    #[error("first message is not a CSM")]
+    CsmNotFirst,
 }
 
 impl From<FrameError> for CoapError {

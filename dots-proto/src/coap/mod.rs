@@ -18,11 +18,11 @@ pub mod msg;
 mod params;
 mod uri;
 
-pub use coap_lite::{MessageClass, MessageType, Packet, RequestType, ResponseType};
+pub use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 pub use error::{CoapError, ErrorResponse};
 pub use msg::{Token, CONTENT_FORMAT_DOTS_CBOR};
 pub use params::TransmissionParams;
-pub use uri::{DotsResource, UriError};
+pub use uri::{DotsResource, UriError, MAX_IDENTIFIER};
 
 mod core;
 mod datagram;
@@ -32,7 +32,7 @@ mod stream;
 pub use self::core::{CloseReason, Event, ObserverRemoval, PingId, RequestId};
 pub use datagram::{DatagramConfig, DatagramEndpoint};
 pub use endpoint::{Delivery, Endpoint};
-pub use stream::{StreamConfig, StreamEndpoint};
+pub use stream::{StreamConfig, StreamEndpoint, DEFAULT_CSM_TIMEOUT};
 
 #[cfg(test)]
 mod tests;

@@ -191,6 +191,61 @@ pub fn has_empty_if_match(packet: &Packet) -> bool {
         .is_some_and(|values| values.iter().any(|v| v.is_empty()))
 }
 
+/// Evaluates a request's conditions (RFC 7252 §5.10.8) against the target
+/// resource, which `exists` or not; DOTS resources carry no ETag:
+/// * If-Match with an empty value holds when the resource exists; an
+///   If-Match value (an ETag) never matches, as none was ever issued;
+/// * If-None-Match holds when the resource does not exist.
+///
+/// A condition that does not hold is answered 4.12 (Precondition Failed)
+/// and the method is not performed.
+pub fn check_preconditions(request: &Packet, exists: bool) -> Result<(), ErrorResponse> {
+    let failed = |why: &str| {
+        Err(ErrorResponse::new(
+            ResponseType::PreconditionFailed,
+            why.to_string(),
+        ))
+    };
+    // coap-lite keeps a cleared option as an empty list: that is absent.
+    let present = |o| request.get_option(o).filter(|values| !values.is_empty());
+    if let Some(values) = present(CoapOption::IfMatch) {
+        let any_current = values.iter().any(|v| v.is_empty());
+        if !(any_current && exists) {
+            return failed(if any_current {
+                "If-Match: the resource does not exist"
+            } else {
+                "If-Match: no ETag matches (this server issues none)"
+            });
+        }
+    }
+    if present(CoapOption::IfNoneMatch).is_some() && exists {
+        return failed("If-None-Match: the resource exists");
+    }
+    Ok(())
+}
+
+/// Checks the Accept option (RFC 7252 §5.10.4) against the one
+/// Content-Format DOTS answers in, 271; any other is 4.06 (Not Acceptable).
+pub fn check_accept(request: &Packet) -> Result<(), ErrorResponse> {
+    let Some(values) = request
+        .get_option(CoapOption::Accept)
+        .filter(|values| !values.is_empty())
+    else {
+        return Ok(());
+    };
+    match values.front().map(|v| decode_uint(v, 2)) {
+        Some(Some(f)) if f == u32::from(CONTENT_FORMAT_DOTS_CBOR) => Ok(()),
+        Some(Some(f)) => Err(ErrorResponse::new(
+            ResponseType::NotAcceptable,
+            format!("Accept {f}: only 271 (application/dots+cbor) is served"),
+        )),
+        _ => Err(ErrorResponse::new(
+            ResponseType::BadRequest,
+            "Accept is longer than 2 bytes",
+        )),
+    }
+}
+
 /// The Uri-Path segments as text.
 pub fn uri_path(packet: &Packet) -> Result<Vec<String>, ErrorResponse> {
     packet
@@ -282,6 +337,50 @@ mod tests {
         assert!(!has_empty_if_match(&put));
         put.add_option(CoapOption::IfMatch, vec![]);
         assert!(has_empty_if_match(&put));
+    }
+
+    #[test]
+    fn preconditions_and_accept() {
+        let put = || request(RequestType::Put, &[]);
+        let code = |r: Result<(), ErrorResponse>| r.err().map(|e| e.code);
+        assert_eq!(check_preconditions(&put(), true), Ok(()));
+        assert_eq!(check_preconditions(&put(), false), Ok(()));
+        let mut empty = put();
+        empty.add_option(CoapOption::IfMatch, vec![]);
+        assert_eq!(check_preconditions(&empty, true), Ok(()));
+        assert_eq!(
+            code(check_preconditions(&empty, false)),
+            Some(ResponseType::PreconditionFailed)
+        );
+        let mut etag = put();
+        etag.add_option(CoapOption::IfMatch, vec![0xde, 0xad]);
+        assert_eq!(
+            code(check_preconditions(&etag, true)),
+            Some(ResponseType::PreconditionFailed)
+        );
+        let mut none = put();
+        none.add_option(CoapOption::IfNoneMatch, vec![]);
+        assert_eq!(check_preconditions(&none, false), Ok(()));
+        assert_eq!(
+            code(check_preconditions(&none, true)),
+            Some(ResponseType::PreconditionFailed)
+        );
+
+        let mut get = request(RequestType::Get, &[]);
+        assert_eq!(check_accept(&get), Ok(()));
+        get.add_option(CoapOption::Accept, vec![0x01, 0x0f]);
+        assert_eq!(check_accept(&get), Ok(()), "271");
+        let mut json = request(RequestType::Get, &[]);
+        json.add_option(CoapOption::Accept, vec![50]);
+        let err = check_accept(&json).expect_err("json");
+        assert_eq!(err.code, ResponseType::NotAcceptable);
+        assert_eq!(
+            err.diagnostic,
+            "Accept 50: only 271 (application/dots+cbor) is served"
+        );
+        let mut long = request(RequestType::Get, &[]);
+        long.add_option(CoapOption::Accept, vec![0, 0, 1, 15]);
+        assert_eq!(code(check_accept(&long)), Some(ResponseType::BadRequest));
     }
 
     #[test]

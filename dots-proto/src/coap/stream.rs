@@ -3,7 +3,7 @@
 //! peer's Max-Message-Size respected. Exchanges use the shared core.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use coap_lite::{MessageClass, Packet};
 
@@ -23,7 +23,16 @@ pub struct StreamConfig {
     pub block_wise: bool,
     /// Only MAX_TRANSMIT_WAIT is used: how long to wait for a response or Pong.
     pub params: TransmissionParams,
+    /// How long the peer's CSM may take, counted from [`Endpoint::start`]:
+    /// a peer that never sends it is aborted rather than left holding the
+    /// connection (RFC 8323 §5.3: the CSM comes first, and nothing else is
+    /// processed before it).
+    pub csm_timeout: Duration,
 }
+
+/// [`StreamConfig::csm_timeout`] by default: a CSM follows the handshake
+/// at once, so ten seconds cover any round trip the handshake survived.
+pub const DEFAULT_CSM_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for StreamConfig {
     fn default() -> Self {
@@ -31,6 +40,7 @@ impl Default for StreamConfig {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             block_wise: false,
             params: TransmissionParams::default(),
+            csm_timeout: DEFAULT_CSM_TIMEOUT,
         }
     }
 }
@@ -44,6 +54,8 @@ pub struct StreamEndpoint {
     peer_max_message_size: usize,
     peer_block_wise: bool,
     peer_csm_seen: bool,
+    /// When the peer's CSM is due; set by [`Endpoint::start`].
+    csm_deadline: Option<Instant>,
     pings: HashMap<Token, (PingId, Instant)>,
     transmit: Vec<Vec<u8>>,
     closed: bool,
@@ -60,6 +72,7 @@ impl StreamEndpoint {
             peer_max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             peer_block_wise: false,
             peer_csm_seen: false,
+            csm_deadline: None,
             pings: HashMap::new(),
             transmit: Vec::new(),
             closed: false,
@@ -154,7 +167,7 @@ impl StreamEndpoint {
         let is_signal = framing::is_signal(&packet);
         let is_csm = is_signal && u8::from(packet.header.code) == framing::CODE_CSM;
         if !self.peer_csm_seen && !is_csm {
-            let e = FrameError::Options("first message is not a CSM".into());
+            let e = FrameError::CsmNotFirst;
             return self.protocol_error(&e, events);
         }
         let Some(token) = Token::from_slice(packet.get_token()) else {
@@ -265,14 +278,22 @@ impl Endpoint for StreamEndpoint {
 
     fn poll_timeout(&self) -> Option<Instant> {
         let pings = self.pings.values().map(|(_, d)| *d).min();
-        match (pings, self.core.next_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let csm = self
+            .csm_deadline
+            .filter(|_| !self.peer_csm_seen && !self.closed);
+        [pings, self.core.next_deadline(), csm]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Vec<Event> {
         let mut events = Vec::new();
+        if !self.peer_csm_seen && !self.closed && self.csm_deadline.is_some_and(|d| d <= now) {
+            let e = FrameError::NoCsm(self.config.csm_timeout);
+            self.protocol_error(&e, &mut events);
+            return events;
+        }
         let mut expired: Vec<(Token, PingId)> = self
             .pings
             .iter()
@@ -380,6 +401,13 @@ impl Endpoint for StreamEndpoint {
         self.config.params = params;
         Ok(())
     }
+
+    fn start(&mut self, now: Instant) {
+        if self.csm_deadline.is_none() {
+            self.csm_deadline = Some(now + self.config.csm_timeout);
+        }
+    }
+
     fn close(&mut self, diagnostic: &str) {
         // Best effort: a stream already closed has nothing to release.
         let _ = self.release(diagnostic);

@@ -43,6 +43,12 @@ pub enum UriError {
     UnexpectedSegment(String),
     #[error("duplicate {0} segment")]
     DuplicateSegment(&'static str),
+    #[error("segment {0:?} is out of order: the order is cdid=, cuid=, mid=")]
+    OutOfOrder(String),
+    #[error("{0} is longer than {MAX_IDENTIFIER} bytes")]
+    LongValue(&'static str),
+    #[error("{0} holds a character other than printable ASCII (0x21-0x7e)")]
+    BadCharacter(&'static str),
     #[error("missing cuid segment")]
     MissingCuid,
     #[error("empty {0} value")]
@@ -71,6 +77,10 @@ impl From<UriError> for ErrorResponse {
     }
 }
 
+/// Longest `cdid` or `cuid` accepted. RFC 9132 §4.4.1 suggests 22
+/// characters (a 16-byte hash in base64url); gateways may use longer ones.
+pub const MAX_IDENTIFIER: usize = 128;
+
 /// The `key=value` segments after the resource name.
 #[derive(Default)]
 struct Params {
@@ -81,17 +91,24 @@ struct Params {
 }
 
 impl Params {
-    /// Parses the segments; `allowed` lists the keys this resource accepts.
+    /// Parses the segments; `allowed` lists the keys this resource accepts,
+    /// in the order they must come in.
     fn parse<'a>(
         segments: impl Iterator<Item = &'a str>,
         allowed: &[&str],
     ) -> Result<Params, UriError> {
         let mut p = Params::default();
+        let mut last: Option<usize> = None;
         for seg in segments {
             let (key, value) = seg
                 .split_once('=')
                 .filter(|(k, _)| allowed.contains(k))
                 .ok_or_else(|| UriError::UnexpectedSegment(seg.to_string()))?;
+            let rank = allowed.iter().position(|k| *k == key);
+            if rank < last {
+                return Err(UriError::OutOfOrder(seg.to_string()));
+            }
+            last = rank;
             match key {
                 "cdid" => set_once(&mut p.cdid, "cdid", text(value, "cdid")?)?,
                 "cuid" => set_once(&mut p.cuid, "cuid", text(value, "cuid")?)?,
@@ -119,9 +136,17 @@ fn set_once<T>(slot: &mut Option<T>, name: &'static str, value: T) -> Result<(),
     Ok(())
 }
 
+/// An identifier: not empty, at most [`MAX_IDENTIFIER`] bytes of
+/// printable ASCII, so it is safe to log and to use as a key.
 fn text(value: &str, name: &'static str) -> Result<String, UriError> {
     if value.is_empty() {
         return Err(UriError::EmptyValue(name));
+    }
+    if value.len() > MAX_IDENTIFIER {
+        return Err(UriError::LongValue(name));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(UriError::BadCharacter(name));
     }
     Ok(value.to_string())
 }
@@ -246,7 +271,27 @@ mod tests {
             ),
             (
                 "/.well-known/dots/mitigate/mid=1/cuid=abc",
-                Ok(mitigate(None, "abc", Some(1))),
+                Err(OutOfOrder("cuid=abc".into())),
+            ),
+            (
+                "/.well-known/dots/mitigate/cuid=abc/cdid=gw",
+                Err(OutOfOrder("cdid=gw".into())),
+            ),
+            (
+                "/.well-known/dots/redirect/mid=1/cuid=abc",
+                Err(OutOfOrder("cuid=abc".into())),
+            ),
+            (
+                "/.well-known/dots/mitigate/cuid=a b",
+                Err(BadCharacter("cuid")),
+            ),
+            (
+                "/.well-known/dots/mitigate/cuid=a\u{7f}",
+                Err(BadCharacter("cuid")),
+            ),
+            (
+                "/.well-known/dots/mitigate/cuid=\u{e9}t\u{e9}",
+                Err(BadCharacter("cuid")),
             ),
             (
                 "/.well-known/dots/config",
@@ -324,6 +369,17 @@ mod tests {
         for (path, expected) in cases {
             assert_eq!(parse(path), expected, "{path}");
         }
+    }
+
+    #[test]
+    fn identifier_length() {
+        let long = "a".repeat(MAX_IDENTIFIER + 1);
+        assert_eq!(
+            parse(&format!("/.well-known/dots/mitigate/cuid={long}")),
+            Err(UriError::LongValue("cuid"))
+        );
+        let ok = "a".repeat(MAX_IDENTIFIER);
+        assert!(parse(&format!("/.well-known/dots/mitigate/cdid={ok}/cuid={ok}")).is_ok());
     }
 
     #[test]

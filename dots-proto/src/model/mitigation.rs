@@ -3,8 +3,9 @@
 
 use ipnet::IpNet;
 
+use super::prefixes::parse_prefix;
 use super::{top_level, DotsMessage};
-use crate::cbor::fields::{as_int, as_uint, as_uint_in, Fields, MapBuilder};
+use crate::cbor::fields::{as_int, as_text, as_uint, as_uint_in, Fields, MapBuilder};
 use crate::cbor::keys::key::*;
 use crate::cbor::{CborError, Value};
 
@@ -102,6 +103,11 @@ pub struct Acl {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConflictScope {
     pub target_prefix: Vec<IpNet>,
+    /// The sources in conflict. RFC 9066 adds `source-prefix` to `scope`
+    /// only; this agent also puts it here (a comprehension-optional key,
+    /// ignored by peers that do not know it) to say which sources of a
+    /// request are exempt from enforcement.
+    pub source_prefix: Vec<IpNet>,
     pub target_port_range: Vec<PortRange>,
     pub target_protocol: Vec<u8>,
     pub target_fqdn: Vec<String>,
@@ -226,7 +232,15 @@ fn lifetime(v: &Value, path: &str) -> Result<i64, CborError> {
     }
 }
 
-const PREFIX: &str = "an IP prefix";
+/// An `inet:ip-prefix` in the strict text form of RFC 6991 (no leading
+/// zeros; see [`parse_prefix`]); host bits are kept as sent.
+fn prefix(v: &Value, path: &str) -> Result<IpNet, CborError> {
+    let t = as_text(v, path)?;
+    parse_prefix(t).ok_or_else(|| CborError::Value {
+        path: path.to_owned(),
+        reason: format!("\"{t}\" is not an IP prefix (RFC 6991: ADDRESS/LENGTH, no leading zeros)"),
+    })
+}
 
 impl ConflictScope {
     fn from_value(v: &Value, path: &str) -> Result<Self, CborError> {
@@ -242,10 +256,12 @@ impl ConflictScope {
                 ALIAS_NAME,
                 ACL_LIST,
                 MID,
+                SOURCE_PREFIX,
             ],
         )?;
         Ok(Self {
-            target_prefix: f.parsed_list(TARGET_PREFIX, PREFIX)?,
+            target_prefix: f.list(TARGET_PREFIX, prefix)?,
+            source_prefix: f.list(SOURCE_PREFIX, prefix)?,
             target_port_range: f.list(TARGET_PORT_RANGE, port_range)?,
             target_protocol: f.list(TARGET_PROTOCOL, as_uint_in)?,
             target_fqdn: f.text_list(TARGET_FQDN)?,
@@ -282,6 +298,7 @@ impl ConflictScope {
             .display_list(ALIAS_NAME, &self.alias_name)
             .list(ACL_LIST, acls)
             .uint(MID, self.mid)
+            .display_list(SOURCE_PREFIX, &self.source_prefix)
             .build()
     }
 }
@@ -349,7 +366,7 @@ impl Scope {
             cdid: f.text(CDID)?,
             cuid: f.text(CUID)?,
             mid: f.uint(MID)?,
-            target_prefix: f.parsed_list(TARGET_PREFIX, PREFIX)?,
+            target_prefix: f.list(TARGET_PREFIX, prefix)?,
             target_port_range: f.list(TARGET_PORT_RANGE, port_range)?,
             target_protocol: f.list(TARGET_PROTOCOL, as_uint_in)?,
             target_fqdn: f.text_list(TARGET_FQDN)?,
@@ -357,7 +374,7 @@ impl Scope {
             alias_name: f.text_list(ALIAS_NAME)?,
             lifetime: f.opt(LIFETIME, lifetime)?,
             trigger_mitigation: f.bool(TRIGGER_MITIGATION)?,
-            source_prefix: f.parsed_list(SOURCE_PREFIX, PREFIX)?,
+            source_prefix: f.list(SOURCE_PREFIX, prefix)?,
             source_port_range: f.list(SOURCE_PORT_RANGE, port_range)?,
             source_icmp_type_range: f.list(SOURCE_ICMP_TYPE_RANGE, icmp_type_range)?,
             status: code_of(&f, STATUS, MitigationStatus::from_code)?,
@@ -425,10 +442,7 @@ impl Scope {
 impl DotsMessage for MitigationScope {
     fn to_value(&self) -> Value {
         let inner = MapBuilder::default()
-            .put(
-                SCOPE,
-                Value::Array(self.scopes.iter().map(Scope::to_value).collect()),
-            )
+            .list(SCOPE, self.scopes.iter().map(Scope::to_value).collect())
             .build();
         MapBuilder::default().put(MITIGATION_SCOPE, inner).build()
     }
@@ -579,7 +593,7 @@ mod tests {
         ]}});
         assert_eq!(
             MitigationScope::from_json(&bad).expect_err("rejects").to_string(),
-            "/ietf-dots-signal-channel:mitigation-scope/scope/0/ietf-dots-call-home:source-prefix/0: \"192.0.2.300/32\" is not an IP prefix"
+            "/ietf-dots-signal-channel:mitigation-scope/scope/0/ietf-dots-call-home:source-prefix/0: \"192.0.2.300/32\" is not an IP prefix (RFC 6991: ADDRESS/LENGTH, no leading zeros)"
         );
         let bad = json!({"ietf-dots-signal-channel:mitigation-scope": {"scope": [
             {"ietf-dots-call-home:source-icmp-type-range": [{"upper-type": 3}]}

@@ -7,6 +7,10 @@
 //! * [`RedirectedSignal`]: the Call Home redirect (RFC 9066 §5.2.2).
 //! * [`validate`]: the checks an agent applies to a Call Home mitigation
 //!   request before acting on it, each failure mapped to a CoAP error.
+//! * [`policy`]: the agent's local bounds on what one request may block,
+//!   and which part of it is exempt from enforcement.
+//! * [`prefixes`]: the strict text form of prefixes, the ranges a request
+//!   may not name, and prefix-set arithmetic.
 //!
 //! Every message converts to and from CBOR bytes ([`DotsMessage::encode`],
 //! [`DotsMessage::decode`], applying the comprehension rules) and the JSON
@@ -14,6 +18,8 @@
 
 mod config;
 mod mitigation;
+pub mod policy;
+pub mod prefixes;
 mod session;
 pub mod validate;
 
@@ -30,7 +36,8 @@ pub use mitigation::{
     Acl, AttackStatus, ConflictCause, ConflictInformation, ConflictScope, ConflictStatus,
     IcmpTypeRange, MitigationScope, MitigationStatus, PortRange, Scope, INDEFINITE_LIFETIME,
 };
-pub use session::{Heartbeat, RedirectedSignal};
+pub use policy::{Bound, Exemption, OverLimit, Policy};
+pub use session::{Heartbeat, RedirectedSignal, MAX_REDIRECT_RECORDS};
 pub use validate::{
     prefixes_within, validate_call_home_request, Limits, MitigationUri, ValidatedRequest,
     ValidationError,

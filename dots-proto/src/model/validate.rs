@@ -9,25 +9,48 @@
 //! for `trigger-mitigation: false`, and hands out-of-domain sources to the
 //! §4.4.1 handling of invalid requests. Only [`ValidationError::TooMany`]
 //! is 4.22 (Unprocessable Entity): the request is valid, but larger than
-//! this agent is configured to enforce.
+//! this agent is configured to enforce. (The local policy's bounds on what
+//! a request may block are in [`super::policy`].)
 //!
-//! Choices where the RFCs leave room:
-//! * a prefix with host bits set (`192.0.2.1/24`) is rejected rather than
-//!   silently widened or narrowed, the error names the prefix it would be;
+//! Choices where the RFCs leave room (docs/request-handling.md lists them
+//! with their sections):
+//! * a prefix with host bits set (`192.0.2.1/24`) is a valid, non-canonical
+//!   `inet:ip-prefix` (RFC 6991 §4): it is normalised (`192.0.2.0/24`) and
+//!   the granted scope carries the canonical form. Leading zeros
+//!   (`192.0.2.010/32`) are refused when the body is decoded
+//!   ([`super::prefixes::parse_prefix`]);
 //! * a source prefix holding the unspecified address (`0.0.0.0/n`, `::/n`,
 //!   so also `0.0.0.0/0`) is rejected: no attack comes from there, and
 //!   "everything" is never a source an agent should block on request;
 //! * a prefix is "broadcast/loopback/multicast" when it lies inside those
 //!   ranges or covers them (`240.0.0.0/4` covers 255.255.255.255);
-//! * target prefixes get only the host-bits check: RFC 9066 lets any
-//!   routable target through, and the domain check is on sources only;
+//! * targets must be routable (RFC 9066 §5.3.1 takes "any routable IP
+//!   prefix" as a target): unspecified, loopback, multicast, broadcast and
+//!   link-local targets are refused, as RFC 9132 §4.4.1 (not at hand here;
+//!   go-dots refuses the same) refuses them;
+//! * IPv4-mapped IPv6 prefixes (`::ffff:0:0/96`) are refused on both sides:
+//!   no packet carries them, and written that way an IPv4 address would
+//!   slip past the IPv4 checks (`::ffff:127.0.0.1`);
+//! * a repeated entry (a leaf-list value, or a list key such as
+//!   `lower-port`) is refused: YANG keeps them unique (RFC 7950 §7.7.6,
+//!   §7.8.2); prefixes are compared in canonical form;
+//! * `alias-name` is refused: aliases are made over the DOTS data channel
+//!   (RFC 8783), which this agent does not run, and RFC 9066 §5.3.1 itself
+//!   expects no aliases on Call Home;
+//! * a scope no packet can match is refused rather than installed as a
+//!   block that never drops: ICMP type ranges together with port ranges,
+//!   ICMP type ranges with a `target-protocol` list that holds no ICMP of
+//!   the targets' family, port ranges with a list that holds no protocol
+//!   with ports (TCP, UDP, SCTP, DCCP);
 //! * a lifetime longer than [`Limits::max_lifetime`], or indefinite, is
-//!   granted as that maximum (RFC 9132 lets the server shorten it).
+//!   granted as that maximum (RFC 9132 lets the server shorten it), unless
+//!   the local policy makes it a bound (see [`super::policy::Policy`]).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 
+use super::prefixes::{canonical, special_use, PrefixSet, Special};
 use super::{MitigationScope, PortRange, Scope, INDEFINITE_LIFETIME};
 
 /// Configurable bounds on what the agent accepts.
@@ -65,24 +88,28 @@ pub struct MitigationUri {
 }
 
 impl MitigationUri {
-    /// Reads the segments after `mitigate`, e.g. `["cuid=dz6p...", "mid=56"]`.
+    /// Reads the segments after `mitigate`, e.g. `["cuid=dz6p...", "mid=56"]`,
+    /// in the order RFC 9132 §4.4.1 gives them: `cdid`, `cuid`, `mid`.
     pub fn from_segments<S: AsRef<str>>(segments: &[S]) -> Result<Self, ValidationError> {
         let mut uri = Self::default();
+        let mut last = 0;
         for segment in segments {
             let segment = segment.as_ref();
             let bad = || ValidationError::UriSegment {
                 segment: segment.to_owned(),
             };
             let (name, value) = segment.split_once('=').ok_or_else(bad)?;
-            let slot = match name {
-                "cdid" => &mut uri.cdid,
-                "cuid" => &mut uri.cuid,
-                "mid" => &mut uri.mid,
+            let (rank, slot) = match name {
+                "cdid" => (1, &mut uri.cdid),
+                "cuid" => (2, &mut uri.cuid),
+                "mid" => (3, &mut uri.mid),
                 _ => return Err(bad()),
             };
-            if slot.replace(value.to_owned()).is_some() {
+            if rank <= last {
                 return Err(bad());
             }
+            last = rank;
+            *slot = Some(value.to_owned());
         }
         Ok(uri)
     }
@@ -94,7 +121,8 @@ pub struct ValidatedRequest {
     pub cdid: Option<String>,
     pub cuid: String,
     pub mid: u32,
-    /// The single scope, its `lifetime` replaced by the granted one.
+    /// The single scope, its prefixes in canonical form and its `lifetime`
+    /// replaced by the granted one.
     pub scope: Scope,
     /// Granted lifetime in seconds, or [`INDEFINITE_LIFETIME`].
     pub lifetime: i64,
@@ -105,7 +133,7 @@ pub struct ValidatedRequest {
 pub enum ValidationError {
     #[error("missing \"{name}\" in the Uri-Path")]
     MissingUri { name: &'static str },
-    #[error("unexpected or repeated Uri-Path segment \"{segment}\"")]
+    #[error("unexpected, repeated or misplaced Uri-Path segment \"{segment}\" (the order is cdid=, cuid=, mid=)")]
     UriSegment { segment: String },
     #[error("cuid is empty")]
     EmptyCuid,
@@ -121,18 +149,16 @@ pub enum ValidationError {
     TriggerMitigationFalse,
     #[error("lifetime {value} is invalid: it must be positive seconds or -1 (indefinite)")]
     InvalidLifetime { value: i64 },
-    #[error("{field} \"{prefix}\" has host bits set (the prefix is \"{network}\")")]
-    HostBitsSet {
-        field: &'static str,
-        prefix: IpNet,
-        network: IpNet,
-    },
     #[error("{field} \"{prefix}\" {what}")]
     SpecialPrefix {
         field: &'static str,
         prefix: IpNet,
         what: String,
     },
+    #[error("{field} lists {value} more than once")]
+    Duplicate { field: &'static str, value: String },
+    #[error("alias-name is not supported: this agent keeps no aliases (there is no DOTS data channel); name the targets in target-prefix")]
+    AliasName,
     #[error("{field} range {lower}-{upper} is inverted ({lower_name} > {upper_name})")]
     RangeInverted {
         field: &'static str,
@@ -146,6 +172,8 @@ pub enum ValidationError {
         source_family: &'static str,
         target_family: &'static str,
     },
+    #[error("{why}: no packet can match this scope")]
+    NoMatch { why: &'static str },
     #[error("{field} has {count} entries, more than the limit of {max}")]
     TooMany {
         field: &'static str,
@@ -171,13 +199,14 @@ impl ValidationError {
     }
 }
 
-/// Checks that every prefix lies inside one of `domain`, naming the first
-/// one that does not (RFC 9066 §5.3.1 domain check on `source-prefix`).
+/// Checks that every prefix lies inside the union of `domain`, naming the
+/// first one that does not (RFC 9066 §5.3.1 domain check on
+/// `source-prefix`). A prefix covered only by several domain prefixes
+/// together (`192.0.2.0/24` by `192.0.2.0/25` and `192.0.2.128/25`) is
+/// inside.
 pub fn prefixes_within(prefixes: &[IpNet], domain: &[IpNet]) -> Result<(), ValidationError> {
-    match prefixes
-        .iter()
-        .find(|p| !domain.iter().any(|d| d.contains(*p)))
-    {
+    let domain = PrefixSet::new(domain);
+    match prefixes.iter().find(|p| !domain.covers(p)) {
         Some(prefix) => Err(ValidationError::OutsideDomain { prefix: *prefix }),
         None => Ok(()),
     }
@@ -244,20 +273,18 @@ pub fn validate_call_home_request(
         });
     }
     check_limits(scope, limits)?;
+    if !scope.alias_name.is_empty() {
+        return Err(ValidationError::AliasName);
+    }
+    let scope = Scope {
+        source_prefix: scope.source_prefix.iter().map(canonical).collect(),
+        target_prefix: scope.target_prefix.iter().map(canonical).collect(),
+        ..scope.clone()
+    };
+    check_unique(&scope)?;
 
-    for prefix in &scope.source_prefix {
-        check_host_bits("source-prefix", prefix)?;
-        if let Some(what) = special_use(prefix) {
-            return Err(ValidationError::SpecialPrefix {
-                field: "source-prefix",
-                prefix: *prefix,
-                what,
-            });
-        }
-    }
-    for prefix in &scope.target_prefix {
-        check_host_bits("target-prefix", prefix)?;
-    }
+    check_prefixes(SOURCE_PREFIX, &scope.source_prefix, SOURCE_SPECIALS)?;
+    check_prefixes("target-prefix", &scope.target_prefix, TARGET_SPECIALS)?;
     check_port_ranges("target-port-range", &scope.target_port_range)?;
     check_port_ranges(
         "ietf-dots-call-home:source-port-range",
@@ -275,6 +302,7 @@ pub fn validate_call_home_request(
         }
     }
     check_families(&scope.source_prefix, &scope.target_prefix)?;
+    check_matchable(&scope)?;
 
     let lifetime = grant_lifetime(requested, limits.max_lifetime);
     Ok(ValidatedRequest {
@@ -283,10 +311,150 @@ pub fn validate_call_home_request(
         mid,
         scope: Scope {
             lifetime: Some(lifetime),
-            ..scope.clone()
+            ..scope
         },
         lifetime,
     })
+}
+
+const SOURCE_PREFIX: &str = "source-prefix";
+
+/// RFC 9066 §5.3.1: broadcast, loopback and multicast sources are invalid;
+/// link-local sources are allowed.
+const SOURCE_SPECIALS: &[Special] = &[
+    Special::Unspecified,
+    Special::Loopback,
+    Special::Multicast,
+    Special::Broadcast,
+    Special::Ipv4Mapped,
+];
+
+/// Targets must be routable (see the module documentation): none of them.
+const TARGET_SPECIALS: &[Special] = &Special::ALL;
+
+fn check_prefixes(
+    field: &'static str,
+    prefixes: &[IpNet],
+    kinds: &[Special],
+) -> Result<(), ValidationError> {
+    for prefix in prefixes {
+        let Some((kind, what)) = special_use(prefix, kinds) else {
+            continue;
+        };
+        let mapped = match prefix.addr() {
+            IpAddr::V6(a) if prefix.prefix_len() >= 96 => a.to_ipv4_mapped(),
+            _ => None,
+        };
+        let what = match (kind, mapped) {
+            (Special::Ipv4Mapped, Some(v4)) => format!(
+                "{what}: write it as the IPv4 prefix {v4}/{}",
+                prefix.prefix_len() - 96
+            ),
+            (Special::Ipv4Mapped, None) => what,
+            _ if field == SOURCE_PREFIX => what,
+            _ => format!("{what}: not a routable target"),
+        };
+        return Err(ValidationError::SpecialPrefix {
+            field,
+            prefix: *prefix,
+            what,
+        });
+    }
+    Ok(())
+}
+
+/// The first value listed twice in `items`, shown with `show`.
+fn repeated<T: PartialEq>(items: &[T], show: impl Fn(&T) -> String) -> Option<String> {
+    items
+        .iter()
+        .enumerate()
+        .find(|(i, x)| items[..*i].contains(x))
+        .map(|(_, x)| show(x))
+}
+
+/// Leaf-list values and list keys are unique (RFC 7950 §7.7.6, §7.8.2).
+fn check_unique(scope: &Scope) -> Result<(), ValidationError> {
+    fn quoted<T: std::fmt::Display>(v: &T) -> String {
+        format!("\"{v}\"")
+    }
+    let port_keys = |r: &[PortRange]| r.iter().map(|r| r.lower).collect::<Vec<_>>();
+    let type_keys: Vec<u8> = scope
+        .source_icmp_type_range
+        .iter()
+        .map(|r| r.lower)
+        .collect();
+    let lower_port = |l: &u16| format!("lower-port {l}");
+    let checks = [
+        (
+            "ietf-dots-call-home:source-prefix",
+            repeated(&scope.source_prefix, quoted),
+        ),
+        ("target-prefix", repeated(&scope.target_prefix, quoted)),
+        (
+            "target-protocol",
+            repeated(&scope.target_protocol, u8::to_string),
+        ),
+        ("target-fqdn", repeated(&scope.target_fqdn, quoted)),
+        ("target-uri", repeated(&scope.target_uri, quoted)),
+        (
+            "target-port-range",
+            repeated(&port_keys(&scope.target_port_range), lower_port),
+        ),
+        (
+            "ietf-dots-call-home:source-port-range",
+            repeated(&port_keys(&scope.source_port_range), lower_port),
+        ),
+        (
+            "ietf-dots-call-home:source-icmp-type-range",
+            repeated(&type_keys, |l| format!("lower-type {l}")),
+        ),
+    ];
+    match checks.into_iter().find_map(|(f, v)| v.map(|v| (f, v))) {
+        Some((field, value)) => Err(ValidationError::Duplicate { field, value }),
+        None => Ok(()),
+    }
+}
+
+/// IANA protocol numbers the checks below need.
+const ICMP: u8 = 1;
+const ICMPV6: u8 = 58;
+const PORT_PROTOCOLS: [u8; 4] = [6, 17, 33, 132]; // TCP, UDP, DCCP, SCTP
+
+/// Refuses scopes whose constraints exclude each other (see the module
+/// documentation): the data plane matches port ranges only on protocols
+/// with ports and ICMP type ranges only on the ICMP of the packet's family.
+fn check_matchable(scope: &Scope) -> Result<(), ValidationError> {
+    let icmp = !scope.source_icmp_type_range.is_empty();
+    let ports = !scope.source_port_range.is_empty() || !scope.target_port_range.is_empty();
+    let protocols = &scope.target_protocol;
+    if icmp && ports {
+        return Err(ValidationError::NoMatch {
+            why:
+                "source-icmp-type-range needs ICMP packets and port ranges need packets with ports",
+        });
+    }
+    if icmp && !protocols.is_empty() {
+        let v4 = scope
+            .target_prefix
+            .iter()
+            .any(|p| matches!(p, IpNet::V4(_)));
+        let v6 = scope
+            .target_prefix
+            .iter()
+            .any(|p| matches!(p, IpNet::V6(_)));
+        let fits = (v4 && protocols.contains(&ICMP)) || (v6 && protocols.contains(&ICMPV6));
+        if !fits {
+            return Err(ValidationError::NoMatch {
+                why: "source-icmp-type-range is given but target-protocol holds no ICMP of the targets' family (1 for IPv4, 58 for IPv6)",
+            });
+        }
+    }
+    if ports && !protocols.is_empty() && !protocols.iter().any(|p| PORT_PROTOCOLS.contains(p)) {
+        return Err(ValidationError::NoMatch {
+            why: "port ranges are given but target-protocol holds no protocol with ports (6 TCP, 17 UDP, 33 DCCP, 132 SCTP)",
+        });
+    }
+    Ok(())
 }
 
 fn grant_lifetime(requested: i64, max: Option<u32>) -> i64 {
@@ -333,80 +501,6 @@ fn check_limits(scope: &Scope, limits: &Limits) -> Result<(), ValidationError> {
         Some((field, count, max)) => Err(ValidationError::TooMany { field, count, max }),
         None => Ok(()),
     }
-}
-
-fn check_host_bits(field: &'static str, prefix: &IpNet) -> Result<(), ValidationError> {
-    let network = prefix.trunc();
-    if network == *prefix {
-        Ok(())
-    } else {
-        Err(ValidationError::HostBitsSet {
-            field,
-            prefix: *prefix,
-            network,
-        })
-    }
-}
-
-/// How `prefix` touches an address range that is never an attack source.
-fn special_use(prefix: &IpNet) -> Option<String> {
-    match prefix {
-        IpNet::V4(p) => special_v4(p),
-        IpNet::V6(p) => special_v6(p),
-    }
-}
-
-fn single(is_host: bool, addr: &str, name: &str) -> String {
-    if is_host {
-        format!("is the {name} address")
-    } else {
-        format!("contains the {name} address {addr}")
-    }
-}
-
-fn range(inside: bool, name: &str, range: impl std::fmt::Display) -> String {
-    if inside {
-        format!("is {name}")
-    } else {
-        format!("covers the {name} range {range}")
-    }
-}
-
-fn special_v4(p: &Ipv4Net) -> Option<String> {
-    let host = p.prefix_len() == 32;
-    if p.contains(&Ipv4Addr::UNSPECIFIED) {
-        return Some(single(host, "0.0.0.0", "unspecified"));
-    }
-    if p.contains(&Ipv4Addr::BROADCAST) {
-        return Some(single(host, "255.255.255.255", "broadcast"));
-    }
-    for (addr, len, name) in [
-        ([127, 0, 0, 0], 8, "loopback"),
-        ([224, 0, 0, 0], 4, "multicast"),
-    ] {
-        let Ok(net) = Ipv4Net::new(addr.into(), len) else {
-            continue;
-        };
-        if net.contains(p) || p.contains(&net) {
-            return Some(range(net.contains(p), name, net));
-        }
-    }
-    None
-}
-
-fn special_v6(p: &Ipv6Net) -> Option<String> {
-    let host = p.prefix_len() == 128;
-    if p.contains(&Ipv6Addr::UNSPECIFIED) {
-        return Some(single(host, "::", "unspecified"));
-    }
-    if p.contains(&Ipv6Addr::LOCALHOST) {
-        return Some(single(host, "::1", "loopback"));
-    }
-    let multicast = Ipv6Net::new(Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8).ok()?;
-    if multicast.contains(p) || p.contains(&multicast) {
-        return Some(range(multicast.contains(p), "multicast", multicast));
-    }
-    None
 }
 
 fn check_port_ranges(field: &'static str, ranges: &[PortRange]) -> Result<(), ValidationError> {
@@ -525,9 +619,13 @@ mod tests {
         let err = MitigationUri::from_segments(&["cuid=a", "cuid=b"]).expect_err("repeated");
         assert_eq!(
             err.to_string(),
-            "unexpected or repeated Uri-Path segment \"cuid=b\""
+            "unexpected, repeated or misplaced Uri-Path segment \"cuid=b\" (the order is cdid=, cuid=, mid=)"
         );
         assert!(MitigationUri::from_segments(&["sid=1"]).is_err());
+        assert!(
+            MitigationUri::from_segments(&["mid=1", "cuid=a"]).is_err(),
+            "mid before cuid"
+        );
         let with_cdid =
             MitigationUri::from_segments(&["cdid=gw", "cuid=a", "mid=4294967295"]).expect("uri");
         let ok = validate_call_home_request(&req, &with_cdid, &limits).expect("valid");
@@ -744,15 +842,225 @@ mod tests {
     }
 
     #[test]
-    fn host_bits_are_rejected_with_the_intended_prefix() {
+    fn non_canonical_prefixes_are_normalised() {
+        // RFC 6991 §4: host bits set is a valid, non-canonical ip-prefix.
+        let ok = check(Scope {
+            source_prefix: vec![net("2001:db8:123::1/64")],
+            target_prefix: vec![net("2001:db8:c000::9/48")],
+            ..scope()
+        })
+        .expect("valid");
+        assert_eq!(ok.scope.source_prefix, [net("2001:db8:123::/64")]);
+        assert_eq!(ok.scope.target_prefix, [net("2001:db8:c000::/48")]);
+        // Normalised first, then compared: these are one prefix twice.
         assert_eq!(
-            source("192.0.2.1/24", "203.0.113.0/24"),
-            "source-prefix \"192.0.2.1/24\" has host bits set (the prefix is \"192.0.2.0/24\")"
+            source_list(&["192.0.2.1/24", "192.0.2.0/24"], "203.0.113.0/24"),
+            "ietf-dots-call-home:source-prefix lists \"192.0.2.0/24\" more than once"
         );
+    }
+
+    fn source_list(prefixes: &[&str], target: &str) -> String {
+        message(Scope {
+            source_prefix: prefixes.iter().map(|p| net(p)).collect(),
+            target_prefix: vec![net(target)],
+            ..scope()
+        })
+    }
+
+    #[test]
+    fn targets_must_be_routable() {
+        let s6 = "2001:db8:123::1/128";
+        let target = |t: &str, s: &str| {
+            let err = check(Scope {
+                source_prefix: vec![net(s)],
+                target_prefix: vec![net(t)],
+                ..scope()
+            })
+            .expect_err("rejects");
+            assert_eq!(err.coap_code(), (4, 0));
+            err.to_string()
+        };
+        let s4 = "192.0.2.10/32";
+        for (t, s, expected) in [
+            ("0.0.0.0/0", s4, "target-prefix \"0.0.0.0/0\" contains the unspecified address 0.0.0.0: not a routable target"),
+            ("::/0", s6, "target-prefix \"::/0\" contains the unspecified address ::: not a routable target"),
+            ("127.0.0.0/8", s4, "target-prefix \"127.0.0.0/8\" is loopback: not a routable target"),
+            ("::1/128", s6, "target-prefix \"::1/128\" is the loopback address: not a routable target"),
+            ("224.0.0.1/32", s4, "target-prefix \"224.0.0.1/32\" is multicast: not a routable target"),
+            ("ff02::1/128", s6, "target-prefix \"ff02::1/128\" is multicast: not a routable target"),
+            ("255.255.255.255/32", s4, "target-prefix \"255.255.255.255/32\" is the broadcast address: not a routable target"),
+            ("169.254.1.1/32", s4, "target-prefix \"169.254.1.1/32\" is link-local: not a routable target"),
+            ("fe80::1/128", s6, "target-prefix \"fe80::1/128\" is link-local: not a routable target"),
+            ("::ffff:203.0.113.7/128", s6, "target-prefix \"::ffff:203.0.113.7/128\" is IPv4-mapped: write it as the IPv4 prefix 203.0.113.7/32"),
+        ] {
+            assert_eq!(target(t, s), expected);
+        }
+    }
+
+    #[test]
+    fn ipv4_mapped_sources_are_refused() {
+        // Written as IPv6, a loopback or broadcast source would slip past
+        // the IPv4 checks.
+        for (s, v4) in [
+            ("::ffff:127.0.0.1/128", "127.0.0.1/32"),
+            ("::ffff:255.255.255.255/128", "255.255.255.255/32"),
+            ("::ffff:192.0.2.0/120", "192.0.2.0/24"),
+        ] {
+            assert_eq!(
+                source(s, "2001:db8::/32"),
+                format!("source-prefix \"{s}\" is IPv4-mapped: write it as the IPv4 prefix {v4}")
+            );
+        }
         assert_eq!(
-            source("192.0.2.0/24", "203.0.113.9/24"),
-            "target-prefix \"203.0.113.9/24\" has host bits set (the prefix is \"203.0.113.0/24\")"
+            source("::fffe:0:0/95", "2001:db8::/32"),
+            "source-prefix \"::fffe:0:0/95\" covers the IPv4-mapped range ::ffff:0.0.0.0/96"
         );
+    }
+
+    #[test]
+    fn repeated_entries_are_refused() {
+        let port = |lower, upper| PortRange { lower, upper };
+        let cases = [
+            (
+                Scope {
+                    target_prefix: vec![net("2001:db8:c000::/48"), net("2001:db8:c000::1/48")],
+                    ..scope()
+                },
+                "target-prefix lists \"2001:db8:c000::/48\" more than once",
+            ),
+            (
+                Scope {
+                    target_protocol: vec![6, 17, 6],
+                    ..scope()
+                },
+                "target-protocol lists 6 more than once",
+            ),
+            (
+                Scope {
+                    target_port_range: vec![port(80, None), port(80, Some(90))],
+                    ..scope()
+                },
+                "target-port-range lists lower-port 80 more than once",
+            ),
+            (
+                Scope {
+                    source_port_range: vec![port(1000, Some(2000)), port(1000, Some(2000))],
+                    ..scope()
+                },
+                "ietf-dots-call-home:source-port-range lists lower-port 1000 more than once",
+            ),
+            (
+                Scope {
+                    source_icmp_type_range: vec![
+                        IcmpTypeRange {
+                            lower: 128,
+                            upper: None,
+                        },
+                        IcmpTypeRange {
+                            lower: 128,
+                            upper: Some(129),
+                        },
+                    ],
+                    ..scope()
+                },
+                "ietf-dots-call-home:source-icmp-type-range lists lower-type 128 more than once",
+            ),
+            (
+                Scope {
+                    target_fqdn: vec!["a.example".into(), "a.example".into()],
+                    ..scope()
+                },
+                "target-fqdn lists \"a.example\" more than once",
+            ),
+        ];
+        for (scope, expected) in cases {
+            assert_eq!(message(scope), expected);
+        }
+        // Overlapping but distinct entries are fine.
+        assert!(check(Scope {
+            source_port_range: vec![port(1000, Some(2000)), port(1500, Some(2500))],
+            ..scope()
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn alias_name_is_refused() {
+        let err = check(Scope {
+            alias_name: vec!["web-servers".into()],
+            ..scope()
+        })
+        .expect_err("no data channel");
+        assert_eq!(err, ValidationError::AliasName);
+        assert_eq!(err.coap_code(), (4, 0));
+    }
+
+    #[test]
+    fn contradictory_scopes_are_refused() {
+        let icmp = vec![IcmpTypeRange {
+            lower: 128,
+            upper: Some(129),
+        }];
+        let ports = vec![PortRange {
+            lower: 53,
+            upper: None,
+        }];
+        let cases = [
+            (
+                Scope {
+                    source_icmp_type_range: icmp.clone(),
+                    target_protocol: vec![6],
+                    ..scope()
+                },
+                "source-icmp-type-range is given but target-protocol holds no ICMP of the targets' family (1 for IPv4, 58 for IPv6): no packet can match this scope",
+            ),
+            (
+                // ICMP (1) is IPv4's; the targets are IPv6.
+                Scope {
+                    source_icmp_type_range: icmp.clone(),
+                    target_protocol: vec![1],
+                    ..scope()
+                },
+                "source-icmp-type-range is given but target-protocol holds no ICMP of the targets' family (1 for IPv4, 58 for IPv6): no packet can match this scope",
+            ),
+            (
+                Scope {
+                    source_icmp_type_range: icmp.clone(),
+                    source_port_range: ports.clone(),
+                    ..scope()
+                },
+                "source-icmp-type-range needs ICMP packets and port ranges need packets with ports: no packet can match this scope",
+            ),
+            (
+                Scope {
+                    target_port_range: ports.clone(),
+                    target_protocol: vec![58],
+                    ..scope()
+                },
+                "port ranges are given but target-protocol holds no protocol with ports (6 TCP, 17 UDP, 33 DCCP, 132 SCTP): no packet can match this scope",
+            ),
+        ];
+        for (scope, expected) in cases {
+            assert_eq!(message(scope), expected);
+        }
+        for ok in [
+            Scope {
+                source_icmp_type_range: icmp.clone(),
+                target_protocol: vec![58],
+                ..scope()
+            },
+            Scope {
+                source_icmp_type_range: icmp,
+                ..scope()
+            },
+            Scope {
+                target_port_range: ports.clone(),
+                target_protocol: vec![6, 58],
+                ..scope()
+            },
+        ] {
+            assert!(check(ok.clone()).is_ok(), "{ok:?}");
+        }
     }
 
     #[test]
@@ -801,6 +1109,10 @@ mod tests {
                     upper: None,
                 },
             ],
+            ..scope()
+        };
+        assert!(check(ok).is_ok());
+        let ok = Scope {
             source_icmp_type_range: vec![IcmpTypeRange {
                 lower: 128,
                 upper: Some(129),
@@ -876,5 +1188,19 @@ mod tests {
         assert_eq!(err.coap_code(), (4, 0));
         // A prefix larger than the domain is not inside it.
         assert!(prefixes_within(&[net("192.0.0.0/16")], &domain).is_err());
+    }
+
+    #[test]
+    fn domain_is_a_union() {
+        // Covered only by two domain prefixes together.
+        let halves = [net("192.0.2.0/25"), net("192.0.2.128/25")];
+        assert_eq!(prefixes_within(&[net("192.0.2.0/24")], &halves), Ok(()));
+        let gap = [net("192.0.2.0/25"), net("192.0.2.192/26")];
+        assert_eq!(
+            prefixes_within(&[net("192.0.2.0/24")], &gap),
+            Err(ValidationError::OutsideDomain {
+                prefix: net("192.0.2.0/24")
+            })
+        );
     }
 }

@@ -1,9 +1,11 @@
 //! What the server role asks its I/O shell to do, and the data-plane
 //! results the shell hands back.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
-use crate::model::{RedirectedSignal, ValidatedRequest};
+use crate::model::{Exemption, RedirectedSignal, ValidatedRequest};
 
 /// Identifies one mitigation: the client's cuid and its mitigation id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,6 +33,42 @@ pub struct Counters {
     pub bps: u64,
 }
 
+/// Why a session ended, as [`Action::SessionLost`] tells the shell's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// No traffic from the peer for the whole missing-hb-allowed span
+    /// (RFC 9066 §5.2.1).
+    Silence { after: Duration },
+    /// The peer sent 7.04 Release.
+    Released { diagnostic: String },
+    /// The peer sent 7.05 Abort.
+    PeerAborted { diagnostic: String },
+    /// We sent 7.05 Abort: the peer broke the protocol (RFC 8323 §5.6).
+    Aborted { diagnostic: String },
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionEnd::Silence { after } => {
+                write!(f, "no traffic from the peer for {} s", after.as_secs())
+            }
+            SessionEnd::Released { diagnostic } => {
+                write!(f, "the peer released the connection: \"{diagnostic}\"")
+            }
+            SessionEnd::PeerAborted { diagnostic } => {
+                write!(f, "the peer aborted the connection: \"{diagnostic}\"")
+            }
+            SessionEnd::Aborted { diagnostic } => {
+                write!(
+                    f,
+                    "aborted the connection, the peer broke the protocol: {diagnostic}"
+                )
+            }
+        }
+    }
+}
+
 /// A side effect the server role wants performed. The shell reports the
 /// outcome through [`super::SignalServer::installed`],
 /// [`super::SignalServer::install_failed`], [`super::SignalServer::counters`],
@@ -49,9 +87,18 @@ pub enum Action {
     /// Report the counters of these enforced mitigations.
     QueryCounters { keys: Vec<MitigationKey> },
     /// Ask the operator whether `request` may be enforced (RFC 9066 §5.3.1).
+    /// `reason` names the local policy bound it goes past when that is why
+    /// it waits (`over-limit = consent`).
     AskConsent {
         key: MitigationKey,
         request: ValidatedRequest,
+        reason: Option<String>,
+    },
+    /// Part of `key`'s traffic is exempt from enforcement and will not be
+    /// dropped (the peer hears it as conflict-cause 4): for the log.
+    PartlyExempt {
+        key: MitigationKey,
+        exempt: Exemption,
     },
     /// The consent timeout ([`super::ServerConfig::consent_timeout`])
     /// decided a pending request: an approval is followed by
@@ -76,10 +123,9 @@ pub enum Action {
     /// Dial `target` instead of the current peer (RFC 9066 §5.2.2); a
     /// [`Action::Close`] follows.
     Redirect { target: RedirectedSignal },
-    /// No traffic from the peer for the whole missing-heartbeat span
-    /// (RFC 9066 §5.2.1), or the peer closed the stream: dial again and
-    /// hand the new connection to [`super::SignalServer::reconnect`].
-    SessionLost,
+    /// The session is over, for `reason`: dial again and hand the new
+    /// connection to [`super::SignalServer::reconnect`].
+    SessionLost { reason: SessionEnd },
     /// Close the current connection (for streams, after sending a Release).
     Close,
 }

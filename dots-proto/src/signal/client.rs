@@ -112,7 +112,14 @@ fn response_code(p: &Packet) -> ResponseType {
 }
 
 fn decode_body(kind: &RequestKind, p: &Packet) -> Body {
+    let cbor = msg::content_format(p) == Some(msg::CONTENT_FORMAT_DOTS_CBOR);
     if !msg::is_success(p) {
+        // A 4.09 carries conflict-information (RFC 9132 §4.4.1).
+        if cbor {
+            if let Ok(m) = MitigationScope::decode(&p.payload) {
+                return Body::Mitigation(m);
+            }
+        }
         return Body::Diagnostic(String::from_utf8_lossy(&p.payload).into_owned());
     }
     if p.payload.is_empty() {
@@ -149,12 +156,13 @@ pub struct SignalClient<E> {
 }
 
 impl<E: Endpoint> SignalClient<E> {
-    pub fn new(now: Instant, ep: E, config: ClientConfig) -> Result<Self, SignalError> {
+    pub fn new(now: Instant, mut ep: E, config: ClientConfig) -> Result<Self, SignalError> {
         if config.cuid.is_empty() || config.heartbeat_interval.is_zero() {
             return Err(SignalError::Config(
                 "cuid and heartbeat_interval must not be empty".into(),
             ));
         }
+        ep.start(now);
         Ok(Self {
             hb: Heartbeats::new(now, config.heartbeat_interval),
             ep,

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::action::{Counters, MitigationKey};
 use crate::model::{
-    AttackStatus, MitigationStatus, PortRange, Scope, ValidatedRequest, INDEFINITE_LIFETIME,
+    AttackStatus, Bound, Exemption, IcmpTypeRange, MitigationStatus, PortRange, Scope,
+    ValidatedRequest, INDEFINITE_LIFETIME,
 };
 
 /// Where a mitigation stands. Only [`Phase::Active`] reports status 2:
@@ -40,6 +41,15 @@ pub struct Mitigation {
     pub attack_status: Option<AttackStatus>,
     /// `None` for an indefinite lifetime.
     pub expires: Option<Instant>,
+    /// The part of the scope left alone because it is exempt from
+    /// enforcement (never all of it: such requests are refused).
+    pub exempt: Option<Exemption>,
+    /// The local policy bound this request goes past, which made it wait
+    /// for the operator's consent.
+    pub over_limit: Option<Bound>,
+    /// When enforcement began, in seconds since the Unix epoch
+    /// (`mitigation-start`); `None` before, or without a wall clock.
+    pub started: Option<u64>,
     /// When the entry entered its current phase (for consent, its age).
     pub(crate) since: Instant,
     pub(crate) last_notified: Instant,
@@ -55,6 +65,9 @@ impl Mitigation {
             phase,
             counters: None,
             attack_status: None,
+            exempt: None,
+            over_limit: None,
+            started: None,
             since: now,
             last_notified: now,
             counters_due: false,
@@ -101,15 +114,18 @@ impl Mitigation {
         }
     }
 
-    /// The entry as it appears in a GET answer or a notification.
+    /// The entry as it appears in a GET answer or a notification; a
+    /// partly exempt one says which part in `conflict-information`.
     pub fn to_scope(&self, now: Instant) -> Scope {
         let scope = Scope {
             mid: Some(self.request.mid),
             lifetime: Some(self.remaining(now)),
             status: Some(self.status()),
             attack_status: self.attack_status,
+            mitigation_start: self.started,
             // The trigger flag is a request-only attribute.
             trigger_mitigation: None,
+            conflict_information: self.exempt.as_ref().map(Exemption::conflict_information),
             ..self.request.scope.clone()
         };
         with_counters(scope, self.counters)
@@ -181,6 +197,43 @@ pub(crate) fn same_scope(a: &Scope, b: &Scope) -> bool {
         lifetime: None,
         ..b.clone()
     }
+}
+
+/// Whether `update` repeats the request parameters of `stored`, as an
+/// efficacy update must (RFC 9132 §4.4.3): lists compared as sets,
+/// prefixes in canonical form, a single port or type `n` equal to `n-n`.
+/// Lifetime, attack-status, the trigger flag and the status attributes
+/// are not request parameters an update may not change.
+pub(crate) fn same_request(stored: &Scope, update: &Scope) -> bool {
+    fn set<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+    let prefixes = |v: &[IpNet]| set(v.iter().map(IpNet::trunc).collect());
+    let ports = |v: &[PortRange]| {
+        set(v
+            .iter()
+            .map(|r| (r.lower, r.upper.unwrap_or(r.lower)))
+            .collect())
+    };
+    let types = |v: &[IcmpTypeRange]| {
+        set(v
+            .iter()
+            .map(|r| (r.lower, r.upper.unwrap_or(r.lower)))
+            .collect())
+    };
+    let texts = |v: &[String]| set(v.to_vec());
+    let (a, b) = (stored, update);
+    prefixes(&a.target_prefix) == prefixes(&b.target_prefix)
+        && prefixes(&a.source_prefix) == prefixes(&b.source_prefix)
+        && ports(&a.target_port_range) == ports(&b.target_port_range)
+        && ports(&a.source_port_range) == ports(&b.source_port_range)
+        && types(&a.source_icmp_type_range) == types(&b.source_icmp_type_range)
+        && set(a.target_protocol.clone()) == set(b.target_protocol.clone())
+        && texts(&a.target_fqdn) == texts(&b.target_fqdn)
+        && texts(&a.target_uri) == texts(&b.target_uri)
+        && texts(&a.alias_name) == texts(&b.alias_name)
 }
 
 /// All mitigations, ordered by key so iteration is deterministic.
@@ -319,6 +372,37 @@ mod tests {
         assert!(!overlaps(
             &p,
             &scope("203.0.113.0/24", "192.0.2.0/28", &[(2001, 3000)])
+        ));
+    }
+
+    #[test]
+    fn efficacy_updates_must_repeat_the_request() {
+        let stored = scope("203.0.113.0/24", "192.0.2.0/28", &[(1000, 1000)]);
+        let same = Scope {
+            target_prefix: vec!["203.0.113.9/24".parse().expect("prefix")],
+            source_port_range: vec![PortRange {
+                lower: 1000,
+                upper: None,
+            }],
+            lifetime: Some(5),
+            attack_status: Some(AttackStatus::UnderAttack),
+            ..stored.clone()
+        };
+        assert!(same_request(&stored, &same));
+        assert!(!same_request(
+            &stored,
+            &scope("203.0.113.0/25", "192.0.2.0/28", &[(1000, 1000)])
+        ));
+        assert!(!same_request(
+            &stored,
+            &scope("203.0.113.0/24", "192.0.2.0/28", &[])
+        ));
+        assert!(!same_request(
+            &stored,
+            &Scope {
+                target_protocol: vec![6],
+                ..stored.clone()
+            }
         ));
     }
 

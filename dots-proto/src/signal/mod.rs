@@ -20,11 +20,12 @@ mod heartbeat;
 mod mitigation;
 mod server;
 mod session;
+mod shared;
 
 #[cfg(test)]
 mod tests;
 
-pub use action::{Action, Counters, MitigationKey};
+pub use action::{Action, Counters, MitigationKey, SessionEnd};
 pub use client::{Body, ClientConfig, ClientEvent, RequestKind, SignalClient};
 pub use error::SignalError;
 pub use mitigation::{overlaps, Mitigation, Mitigations, Phase};
@@ -32,3 +33,4 @@ pub use server::{
     ConsentMode, EnforcementMode, MitigationRecord, PendingConsent, ServerConfig, SignalServer,
 };
 pub use session::{ParamRange, PutOutcome, SessionConfig, SessionParams, SessionPolicy};
+pub use shared::{ExemptSet, MitigationBudget};

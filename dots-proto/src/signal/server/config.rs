@@ -5,9 +5,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::coap::Delivery;
-use crate::model::Limits;
+use crate::model::{Limits, Policy};
 use crate::signal::error::SignalError;
 use crate::signal::session::SessionPolicy;
+use crate::signal::shared::{ExemptSet, MitigationBudget};
 
 /// Whether the operator must approve each mitigation (RFC 9066 §5.3.1).
 /// Written `auto` / `require` in the agent's configuration and flags.
@@ -34,12 +35,22 @@ pub enum EnforcementMode {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub limits: Limits,
+    /// What one request may block, and what happens past that.
+    pub policy: Policy,
     /// The agent's own prefixes and the networks it serves: every
-    /// `source-prefix` must lie inside one of them. Empty refuses all.
+    /// `source-prefix` must lie inside their union. Empty refuses all.
     pub domain: Vec<IpNet>,
+    /// Prefixes never dropped (shared by all servers of the agent): a
+    /// request entirely inside them gets 4.09 (RFC 9066 §5.3.1).
+    pub exempt: ExemptSet,
     pub consent: ConsentMode,
     pub mode: EnforcementMode,
     pub max_mitigations_per_cuid: usize,
+    /// Mitigations one peer (this server) may hold, all its cuids
+    /// together: a peer can mint cuids at will.
+    pub max_mitigations_per_peer: usize,
+    /// The agent-wide count, shared by all servers of the agent.
+    pub budget: MitigationBudget,
     pub session: SessionPolicy,
     /// Counters are queried, and observers of unchanged mitigations are
     /// notified, this often.
@@ -62,10 +73,14 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             limits: Limits::default(),
+            policy: Policy::default(),
             domain: Vec::new(),
+            exempt: ExemptSet::default(),
             consent: ConsentMode::Auto,
             mode: EnforcementMode::Enforce,
             max_mitigations_per_cuid: 64,
+            max_mitigations_per_peer: 128,
+            budget: MitigationBudget::default(),
             session: SessionPolicy::default(),
             notify_period: Duration::from_secs(30),
             notify_delivery: Delivery::NonConfirmable,

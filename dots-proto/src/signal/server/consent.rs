@@ -18,6 +18,8 @@ pub struct PendingConsent {
     pub age: Duration,
     /// Time until the consent timeout decides it, if one is configured.
     pub decided_in: Option<Duration>,
+    /// The local policy bound it goes past, when that is why it waits.
+    pub reason: Option<String>,
 }
 
 /// The waiting requests among `mitigations`. The queue has no state of
@@ -53,6 +55,7 @@ impl<'a> ConsentQueue<'a> {
                 decided_in: self
                     .timeout
                     .map(|t| (m.since + t).saturating_duration_since(now)),
+                reason: m.over_limit.as_ref().map(ToString::to_string),
             })
             .collect();
         v.sort_by(|a, b| b.age.cmp(&a.age).then_with(|| a.key.cmp(&b.key)));

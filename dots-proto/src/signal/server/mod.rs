@@ -14,8 +14,28 @@
 //!   server) and conflict-cause 4 (RFC 9066 §5.3.1), and the entry ends;
 //! * a new mid overlapping an older one of the same cuid supersedes it
 //!   (the older is removed before the newer is installed); a lower mid
-//!   overlapping a newer one is refused with 4.09;
-//! * too many mitigations for one cuid is 4.22, like other size limits;
+//!   overlapping a newer one is refused with 4.09 and a CBOR
+//!   `conflict-information` (conflict-status 1, conflict-cause 1, the
+//!   overlapping targets and the newer mid in conflict-scope);
+//! * too many mitigations for one cuid, for this peer, or for the agent
+//!   ([`ServerConfig::budget`], at most the data plane's slots) is 4.22,
+//!   like other size limits, the diagnostic naming the limit;
+//! * a request past a bound of the local policy ([`crate::model::Policy`])
+//!   is 4.22 or waits for the operator's consent, as the policy says;
+//! * a request whose traffic is all exempt (never-block, the peers' own
+//!   addresses: [`ServerConfig::exempt`]) is 4.09 with conflict-cause 4
+//!   (RFC 9066 §5.3.1); a partly exempt one is enforced for the rest and
+//!   says which part is exempt in every answer and status
+//!   (conflict-status 2, conflict-cause 4, conflict-scope), and
+//!   [`Action::PartlyExempt`] tells the shell's log;
+//! * conditional requests on `mitigate` (RFC 7252 §5.10.8): If-Match with
+//!   an empty value needs the mitigation to exist, If-Match with an ETag
+//!   never matches (none is issued), If-None-Match needs it absent; 4.12
+//!   otherwise. So an efficacy update of an unknown mid is 4.12. An Accept
+//!   other than 271 is 4.06 (RFC 7252 §5.10.4);
+//! * DELETE of an unknown mid is 2.02 without a body: RFC 9132 §4.4.4
+//!   answers 2.02 even when the mid does not exist (its text is not at
+//!   hand here; this is how RFC 8782 and go-dots read);
 //! * expiry and withdrawal notify observers with status 6 and remove the
 //!   drops at once ([`Action::Remove`] queued in the same call);
 //! * DELETE of an enforced mitigation is answered once the data plane has
@@ -43,8 +63,13 @@
 //! * persistence: [`SignalServer::snapshot`] / [`SignalServer::restore`],
 //!   see [`SignalServer::restore`] for what a restored entry looks like;
 //! * an efficacy update only records `attack-status`, it does not refresh
-//!   the lifetime;
-//! * `mitigation-start` is never sent: there is no wall clock in here.
+//!   the lifetime; one that changes the scope is 4.00 (RFC 9132 §4.4.3:
+//!   it repeats the request's parameters);
+//! * `mitigation-start` is the time the data plane first confirmed the
+//!   mitigation (status 2), in seconds since the Unix epoch; there is no
+//!   clock in here, so the shell gives the wall time with
+//!   [`SignalServer::set_wall_clock`], and without it the attribute is
+//!   left out.
 
 mod answer;
 mod config;
@@ -68,12 +93,13 @@ use self::requests::Admitted;
 use self::session::Session;
 use self::timer::{Timer, TimerTable};
 use self::withdraw::{deleted_response, Withdrawals};
-use super::action::{Action, Counters, MitigationKey};
+use super::action::{Action, Counters, MitigationKey, SessionEnd};
 use super::error::SignalError;
 use super::heartbeat;
 use super::mitigation::{same_scope, Mitigation, Mitigations, Phase};
 use super::session::SessionConfig;
-use crate::coap::{msg, Delivery, DotsResource, Endpoint, ErrorResponse, Event, RequestId};
+use super::shared::BudgetAccount;
+use crate::coap::{msg, CloseReason, Delivery, DotsResource, Endpoint, Event, RequestId};
 use crate::model::{
     ConflictInformation, DotsMessage, MitigationScope, MitigationStatus, MitigationUri, Scope,
     ValidatedRequest,
@@ -104,6 +130,10 @@ pub struct SignalServer<E> {
     /// Every deadline of ours (the endpoint keeps its own), kept current
     /// by each public method so that [`Self::poll_timeout`] only reads it.
     timers: TimerTable,
+    /// This server's place in the agent-wide [`ServerConfig::budget`].
+    account: BudgetAccount,
+    /// A wall-clock reading: (then, seconds since the Unix epoch then).
+    wall_clock: Option<(Instant, u64)>,
 }
 
 impl<E: Endpoint> SignalServer<E> {
@@ -114,6 +144,8 @@ impl<E: Endpoint> SignalServer<E> {
         timers.set(Timer::NotifyPeriod, now + config.notify_period);
         let mut server = Self {
             session: Session::new(now, config.session),
+            account: config.budget.account(),
+            wall_clock: None,
             ep,
             config,
             mitigations: Mitigations::default(),
@@ -123,7 +155,8 @@ impl<E: Endpoint> SignalServer<E> {
             timers,
         };
         server.ep.set_params(server.session.transmission())?;
-        server.rearm_all();
+        server.ep.start(now);
+        server.settle();
         Ok(server)
     }
 
@@ -136,7 +169,8 @@ impl<E: Endpoint> SignalServer<E> {
         self.observers.clear();
         self.withdrawals.clear();
         self.session.restart(now);
-        self.rearm_all();
+        self.ep.start(now);
+        self.settle();
         self.ep.set_params(self.session.transmission())?;
         Ok(old)
     }
@@ -160,6 +194,21 @@ impl<E: Endpoint> SignalServer<E> {
     /// The settings in force.
     pub fn config(&self) -> &ServerConfig {
         &self.config
+    }
+
+    /// Tells the server the wall time: `unix_secs` seconds since the Unix
+    /// epoch at `now`. It is read for `mitigation-start`; call it again
+    /// now and then to follow clock steps.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_secs: u64) {
+        self.wall_clock = Some((now, unix_secs));
+    }
+
+    fn unix_time(&self, now: Instant) -> Option<u64> {
+        let (then, secs) = self.wall_clock?;
+        Some(match now.checked_duration_since(then) {
+            Some(d) => secs.saturating_add(d.as_secs()),
+            None => secs.saturating_sub(then.duration_since(now).as_secs()),
+        })
     }
 
     pub fn mitigations(&self) -> &Mitigations {
@@ -198,7 +247,7 @@ impl<E: Endpoint> SignalServer<E> {
             .handle_input(now, bytes)
             .map(|events| self.handle_events(now, events));
         // Even bytes that are not CoAP count as traffic: re-arm either way.
-        self.rearm_all();
+        self.settle();
         Ok(handled?)
     }
 
@@ -216,19 +265,23 @@ impl<E: Endpoint> SignalServer<E> {
             }
         }
         self.apply_session(now);
-        self.rearm_all();
+        self.settle();
     }
 
     // ---- data-plane results ----
 
     /// The data plane enforces `key`: status 2, observers notified.
     pub fn installed(&mut self, now: Instant, key: &MitigationKey) -> Result<(), SignalError> {
+        let started = self.unix_time(now);
         let m = self.entry(key)?;
         if m.phase == Phase::Installing {
             m.set_phase(now, Phase::Active);
+            if m.started.is_none() {
+                m.started = started;
+            }
             self.notify(now, key);
         }
-        self.rearm_all();
+        self.settle();
         Ok(())
     }
 
@@ -238,7 +291,7 @@ impl<E: Endpoint> SignalServer<E> {
         self.entry(key)?;
         self.end(now, key, MitigationStatus::Terminated, None);
         self.apply_session(now);
-        self.rearm_all();
+        self.settle();
         Ok(())
     }
 
@@ -255,7 +308,7 @@ impl<E: Endpoint> SignalServer<E> {
             m.counters = Some(counters);
             self.notify(now, key);
         }
-        self.rearm_all();
+        self.settle();
         Ok(())
     }
 
@@ -270,7 +323,7 @@ impl<E: Endpoint> SignalServer<E> {
             return false;
         };
         self.answer_delete(now, d.id, key.mid, Some(final_counters));
-        self.rearm_all();
+        self.settle();
         true
     }
 
@@ -289,7 +342,7 @@ impl<E: Endpoint> SignalServer<E> {
         approved: bool,
     ) -> Result<(), SignalError> {
         self.decide(now, key, approved)?;
-        self.rearm_all();
+        self.settle();
         Ok(())
     }
 
@@ -388,7 +441,13 @@ impl<E: Endpoint> SignalServer<E> {
             if r.expired() || self.mitigations.contains(&key) {
                 continue;
             }
-            let m = match r.revive(now, scope, &self.config) {
+            let m = match r.revive(
+                now,
+                scope,
+                &self.config,
+                &self.account,
+                self.mitigations.len(),
+            ) {
                 Ok(m) => m,
                 Err(e) => {
                     let diagnostic = format!("not restored: {}", e.diagnostic);
@@ -406,6 +465,7 @@ impl<E: Endpoint> SignalServer<E> {
                 Phase::AwaitingConsent => self.actions.push_back(Action::AskConsent {
                     key: key.clone(),
                     request,
+                    reason: m.over_limit.as_ref().map(ToString::to_string),
                 }),
                 Phase::Active | Phase::Monitoring => {}
             }
@@ -413,7 +473,7 @@ impl<E: Endpoint> SignalServer<E> {
             keys.push(key);
         }
         self.apply_session(now);
-        self.rearm_all();
+        self.settle();
         Ok(keys)
     }
 
@@ -452,6 +512,14 @@ impl<E: Endpoint> SignalServer<E> {
         }
     }
 
+    /// The end of every public method: the budget holds this server's
+    /// count (a restored server may hold more than the limit) and every
+    /// timer is current.
+    fn settle(&mut self) {
+        self.account.set(self.mitigations.len());
+        self.rearm_all();
+    }
+
     fn on_timeout(&mut self, now: Instant, timer: Timer) {
         match timer {
             Timer::LifetimeEnd => {
@@ -472,7 +540,10 @@ impl<E: Endpoint> SignalServer<E> {
                 }
             }
             Timer::NotifyPeriod => self.tick(now),
-            Timer::PeerSilence => self.lose_session(),
+            Timer::PeerSilence => {
+                let after = self.session.silence_allowed();
+                self.lose_session(SessionEnd::Silence { after });
+            }
             Timer::Heartbeat => self.send_heartbeat(now),
         }
     }
@@ -486,7 +557,11 @@ impl<E: Endpoint> SignalServer<E> {
                 Event::ObserverRemoved { token, .. } => {
                     self.observers.remove(&token);
                 }
-                Event::Closed(_) => self.lose_session(),
+                Event::Closed(why) => self.lose_session(match why {
+                    CloseReason::Released { diagnostic, .. } => SessionEnd::Released { diagnostic },
+                    CloseReason::Aborted { diagnostic } => SessionEnd::PeerAborted { diagnostic },
+                    CloseReason::ProtocolError(diagnostic) => SessionEnd::Aborted { diagnostic },
+                }),
                 // Answers to our heartbeats only matter as traffic, which
                 // the endpoint already counted.
                 _ => {}
@@ -539,7 +614,17 @@ impl<E: Endpoint> SignalServer<E> {
         request: &Packet,
         reply: &mut Reply,
     ) -> Answer {
+        msg::check_accept(request)?;
         let method = msg::method(request);
+        if let DotsResource::Mitigate { cuid, mid, .. } = &resource {
+            let exists = match mid {
+                Some(mid) => self
+                    .mitigations
+                    .contains(&MitigationKey::new(cuid.clone(), *mid)),
+                None => self.mitigations.of_cuid(cuid).next().is_some(),
+            };
+            msg::check_preconditions(request, exists)?;
+        }
         match (resource, method) {
             (DotsResource::Mitigate { cdid, cuid, mid }, Some(RequestType::Put)) => {
                 self.put_mitigation(now, cdid, cuid, mid, request)
@@ -577,7 +662,9 @@ impl<E: Endpoint> SignalServer<E> {
         msg::require_dots_cbor(request)?;
         let body = MitigationScope::decode(&request.payload).map_err(bad_request)?;
         if msg::has_empty_if_match(request) {
-            return requests::efficacy_update(&mut self.mitigations, cuid, mid, &body);
+            let mid = mid.ok_or_else(|| bad_request("an efficacy update needs a mid"))?;
+            let key = MitigationKey::new(cuid, mid);
+            return requests::efficacy_update(&mut self.mitigations, &key, &body);
         }
         let uri = MitigationUri {
             cdid,
@@ -588,7 +675,9 @@ impl<E: Endpoint> SignalServer<E> {
             request: req,
             key,
             overlapping,
-        } = requests::admit(&self.mitigations, &self.config, &uri, &body)?;
+            exempt,
+            needs_consent,
+        } = requests::admit(&self.mitigations, &self.config, &self.account, &uri, &body)?;
         // Accepted: from here on, state changes.
         let existing = self.mitigations.get(&key);
         let refresh = existing.is_some_and(|m| same_scope(&m.request.scope, &req.scope));
@@ -602,19 +691,31 @@ impl<E: Endpoint> SignalServer<E> {
         }
         let was_enforced = self.mitigations.get(&key).is_some_and(Mitigation::enforced);
         // A refresh only restarts the lifetime; anything else (re)starts the phase.
-        let phase = (!refresh).then(|| self.start_phase(&key, &req, was_enforced));
+        let reason = needs_consent.as_ref().map(ToString::to_string);
+        let phase = (!refresh).then(|| self.start_phase(&key, &req, was_enforced, reason));
+        if let Some(e) = exempt.as_ref().filter(|_| !refresh) {
+            self.actions.push_back(Action::PartlyExempt {
+                key: key.clone(),
+                exempt: e.clone(),
+            });
+        }
         match (self.mitigations.get_mut(&key), phase) {
             (Some(m), phase) => {
                 m.refresh(now, req);
+                m.exempt = exempt;
                 if let Some(phase) = phase {
                     // A new request: consent age and the rest start over.
                     m.phase = phase;
                     m.since = now;
+                    m.over_limit = needs_consent;
+                    m.started = None;
                 }
             }
             (None, Some(phase)) => {
-                self.mitigations
-                    .insert(key.clone(), Mitigation::new(now, req, phase));
+                let mut m = Mitigation::new(now, req, phase);
+                m.exempt = exempt;
+                m.over_limit = needs_consent;
+                self.mitigations.insert(key.clone(), m);
             }
             // A refresh always has an entry.
             (None, None) => {}
@@ -626,14 +727,21 @@ impl<E: Endpoint> SignalServer<E> {
 
     /// The phase a new or updated request starts in, queuing its action.
     /// An updated entry that was enforced and now waits for consent is
-    /// removed from the data plane meanwhile.
+    /// removed from the data plane meanwhile. A request past a policy bound
+    /// (`over_limit`, with `over-limit = consent`) waits for consent
+    /// whatever the consent mode.
     fn start_phase(
         &mut self,
         key: &MitigationKey,
         req: &ValidatedRequest,
         was_enforced: bool,
+        over_limit: Option<String>,
     ) -> Phase {
-        let (phase, action) = match (self.config.mode, self.config.consent) {
+        let consent = match over_limit {
+            Some(_) => ConsentMode::Require,
+            None => self.config.consent,
+        };
+        let (phase, action) = match (self.config.mode, consent) {
             (EnforcementMode::Monitor, _) => (
                 Phase::Monitoring,
                 Action::Monitored {
@@ -646,6 +754,7 @@ impl<E: Endpoint> SignalServer<E> {
                 Action::AskConsent {
                     key: key.clone(),
                     request: req.clone(),
+                    reason: over_limit,
                 },
             ),
             (EnforcementMode::Enforce, ConsentMode::Auto) => (
@@ -675,10 +784,10 @@ impl<E: Endpoint> SignalServer<E> {
     ) -> Answer {
         let mid = mid.ok_or_else(|| bad_request("DELETE needs a mid"))?;
         let key = MitigationKey::new(cuid, mid);
-        let m = self
-            .mitigations
-            .get(&key)
-            .ok_or_else(|| ErrorResponse::new(ResponseType::NotFound, "no such mitigation"))?;
+        let Some(m) = self.mitigations.get(&key) else {
+            // Nothing to withdraw: already gone is withdrawn (see the module docs).
+            return Ok(msg::response(ResponseType::Deleted));
+        };
         let (counters, enforced) = (m.counters, m.enforced());
         self.end(now, &key, MitigationStatus::Terminated, None);
         if enforced && !self.config.counters_wait.is_zero() {
@@ -794,10 +903,10 @@ impl<E: Endpoint> SignalServer<E> {
         let _ = self.ep.send_request(now, request, Delivery::NonConfirmable);
     }
 
-    fn lose_session(&mut self) {
+    fn lose_session(&mut self, reason: SessionEnd) {
         if self.session.go_down() {
             self.observers.clear();
-            self.actions.push_back(Action::SessionLost);
+            self.actions.push_back(Action::SessionLost { reason });
         }
     }
 

@@ -16,16 +16,14 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::answer::validation;
 use super::config::{EnforcementMode, ServerConfig};
-use crate::coap::ErrorResponse;
-use crate::model::{
-    prefixes_within, validate_call_home_request, AttackStatus, DotsMessage, MitigationScope,
-    MitigationUri, Scope,
-};
+use super::requests::{check_request, Checked};
+use crate::coap::{ErrorResponse, ResponseType};
+use crate::model::{AttackStatus, DotsMessage, MitigationScope, MitigationUri, OverLimit, Scope};
 use crate::signal::action::{Counters, MitigationKey};
 use crate::signal::error::SignalError;
 use crate::signal::mitigation::{Mitigation, Phase};
+use crate::signal::shared::BudgetAccount;
 
 /// One mitigation as persisted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +48,9 @@ pub struct MitigationRecord {
     /// `attack-status` code of the last efficacy update.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attack_status: Option<u64>,
+    /// `mitigation-start`: seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mitigation_start: Option<u64>,
 }
 
 impl MitigationRecord {
@@ -73,6 +74,7 @@ impl MitigationRecord {
             phase_age: now.saturating_duration_since(m.since).as_secs(),
             counters: m.counters,
             attack_status: m.attack_status.map(|s| s.code()),
+            mitigation_start: m.started,
         })
     }
 
@@ -114,14 +116,19 @@ impl MitigationRecord {
     }
 
     /// The mitigation `self` stands for, its stored `scope` checked again
-    /// against today's `config` and its lifetime counted from `now`; the
-    /// error answer when it no longer passes. The phase rules are those of
-    /// [`super::SignalServer::restore`].
+    /// against today's `config` (rules, domain, exemption, policy) and the
+    /// agent-wide budget (`held` by this server so far), its lifetime
+    /// counted from `now`; the error answer when it no longer passes. The
+    /// phase rules are those of [`super::SignalServer::restore`]; past a
+    /// policy bound it comes back only with `over-limit = consent`, in the
+    /// phase it had (one the operator approved stays approved).
     pub(super) fn revive(
         &self,
         now: Instant,
         scope: Scope,
         config: &ServerConfig,
+        account: &BudgetAccount,
+        held: usize,
     ) -> Result<Mitigation, ErrorResponse> {
         let body = MitigationScope {
             scopes: vec![Scope {
@@ -134,12 +141,21 @@ impl MitigationRecord {
             cuid: Some(self.cuid.clone()),
             mid: Some(self.mid.to_string()),
         };
-        let req = validate_call_home_request(&body, &uri, &config.limits)
-            .and_then(|req| {
-                prefixes_within(&req.scope.source_prefix, &config.domain)?;
-                Ok(req)
-            })
-            .map_err(validation)?;
+        let Checked {
+            request: req,
+            exempt,
+            bound,
+        } = check_request(config, &uri, &body)?;
+        let refused = |d: String| ErrorResponse::new(ResponseType::UnprocessableEntity, d);
+        if let (Some(b), OverLimit::Refuse) = (&bound, config.policy.over_limit) {
+            return Err(refused(b.to_string()));
+        }
+        account.reserve(held + 1).map_err(|o| {
+            refused(format!(
+                "the agent holds {} mitigations, the limit is {} (max-mitigations)",
+                o.held, o.limit
+            ))
+        })?;
         let phase = match (config.mode, self.phase) {
             (EnforcementMode::Monitor, _) => Phase::Monitoring,
             (_, Phase::Active | Phase::Installing) => Phase::Installing,
@@ -154,6 +170,9 @@ impl MitigationRecord {
         }
         m.counters = self.counters;
         m.attack_status = self.attack_status.and_then(AttackStatus::from_code);
+        m.exempt = exempt;
+        m.over_limit = bound;
+        m.started = self.mitigation_start;
         Ok(m)
     }
 }

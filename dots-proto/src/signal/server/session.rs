@@ -67,6 +67,11 @@ impl Session {
         (!self.down).then(|| self.hb.loss_deadline(last_rx, silence))
     }
 
+    /// How long the peer may stay silent before the session counts as lost.
+    pub(super) fn silence_allowed(&self) -> std::time::Duration {
+        self.applied.silence_allowed()
+    }
+
     /// When our next heartbeat is due; none while the session is down.
     pub(super) fn heartbeat_due(&self) -> Option<Instant> {
         (!self.down).then(|| self.hb.next_send())

@@ -301,6 +301,20 @@ pub(super) fn raw_exchange(
     request: Packet,
     seed: u64,
 ) -> ResponseType {
+    let answer = raw_answer(server, now, request, seed);
+    match answer.header.code {
+        coap_lite::MessageClass::Response(code) => code,
+        other => panic!("not a response: {other:?}"),
+    }
+}
+
+/// [`raw_exchange`], returning the whole answer.
+pub(super) fn raw_answer(
+    server: &mut SignalServer<DatagramEndpoint>,
+    now: Instant,
+    request: Packet,
+    seed: u64,
+) -> Packet {
     // A distinct seed per call: the same message id would be a duplicate.
     let mut raw = dgram(seed);
     let token = raw
@@ -314,10 +328,7 @@ pub(super) fn raw_exchange(
         events.extend(raw.handle_input(now, &bytes).expect("CoAP"));
     }
     match events.as_slice() {
-        [Event::Response { token: t, response }] if *t == token => match response.header.code {
-            coap_lite::MessageClass::Response(code) => code,
-            other => panic!("not a response: {other:?}"),
-        },
+        [Event::Response { token: t, response }] if *t == token => response.clone(),
         other => panic!("expected one response, got {other:?}"),
     }
 }

@@ -8,7 +8,10 @@ use coap_lite::ResponseType;
 
 use super::harness::{basic_scope, dgram, install_action, key, scope, server_config, stream, Pair};
 use crate::coap::Endpoint;
-use crate::model::{AttackStatus, MitigationStatus, Scope};
+use crate::model::{
+    AttackStatus, ConflictCause, ConflictInformation, ConflictScope, ConflictStatus,
+    MitigationStatus, Scope,
+};
 use crate::signal::{Action, Counters, EnforcementMode, ServerConfig};
 
 fn basic_conversation<E: Endpoint>(make: fn(u64) -> E) {
@@ -111,8 +114,10 @@ fn efficacy_update_records_attack_status() {
         attack_status: Some(AttackStatus::SuccessfullyMitigated),
         ..basic_scope()
     };
+    // RFC 7252 §5.10.8.1: If-Match (empty) on a resource that does not
+    // exist is 4.12.
     let token = p.client.efficacy_update(p.now, 99, update).expect("put");
-    assert_eq!(p.rejected(token).0, ResponseType::NotFound);
+    assert_eq!(p.rejected(token).0, ResponseType::PreconditionFailed);
     let token = p
         .client
         .efficacy_update(p.now, mid, basic_scope())
@@ -126,6 +131,28 @@ fn efficacy_update_records_attack_status() {
             .and_then(|m| m.attack_status),
         Some(AttackStatus::UnderAttack)
     );
+    // An efficacy update that changes the scope is refused (4.00), not
+    // answered 2.04 for a change that is not made (RFC 9132 §4.4.3).
+    let before = p.server.mitigations().clone();
+    let wider = Scope {
+        attack_status: Some(AttackStatus::SuccessfullyMitigated),
+        ..scope("203.0.113.0/24", "192.0.2.0/28", 3600)
+    };
+    let token = p.client.efficacy_update(p.now, mid, wider).expect("put");
+    let (code, diag) = p.rejected(token);
+    assert_eq!(code, ResponseType::BadRequest);
+    assert!(diag.contains("unchanged"), "{diag}");
+    assert_eq!(p.server.mitigations(), &before);
+    // The same parameters in another order and form are the same request.
+    let same = Scope {
+        target_prefix: vec!["203.0.113.77/24".parse().expect("prefix")],
+        lifetime: Some(10),
+        attack_status: Some(AttackStatus::SuccessfullyMitigated),
+        ..basic_scope()
+    };
+    let token = p.client.efficacy_update(p.now, mid, same).expect("put");
+    p.pump();
+    assert_eq!(p.response(token).0, ResponseType::Changed);
 }
 
 #[test]
@@ -187,14 +214,32 @@ fn newer_overlapping_mid_replaces_older() {
     assert_eq!(p.server.mitigations().len(), 2);
     p.take_actions();
     // A lower mid overlapping a newer one is a conflict; nothing changes.
+    // The answer carries conflict-information in CBOR (RFC 9132 §4.4.1).
     let before = p.server.mitigations().clone();
     let put = p
         .client
         .update_mitigation(p.now, m1, scope("203.0.113.7/32", "192.0.2.1/32", 600))
         .expect("put");
-    assert_eq!(p.rejected(put).0, ResponseType::Conflict);
+    p.pump();
+    let (code, answer) = p.response_scope(put);
+    assert_eq!(code, ResponseType::Conflict);
+    assert_eq!(answer.mid, Some(m1));
+    assert_eq!(
+        answer.conflict_information,
+        Some(ConflictInformation {
+            conflict_status: Some(ConflictStatus::InactiveOtherActive),
+            conflict_cause: Some(ConflictCause::OverlappingTargets),
+            retry_timer: None,
+            conflict_scope: Some(ConflictScope {
+                target_prefix: vec!["203.0.113.7/32".parse().expect("prefix")],
+                mid: Some(m2),
+                ..ConflictScope::default()
+            }),
+        })
+    );
     assert_eq!(p.server.mitigations(), &before);
     assert!(p.take_actions().is_empty());
+    assert_eq!(std::mem::take(&mut p.rejections).len(), 1, "logged");
     assert!(m3 > m2);
 }
 

@@ -9,4 +9,5 @@ mod persistence;
 mod redirect;
 mod rejections;
 mod session;
+mod trust;
 mod withdraw;

@@ -1,6 +1,8 @@
 //! Snapshot and restore of the mitigations, and the revision that tells
 //! when a snapshot is worth writing.
 
+use coap_lite::ResponseType;
+
 use std::time::{Duration, Instant};
 
 use super::harness::{
@@ -20,16 +22,17 @@ fn persisted() -> (Vec<MitigationRecord>, Instant) {
         ..server_config()
     };
     let mut p = Pair::new(dgram, config);
+    p.server.set_wall_clock(p.now, 1_700_000_000);
     let rich = Scope {
         target_port_range: vec![PortRange {
             lower: 80,
             upper: Some(443),
         }],
         target_protocol: vec![6, 17],
-        alias_name: vec!["web".into()],
+        target_fqdn: vec!["www.example".into()],
         ..scope("203.0.113.0/24", "192.0.2.0/28", 600)
     };
-    p.enforce(rich);
+    p.enforce(rich.clone());
     let c = Counters {
         pkts: 7,
         bytes: 700,
@@ -39,11 +42,11 @@ fn persisted() -> (Vec<MitigationRecord>, Instant) {
     p.server.counters(p.now, &key(1), c).expect("known");
     let update = Scope {
         attack_status: Some(AttackStatus::UnderAttack),
-        ..basic_scope()
+        ..rich
     };
     let t = p.client.efficacy_update(p.now, 1, update).expect("put");
     p.pump();
-    p.response(t);
+    assert_eq!(p.response(t).0, ResponseType::Changed);
     p.create(scope("198.51.100.0/24", "192.0.2.20/32", 100));
     p.advance(Duration::from_secs(40));
     let records = p.server.snapshot(p.now);
@@ -103,7 +106,13 @@ fn snapshot_restore_round_trip() {
     assert_eq!(m1.counters.map(|c| c.pkts), Some(7));
     assert_eq!(m1.attack_status, Some(AttackStatus::UnderAttack));
     assert_eq!(m1.request.scope.target_protocol, vec![6, 17]);
-    assert_eq!(m1.request.scope.alias_name, vec!["web".to_string()]);
+    assert_eq!(
+        m1.request.scope.target_fqdn,
+        vec!["www.example".to_string()]
+    );
+    // mitigation-start survives: the time the data plane first confirmed it.
+    assert_eq!(m1.started, Some(1_700_000_000));
+    assert_eq!(m1.to_scope(later).mitigation_start, Some(1_700_000_000));
     assert_eq!(
         server
             .mitigations()

@@ -6,7 +6,7 @@ use coap_lite::{RequestType, ResponseType};
 use super::harness::{basic_scope, dgram, raw_exchange, scope, server_config, Pair, CUID};
 use crate::coap::{msg, DotsResource};
 use crate::model::{ConfigSet, MinMaxCurrent, Scope, SignalConfig};
-use crate::signal::{Action, ServerConfig};
+use crate::signal::{Action, Body, ServerConfig};
 
 #[test]
 fn rejected_requests_leave_earlier_mitigations_in_force() {
@@ -143,7 +143,8 @@ fn refused_requests_are_reported_as_actions() {
         other => panic!("one rejection expected, got {other:?}"),
     }
 
-    // Not about a mitigation: no ids. Unknown mid: 4.04 is reported too.
+    // Not about a mitigation: no ids. GET of an unknown mid: 4.04 is
+    // reported too. (DELETE of an unknown mid is 2.02: withdrawn already.)
     let t = p
         .client
         .put_config(
@@ -161,7 +162,10 @@ fn refused_requests_are_reported_as_actions() {
         .expect("put");
     assert_eq!(p.rejected(t).0, ResponseType::UnprocessableEntity);
     let del = p.client.withdraw(p.now, 42).expect("delete");
-    assert_eq!(p.rejected(del).0, ResponseType::NotFound);
+    p.pump();
+    assert_eq!(p.response(del), (ResponseType::Deleted, Body::Empty));
+    let get = p.client.get(p.now, Some(42)).expect("get");
+    assert_eq!(p.rejected(get).0, ResponseType::NotFound);
     match std::mem::take(&mut p.rejections).as_slice() {
         [Action::Rejected {
             cuid: None,

@@ -8,7 +8,7 @@ use coap_lite::ResponseType;
 use super::harness::{basic_scope, dgram, install_action, key, scope, server_config, stream, Pair};
 use crate::coap::Endpoint;
 use crate::model::{ConfigSet, MinMaxCurrent, SignalConfig};
-use crate::signal::{Action, Body, ClientEvent};
+use crate::signal::{Action, Body, ClientEvent, SessionEnd};
 
 #[test]
 fn session_configuration_get_put_delete() {
@@ -69,7 +69,7 @@ fn heartbeat_loss_and_recovery<E: Endpoint>(make: fn(u64) -> E) {
         let _ = p.client.get_config(p.now).expect("get");
         p.advance(Duration::from_secs(100));
     }
-    assert!(!p.take_actions().contains(&Action::SessionLost));
+    assert!(!p.take_actions().iter().any(is_lost));
 
     // Nothing at all: lost once the whole span passed, reported once.
     let (mid, ..) = p.create(basic_scope());
@@ -77,14 +77,24 @@ fn heartbeat_loss_and_recovery<E: Endpoint>(make: fn(u64) -> E) {
     p.loss.all = true;
     let silent_from = p.elapsed();
     p.advance(Duration::from_secs(449));
-    assert!(!p.take_actions().contains(&Action::SessionLost));
+    assert!(!p.take_actions().iter().any(is_lost));
     p.advance(Duration::from_secs(1000));
-    let lost: Vec<_> = p
-        .take_actions()
-        .into_iter()
-        .filter(|a| *a == Action::SessionLost)
-        .collect();
-    assert_eq!(lost.len(), 1);
+    let lost: Vec<_> = p.take_actions().into_iter().filter(is_lost).collect();
+    assert_eq!(
+        lost,
+        [Action::SessionLost {
+            reason: SessionEnd::Silence {
+                after: Duration::from_secs(450)
+            }
+        }]
+    );
+    assert_eq!(
+        SessionEnd::Silence {
+            after: Duration::from_secs(450)
+        }
+        .to_string(),
+        "no traffic from the peer for 450 s"
+    );
     assert!(p.elapsed() - silent_from >= Duration::from_secs(450));
 
     // A new connection carries on; mitigations survive it.
@@ -93,8 +103,12 @@ fn heartbeat_loss_and_recovery<E: Endpoint>(make: fn(u64) -> E) {
     p.pump();
     assert_eq!(p.response(get).0, ResponseType::Content);
     p.advance(Duration::from_secs(1000));
-    assert!(!p.take_actions().contains(&Action::SessionLost));
+    assert!(!p.take_actions().iter().any(is_lost));
     assert!(p.server.mitigations().get(&key(mid)).is_some());
+}
+
+fn is_lost(a: &Action) -> bool {
+    matches!(a, Action::SessionLost { .. })
 }
 
 #[test]
