@@ -251,13 +251,15 @@ fn restart_keeps_enforcing_and_restores_state() -> Result<()> {
     lab.wait_status(mid, "attack-successfully-mitigated")?;
     assert_eq!(probe(&lab, &sink, "before")?, 0);
     // Stop the agent: the pinned XDP link keeps dropping.
+    let mut log = String::new();
     if let Some(mut a) = lab.agent.take() {
         a.stop();
+        log = a.log_text();
     }
     assert_eq!(
         probe(&lab, &sink, "down")?,
         0,
-        "no gap while the agent is down"
+        "no gap while the agent is down; its log:\n{log}"
     );
     std::thread::sleep(Duration::from_secs(2));
     lab.start_agent(&[])?;

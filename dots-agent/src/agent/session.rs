@@ -389,9 +389,14 @@ impl Shell {
                 Some(cmd) = self.consent.recv() => self.decide(server, cmd),
                 Some(NatResolved(key)) = next_nat(&mut self.nat_rx) => { let _ = server.installed(Instant::now(), &key); }
                 Ok(()) = self.live.changed() => self.apply_live(server),
-                _ = &mut self.stop, if !self.stopped => {
+                // Only a sent stop means "removed by a reload". A dropped
+                // sender means the runtime is shutting down: the peer's
+                // mitigations and slots must stay for the next start.
+                stop = &mut self.stop, if !self.stopped => {
                     self.stopped = true;
-                    return Err(Stopped);
+                    if stop.is_ok() {
+                        return Err(Stopped);
+                    }
                 }
             }
         }
@@ -494,9 +499,11 @@ impl Shell {
                 Some(NatResolved(key)) = next_nat(&mut self.nat_rx) => { let _ = server.installed(Instant::now(), &key); }
                 _ = tokio::time::sleep_until(self.next_check.into()), if self.rediscovery.is_some() => {}
                 Ok(()) = self.live.changed() => self.apply_live(server),
-                _ = &mut self.stop, if !self.stopped => {
+                stop = &mut self.stop, if !self.stopped => {
                     self.stopped = true;
-                    return Ended::Stopped;
+                    if stop.is_ok() {
+                        return Ended::Stopped;
+                    }
                 }
             }
         }
