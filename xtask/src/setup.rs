@@ -78,7 +78,6 @@ pub(crate) fn pins() -> Result<Pins> {
 }
 
 /// Our cargo-deb, as `cargo xtask setup` installs it.
-#[allow(dead_code, reason = "for the packaging tasks")]
 pub(crate) fn cargo_deb_bin() -> Result<PathBuf> {
     Ok(pins()?.cargo_deb_bin())
 }
