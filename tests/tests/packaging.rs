@@ -37,22 +37,29 @@ const CLIENT_EXPOSURE_MAX: f64 = 2.5;
 
 const AARCH64: &str = "aarch64-unknown-linux-gnu";
 
-/// One package of `PACKAGE_NAME`, its configuration file name and its
-/// systemd-analyze security bound.
+/// One package: its name, the stem of its files under /etc/NAME/
+/// (`STEM.toml`, `STEM.pem`, `STEM.key`) and its systemd-analyze security
+/// bound.
 struct Spec {
     name: &'static str,
-    config: &'static str,
+    stem: &'static str,
     exposure_max: f64,
+}
+
+impl Spec {
+    fn config(&self) -> String {
+        format!("{}.toml", self.stem)
+    }
 }
 
 const AGENT: Spec = Spec {
     name: "dots-agent",
-    config: "agent.toml",
+    stem: "agent",
     exposure_max: AGENT_EXPOSURE_MAX,
 };
 const CLIENT: Spec = Spec {
     name: "dots-client",
-    config: "client.toml",
+    stem: "client",
     exposure_max: CLIENT_EXPOSURE_MAX,
 };
 
@@ -132,7 +139,7 @@ struct Unpacked {
 
 impl Unpacked {
     fn new(deb: &Path, spec: &'static Spec) -> Result<Unpacked> {
-        let dir = TempDir::new(&format!("pkg-{}", &spec.name[5..]))?;
+        let dir = TempDir::new(&format!("pkg-{}", spec.stem))?;
         let u = Unpacked { dir, spec };
         ok(Command::new("dpkg-deb").arg("-x").arg(deb).arg(u.root()))?;
         ok(Command::new("dpkg-deb").arg("-e").arg(deb).arg(u.control()))?;
@@ -194,10 +201,10 @@ impl Unpacked {
         ] {
             ensure!(self.path(rel).is_file(), "{name}: no {rel}");
         }
-        ensure!(self.etc().join(self.spec.config).is_file());
+        ensure!(self.etc().join(self.spec.config()).is_file());
         // The example is a conffile: dpkg keeps the administrator's edits.
         let conffiles = fs::read_to_string(self.control().join("conffiles"))?;
-        let conf = format!("/etc/{name}/{}", self.spec.config);
+        let conf = format!("/etc/{name}/{}", self.spec.config());
         ensure!(
             conffiles.lines().any(|l| l == conf),
             "{name}: {conf} not in conffiles:\n{conffiles}"
@@ -220,15 +227,15 @@ impl Unpacked {
         let etc = self.etc();
         let ca = pki::new_ca("packaging test CA", 365)?;
         ca.write(&etc, "ca")?;
-        pki::issue(&ca, leaf, &[San::parse(leaf)], 365)?.write(&etc, &self.spec.name[5..])?;
-        let example = fs::read_to_string(etc.join(self.spec.config))?;
+        pki::issue(&ca, leaf, &[San::parse(leaf)], 365)?.write(&etc, self.spec.stem)?;
+        let example = fs::read_to_string(etc.join(self.spec.config()))?;
         let installed = format!("/etc/{}/", self.spec.name);
         ensure!(
             example.contains(&installed),
             "the packaged example names no file under {installed}"
         );
         let here = format!("{}/", etc.display());
-        let path = self.dir.path.join(self.spec.config);
+        let path = self.dir.path.join(self.spec.config());
         fs::write(&path, example.replace(&installed, &here))?;
         Ok(path)
     }
@@ -351,7 +358,7 @@ impl Runner<'_> {
         let config = u.example_with_certificates(leaf)?;
         let out = ok(self.command(&u.binary()).arg("check-config").arg(&config))?;
         ensure!(out.contains("valid"), "check-config: {out}");
-        let key = u.etc().join(format!("{}.key", &u.spec.name[5..]));
+        let key = u.etc().join(format!("{}.key", u.spec.stem));
         fs::remove_file(&key)?;
         let out = run(self.command(&u.binary()).arg("check-config").arg(&config))?;
         let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
@@ -374,7 +381,7 @@ impl Runner<'_> {
     }
 }
 
-/// The ELF header's machine field of `path`.
+/// The machine field of the ELF header at the start of `bytes`.
 fn elf_machine(bytes: &[u8]) -> Option<u16> {
     (bytes.len() > 20 && bytes.starts_with(b"\x7fELF"))
         .then(|| u16::from_le_bytes([bytes[18], bytes[19]]))

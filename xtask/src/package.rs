@@ -27,7 +27,11 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, run, setup, step, workspace_root};
+use crate::{
+    cargo, run,
+    setup::{self, output},
+    step, workspace_root,
+};
 
 /// The packages: each is a workspace crate with one binary of the same name.
 const PACKAGES: &[&str] = &["dots-agent", "dots-client"];
@@ -111,13 +115,13 @@ fn cross_tools(triple: &str) -> Result<&'static str> {
 /// with (the one `cargo` resolves to here, normally the user's stable), if
 /// it is missing.
 fn rust_target(triple: &str) -> Result<()> {
-    let sysroot = capture(cargo_rustc().args(["--print", "sysroot"]))?;
+    let sysroot = output(cargo_rustc().args(["--print", "sysroot"]))?;
     let lib = Path::new(sysroot.trim()).join("lib/rustlib").join(triple);
     if lib.is_dir() {
         step(&format!("Rust target {triple}: present"));
         return Ok(());
     }
-    let toolchain = capture(
+    let toolchain = output(
         Command::new("rustup")
             .args(["show", "active-toolchain"])
             .current_dir(workspace_root()),
@@ -176,7 +180,7 @@ fn generate_assets(bin: &Path, out: &Path) -> Result<()> {
         fs::remove_dir_all(out).with_context(|| format!("emptying {}", out.display()))?;
     }
     let man = out.join("man");
-    capture(Command::new(bin).arg("man").arg(&man))?;
+    output(Command::new(bin).arg("man").arg(&man))?;
     // Debian ships man pages compressed (gzip -9n: reproducible, no name or
     // time stamp); cargo-deb compresses only files it did not find under
     // target/.
@@ -192,7 +196,7 @@ fn generate_assets(bin: &Path, out: &Path) -> Result<()> {
     for (shell, file) in SHELLS {
         let dir = out.join("completions").join(shell);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let text = capture(Command::new(bin).args(["completions", shell]))?;
+        let text = output(Command::new(bin).args(["completions", shell]))?;
         if text.trim().is_empty() {
             bail!("{name} completions {shell} printed nothing");
         }
@@ -210,7 +214,7 @@ fn cargo_deb(pkg: &str, target: Option<&str>) -> Result<PathBuf> {
     if let Some(triple) = target {
         cmd.args(["--target", triple]);
     }
-    let out = capture(&mut cmd)?;
+    let out = output(&mut cmd)?;
     let deb = out
         .lines()
         .rev()
@@ -257,7 +261,7 @@ struct Metadata {
 
 impl Metadata {
     fn read() -> Result<Metadata> {
-        let text = capture(cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
+        let text = output(cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
         let v: serde_json::Value = serde_json::from_str(&text).context("cargo metadata")?;
         let target_dir = v["target_directory"]
             .as_str()
@@ -294,17 +298,4 @@ impl Metadata {
         }
         Ok(())
     }
-}
-
-fn capture(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not start {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -82,7 +82,8 @@ pub(crate) fn cargo_deb_bin() -> Result<PathBuf> {
     Ok(pins()?.cargo_deb_bin())
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+/// Runs `cmd` and returns its stdout; fails with its stderr.
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("could not start {cmd:?}"))?;
