@@ -5,5 +5,7 @@
 /// discovery results.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/dots-agent";
 /// The control socket of `dots-agent run`, used by `status`, `mitigations`,
-/// `approve` and `reject`.
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/dots-agent.sock";
+/// `approve` and `reject`. Inside `/run/dots-agent/`, the unit's
+/// `RuntimeDirectory=`, the one place under /run the hardened service may
+/// write.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/dots-agent/control.sock";

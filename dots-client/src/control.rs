@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use dots_daemon::local_socket;
 
-/// Default path of the control socket.
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/dots-client.sock";
+/// Default path of the control socket, inside `/run/dots-client/`, the
+/// systemd unit's `RuntimeDirectory=`.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/dots-client/control.sock";
 
 /// What a CLI command asks the listener. `agent` may be omitted when exactly
 /// one agent is connected.

@@ -6,8 +6,10 @@
 //! * `demo`: the whole story in a lab of network namespaces.
 //! * `bench dataplane|nat`: the XDP classifier's per-packet cost, NAT
 //!   resolution time.
+//! * `package [--target TRIPLE]`: Debian packages of both daemons.
 
 mod bench;
+mod package;
 mod setup;
 mod toolchain;
 
@@ -48,6 +50,16 @@ enum Cmd {
         #[arg(value_enum)]
         which: bench::Which,
     },
+    /// Build release Debian packages of dots-agent and dots-client (binary,
+    /// systemd unit, man pages, completions, example configuration, docs)
+    /// into target/debian/ (NAME_VERSION-1_ARCH.deb), and
+    /// check them with lintian.
+    Package {
+        /// Cross-build for this target; only aarch64-unknown-linux-gnu is set
+        /// up (Debian's gcc-aarch64-linux-gnu, OpenSSL built from source).
+        #[arg(long, value_name = "TRIPLE")]
+        target: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -87,6 +99,7 @@ fn main() -> Result<()> {
             setup::run()?;
             bench::run(which)
         }
+        Cmd::Package { target } => package::run_package(target.as_deref()).map(|_| ()),
     }
 }
 

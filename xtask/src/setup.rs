@@ -78,12 +78,12 @@ pub(crate) fn pins() -> Result<Pins> {
 }
 
 /// Our cargo-deb, as `cargo xtask setup` installs it.
-#[allow(dead_code, reason = "for the packaging tasks")]
 pub(crate) fn cargo_deb_bin() -> Result<PathBuf> {
     Ok(pins()?.cargo_deb_bin())
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+/// Runs `cmd` and returns its stdout; fails with its stderr.
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("could not start {cmd:?}"))?;

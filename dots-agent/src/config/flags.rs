@@ -68,7 +68,7 @@ pub struct RunFlags {
     #[arg(long)]
     pub bpffs: Option<PathBuf>,
     /// Control socket for `dots-agent status`, `mitigations`, `approve`,
-    /// `reject` [default: /run/dots-agent.sock].
+    /// `reject` [default: /run/dots-agent/control.sock].
     #[arg(long)]
     pub control: Option<PathBuf>,
     /// Where the active mitigations are kept across restarts

@@ -68,7 +68,7 @@ fn defaults_fill_in() {
     assert_eq!(c.state_dir(), std::path::Path::new("/var/lib/dots-agent"));
     assert_eq!(
         c.control_socket(),
-        std::path::Path::new("/run/dots-agent.sock")
+        std::path::Path::new("/run/dots-agent/control.sock")
     );
     assert_eq!(c.log_format(), LogFormat::Human);
     assert!(c.xdp.interfaces.is_empty());

@@ -33,7 +33,7 @@ pub struct ListenFlags {
     /// Agent identity allowed in (repeatable); default: any from the CA.
     #[arg(long = "allow", value_name = "NAME")]
     pub allow: Vec<String>,
-    /// Control socket path [default: /run/dots-client.sock].
+    /// Control socket path [default: /run/dots-client/control.sock].
     #[arg(long)]
     pub control: Option<PathBuf>,
     /// Directory for state that outlives the process (session-ticket keys,

@@ -52,7 +52,10 @@ fn client_config() {
         .to_options()
         .unwrap();
     assert_eq!(defaults.allow, None);
-    assert_eq!(defaults.control, PathBuf::from("/run/dots-client.sock"));
+    assert_eq!(
+        defaults.control,
+        PathBuf::from("/run/dots-client/control.sock")
+    );
     assert_eq!(
         defaults.state_dir,
         Some(PathBuf::from("/var/lib/dots-client"))
