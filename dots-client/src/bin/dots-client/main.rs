@@ -83,6 +83,7 @@ fn run(cli: Cli) -> Result<()> {
                 agent: a.common.agent.clone(),
                 scope,
                 mid: a.mid,
+                label: a.label.clone(),
             };
             ask(&a.common, req)
         }
@@ -100,6 +101,13 @@ fn run(cli: Cli) -> Result<()> {
                 mid,
             },
         ),
+        Command::Mitigations(c) => ask(
+            &c,
+            Request::Mitigations {
+                agent: c.agent.clone(),
+            },
+        ),
+        Command::Reload(c) => ask(&c, Request::Reload),
         Command::Config(c) => ask(
             &c,
             Request::Config {
@@ -141,7 +149,8 @@ fn listen(flags: &ListenFlags) -> Result<()> {
     let c = flags.load()?;
     logging::init(c.log_format());
     c.check_files()?;
-    let opts = c.to_options()?;
+    let mut opts = c.to_options()?;
+    opts.reload = Some(flags.reloader());
     runtime()?.block_on(listener::listen(opts))
 }
 
