@@ -425,7 +425,7 @@ impl Session {
                     body: body_json(&body),
                     ..Reply::default()
                 };
-                debug!(%agent, code = %code_text(code), body = %reply.body, "notification");
+                info!(%agent, code = %code_text(code), body = %reply.body, "notification");
                 let _ = self.ctx.notify.send(reply);
             }
             ClientEvent::TimedOut { token, request } => {

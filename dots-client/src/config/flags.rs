@@ -240,6 +240,40 @@ log-format = "json"
     }
 
     #[test]
+    fn customers_api_and_limits() {
+        let c = applied(&[
+            "--customer",
+            "cpe9=203.0.113.9,2001:db8:9::/48",
+            "--api",
+            "127.0.0.1:8443",
+            "--api-tokens",
+            "/etc/t",
+            "--max-agents",
+            "5",
+            "--audit-log",
+            "/var/log/a.jsonl",
+        ]);
+        assert_eq!(
+            c.customer,
+            [CustomerEntry {
+                agent: "cpe9".into(),
+                prefixes: vec![
+                    "203.0.113.9/32".parse().unwrap(),
+                    "2001:db8:9::/48".parse().unwrap()
+                ],
+            }]
+        );
+        assert_eq!(c.api.listen, "127.0.0.1:8443");
+        assert_eq!(c.api.tokens_file, Some(PathBuf::from("/etc/t")));
+        assert_eq!(c.max_agents, 5);
+        assert_eq!(c.audit_log, Some(PathBuf::from("/var/log/a.jsonl")));
+        for bad in ["cpe9", "cpe9=nope", "cpe9=192.0.2.1,"] {
+            let e = Wrapper::try_parse_from(["listen", "--customer", bad]).unwrap_err();
+            assert!(e.to_string().contains("--customer"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn load_applies_flags_to_the_file_or_the_defaults() {
         let c = flags(&["--ca", "ca.pem", "--cert", "c.pem", "--key", "c.key"])
             .load()
