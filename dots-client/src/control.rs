@@ -6,8 +6,10 @@
 use std::{net::SocketAddr, path::Path};
 
 use anyhow::{bail, Context, Result};
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::registry::Origin;
 use dots_daemon::local_socket;
 
 /// Default path of the control socket, inside `/run/dots-client/`, the
@@ -15,7 +17,8 @@ use dots_daemon::local_socket;
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/dots-client/control.sock";
 
 /// What a CLI command asks the listener. `agent` may be omitted when exactly
-/// one agent is connected.
+/// one agent is connected; for `mitigate`, when the customer registry knows
+/// whose prefixes contain the sources.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
@@ -26,7 +29,11 @@ pub enum Request {
     Mitigate {
         agent: Option<String>,
         scope: serde_json::Value,
+        /// Update this mitigation instead of creating one.
         mid: Option<u32>,
+        /// The requester's name for it (unique among unfinished ones).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        label: Option<String>,
     },
     Withdraw {
         agent: Option<String>,
@@ -47,6 +54,13 @@ pub enum Request {
     Watch {
         agent: Option<String>,
     },
+    /// The book of mitigations (this client's view), optionally of one agent.
+    Mitigations {
+        agent: Option<String>,
+    },
+    /// Re-read the configuration file's customer prefixes and API tokens
+    /// (as SIGHUP does).
+    Reload,
 }
 
 /// One reply line.
@@ -60,6 +74,9 @@ pub struct Reply {
     pub agent: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mid: Option<u32>,
+    /// The mitigation's state in this client's book ("active", "queued", ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
     /// Decoded body (JSON form), or the list of agents.
     #[serde(skip_serializing_if = "serde_json::Value::is_null", default)]
     pub body: serde_json::Value,
@@ -91,19 +108,39 @@ impl Reply {
     }
 }
 
-/// A connected agent, as the listener knows it: the body of the reply to
-/// [`Request::Agents`] is a list of these.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// An agent as the service knows it, connected or registered: the body of
+/// the reply to [`Request::Agents`] is a list of these, and so is the API's
+/// `GET /v1/agents`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct AgentInfo {
     /// Its certificate identity (or its address, without one).
     pub id: String,
-    pub addr: SocketAddr,
+    /// "connected" or "offline".
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<SocketAddr>,
     /// "DTLS/UDP" or "TLS/TCP".
-    pub transport: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
     /// Whether the (D)TLS session was resumed.
-    pub resumed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<bool>,
     /// Seconds since the Unix epoch.
-    pub connected_at: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected_at: Option<u64>,
+    /// Seconds between heartbeats, as the agent set it (RFC 9066 §5.2.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval: Option<u64>,
+    /// Its customer prefixes (the registry).
+    #[serde(default)]
+    pub prefixes: Vec<IpNet>,
+    /// Where they come from: "config" or "api".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefixes_from: Option<Origin>,
+    /// Its unfinished mitigations in this client's book.
+    #[serde(default)]
+    pub mitigations: usize,
 }
 
 /// Sends `req` to the listener at `socket` and calls `on_reply` for each
@@ -167,10 +204,15 @@ mod tests {
     fn agents_list_reads_back() {
         let agents = vec![AgentInfo {
             id: "cpe1".into(),
-            addr: "[2001:db8::2]:50000".parse().unwrap(),
-            transport: "DTLS/UDP".into(),
-            resumed: false,
-            connected_at: 1_700_000_000,
+            state: "connected".into(),
+            addr: Some("[2001:db8::2]:50000".parse().unwrap()),
+            transport: Some("DTLS/UDP".into()),
+            resumed: Some(false),
+            connected_at: Some(1_700_000_000),
+            heartbeat_interval: Some(30),
+            prefixes: vec!["203.0.113.1/32".parse().unwrap()],
+            prefixes_from: Some(Origin::Config),
+            mitigations: 1,
         }];
         let reply = Reply {
             ok: true,
@@ -180,7 +222,7 @@ mod tests {
         let line = serde_json::to_string(&reply).unwrap();
         assert_eq!(
             line,
-            r#"{"ok":true,"body":[{"addr":"[2001:db8::2]:50000","connected_at":1700000000,"id":"cpe1","resumed":false,"transport":"DTLS/UDP"}]}"#
+            r#"{"ok":true,"body":[{"addr":"[2001:db8::2]:50000","connected-at":1700000000,"heartbeat-interval":30,"id":"cpe1","mitigations":1,"prefixes":["203.0.113.1/32"],"prefixes-from":"config","resumed":false,"state":"connected","transport":"DTLS/UDP"}]}"#
         );
         let back: Reply = serde_json::from_str(&line).unwrap();
         let list: Vec<AgentInfo> = serde_json::from_value(back.body).unwrap();

@@ -3,49 +3,70 @@
 //! the local control socket that the other `dots-client` commands use.
 
 use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::SystemTime,
+    collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, sync::Arc, time::SystemTime,
 };
 
 use anyhow::{Context, Result};
+use ipnet::IpNet;
 use openssl::{hash::MessageDigest, x509::X509};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     net::UnixStream,
+    signal::unix::{signal, SignalKind},
     sync::{broadcast, mpsc, oneshot},
 };
 use tracing::{info, warn};
 
-use crate::control::{AgentInfo, Reply, Request};
 pub use crate::session::Command;
-use dots_daemon::transport::{Credentials, ListenOptions, Listener, TICKET_KEYS_LEN};
+use crate::{
+    api::{self, Api, ApiOptions},
+    audit::Principal,
+    control::{AgentInfo, Reply, Request},
+    service::{NewMitigation, Outcome, Service, ServiceError, ServiceOptions},
+    session::{self, SessionContext},
+};
+use dots_daemon::transport::{Connection, ListenOptions, Listener, TICKET_KEYS_LEN};
+use dots_proto::model::{DotsMessage, MitigationScope, RedirectedSignal};
+
+/// What a reload reads again: the customer prefixes of the configuration.
+pub type Customers = BTreeMap<String, Vec<IpNet>>;
+
+/// Re-reads the configuration (SIGHUP, `dots-client reload`).
+#[derive(Clone)]
+pub struct Reloader(pub Arc<dyn Fn() -> Result<Customers, String> + Send + Sync>);
+
+impl fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Reloader")
+    }
+}
 
 /// Settings of `dots-client listen`.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
     pub udp: Option<SocketAddr>,
     pub tcp: Option<SocketAddr>,
-    pub credentials: Credentials,
+    pub credentials: dots_daemon::transport::Credentials,
     /// Agent identities allowed in; `None`: any certificate from the CA.
     pub allow: Option<Vec<String>>,
     pub control: PathBuf,
-    /// Where the session-ticket keys are kept, so agents resume their
-    /// sessions after this listener restarts; `None`: keys live in memory.
+    /// Where the session-ticket keys, the book of mitigations, the mid
+    /// counters and the audit trail are kept; `None`: memory only.
     pub state_dir: Option<PathBuf>,
+    /// Customer prefixes per agent identity.
+    pub customers: Customers,
+    /// The HTTP API, when enabled.
+    pub api: Option<ApiOptions>,
+    /// The audit trail (default `<state-dir>/audit.jsonl`).
+    pub audit_log: Option<PathBuf>,
+    /// Agents connected at most.
+    pub max_agents: usize,
+    /// (D)TLS handshakes in progress at most.
+    pub max_handshakes: usize,
+    /// How to re-read the configuration; `None`: reload only re-reads the
+    /// API tokens.
+    pub reload: Option<Reloader>,
 }
-
-struct AgentHandle {
-    info: AgentInfo,
-    commands: mpsc::Sender<Command>,
-    notifications: broadcast::Sender<Reply>,
-    /// Distinguishes a reconnected agent's session from the one it replaces.
-    generation: u64,
-}
-
-type Registry = Arc<Mutex<BTreeMap<String, AgentHandle>>>;
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -68,8 +89,40 @@ pub fn cuid_from_cert(cert_pem: &[u8]) -> Result<String> {
         .replace('/', "_"))
 }
 
+/// Raises the soft limit of open files to the hard limit: every TLS agent
+/// holds a socket, and so does every DTLS agent's handshake; the default
+/// soft limit (1024) would cap the agents far below `max-agents`.
+fn raise_fd_limit(want: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass, nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let old = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the struct we pass; raising the soft limit
+        // up to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+            info!(from = old, to = lim.rlim_cur, "raised the open-file limit");
+        }
+    }
+    // Sockets of agents, API clients, the state files and some slack.
+    if (lim.rlim_cur as usize) < want.saturating_add(64) {
+        warn!(
+            limit = lim.rlim_cur,
+            max_agents = want,
+            "the open-file limit is below max-agents: raise LimitNOFILE (systemd) or ulimit -Hn"
+        );
+    }
+}
+
 /// Runs the listener until stopped.
 pub async fn listen(opts: ClientOptions) -> Result<()> {
+    raise_fd_limit(opts.max_agents);
     let cert = std::fs::read(&opts.credentials.cert)
         .with_context(|| format!("reading {}", opts.credentials.cert.display()))?;
     let cuid = cuid_from_cert(&cert)?;
@@ -77,6 +130,12 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
         Some(dir) => Some(ticket_keys(dir)?),
         None => None,
     };
+    let service = Service::start(ServiceOptions {
+        cuid: cuid.clone(),
+        state_dir: opts.state_dir.clone(),
+        audit_log: opts.audit_log.clone(),
+        customers: opts.customers.clone(),
+    })?;
     let mut listener = Listener::bind(
         opts.udp,
         opts.tcp,
@@ -84,89 +143,130 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
         ListenOptions {
             allow: opts.allow.clone(),
             ticket_keys,
+            max_connections: opts.max_agents,
+            max_handshakes: opts.max_handshakes,
             ..Default::default()
         },
     )
     .await?;
     info!(udp = ?listener.local_udp_addr(), tcp = ?listener.local_tcp_addr(), %cuid, "listening for agents");
-    let registry: Registry = Arc::default();
+    let api = match &opts.api {
+        Some(a) => Some(Arc::new(api::serve(a.clone(), service.clone()).await?)),
+        None => None,
+    };
+    if let Some(path) = service.audit_path() {
+        info!(path = %path.display(), "audit trail");
+    }
     let control = dots_daemon::local_socket::bind(&opts.control, "dots-client listen")?;
     info!(socket = %opts.control.display(), "control socket ready");
     // systemd (Type=notify): serving from here on; the status counts agents.
     let notifier = Arc::new(dots_daemon::notify::Notifier::from_env());
     let agents = {
-        let registry = registry.clone();
-        move || {
-            let n = registry.lock().map(|r| r.len()).unwrap_or(0);
-            format!("{n} agent(s) connected")
-        }
+        let service = service.clone();
+        move || format!("{} agent(s) connected", service.connected_count())
     };
     notifier.ready(&agents());
     dots_daemon::notify::spawn_status(notifier.clone(), agents);
     dots_daemon::notify::spawn_watchdog(notifier.clone());
-    let mut generation = 0u64;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     loop {
         tokio::select! {
-            conn = listener.accept() => {
-                let conn = match conn {
-                    Ok(c) => c,
-                    Err(e) => { warn!(error = %e, "accept failed"); continue; }
-                };
-                generation += 1;
-                let id = conn.peer_identity().unwrap_or_else(|| conn.peer_addr().to_string());
-                let info = AgentInfo {
-                    id: id.clone(),
-                    addr: conn.peer_addr(),
-                    transport: conn.transport().to_string(),
-                    resumed: conn.session_reused(),
-                    connected_at: unix_now(),
-                };
-                info!(agent = %id, addr = %info.addr, transport = %info.transport, resumed = info.resumed, "agent connected");
-                let (tx, rx) = mpsc::channel(32);
-                let (notify, _) = broadcast::channel(256);
-                let previous = registry.lock().ok().and_then(|mut r| r.insert(id.clone(), AgentHandle {
-                    info, commands: tx, notifications: notify.clone(), generation,
-                }));
-                if previous.is_some() {
-                    info!(agent = %id, "replacing the agent's previous session");
-                }
-                let registry = registry.clone();
-                let cuid = cuid.clone();
-                let my_generation = generation;
-                tokio::spawn(async move {
-                    crate::session::run(conn, &id, &cuid, rx, notify).await;
-                    info!(agent = %id, "agent session ended");
-                    if let Ok(mut r) = registry.lock() {
-                        if r.get(&id).is_some_and(|h| h.generation == my_generation) {
-                            r.remove(&id);
-                        }
-                    }
-                });
-            }
+            conn = listener.accept() => match conn {
+                Ok(c) => start_session(&service, &cuid, c),
+                Err(e) => warn!(error = %e, "accept failed"),
+            },
             stream = control.accept() => match stream {
-                Ok((s, _)) => { tokio::spawn(serve_control(s, registry.clone())); }
+                Ok((s, _)) => {
+                    tokio::spawn(serve_control(s, service.clone(), opts.reload.clone(), api.clone()));
+                }
                 Err(e) => warn!(error = %e, "control socket accept failed"),
             },
+            _ = hangup.recv() => {
+                info!("SIGHUP: reloading");
+                notifier.reloading();
+                if let Err(e) = reload(&service, opts.reload.as_ref(), api.as_deref(), &Principal::service()) {
+                    warn!(error = %e, "reload failed: the previous settings stay");
+                }
+                notifier.ready(&format!("{} agent(s) connected", service.connected_count()));
+            }
             _ = dots_daemon::shutdown::signal() => { info!("stopping"); notifier.stopping(); break; }
         }
     }
     // Close every session properly (close_notify, RFC 8323 Release), so the
     // agents notice at once and redial instead of waiting out the heartbeats.
-    let handles: Vec<mpsc::Sender<Command>> = registry
-        .lock()
-        .map(|r| r.values().map(|h| h.commands.clone()).collect())
-        .unwrap_or_default();
-    for h in &handles {
+    for h in service.sessions() {
         let _ = h.send(Command::Close).await;
     }
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    while tokio::time::Instant::now() < deadline
-        && registry.lock().map(|r| !r.is_empty()).unwrap_or(false)
-    {
+    while tokio::time::Instant::now() < deadline && service.connected_count() > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let _ = std::fs::remove_file(&opts.control);
     Ok(())
+}
+
+/// A new agent connection: register it and run its session.
+fn start_session(service: &Arc<Service>, cuid: &str, conn: Connection) {
+    let id = conn
+        .peer_identity()
+        .unwrap_or_else(|| conn.peer_addr().to_string());
+    let info = AgentInfo {
+        id: id.clone(),
+        state: "connected".into(),
+        addr: Some(conn.peer_addr()),
+        transport: Some(conn.transport().to_string()),
+        resumed: Some(conn.session_reused()),
+        connected_at: Some(unix_now()),
+        ..AgentInfo::default()
+    };
+    info!(agent = %id, addr = ?info.addr, transport = ?info.transport, resumed = ?info.resumed, "agent connected");
+    // Small queues: one per agent, and there may be 10,000 agents.
+    let (tx, rx) = mpsc::channel(8);
+    let (notify, _) = broadcast::channel(16);
+    let generation = service.session_started(info, tx, notify.clone());
+    let ctx = SessionContext {
+        agent: id.clone(),
+        generation,
+        cuid: cuid.to_string(),
+        commands: rx,
+        notify,
+        events: service.session_events(),
+    };
+    let service = service.clone();
+    tokio::spawn(async move {
+        session::run(conn, ctx).await;
+        info!(agent = %id, "agent session ended");
+        service.session_ended(&id, generation);
+    });
+}
+
+/// Re-reads the customer prefixes and the API tokens.
+fn reload(
+    service: &Service,
+    reloader: Option<&Reloader>,
+    api: Option<&Api>,
+    by: &Principal,
+) -> Result<String, String> {
+    let mut done = Vec::new();
+    if let Some(r) = reloader {
+        let customers = (r.0)()?;
+        let n = customers.len();
+        service
+            .reload_customers(by, customers)
+            .map_err(|e| e.to_string())?;
+        done.push(format!("{n} customer entries"));
+    }
+    if let Some(api) = api {
+        let n = api.reload_tokens().map_err(|e| e.to_string())?;
+        done.push(format!("{n} API tokens"));
+    }
+    let text = if done.is_empty() {
+        "nothing to reload".to_string()
+    } else {
+        format!("reloaded {}", done.join(", "))
+    };
+    info!("{text}");
+    Ok(text)
 }
 
 /// Loads `<dir>/ticket.key`, creating it (random, mode 0600) the first time.
@@ -200,32 +300,52 @@ fn ticket_keys(dir: &std::path::Path) -> Result<[u8; TICKET_KEYS_LEN]> {
     Ok(keys)
 }
 
-/// Finds the agent a request names, or the only one connected.
-fn pick(
-    registry: &Registry,
-    agent: Option<&str>,
-) -> Result<(String, mpsc::Sender<Command>, broadcast::Sender<Reply>), String> {
-    let r = registry
-        .lock()
-        .map_err(|_| "registry poisoned".to_string())?;
-    let handle = match agent {
-        Some(id) => r
-            .get(id)
-            .ok_or_else(|| format!("no agent {id:?} is connected (see `dots-client agents`)"))?,
-        None => match r.len() {
-            1 => r.values().next().ok_or("no agent")?,
-            0 => return Err("no agent is connected".into()),
-            n => return Err(format!("{n} agents are connected: name one with --agent")),
+/// The reply line of a service outcome.
+fn outcome_reply(o: Outcome) -> Reply {
+    let m = &o.mitigation;
+    Reply {
+        ok: true,
+        code: o.coap.clone(),
+        agent: Some(m.agent.clone()),
+        mid: Some(m.mid),
+        state: Some(m.state.as_str().to_string()),
+        body: if o.answer.is_null() {
+            serde_json::to_value(m).unwrap_or_default()
+        } else {
+            o.answer
         },
-    };
-    Ok((
-        handle.info.id.clone(),
-        handle.commands.clone(),
-        handle.notifications.clone(),
-    ))
+        error: None,
+    }
 }
 
-async fn serve_control(stream: UnixStream, registry: Registry) {
+/// The reply line of a refused request: an agent's error answer keeps its
+/// code and diagnostic (the command fails on it), others are errors.
+fn error_reply(e: ServiceError) -> Reply {
+    match e {
+        ServiceError::AgentRefused {
+            code,
+            diagnostic,
+            id,
+        } => Reply {
+            ok: true,
+            code: Some(code),
+            agent: id.as_ref().map(|i| i.agent.clone()),
+            mid: id.as_ref().map(|i| i.mid),
+            state: Some("rejected".into()),
+            body: serde_json::json!({ "diagnostic": diagnostic }),
+            error: None,
+        },
+        other => Reply::error(other),
+    }
+}
+
+async fn serve_control(
+    stream: UnixStream,
+    service: Arc<Service>,
+    reloader: Option<Reloader>,
+    api: Option<Arc<Api>>,
+) {
+    let by = Principal::cli(stream.peer_cred().ok().map(|c| c.uid()));
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     let Ok(Some(line)) = lines.next_line().await else {
@@ -234,28 +354,92 @@ async fn serve_control(stream: UnixStream, registry: Registry) {
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
-            let _ = dots_daemon::local_socket::write_line(
-                &mut write,
-                &Reply::error(format!("bad request: {e}")),
-            )
-            .await;
+            let e = ServiceError::BadRequest {
+                field: None,
+                message: format!("bad request: {e}"),
+            };
+            service.refuse(&by, "control", None, &e);
+            let _ = dots_daemon::local_socket::write_line(&mut write, &Reply::error(e)).await;
             return;
         }
     };
     let reply = match req {
-        Request::Agents => {
-            let agents: Vec<AgentInfo> = registry
-                .lock()
-                .map(|r| r.values().map(|h| h.info.clone()).collect())
-                .unwrap_or_default();
-            Reply {
+        Request::Agents => Reply {
+            ok: true,
+            body: serde_json::to_value(service.agents()).unwrap_or_default(),
+            ..Reply::default()
+        },
+        Request::Mitigations { agent } => Reply {
+            ok: true,
+            body: serde_json::to_value(service.mitigations(agent.as_deref(), None, None))
+                .unwrap_or_default(),
+            ..Reply::default()
+        },
+        Request::Reload => match reload(&service, reloader.as_ref(), api.as_deref(), &by) {
+            Ok(text) => Reply {
                 ok: true,
-                body: serde_json::to_value(agents).unwrap_or_default(),
+                body: serde_json::json!({ "reloaded": text }),
                 ..Reply::default()
-            }
+            },
+            Err(e) => Reply::error(format!("reload failed, the previous settings stay: {e}")),
+        },
+        Request::Mitigate {
+            agent,
+            scope,
+            mid,
+            label,
+        } => {
+            let scope = MitigationScope::from_json(&scope)
+                .map_err(|e| ServiceError::BadRequest {
+                    field: None,
+                    message: format!("invalid mitigation request: {}", e.diagnostic()),
+                })
+                .and_then(|m| match <[_; 1]>::try_from(m.scopes) {
+                    Ok([s]) => Ok(s),
+                    Err(v) => Err(ServiceError::BadRequest {
+                        field: Some("scope".into()),
+                        message: format!(
+                            "a mitigation request carries exactly one scope, got {}",
+                            v.len()
+                        ),
+                    }),
+                });
+            let result = match (scope, mid) {
+                (Err(e), _) => {
+                    service.refuse(&by, "mitigate", agent.as_deref(), &e);
+                    Err(e)
+                }
+                (Ok(scope), Some(mid)) => match service.find(agent.as_deref(), mid) {
+                    Ok(id) => service.update(&by, &id, scope).await,
+                    Err(e) => Err(e),
+                },
+                (Ok(scope), None) => {
+                    service
+                        .mitigate(
+                            &by,
+                            NewMitigation {
+                                agent,
+                                scope,
+                                label,
+                            },
+                        )
+                        .await
+                }
+            };
+            result.map_or_else(error_reply, outcome_reply)
+        }
+        Request::Withdraw { agent, mid } => {
+            let result = match service.find(agent.as_deref(), mid) {
+                Ok(id) => service.withdraw(&by, &id).await,
+                Err(e) => {
+                    service.refuse(&by, "withdraw", agent.as_deref(), &e);
+                    Err(e)
+                }
+            };
+            result.map_or_else(error_reply, outcome_reply)
         }
         Request::Watch { agent } => {
-            let (id, _, notifications) = match pick(&registry, agent.as_deref()) {
+            let (id, _, notifications) = match service.connected(agent.as_deref()) {
                 Ok(p) => p,
                 Err(e) => {
                     let _ =
@@ -267,7 +451,6 @@ async fn serve_control(stream: UnixStream, registry: Registry) {
             let hello = Reply {
                 ok: true,
                 agent: Some(id),
-                code: None,
                 ..Reply::default()
             };
             if dots_daemon::local_socket::write_line(&mut write, &hello)
@@ -293,38 +476,69 @@ async fn serve_control(stream: UnixStream, registry: Registry) {
                 }
             }
         }
-        other => forward(&registry, other).await,
+        Request::Status { agent, mid } => {
+            passthrough(&service, &by, "status", agent, |reply| {
+                Ok(Command::Status { mid, reply })
+            })
+            .await
+        }
+        Request::Config { agent } => {
+            passthrough(&service, &by, "config", agent, |reply| {
+                Ok(Command::Config { reply })
+            })
+            .await
+        }
+        Request::Redirect { agent, redirect } => {
+            passthrough(&service, &by, "redirect", agent, |reply| {
+                let target = RedirectedSignal::from_json(&redirect)
+                    .map_err(|e| format!("invalid redirect: {}", e.diagnostic()))?;
+                Ok(Command::Redirect { target, reply })
+            })
+            .await
+        }
     };
     let _ = dots_daemon::local_socket::write_line(&mut write, &reply).await;
 }
 
-/// Hands a request to the agent's session and waits for the CoAP answer.
-async fn forward(registry: &Registry, req: Request) -> Reply {
-    let agent = match &req {
-        Request::Mitigate { agent, .. }
-        | Request::Withdraw { agent, .. }
-        | Request::Status { agent, .. }
-        | Request::Config { agent }
-        | Request::Redirect { agent, .. } => agent.clone(),
-        Request::Agents | Request::Watch { .. } => None,
-    };
-    let (id, commands, _) = match pick(registry, agent.as_deref()) {
+/// Hands a request straight to the agent's session (status, config,
+/// redirect) and waits for the CoAP answer.
+async fn passthrough(
+    service: &Service,
+    by: &Principal,
+    action: &str,
+    agent: Option<String>,
+    make: impl FnOnce(oneshot::Sender<Reply>) -> Result<Command, String>,
+) -> Reply {
+    let (id, commands, _) = match service.connected(agent.as_deref()) {
         Ok(p) => p,
-        Err(e) => return Reply::error(e),
+        Err(e) => {
+            service.refuse(by, action, agent.as_deref(), &e);
+            return Reply::error(e);
+        }
     };
     let (tx, rx) = oneshot::channel();
-    let cmd = match Command::from_request(req, tx) {
+    let cmd = match make(tx) {
         Ok(c) => c,
-        Err(e) => return Reply::error(e),
-    };
-    if commands.send(cmd).await.is_err() {
-        return Reply::error(format!("agent {id} disconnected"));
-    }
-    match rx.await {
-        Ok(mut r) => {
-            r.agent = Some(id);
-            r
+        Err(e) => {
+            let err = ServiceError::BadRequest {
+                field: None,
+                message: e,
+            };
+            service.refuse(by, action, Some(&id), &err);
+            return Reply::error(err);
         }
-        Err(_) => Reply::error(format!("agent {id} disconnected before answering")),
-    }
+    };
+    let reply = if commands.send(cmd).await.is_err() {
+        Reply::error(format!("agent {id} disconnected"))
+    } else {
+        match rx.await {
+            Ok(mut r) => {
+                r.agent = Some(id.clone());
+                r
+            }
+            Err(_) => Reply::error(format!("agent {id} disconnected before answering")),
+        }
+    };
+    service.audit_passthrough(by, action, Some(&id), &reply);
+    reply
 }

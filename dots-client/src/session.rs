@@ -1,8 +1,16 @@
 //! One agent's signal session on the ISP side: a `SignalClient` over the
-//! agent's connection, driven by commands from the control socket.
+//! agent's connection, driven by commands from the service.
+//!
+//! On start it fetches the agent's session configuration and follows the
+//! heartbeat interval the agent sets (RFC 9066 §5.2.1: the Call Home DOTS
+//! server adjusts it to the NAT and firewall binding timers on its path):
+//! `idle-config` while none of our mitigations is active there,
+//! `mitigating-config` while one is. It observes all of this client's
+//! mitigations and reports what the agent says about them (status,
+//! counters) to the service as [`SessionEvent`]s.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -11,22 +19,24 @@ use dots_proto::{
         DatagramConfig, DatagramEndpoint, Endpoint, MessageClass, ResponseType, StreamConfig,
         StreamEndpoint, Token,
     },
-    model::{DotsMessage, MitigationScope, RedirectedSignal},
+    model::{DotsMessage, MitigationStatus, RedirectedSignal, Scope, SignalConfig},
     signal::{Body, ClientConfig, ClientEvent, RequestKind, SignalClient},
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::control::{Reply, Request};
+use crate::control::Reply;
 use dots_daemon::transport::{Connection, Incoming, Transport};
 
 type Client = SignalClient<Box<dyn Endpoint + Send>>;
 
-/// A control request for one agent, with where to send the answer.
+/// A request for one agent, with where to send the answer.
 pub enum Command {
+    /// PUT with this mid: a new mitigation (the service allocates mids) or
+    /// an update/refresh of one.
     Mitigate {
-        body: MitigationScope,
-        mid: Option<u32>,
+        scope: Box<Scope>,
+        mid: u32,
         reply: oneshot::Sender<Reply>,
     },
     Withdraw {
@@ -48,32 +58,35 @@ pub enum Command {
     Close,
 }
 
-impl Command {
-    /// Parses the JSON bodies of a control request; errors name what is wrong.
-    pub fn from_request(req: Request, reply: oneshot::Sender<Reply>) -> Result<Command, String> {
-        Ok(match req {
-            Request::Mitigate { scope, mid, .. } => {
-                let body = MitigationScope::from_json(&scope)
-                    .map_err(|e| format!("invalid mitigation request: {}", e.diagnostic()))?;
-                if body.scopes.len() != 1 {
-                    return Err(format!(
-                        "a mitigation request carries exactly one scope, got {}",
-                        body.scopes.len()
-                    ));
-                }
-                Command::Mitigate { body, mid, reply }
-            }
-            Request::Withdraw { mid, .. } => Command::Withdraw { mid, reply },
-            Request::Status { mid, .. } => Command::Status { mid, reply },
-            Request::Config { .. } => Command::Config { reply },
-            Request::Redirect { redirect, .. } => {
-                let target = RedirectedSignal::from_json(&redirect)
-                    .map_err(|e| format!("invalid redirect: {}", e.diagnostic()))?;
-                Command::Redirect { target, reply }
-            }
-            Request::Agents | Request::Watch { .. } => return Err("not an agent command".into()),
-        })
-    }
+/// What a session tells the service, besides answers to its commands.
+#[derive(Debug)]
+pub(crate) enum SessionEvent {
+    /// Mitigations as the agent reports them (answers and notifications).
+    Scopes { agent: String, scopes: Vec<Scope> },
+    /// The first answer to the observation of all our mitigations: the
+    /// mids the agent holds for us at the start of this session.
+    Snapshot {
+        agent: String,
+        generation: u64,
+        mids: Vec<u32>,
+    },
+    /// The heartbeat interval now followed.
+    Heartbeat {
+        agent: String,
+        generation: u64,
+        interval: Duration,
+    },
+}
+
+/// Who the session talks to and where it reports.
+pub(crate) struct SessionContext {
+    pub(crate) agent: String,
+    pub(crate) generation: u64,
+    pub(crate) cuid: String,
+    pub(crate) commands: mpsc::Receiver<Command>,
+    /// Every answer and notification, for `dots-client watch`.
+    pub(crate) notify: broadcast::Sender<Reply>,
+    pub(crate) events: mpsc::UnboundedSender<SessionEvent>,
 }
 
 /// "2.01 Created" style text of a response code (RFC 7252 §12.1.2 names).
@@ -129,144 +142,316 @@ fn endpoint(transport: Transport, seed: u64) -> Option<Box<dyn Endpoint + Send>>
     Some(ep)
 }
 
+/// Heartbeat intervals the agent set (RFC 9132 §4.5): one while no
+/// mitigation is active, one while one is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Intervals {
+    idle: Option<Duration>,
+    mitigating: Option<Duration>,
+}
+
+impl Intervals {
+    fn of(c: &SignalConfig) -> Intervals {
+        let get = |set: &Option<dots_proto::model::ConfigSet>| {
+            set.as_ref()
+                .and_then(|s| s.heartbeat_interval.current)
+                .filter(|v| *v > 0)
+                .map(|v| Duration::from_secs(v.into()))
+        };
+        Intervals {
+            idle: get(&c.idle_config),
+            mitigating: get(&c.mitigating_config),
+        }
+    }
+
+    fn pick(self, mitigating: bool) -> Option<Duration> {
+        if mitigating {
+            self.mitigating.or(self.idle)
+        } else {
+            self.idle.or(self.mitigating)
+        }
+    }
+}
+
+/// A status that means the agent is still mitigating.
+fn is_active(status: Option<MitigationStatus>) -> bool {
+    matches!(
+        status,
+        Some(
+            MitigationStatus::InProgress
+                | MitigationStatus::SuccessfullyMitigated
+                | MitigationStatus::Stopped
+                | MitigationStatus::ExceededCapability
+        )
+    )
+}
+
+/// Attempts at fetching the session configuration before keeping the
+/// default heartbeat interval.
+const CONFIG_ATTEMPTS: u32 = 3;
+
+/// The state of one session besides the protocol machine.
+struct Session {
+    ctx: SessionContext,
+    client: Client,
+    /// The observation of all our mitigations.
+    observe_all: Option<Token>,
+    snapshot_sent: bool,
+    config_token: Option<Token>,
+    config_attempts: u32,
+    intervals: Intervals,
+    interval: Option<Duration>,
+    /// Mids the agent reports active.
+    active: HashSet<u32>,
+    pending: HashMap<Token, (oneshot::Sender<Reply>, Option<u32>)>,
+}
+
 /// Runs the session until the agent goes away.
-pub(crate) async fn run(
-    mut conn: Connection,
-    agent: &str,
-    cuid: &str,
-    mut commands: mpsc::Receiver<Command>,
-    notify: broadcast::Sender<Reply>,
-) {
+pub(crate) async fn run(mut conn: Connection, ctx: SessionContext) {
     let now = Instant::now();
     let secs = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(1);
-    // mids must keep increasing across restarts of this process (RFC 9132
-    // §4.4.1): start from the clock.
-    let config = ClientConfig {
-        first_mid: (secs % u64::from(u32::MAX / 2)) as u32,
-        ..ClientConfig::new(cuid)
-    };
+    let agent = ctx.agent.clone();
+    // Mids come from the service (persisted per agent), never from the
+    // signal client's own counter.
+    let config = ClientConfig::new(ctx.cuid.clone());
     let Some(ep) = endpoint(conn.transport(), secs ^ u64::from(std::process::id())) else {
-        warn!(agent, "could not create the CoAP endpoint");
+        warn!(%agent, "could not create the CoAP endpoint");
         return;
     };
-    let mut client: Client = match SignalClient::new(now, ep, config) {
+    let client: Client = match SignalClient::new(now, ep, config) {
         Ok(c) => c,
         Err(e) => {
-            warn!(agent, error = %e, "signal client refused its configuration");
+            warn!(%agent, error = %e, "signal client refused its configuration");
             return;
         }
     };
-    // Watch every mitigation of ours, for `dots-client watch`. The agent
-    // answers 4.04 while there is none (RFC 9132 §4.4.2), which registers
-    // nothing: the observation is set up again after each creation.
-    let mut observe_all = start_observing(&mut client, agent, now);
-    let mut pending: HashMap<Token, (oneshot::Sender<Reply>, Option<u32>)> = HashMap::new();
+    let mut s = Session {
+        ctx,
+        client,
+        observe_all: None,
+        snapshot_sent: false,
+        config_token: None,
+        config_attempts: 0,
+        intervals: Intervals::default(),
+        interval: None,
+        active: HashSet::new(),
+        pending: HashMap::new(),
+    };
+    // RFC 9066 §5.2.1: retrieve the session configuration first.
+    s.fetch_config(now);
+    // Watch every mitigation of ours: the first answer says what the agent
+    // holds; it answers 4.04 while there is none (RFC 9132 §4.4.2), which
+    // registers nothing, so the observation is set up again after each
+    // creation.
+    s.observe_all = start_observing(&mut s.client, &agent, now);
     loop {
-        while let Some(ev) = client.poll_event() {
-            tracing::trace!(agent, event = ?ev, "signal event");
-            match ev {
-                ClientEvent::Response {
-                    token,
-                    code,
-                    body,
-                    request,
-                } => {
-                    let success = is_success(code);
-                    if observe_all == Some(token) && !success {
-                        observe_all = None;
-                    }
-                    if success
-                        && matches!(request, RequestKind::Mitigate { .. })
-                        && observe_all.is_none()
-                    {
-                        observe_all = start_observing(&mut client, agent, Instant::now());
-                    }
-                    let reply = Reply {
-                        ok: true,
-                        code: Some(code_text(code)),
-                        body: body_json(&body),
-                        ..Reply::default()
-                    };
-                    match pending.remove(&token) {
-                        Some((tx, mid)) => {
-                            let _ = tx.send(Reply { mid, ..reply });
-                        }
-                        None => {
-                            debug!(agent, ?request, code = %code_text(code), "unsolicited response");
-                            let _ = notify.send(reply);
-                        }
-                    }
-                }
-                ClientEvent::Notification {
-                    token, code, body, ..
-                } => {
-                    if observe_all == Some(token) && !is_success(code) {
-                        observe_all = None; // an error notification ends the observation
-                    }
-                    let reply = Reply {
-                        ok: true,
-                        code: Some(code_text(code)),
-                        body: body_json(&body),
-                        ..Reply::default()
-                    };
-                    info!(agent, code = %code_text(code), body = %reply.body, "notification");
-                    let _ = notify.send(reply);
-                }
-                ClientEvent::TimedOut { token, request } => {
-                    warn!(agent, ?request, "request timed out");
-                    if observe_all == Some(token) {
-                        observe_all = None;
-                    }
-                    if let Some((tx, _)) = pending.remove(&token) {
-                        let _ = tx.send(Reply::error("the agent did not answer in time"));
-                    }
-                }
-                ClientEvent::PeerHeartbeat { peer_hb_status } => {
-                    debug!(agent, peer_hb_status, "heartbeat from the agent");
-                }
-                ClientEvent::Closed => {
-                    info!(agent, "the agent closed the session");
-                    return;
-                }
-            }
-        }
-        // After the events: handling them may have queued requests.
-        while let Some(bytes) = client.poll_transmit() {
-            if let Err(e) = conn.send(&bytes).await {
-                warn!(agent, error = %e, "send failed");
+        while let Some(ev) = s.client.poll_event() {
+            tracing::trace!(%agent, event = ?ev, "signal event");
+            if s.on_event(ev) {
                 return;
             }
         }
-        let deadline = client
+        // After the events: handling them may have queued requests.
+        while let Some(bytes) = s.client.poll_transmit() {
+            if let Err(e) = conn.send(&bytes).await {
+                warn!(%agent, error = %e, "send failed");
+                return;
+            }
+        }
+        let deadline = s
+            .client
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             got = conn.recv() => match got {
                 Ok(Incoming::Datagram(b)) | Ok(Incoming::Stream(b)) => {
-                    if let Err(e) = client.handle_input(Instant::now(), &b) {
-                        debug!(agent, error = %e, "input dropped");
+                    if let Err(e) = s.client.handle_input(Instant::now(), &b) {
+                        debug!(%agent, error = %e, "input dropped");
                     }
                 }
-                Ok(Incoming::Closed) => { info!(agent, "connection closed"); return; }
-                Err(e) => { warn!(agent, error = %e, "receive failed"); return; }
+                Ok(Incoming::Closed) => { info!(%agent, "connection closed"); return; }
+                Err(e) => { warn!(%agent, error = %e, "receive failed"); return; }
             },
-            _ = tokio::time::sleep_until(deadline.into()) => client.handle_timeout(Instant::now()),
-            cmd = commands.recv() => {
+            _ = tokio::time::sleep_until(deadline.into()) => s.client.handle_timeout(Instant::now()),
+            cmd = s.ctx.commands.recv() => {
                 let Some(cmd) = cmd else { return };
                 if matches!(cmd, Command::Close) {
-                    client.endpoint_mut().close("the client is shutting down");
-                    while let Some(bytes) = client.poll_transmit() {
+                    s.client.endpoint_mut().close("the client is shutting down");
+                    while let Some(bytes) = s.client.poll_transmit() {
                         let _ = conn.send(&bytes).await;
                     }
                     conn.close().await;
                     return;
                 }
-                issue(&mut client, cmd, &mut pending);
+                issue(&mut s.client, cmd, &mut s.pending);
             }
         }
+    }
+}
+
+impl Session {
+    fn fetch_config(&mut self, now: Instant) {
+        self.config_attempts += 1;
+        match self.client.get_config(now) {
+            Ok(t) => self.config_token = Some(t),
+            Err(e) => {
+                warn!(agent = %self.ctx.agent, error = %e, "could not ask for the session configuration")
+            }
+        }
+    }
+
+    /// Follows the interval the agent set for the current state.
+    fn follow_heartbeat(&mut self) {
+        let Some(want) = self.intervals.pick(!self.active.is_empty()) else {
+            return;
+        };
+        if self.interval == Some(want) {
+            return;
+        }
+        self.interval = Some(want);
+        self.client.set_heartbeat_interval(Instant::now(), want);
+        info!(agent = %self.ctx.agent, interval = ?want, mitigating = !self.active.is_empty(), "following the agent's heartbeat interval");
+        let _ = self.ctx.events.send(SessionEvent::Heartbeat {
+            agent: self.ctx.agent.clone(),
+            generation: self.ctx.generation,
+            interval: want,
+        });
+    }
+
+    fn on_config(&mut self, config: &SignalConfig) {
+        self.intervals = Intervals::of(config);
+        self.follow_heartbeat();
+    }
+
+    fn on_scopes(&mut self, scopes: &[Scope]) {
+        for scope in scopes {
+            if let Some(mid) = scope.mid {
+                if is_active(scope.status) {
+                    self.active.insert(mid);
+                } else if scope.status.is_some() {
+                    self.active.remove(&mid);
+                }
+            }
+        }
+        self.follow_heartbeat();
+        let _ = self.ctx.events.send(SessionEvent::Scopes {
+            agent: self.ctx.agent.clone(),
+            scopes: scopes.to_vec(),
+        });
+    }
+
+    /// Handles one event; true when the session is over.
+    fn on_event(&mut self, ev: ClientEvent) -> bool {
+        let agent = self.ctx.agent.clone();
+        match ev {
+            ClientEvent::Response {
+                token,
+                code,
+                body,
+                request,
+            } => {
+                let success = is_success(code);
+                if self.config_token == Some(token) {
+                    self.config_token = None;
+                    if !success {
+                        warn!(%agent, code = %code_text(code), "the agent refused to give its session configuration: keeping the default heartbeat interval");
+                    }
+                }
+                if let Body::Config(c) = &body {
+                    self.on_config(c);
+                }
+                if self.observe_all == Some(token) {
+                    if !success {
+                        self.observe_all = None;
+                    }
+                    if !self.snapshot_sent && (success || code == ResponseType::NotFound) {
+                        self.snapshot_sent = true;
+                        let mids = match &body {
+                            Body::Mitigation(m) => m.scopes.iter().filter_map(|s| s.mid).collect(),
+                            _ => Vec::new(),
+                        };
+                        let _ = self.ctx.events.send(SessionEvent::Snapshot {
+                            agent: agent.clone(),
+                            generation: self.ctx.generation,
+                            mids,
+                        });
+                    }
+                }
+                if let RequestKind::Withdraw { mid } = request {
+                    if success {
+                        self.active.remove(&mid);
+                        self.follow_heartbeat();
+                    }
+                } else if let Body::Mitigation(m) = &body {
+                    self.on_scopes(&m.scopes);
+                }
+                if success
+                    && matches!(request, RequestKind::Mitigate { .. })
+                    && self.observe_all.is_none()
+                {
+                    self.observe_all = start_observing(&mut self.client, &agent, Instant::now());
+                }
+                let reply = Reply {
+                    ok: true,
+                    code: Some(code_text(code)),
+                    body: body_json(&body),
+                    ..Reply::default()
+                };
+                match self.pending.remove(&token) {
+                    Some((tx, mid)) => {
+                        let _ = tx.send(Reply { mid, ..reply });
+                    }
+                    None => {
+                        debug!(%agent, ?request, code = %code_text(code), "unsolicited response");
+                        let _ = self.ctx.notify.send(reply);
+                    }
+                }
+            }
+            ClientEvent::Notification {
+                token, code, body, ..
+            } => {
+                if self.observe_all == Some(token) && !is_success(code) {
+                    self.observe_all = None; // an error notification ends the observation
+                }
+                if let Body::Mitigation(m) = &body {
+                    self.on_scopes(&m.scopes);
+                }
+                let reply = Reply {
+                    ok: true,
+                    code: Some(code_text(code)),
+                    body: body_json(&body),
+                    ..Reply::default()
+                };
+                info!(%agent, code = %code_text(code), body = %reply.body, "notification");
+                let _ = self.ctx.notify.send(reply);
+            }
+            ClientEvent::TimedOut { token, request } => {
+                warn!(%agent, ?request, "request timed out");
+                if self.observe_all == Some(token) {
+                    self.observe_all = None;
+                }
+                if self.config_token == Some(token) {
+                    self.config_token = None;
+                    if self.config_attempts < CONFIG_ATTEMPTS {
+                        self.fetch_config(Instant::now());
+                    }
+                }
+                if let Some((tx, _)) = self.pending.remove(&token) {
+                    let _ = tx.send(Reply::error("the agent did not answer in time"));
+                }
+            }
+            ClientEvent::PeerHeartbeat { peer_hb_status } => {
+                debug!(%agent, peer_hb_status, "heartbeat from the agent");
+            }
+            ClientEvent::Closed => {
+                info!(%agent, "the agent closed the session");
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -277,15 +462,8 @@ fn issue(
 ) {
     let now = Instant::now();
     let (result, reply, mid) = match cmd {
-        Command::Mitigate { body, mid, reply } => {
-            let scope = body.scopes.into_iter().next().unwrap_or_default();
-            match mid {
-                Some(m) => (client.update_mitigation(now, m, scope), reply, Some(m)),
-                None => match client.request_mitigation(now, scope) {
-                    Ok((m, t)) => (Ok(t), reply, Some(m)),
-                    Err(e) => (Err(e), reply, None),
-                },
-            }
+        Command::Mitigate { scope, mid, reply } => {
+            (client.update_mitigation(now, mid, *scope), reply, Some(mid))
         }
         Command::Withdraw { mid, reply } => (client.withdraw(now, mid), reply, Some(mid)),
         Command::Status { mid, reply } => (client.get(now, mid), reply, mid),
@@ -317,5 +495,42 @@ fn start_observing(client: &mut Client, agent: &str, now: Instant) -> Option<Tok
             warn!(agent, error = %e, "could not observe mitigations");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dots_proto::model::{ConfigSet, MinMaxCurrent};
+
+    use super::*;
+
+    #[test]
+    fn heartbeat_interval_follows_idle_or_mitigating() {
+        let set = |hb: u16| ConfigSet {
+            heartbeat_interval: MinMaxCurrent::current(hb),
+            ..ConfigSet::default()
+        };
+        let c = SignalConfig {
+            sid: None,
+            mitigating_config: Some(set(15)),
+            idle_config: Some(set(90)),
+        };
+        let i = Intervals::of(&c);
+        assert_eq!(i.pick(false), Some(Duration::from_secs(90)));
+        assert_eq!(i.pick(true), Some(Duration::from_secs(15)));
+        let only_idle = Intervals::of(&SignalConfig {
+            mitigating_config: None,
+            ..c.clone()
+        });
+        assert_eq!(only_idle.pick(true), Some(Duration::from_secs(90)));
+        let zero = Intervals::of(&SignalConfig {
+            idle_config: Some(set(0)),
+            mitigating_config: None,
+            ..c
+        });
+        assert_eq!(zero.pick(false), None, "0 is no interval");
+        assert!(is_active(Some(MitigationStatus::SuccessfullyMitigated)));
+        assert!(!is_active(Some(MitigationStatus::Withdrawn)));
+        assert!(!is_active(None));
     }
 }

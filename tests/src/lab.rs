@@ -11,7 +11,11 @@
 
 use std::{
     net::{SocketAddr, UdpSocket},
-    time::Duration,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -136,7 +140,12 @@ impl Lab {
     }
 
     pub fn start_client(&mut self) -> Result<()> {
-        let args: Vec<String> = [
+        self.start_client_with(&[])
+    }
+
+    /// Starts `dots-client listen` in the isp namespace with `extra` flags.
+    pub fn start_client_with(&mut self, extra: &[String]) -> Result<()> {
+        let mut args: Vec<String> = [
             "listen",
             "--udp",
             "203.0.113.2:4647",
@@ -152,10 +161,16 @@ impl Lab {
             &self.path("client.sock"),
             "--state-dir",
             &self.path("client-state"),
+            // The router's WAN address and the LAN prefixes; 10.9.9.0/24
+            // lies outside the agent's domain, so that the agent's own check
+            // is exercised too.
+            "--customer",
+            "cpe1=203.0.113.1,192.0.2.0/24,2001:db8:1::/48,10.9.9.0/24",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(extra.iter().cloned());
         let p = Proc::spawn_with_env(
             &self.isp,
             "dots-client",
@@ -232,7 +247,12 @@ impl Lab {
         self.agent = Some(p);
         eventually(Duration::from_secs(20), || {
             let (_, r) = self.client(&["agents"]).ok()?;
-            r.first()?.get("body")?.as_array()?.first().cloned()
+            r.first()?
+                .get("body")?
+                .as_array()?
+                .iter()
+                .find(|a| a["state"] == "connected")
+                .cloned()
         })
         .with_context(|| format!("the agent did not connect; log:\n{}", self.agent_log()))?;
         Ok(())
@@ -492,4 +512,44 @@ pub fn translated_port(cpe: &Netns, src: &str, sport: u16, dst: &str) -> Result<
         .nth(1)
         .context("no reply dport")?;
     Ok(dport.parse()?)
+}
+
+/// Sends UDP to the target at `pps` from a fixed source port until stopped.
+pub fn traffic(
+    ns: &Netns,
+    sport: u16,
+    pps: u64,
+    tag: &'static str,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
+    let sock = ns.enter(move || UdpSocket::bind(("0.0.0.0", sport)))??;
+    std::thread::spawn(move || {
+        let gap = Duration::from_micros(1_000_000 / pps);
+        let mut next = Instant::now();
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let _ = sock.send_to(format!("{tag} {i}").as_bytes(), (TARGET4, 9));
+            i += 1;
+            next += gap;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Packets per second of each traffic class at the target over `secs`.
+pub fn rates(sink: &Sink, secs: u64) -> (u64, u64) {
+    let before = (sink.total("flood"), sink.total("normal"));
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        sink.total("flood"); // keep the socket buffers drained
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = (sink.total("flood"), sink.total("normal"));
+    (
+        (after.0 - before.0) as u64 / secs,
+        (after.1 - before.1) as u64 / secs,
+    )
 }

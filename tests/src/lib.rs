@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod detector;
 pub mod lab;
 pub mod packet;
 pub mod procs;

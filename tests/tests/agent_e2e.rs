@@ -211,7 +211,7 @@ fn bad_requests_change_nothing() -> Result<()> {
     // Outside the domain: 4.00, nothing installed.
     let (code, _, body) = lab.mitigate("10.9.9.9/32", "198.51.100.10/32", &[])?;
     assert!(refused_as_outside(&code, &body), "{code} {body}");
-    // trigger-mitigation false: refused by the Call Home rules.
+    // trigger-mitigation false: the client never sends it (RFC 9066 §5.3.1).
     let bad = lab.dir.path.join("bad.json");
     std::fs::write(
         &bad,
@@ -219,7 +219,29 @@ fn bad_requests_change_nothing() -> Result<()> {
     )?;
     let (ok, r) = lab.client(&["mitigate", "--json", &bad.display().to_string()])?;
     assert!(!ok);
-    assert_eq!(r[0]["code"], "4.00 Bad Request", "{r:?}");
+    assert!(
+        r[0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("trigger-mitigation false"),
+        "{r:?}"
+    );
+    // A source outside every customer prefix: refused by the client.
+    let (ok, r) = lab.client(&[
+        "mitigate",
+        "--source",
+        "198.18.0.1/32",
+        "--target",
+        "198.51.100.10/32",
+    ])?;
+    assert!(!ok);
+    assert!(
+        r[0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no customer prefix contains 198.18.0.1/32"),
+        "{r:?}"
+    );
     let list: Value = serde_json::from_str(&lab.agent_cmd(&["mitigations", "--json"])?.1)?;
     assert_eq!(
         list.as_array().map(Vec::len),

@@ -14,12 +14,15 @@ pub(crate) enum Which {
     Dataplane,
     /// NAT correlation: request to resolved devices with 100,000 conntrack entries.
     Nat,
+    /// One dots-client against 1,000 and 10,000 simulated agents (DTLS and TLS).
+    Sessions,
 }
 
 pub(crate) fn run(which: Which) -> Result<()> {
     match which {
         Which::Dataplane => dataplane(),
         Which::Nat => nat(),
+        Which::Sessions => sessions(),
     }
 }
 
@@ -39,6 +42,22 @@ fn nat() -> Result<()> {
         "bench-nat",
         "nat.json",
         "benchmarking NAT correlation (100,000 conntrack entries; about a minute)",
+    )
+}
+
+/// `cargo xtask bench sessions`: simulated agents (real handshakes and
+/// heartbeats) against one release `dots-client`; writes
+/// `target/bench/sessions.json` and the "## Sessions" section of
+/// docs/benchmarks.md.
+fn sessions() -> Result<()> {
+    step("building the release dots-client the benchmark runs");
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "dots-client"]);
+    crate::run(&mut build)?;
+    run_bench(
+        "bench-sessions",
+        "sessions.json",
+        "benchmarking sessions (1,000 and 10,000 agents, DTLS and TLS; about 15 minutes)",
     )
 }
 

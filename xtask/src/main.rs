@@ -44,7 +44,12 @@ enum Cmd {
     /// The two-minute lab: a LAN host behind a NAT router floods a target,
     /// the ISP asks the router's dots-agent to mitigate, the flood is dropped
     /// in XDP, then withdrawn. Exits non-zero if any effect is missing.
-    Demo,
+    Demo {
+        /// No human step: FastNetMon on the ISP side detects the flood and
+        /// its notify script asks dots-client's API; its unban withdraws.
+        #[arg(long)]
+        detector: bool,
+    },
     /// Run a benchmark and write its results under docs/ and target/bench/.
     Bench {
         #[arg(value_enum)]
@@ -87,12 +92,15 @@ fn main() -> Result<()> {
             cmd.args(&args);
             run_tests(&mut cmd)
         }
-        Cmd::Demo => {
+        Cmd::Demo { detector } => {
             setup::run()?;
             build(false)?;
             step("running the demo (network namespaces; about a minute)");
             let mut cmd = cargo();
             cmd.args(["run", "--quiet", "-p", "tests", "--bin", "demo"]);
+            if detector {
+                cmd.args(["--", "--detector"]);
+            }
             run(&mut cmd)
         }
         Cmd::Bench { which } => {

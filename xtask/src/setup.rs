@@ -46,6 +46,8 @@ const PACKAGES: &[&str] = &[
     "libc6-dev-arm64-cross",
     "etcd-server",
     "fastnetmon",
+    "curl",
+    "jq",
     "man-db",
 ];
 

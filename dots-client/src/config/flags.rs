@@ -2,11 +2,12 @@
 //! a flag given replaces the file's value (`--allow` replaces the file's
 //! list); without `--config` the flags apply to [`ClientConfig::default`].
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc};
 
 use dots_daemon::{config::ConfigError, logging::LogFormat};
 
-use super::ClientConfig;
+use super::{ClientConfig, CustomerEntry};
+use crate::listener::Reloader;
 
 /// Flags of `dots-client listen`.
 #[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
@@ -44,6 +45,26 @@ pub struct ListenFlags {
     /// Log format on stderr (filter with RUST_LOG) [default: human].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Customer prefixes of an agent, AGENT=PREFIX[,PREFIX...] (repeatable;
+    /// replaces the file's [[customer]] list), e.g.
+    /// cpe1=203.0.113.1,2001:db8:1::/48.
+    #[arg(long = "customer", value_name = "AGENT=PREFIXES")]
+    pub customers: Vec<CustomerEntry>,
+    /// Serve the HTTPS API on this address (e.g. 127.0.0.1:8443), or "none".
+    #[arg(long = "api", value_name = "ADDR")]
+    pub api_listen: Option<String>,
+    /// Bearer tokens of the API, `NAME TOKEN` per line.
+    #[arg(long, value_name = "FILE")]
+    pub api_tokens: Option<PathBuf>,
+    /// Accept API client certificates from this CA as credentials.
+    #[arg(long, value_name = "FILE")]
+    pub api_client_ca: Option<PathBuf>,
+    /// Audit trail (JSON lines) [default: STATE_DIR/audit.jsonl].
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+    /// Agents connected at once, at most [default: 10000].
+    #[arg(long)]
+    pub max_agents: Option<usize>,
 }
 
 impl ListenFlags {
@@ -87,6 +108,35 @@ impl ListenFlags {
         if let Some(f) = self.log_format {
             c.log_format = f;
         }
+        if !self.customers.is_empty() {
+            c.customer = self.customers.clone();
+        }
+        if let Some(v) = &self.api_listen {
+            c.api.listen = v.clone();
+        }
+        if self.api_tokens.is_some() {
+            c.api.tokens_file.clone_from(&self.api_tokens);
+        }
+        if self.api_client_ca.is_some() {
+            c.api.client_ca.clone_from(&self.api_client_ca);
+        }
+        if self.audit_log.is_some() {
+            c.audit_log.clone_from(&self.audit_log);
+        }
+        if let Some(n) = self.max_agents {
+            c.max_agents = n;
+        }
+    }
+
+    /// How `dots-client listen` re-reads its configuration on SIGHUP or
+    /// `dots-client reload`: the file again, with the same flags on top.
+    pub fn reloader(&self) -> Reloader {
+        let flags = self.clone();
+        Reloader(Arc::new(move || {
+            let c = flags.load().map_err(|e| e.to_string())?;
+            c.validate().map_err(|e| e.to_string())?;
+            c.customers().map_err(|e| e.to_string())
+        }))
     }
 }
 
@@ -187,6 +237,40 @@ log-format = "json"
         assert_eq!(c.log_format, LogFormat::Human);
         assert_eq!(c.udp, file().udp);
         assert!(Wrapper::try_parse_from(["listen", "--log-format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn customers_api_and_limits() {
+        let c = applied(&[
+            "--customer",
+            "cpe9=203.0.113.9,2001:db8:9::/48",
+            "--api",
+            "127.0.0.1:8443",
+            "--api-tokens",
+            "/etc/t",
+            "--max-agents",
+            "5",
+            "--audit-log",
+            "/var/log/a.jsonl",
+        ]);
+        assert_eq!(
+            c.customer,
+            [CustomerEntry {
+                agent: "cpe9".into(),
+                prefixes: vec![
+                    "203.0.113.9/32".parse().unwrap(),
+                    "2001:db8:9::/48".parse().unwrap()
+                ],
+            }]
+        );
+        assert_eq!(c.api.listen, "127.0.0.1:8443");
+        assert_eq!(c.api.tokens_file, Some(PathBuf::from("/etc/t")));
+        assert_eq!(c.max_agents, 5);
+        assert_eq!(c.audit_log, Some(PathBuf::from("/var/log/a.jsonl")));
+        for bad in ["cpe9", "cpe9=nope", "cpe9=192.0.2.1,"] {
+            let e = Wrapper::try_parse_from(["listen", "--customer", bad]).unwrap_err();
+            assert!(e.to_string().contains("--customer"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -23,10 +23,76 @@ fn example_client_file_parses_and_validates() {
             ca: c.ca.clone(),
             cert: c.cert.clone(),
             key: c.key.clone(),
+            customer: vec![CustomerEntry {
+                agent: "cpe1.example".into(),
+                prefixes: vec![
+                    "203.0.113.1/32".parse().unwrap(),
+                    "2001:db8:1::/48".parse().unwrap()
+                ],
+            }],
             origin: c.origin.clone(),
             ..ClientConfig::default()
         }
     );
+    assert_eq!(o.api, None);
+    assert_eq!(o.max_agents, DEFAULT_MAX_AGENTS);
+}
+
+#[test]
+fn customers_and_api() {
+    const CF: &str = "/etc/dots-client/client.toml";
+    let base = "ca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+    let c = ClientConfig::from_str(
+        &format!(
+            "{base}[[customer]]\nagent = \"cpe1\"\nprefixes = [\"203.0.113.1\", \"192.0.2.0/24\"]\n[[customer]]\nagent = \"cpe2\"\nprefixes = [\"2001:db8:2::/48\"]\n[api]\nlisten = \"127.0.0.1:8443\"\ntokens-file = \"tokens\"\n"
+        ),
+        CF,
+    )
+    .unwrap();
+    let o = c.to_options().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(o.customers.len(), 2);
+    assert_eq!(
+        o.customers["cpe1"][0],
+        "203.0.113.1/32".parse::<ipnet::IpNet>().unwrap()
+    );
+    let api = o.api.unwrap();
+    assert_eq!(api.listen, "127.0.0.1:8443".parse().unwrap());
+    assert_eq!(api.tokens, Some(PathBuf::from("/etc/dots-client/tokens")));
+    assert_eq!(
+        api.cert,
+        PathBuf::from("/etc/dots-client/c.pem"),
+        "the client's by default"
+    );
+
+    let err = |text: &str| {
+        let e = match ClientConfig::from_str(&format!("{base}{text}"), CF) {
+            Ok(c) => c.validate().unwrap_err(),
+            Err(e) => e,
+        };
+        assert!(e.to_string().starts_with(CF), "{e}");
+        e
+    };
+    let e = err("[[customer]]\nagent = \"a\"\nprefixes = [\"192.0.2.1/24\"]\n");
+    assert_eq!(e.key(), Some("customer[0].prefixes[0]"), "{e}");
+    let e = err("[[customer]]\nagent = \"a\"\nprefixes = [\"nope\"]\n");
+    assert!(e.to_string().contains("customer"), "{e}");
+    let e = err("[[customer]]\nagent = \"\"\nprefixes = [\"192.0.2.1\"]\n");
+    assert_eq!(e.key(), Some("customer[0].agent"), "{e}");
+    let e = err("[[customer]]\nagent = \"a\"\nprefixes = []\n");
+    assert_eq!(e.key(), Some("customer[0].prefixes"), "{e}");
+    let e = err("[[customer]]\nagent = \"a\"\nprefixes = [\"192.0.2.1\"]\n[[customer]]\nagent = \"a\"\nprefixes = [\"192.0.2.2\"]\n");
+    assert_eq!(e.key(), Some("customer[1].agent"), "{e}");
+    let e = err("[[customer]]\nagent = \"a\"\nprefixes = [\"192.0.2.0/24\"]\n[[customer]]\nagent = \"b\"\nprefixes = [\"192.0.2.2\"]\n");
+    assert_eq!(e.key(), Some("customer"), "{e}");
+    assert!(e.to_string().contains("overlaps"), "{e}");
+    let e = err("[api]\nlisten = \"127.0.0.1:8443\"\n");
+    assert_eq!(e.key(), Some("api.tokens-file"), "{e}");
+    let e = err("[api]\nlisten = \"8443\"\ntokens-file = \"t\"\n");
+    assert_eq!(e.key(), Some("api.listen"), "{e}");
+    let e = err("[api]\nlisten = \"none\"\ntoken-file = \"t\"\n");
+    assert!(e.to_string().contains("token-file"), "{e}");
+    let e = err("max-agents = 0\n");
+    assert_eq!(e.key(), Some("max-agents"), "{e}");
 }
 
 #[test]

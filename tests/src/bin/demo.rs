@@ -9,11 +9,15 @@
 //! mitigation, the agent finds the device behind NAT and drops its flood,
 //! counters flow back, then the ISP withdraws and the traffic returns.
 //!
+//! With `--detector`, no human types the mitigation: FastNetMon on the ISP
+//! side detects the outgoing flood and its notify script asks dots-client's
+//! HTTPS API for the mitigation (the agent is picked by its customer
+//! prefixes); FastNetMon's unban withdraws it.
+//!
 //! Exits non-zero if any expected effect is not observed. Everything is torn
 //! down on every exit path (the lab cleans up on drop, also on Ctrl-C).
 
 use std::{
-    net::UdpSocket,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -23,53 +27,13 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use tests::lab::*;
+use tests::{detector::*, lab::*};
 
 const FLOOD_PPS: u64 = 2000;
 const NORMAL_PPS: u64 = 50;
 
 fn say(start: Instant, what: &str) {
     println!("[{:5.1}s] {what}", start.elapsed().as_secs_f64());
-}
-
-/// Sends UDP to the target at `pps` from a fixed source port until stopped.
-fn traffic(
-    ns: &tests::Netns,
-    sport: u16,
-    pps: u64,
-    tag: &'static str,
-    stop: Arc<AtomicBool>,
-) -> Result<()> {
-    let sock = ns.enter(move || UdpSocket::bind(("0.0.0.0", sport)))??;
-    std::thread::spawn(move || {
-        let gap = Duration::from_micros(1_000_000 / pps);
-        let mut next = Instant::now();
-        let mut i = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let _ = sock.send_to(format!("{tag} {i}").as_bytes(), (TARGET4, 9));
-            i += 1;
-            next += gap;
-            if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-        }
-    });
-    Ok(())
-}
-
-/// Packets per second of each traffic class at the target over `secs`.
-fn rates(sink: &Sink, secs: u64) -> (u64, u64) {
-    let before = (sink.total("flood"), sink.total("normal"));
-    let end = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < end {
-        sink.total("flood"); // keep the socket buffers drained
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let after = (sink.total("flood"), sink.total("normal"));
-    (
-        (after.0 - before.0) as u64 / secs,
-        (after.1 - before.1) as u64 / secs,
-    )
 }
 
 fn field(scope: &Value, key: &str) -> String {
@@ -86,7 +50,13 @@ fn main() {
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
     let _ = ctrlc_handler(move || flag.store(true, Ordering::Relaxed));
-    match run(&interrupted) {
+    let detector = std::env::args().any(|a| a == "--detector");
+    let result = if detector {
+        run_detector(&interrupted)
+    } else {
+        run(&interrupted)
+    };
+    match result {
         Ok(()) => println!("\ndemo: every expected effect was observed"),
         Err(e) => {
             eprintln!("\ndemo FAILED: {e:#}");
@@ -260,4 +230,104 @@ fn run(interrupted: &AtomicBool) -> Result<()> {
     }
     say(start, "tearing the lab down");
     Ok(())
+}
+
+/// The detector scenario: FastNetMon -> notify script -> API -> agent.
+fn run_detector(interrupted: &AtomicBool) -> Result<()> {
+    let start = Instant::now();
+    say(
+        start,
+        "building the lab: hosta + hostb behind a NAT router (cpe), ISP, target",
+    );
+    let mut lab = Lab::new()?;
+    masquerade(&lab.cpe)?;
+    let flags = api_flags(&lab)?;
+    lab.start_client_with(&flags)?;
+    say(
+        start,
+        &format!("ISP: dots-client listening for agents, HTTPS API on {API_ADDR}; customer cpe1 = 203.0.113.1, 192.0.2.0/24"),
+    );
+    lab.start_agent(&[])?;
+    say(start, "router: dots-agent dialled the ISP (Call Home)");
+    let fnm = FastNetMon::start(&lab, 500, 6)?;
+    say(
+        start,
+        "ISP: FastNetMon mirrors the link to the router (AF_PACKET), bans above 500 pkt/s outgoing",
+    );
+    check(interrupted)?;
+    let sink = Sink::open(&lab.target)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    traffic(&lab.hostb, 5000, NORMAL_PPS, "normal", stop.clone())?;
+    std::thread::sleep(Duration::from_millis(200));
+    traffic(&lab.hosta, 5000, FLOOD_PPS, "flood", stop.clone())?;
+    say(start, &format!("hosta (192.0.2.2) floods the target at {FLOOD_PPS} pkt/s; hostb (192.0.2.18) sends {NORMAL_PPS} pkt/s"));
+    let (flood, normal) = rates(&sink, 2);
+    say(
+        start,
+        &format!("target receives: flood {flood} pkt/s, normal {normal} pkt/s"),
+    );
+    let m = wait_detector_state(&lab, &fnm, "active", Duration::from_secs(40))?;
+    for line in fnm.notify_log().lines() {
+        say(start, &format!("FastNetMon notify: {}", after_stamp(line)));
+    }
+    say(
+        start,
+        &format!(
+            "dots-client: mitigation {} for agent {} (picked by its customer prefixes), requested by {}",
+            field(&m, "id"),
+            field(&m, "agent"),
+            field(&m, "requested-by")
+        ),
+    );
+    let mid = m["mid"].as_u64().context("mid")? as u32;
+    lab.wait_status(mid, "attack-successfully-mitigated")?;
+    let (_, view) = lab.agent_cmd(&["mitigations"])?;
+    for line in view.lines().filter(|l| l.contains("behind NAT")) {
+        say(start, &format!("agent: {}", line.trim()));
+    }
+    if !view.contains("behind NAT: 192.0.2.2") {
+        bail!("the agent did not report the device behind NAT:\n{view}");
+    }
+    check(interrupted)?;
+    let (flood, normal) = rates(&sink, 3);
+    say(
+        start,
+        &format!("target receives: flood {flood} pkt/s, normal {normal} pkt/s"),
+    );
+    if flood > FLOOD_PPS / 20 || normal < NORMAL_PPS / 2 {
+        bail!("expected the flood dropped and normal traffic flowing (flood {flood}, normal {normal})");
+    }
+    say(
+        start,
+        "FastNetMon sees the attack end at the ISP; it unbans after its ban time (6 s)",
+    );
+    let seen = fnm.notify_log().lines().count();
+    let w = wait_detector_state(&lab, &fnm, "withdrawn", Duration::from_secs(60))?;
+    for line in fnm.notify_log().lines().skip(seen) {
+        say(start, &format!("FastNetMon notify: {}", after_stamp(line)));
+    }
+    say(
+        start,
+        &format!(
+            "dots-client: {} withdrawn, final pkts-dropped {}",
+            field(&w, "id"),
+            field(&w["counters"], "pkts-dropped")
+        ),
+    );
+    let (flood, normal) = rates(&sink, 1);
+    stop.store(true, Ordering::Relaxed);
+    say(
+        start,
+        &format!("target receives: flood {flood} pkt/s, normal {normal} pkt/s (traffic restored)"),
+    );
+    if flood < FLOOD_PPS / 4 {
+        bail!("the flood did not come back after the unban ({flood} pkt/s)");
+    }
+    say(start, "tearing the lab down");
+    Ok(())
+}
+
+/// The notify log's line without its time stamp.
+fn after_stamp(line: &str) -> &str {
+    line.split_once(' ').map_or(line, |(_, rest)| rest)
 }

@@ -36,15 +36,24 @@ pub(crate) enum Command {
     /// Example:
     ///   dots-client listen --ca ca.pem --cert client.pem --key client.key
     Listen(ListenFlags),
-    /// List connected agents.
+    /// List agents, connected or registered, with their customer prefixes.
     Agents(Common),
     /// Ask an agent to mitigate: drop traffic from SOURCE (inside the agent's
-    /// network) to TARGET.
+    /// network) to TARGET. Without --agent, the agent whose customer
+    /// prefixes contain SOURCE is asked; sources outside that agent's
+    /// prefixes are refused (RFC 9066 §5.3.1). An offline agent gets the
+    /// request when it connects.
     ///
     /// Example:
-    ///   dots-client mitigate --agent cpe1 --source 192.0.2.10/32 \
-    ///     --source-port 1024-65535 --target 198.51.100.7/32 --protocol 17
+    ///   dots-client mitigate --source 203.0.113.1/32 --source-port 52727 \
+    ///     --target 198.51.100.7/32 --protocol 17
     Mitigate(MitigateArgs),
+    /// List the mitigations this client asked for (its book): state, the
+    /// agent's last status and counters.
+    Mitigations(Common),
+    /// Re-read the configuration's customer prefixes and the API tokens
+    /// (as SIGHUP does).
+    Reload(Common),
     /// Withdraw a mitigation (the agent answers with its final counters).
     Withdraw {
         #[command(flatten)]
@@ -221,6 +230,10 @@ pub(crate) struct MitigateArgs {
     /// Update this existing mitigation instead of creating a new one.
     #[arg(long)]
     pub(crate) mid: Option<u32>,
+    /// Your name for the mitigation, unique among unfinished ones (a second
+    /// request with the same label is refused).
+    #[arg(long)]
+    pub(crate) label: Option<String>,
     /// Read the request body (JSON form, as in RFC 9066 Figure 10) from FILE
     /// instead of the flags above.
     #[arg(long = "json", value_name = "FILE", conflicts_with_all = ["sources", "targets"])]

@@ -83,6 +83,7 @@ fn run(cli: Cli) -> Result<()> {
                 agent: a.common.agent.clone(),
                 scope,
                 mid: a.mid,
+                label: a.label.clone(),
             };
             ask(&a.common, req)
         }
@@ -100,6 +101,13 @@ fn run(cli: Cli) -> Result<()> {
                 mid,
             },
         ),
+        Command::Mitigations(c) => ask(
+            &c,
+            Request::Mitigations {
+                agent: c.agent.clone(),
+            },
+        ),
+        Command::Reload(c) => ask(&c, Request::Reload),
         Command::Config(c) => ask(
             &c,
             Request::Config {
@@ -189,38 +197,9 @@ fn listen(flags: &ListenFlags) -> Result<()> {
     for w in c.check()? {
         tracing::warn!("{w}");
     }
-    let opts = c.to_options()?;
-    let flags = flags.clone();
-    runtime()?.block_on(async move {
-        tokio::spawn(on_hangup(flags));
-        listener::listen(opts).await
-    })
-}
-
-/// SIGHUP: the configuration is read and checked again and the result
-/// logged; the listener keeps its sessions. Changes take effect at the
-/// next start (see docs/configuration.md).
-async fn on_hangup(flags: ListenFlags) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        return;
-    };
-    while hup.recv().await.is_some() {
-        match flags.load().map_err(anyhow::Error::from).and_then(|c| {
-            let w = c.check()?;
-            c.to_options()?;
-            Ok(w)
-        }) {
-            Ok(warnings) => {
-                for w in warnings {
-                    tracing::warn!("{w}");
-                }
-                tracing::info!("SIGHUP: the configuration is valid; dots-client applies changes when it restarts, the sessions stay up");
-            }
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "SIGHUP: the configuration is not valid; the running listener is unchanged")
-            }
-        }
-    }
+    let mut opts = c.to_options()?;
+    opts.reload = Some(flags.reloader());
+    runtime()?.block_on(listener::listen(opts))
 }
 
 /// Sends one control request and prints the replies.

@@ -1,0 +1,584 @@
+//! `cargo xtask bench sessions`: how many agents one `dots-client` holds on
+//! this machine. N simulated agents run in this process over loopback, each
+//! with its own certificate, a real (D)TLS handshake (Call Home: the agent
+//! dials), the real protocol core in the server role (`SignalServer`, monitor
+//! mode: it answers mitigation requests as an agent does, installs nothing)
+//! and real heartbeats, against one `dots-client listen` process (the
+//! release binary).
+//!
+//! Per transport and N it measures: handshakes per second (all agents
+//! dialling, 256 at a time), the client's resident memory per session, its
+//! CPU at steady heartbeats, and the latency of a mitigation through the
+//! HTTPS API until the agent's 2.01 is back (p50/p99, one request at a time,
+//! each to a different agent, all sessions up). Writes
+//! `target/bench/sessions.json` and the "## Sessions" section of
+//! docs/benchmarks.md.
+//!
+//! Loopback only; every loop is bounded in count and time.
+
+use std::{
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use dots_daemon::{
+    pki::{self, San},
+    transport::{Connection, Credentials, DialOptions, Dialer, Incoming, PeerIdentity, Transport},
+};
+use dots_proto::{
+    coap::{DatagramConfig, DatagramEndpoint, Endpoint, StreamConfig, StreamEndpoint},
+    signal::{Action, Counters, EnforcementMode, ServerConfig, SignalServer},
+};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use serde_json::{json, Value};
+use tests::procs::{bin, TempDir};
+use tokio::sync::{watch, Semaphore};
+
+const TOKEN: &str = "bench-sessions-token-0123456789";
+const LISTEN: &str = "127.0.0.1:4647";
+const API: &str = "127.0.0.1:8443";
+/// Handshakes in flight from the simulated agents.
+const DIAL_CONCURRENCY: usize = 256;
+
+struct Args {
+    json: PathBuf,
+    doc: PathBuf,
+    sizes: Vec<usize>,
+    transports: Vec<Transport>,
+    requests: usize,
+    steady: Duration,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        json: PathBuf::from("target/bench/sessions.json"),
+        doc: PathBuf::from("docs/benchmarks.md"),
+        sizes: vec![1000, 10_000],
+        transports: vec![Transport::Udp, Transport::Tcp],
+        requests: 200,
+        steady: Duration::from_secs(60),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().with_context(|| format!("{k} needs a value"));
+        match k.as_str() {
+            "--json" => a.json = v()?.into(),
+            "--doc" => a.doc = v()?.into(),
+            "--sizes" => {
+                a.sizes = v()?
+                    .split(',')
+                    .map(|s| s.parse().context("--sizes N,N"))
+                    .collect::<Result<_>>()?
+            }
+            "--transports" => {
+                a.transports = v()?
+                    .split(',')
+                    .map(|s| match s {
+                        "udp" => Ok(Transport::Udp),
+                        "tcp" => Ok(Transport::Tcp),
+                        _ => bail!("--transports udp,tcp"),
+                    })
+                    .collect::<Result<_>>()?
+            }
+            "--requests" => a.requests = v()?.parse()?,
+            "--steady" => a.steady = Duration::from_secs(v()?.parse()?),
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(a)
+}
+
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// The customer address of agent `i`: 198.18.0.0/15 (benchmarking range).
+fn customer_addr(i: usize) -> String {
+    format!("198.{}.{}.{}", 18 + i / 65536, (i / 256) % 256, i % 256)
+}
+
+fn agent_name(i: usize) -> String {
+    format!("agent{i}.bench")
+}
+
+/// One simulated agent: the server role over its connection until stopped.
+async fn run_agent(mut conn: Connection, i: usize, mut stop: watch::Receiver<bool>) {
+    let now = std::time::Instant::now();
+    let ep: Box<dyn Endpoint + Send> = match conn.transport() {
+        Transport::Udp => match DatagramEndpoint::new(DatagramConfig::default(), i as u64) {
+            Ok(e) => Box::new(e),
+            Err(_) => return,
+        },
+        Transport::Tcp => match StreamEndpoint::new(StreamConfig::default(), i as u64) {
+            Ok(e) => Box::new(e),
+            Err(_) => return,
+        },
+    };
+    let config = ServerConfig {
+        domain: vec![format!("{}/32", customer_addr(i)).parse().expect("prefix")],
+        mode: EnforcementMode::Monitor,
+        ..ServerConfig::default()
+    };
+    let Ok(mut server) = SignalServer::new(now, ep, config) else {
+        return;
+    };
+    loop {
+        let now = std::time::Instant::now();
+        while let Some(action) = server.poll_action() {
+            match action {
+                Action::QueryCounters { keys } => {
+                    for k in keys {
+                        let _ = server.counters(now, &k, Counters::default());
+                    }
+                }
+                Action::Remove { key } => {
+                    server.removed(now, &key, Counters::default());
+                }
+                Action::Close | Action::SessionLost { .. } => return,
+                _ => {}
+            }
+        }
+        while let Some(bytes) = server.poll_transmit() {
+            if conn.send(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let deadline = server
+            .poll_timeout()
+            .unwrap_or_else(|| std::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            got = conn.recv() => match got {
+                Ok(Incoming::Datagram(b)) | Ok(Incoming::Stream(b)) => {
+                    let _ = server.handle_input(std::time::Instant::now(), &b);
+                }
+                _ => return,
+            },
+            _ = tokio::time::sleep_until(deadline.into()) => server.handle_timeout(std::time::Instant::now()),
+            _ = stop.changed() => {
+                conn.close().await;
+                return;
+            }
+        }
+    }
+}
+
+/// A kept-alive HTTPS connection to the API.
+struct ApiClient {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl ApiClient {
+    async fn connect(ca: &Path) -> Result<ApiClient> {
+        let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls())?;
+        b.set_ca_file(ca)?;
+        let cfg = b.build().configure()?;
+        let ssl = cfg.into_ssl("127.0.0.1")?;
+        let tcp = tokio::net::TcpStream::connect(API).await?;
+        tcp.set_nodelay(true)?;
+        let mut stream = tokio_openssl::SslStream::new(ssl, tcp)?;
+        Pin::new(&mut stream).connect().await?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(ApiClient { sender })
+    }
+
+    async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", API)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))?;
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok((status, v))
+    }
+}
+
+/// Resident memory (kB) and CPU time (clock ticks) of a process.
+fn rss_kb(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = s.rsplit_once(')').context("stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are 12 and 13 after the comm field.
+    Ok(f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+struct Setup {
+    dir: TempDir,
+    pki: pki::LabPki,
+    agents: Vec<Credentials>,
+}
+
+/// The CA, the client's certificate and `n` agent certificates (P-256).
+fn setup(n: usize) -> Result<Setup> {
+    let dir = TempDir::new("bench-sessions")?;
+    let pki = pki::create_lab_pki(&dir.path.join("pki"), &[San::parse("127.0.0.1")], &[], 1)?;
+    let ca = pki::Identity::load(&pki.ca, &dir.path.join("pki/ca.key"))?;
+    let started = Instant::now();
+    let mut agents = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = agent_name(i);
+        let (cert, key) = pki::issue(&ca, &name, &[San::parse(&name)], 1)?
+            .write(&dir.path.join("agents"), &name)?;
+        agents.push(Credentials {
+            ca: pki.ca.clone(),
+            cert,
+            key,
+        });
+    }
+    eprintln!(
+        "issued {n} agent certificates in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Setup { dir, pki, agents })
+}
+
+/// The client configuration: every agent a customer with one address.
+fn client_config(s: &Setup, n: usize, transport: Transport, state: &Path) -> Result<PathBuf> {
+    let mut text = format!(
+        "udp = \"{}\"\ntcp = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nstate-dir = \"{}\"\ncontrol-socket = \"{}\"\nmax-agents = {}\nlog-format = \"json\"\n\n[api]\nlisten = \"{API}\"\ntokens-file = \"{}\"\n\n",
+        if transport == Transport::Udp { LISTEN } else { "none" },
+        if transport == Transport::Tcp { LISTEN } else { "none" },
+        s.pki.ca.display(),
+        s.pki.client_cert.display(),
+        s.pki.client_key.display(),
+        state.display(),
+        state.join("control.sock").display(),
+        n + 100,
+        s.dir.path.join("tokens").display(),
+    );
+    for i in 0..n {
+        text.push_str(&format!(
+            "[[customer]]\nagent = \"{}\"\nprefixes = [\"{}\"]\n",
+            agent_name(i),
+            customer_addr(i)
+        ));
+    }
+    let path = s
+        .dir
+        .path
+        .join(format!("client-{n}-{}.toml", transport.as_str()));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    transport: &'static str,
+    agents: usize,
+    connected: usize,
+    handshakes_per_s: f64,
+    rss_mb_idle: f64,
+    rss_mb_sessions: f64,
+    rss_kb_per_session: f64,
+    heartbeats_per_s: f64,
+    cpu_percent_steady: f64,
+    api_requests: usize,
+    api_p50_ms: f64,
+    api_p99_ms: f64,
+    api_max_ms: f64,
+    api_errors: usize,
+}
+
+async fn measure(s: &Setup, n: usize, transport: Transport, a: &Args) -> Result<Row> {
+    let state = s.dir.path.join(format!("state-{n}-{}", transport.as_str()));
+    let config = client_config(s, n, transport, &state)?;
+    let client = spawn_client(&config, &s.dir.path.join(format!("client-{n}.log")))?;
+    let pid = client.id();
+    wait_for(
+        &s.dir.path.join(format!("client-{n}.log")),
+        "control socket ready",
+        Duration::from_secs(120),
+    )?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_idle = rss_kb(pid)?;
+
+    // Dial: N agents, DIAL_CONCURRENCY handshakes at a time.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let gate = Arc::new(Semaphore::new(DIAL_CONCURRENCY));
+    let connected = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let listen: std::net::SocketAddr = LISTEN.parse()?;
+    for (i, creds) in s.agents.iter().take(n).enumerate() {
+        let permit = gate.clone().acquire_owned().await?;
+        let creds = creds.clone();
+        let stop = stop_rx.clone();
+        let connected = connected.clone();
+        tasks.spawn(async move {
+            let opts = DialOptions {
+                handshake_timeout: Duration::from_secs(60),
+                ..DialOptions::default()
+            };
+            let Ok(mut dialer) = Dialer::new(&creds, opts) else {
+                return;
+            };
+            let peer = PeerIdentity::parse("127.0.0.1");
+            let mut conn = None;
+            for attempt in 0..5u64 {
+                match dialer.dial(&[(listen, transport)], &peer).await {
+                    Ok(c) => {
+                        conn = Some(c);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await,
+                }
+            }
+            drop(permit);
+            let Some(conn) = conn else { return };
+            connected.fetch_add(1, Ordering::Relaxed);
+            drop(dialer);
+            run_agent(conn, i, stop).await;
+        });
+    }
+    // Wait for the last permits: every dial has finished.
+    let _all = gate.acquire_many(DIAL_CONCURRENCY as u32).await?;
+    let dial_secs = started.elapsed().as_secs_f64();
+    drop(_all);
+    let up = connected.load(Ordering::Relaxed);
+    eprintln!("{transport}: {up}/{n} agents connected in {dial_secs:.1}s");
+
+    let mut api = ApiClient::connect(&s.pki.ca).await?;
+    // The client's own count.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, agents) = api.call("GET", "/v1/agents", None).await?;
+        let n_up = agents
+            .as_array()
+            .map(|a| a.iter().filter(|x| x["state"] == "connected").count())
+            .unwrap_or(0);
+        if code == 200 && n_up >= up {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!("the client reports {n_up} connected, expected {up}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Let the post-handshake exchanges (config, observe) settle.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_sessions = rss_kb(pid)?;
+
+    // Steady state: heartbeats only.
+    let t0 = cpu_ticks(pid)?;
+    tokio::time::sleep(a.steady).await;
+    let t1 = cpu_ticks(pid)?;
+    let cpu = (t1 - t0) as f64 / ticks_per_second() / a.steady.as_secs_f64() * 100.0;
+
+    // API latency to the agent's 2.01, all sessions up.
+    let mut lat = Vec::with_capacity(a.requests);
+    let mut errors = 0;
+    let mut ids = Vec::new();
+    for k in 0..a.requests {
+        let i = (k * 7919) % up.max(1);
+        let body = json!({
+            "attacker": customer_addr(i),
+            "source-port": [40000 + k],
+            "target": ["203.0.113.99"],
+            "protocol": [17],
+            "lifetime": 300,
+        });
+        let t = Instant::now();
+        let (code, v) = api.call("POST", "/v1/mitigations", Some(body)).await?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        if code == 201 {
+            lat.push(ms);
+            if let Some(id) = v["mitigation"]["id"].as_str() {
+                ids.push(id.to_string());
+            }
+        } else {
+            errors += 1;
+            if errors < 5 {
+                eprintln!("mitigation {k}: {code} {v}");
+            }
+        }
+    }
+    for id in &ids {
+        let _ = api
+            .call("DELETE", &format!("/v1/mitigations/{id}"), None)
+            .await;
+    }
+    lat.sort_by(|x, y| x.total_cmp(y));
+
+    let _ = stop_tx.send(true);
+    let drain = tokio::time::timeout(Duration::from_secs(20), async {
+        while tasks.join_next().await.is_some() {}
+    });
+    let _ = drain.await;
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let _ = tokio::task::spawn_blocking(move || {
+        let mut client = client;
+        client.wait()
+    })
+    .await;
+
+    let hb_interval = 30.0; // the agents' default heartbeat-interval (seconds)
+    Ok(Row {
+        transport: if transport == Transport::Udp {
+            "DTLS/UDP"
+        } else {
+            "TLS/TCP"
+        },
+        agents: n,
+        connected: up,
+        handshakes_per_s: up as f64 / dial_secs,
+        rss_mb_idle: rss_idle as f64 / 1024.0,
+        rss_mb_sessions: rss_sessions as f64 / 1024.0,
+        rss_kb_per_session: (rss_sessions.saturating_sub(rss_idle)) as f64 / up.max(1) as f64,
+        // Each side sends one heartbeat per interval and answers the other's.
+        heartbeats_per_s: 2.0 * up as f64 / hb_interval,
+        cpu_percent_steady: cpu,
+        api_requests: a.requests,
+        api_p50_ms: percentile(&lat, 0.5),
+        api_p99_ms: percentile(&lat, 0.99),
+        api_max_ms: lat.last().copied().unwrap_or(f64::NAN),
+        api_errors: errors,
+    })
+}
+
+fn spawn_client(config: &Path, log: &Path) -> Result<std::process::Child> {
+    let out = std::fs::File::create(log)?;
+    let err = out.try_clone()?;
+    std::process::Command::new(bin("dots-client")?)
+        .args(["listen", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .context("starting dots-client")
+}
+
+fn wait_for(log: &Path, needle: &str, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains(needle)
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{needle:?} not in {} after {timeout:?}", log.display())
+}
+
+fn doc_section(rows: &[Row], a: &Args) -> String {
+    let mut s = String::from("## Sessions\n\n");
+    s.push_str(&format!(
+        "`cargo xtask bench sessions`: N simulated agents in one process (each its own certificate, a real (D)TLS handshake, the protocol core in the server role, heartbeats every 30 s) against one `dots-client listen` (release build) over loopback, on this 2-core machine shared with other builds (numbers are noisy: compare rows of one run). Handshakes: {DIAL_CONCURRENCY} in flight. CPU: the client process over {} s of heartbeats only. API: {} mitigations through HTTPS, one at a time, each to another agent, time until the agent's 2.01 is back in the HTTP answer.\n\n",
+        a.steady.as_secs(),
+        a.requests
+    ));
+    s.push_str("| transport | agents | connected | handshakes/s | RSS idle (MB) | RSS with sessions (MB) | per session (kB) | heartbeats/s | CPU steady (% of a core) | API p50 (ms) | API p99 (ms) | API max (ms) | API errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {} |\n",
+            r.transport, r.agents, r.connected, r.handshakes_per_s, r.rss_mb_idle, r.rss_mb_sessions,
+            r.rss_kb_per_session, r.heartbeats_per_s, r.cpu_percent_steady, r.api_p50_ms, r.api_p99_ms,
+            r.api_max_ms, r.api_errors
+        ));
+    }
+    s
+}
+
+/// Replaces (or appends) the "## Sessions" section of the benchmarks page.
+fn write_doc(path: &Path, section: &str) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let out = match text.find("## Sessions\n") {
+        Some(start) => {
+            let end = text[start + 1..]
+                .find("\n## ")
+                .map(|e| start + 1 + e + 1)
+                .unwrap_or(text.len());
+            format!("{}{}{}", &text[..start], section, &text[end..])
+        }
+        None => format!("{}\n{}", text.trim_end(), "\n".to_string() + section),
+    };
+    std::fs::write(path, out)?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let a = args()?;
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let max = a.sizes.iter().copied().max().unwrap_or(0);
+    let s = setup(max)?;
+    std::fs::write(s.dir.path.join("tokens"), format!("bench {TOKEN}\n"))?;
+    let mut rows = Vec::new();
+    for &transport in &a.transports {
+        for &n in &a.sizes {
+            let row = rt.block_on(measure(&s, n, transport, &a))?;
+            eprintln!("{}", serde_json::to_string(&row)?);
+            rows.push(row);
+        }
+    }
+    if let Some(dir) = a.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&a.json, serde_json::to_string_pretty(&rows)?)?;
+    write_doc(&a.doc, &doc_section(&rows, &a))?;
+    Ok(())
+}
