@@ -633,12 +633,8 @@ impl Service {
         for e in audits {
             self.audit(e);
         }
-        if let Some((m, state_changed)) = changed {
-            if state_changed {
-                self.book_changed();
-            } else {
-                self.book_changed();
-            }
+        if let Some((m, _)) = changed {
+            self.book_changed();
             self.publish(ServiceEvent::Mitigation { mitigation: m });
         }
     }
