@@ -322,17 +322,13 @@ fn outcome_reply(o: Outcome) -> Reply {
 /// code and diagnostic (the command fails on it), others are errors.
 fn error_reply(e: ServiceError) -> Reply {
     match e {
-        ServiceError::AgentRefused {
-            code,
-            diagnostic,
-            id,
-        } => Reply {
+        ServiceError::AgentRefused { code, body, id, .. } => Reply {
             ok: true,
             code: Some(code),
             agent: id.as_ref().map(|i| i.agent.clone()),
             mid: id.as_ref().map(|i| i.mid),
             state: Some("rejected".into()),
-            body: serde_json::json!({ "diagnostic": diagnostic }),
+            body,
             error: None,
         },
         other => Reply::error(other),

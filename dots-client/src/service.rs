@@ -101,6 +101,9 @@ pub enum ServiceError {
     AgentRefused {
         code: String,
         diagnostic: String,
+        /// The answer's body (JSON form): a diagnostic, or the
+        /// conflict-information of a 4.09 (RFC 9132 §4.4.1).
+        body: serde_json::Value,
         id: Option<MitigationId>,
     },
     /// 504: the agent did not answer.
@@ -1074,6 +1077,7 @@ impl Service {
             return Err(ServiceError::AgentRefused {
                 code,
                 diagnostic: diag,
+                body: reply.body.clone(),
                 id: Some(m.id.clone()),
             });
         }
@@ -1265,6 +1269,7 @@ impl Service {
                 }
                 Err(ServiceError::AgentRefused {
                     diagnostic: diagnostic(&reply),
+                    body: reply.body.clone(),
                     code,
                     id: Some(id.clone()),
                 })

@@ -161,11 +161,12 @@ impl Lab {
             &self.path("client.sock"),
             "--state-dir",
             &self.path("client-state"),
-            // The router's WAN address and the LAN prefixes; 10.9.9.0/24
-            // lies outside the agent's domain, so that the agent's own check
-            // is exercised too.
+            // The router's WAN network (its address may change: the
+            // address-following tests renumber it) and the LAN prefixes;
+            // 10.9.9.0/24 lies outside the agent's domain, so that the
+            // agent's own check is exercised too.
             "--customer",
-            "cpe1=203.0.113.1,192.0.2.0/24,2001:db8:1::/48,10.9.9.0/24",
+            "cpe1=203.0.113.0/24,192.0.2.0/24,2001:db8:1::/48,10.9.9.0/24",
         ]
         .iter()
         .map(|s| s.to_string())
