@@ -12,9 +12,9 @@
 //! under qemu-user-static (Debian's qemu-user-static, libc from
 //! libc6-dev-arm64-cross).
 //!
-//! Not covered: installing with dpkg and starting the units (there is no
-//! systemd in the test sandbox); the maintainer scripts are checked by
-//! lintian and `sh -n` only.
+//! dpkg installs, removes and purges the amd64 packages in a throw-away
+//! overlay of this system. Not covered: starting the units (there is no
+//! systemd in the test sandbox).
 
 use std::{
     fs,
@@ -456,6 +456,31 @@ fn amd64_packages_hold_what_an_installation_needs() -> Result<()> {
     } else {
         eprintln!("dots-client has no check-config subcommand in this build: not run");
     }
+    Ok(())
+}
+
+/// dpkg installs, removes and purges both packages in a throw-away overlay
+/// of this system (tests/scripts/dpkg-lifecycle.sh): users, directories and
+/// owners made, units enabled; removal takes the agent's XDP program out of
+/// the kernel and keeps the edited conffile; purge leaves nothing.
+#[test]
+fn amd64_packages_install_remove_and_purge() -> Result<()> {
+    let [agent_deb, client_deb] = build_packages(None, "amd64")?;
+    let work = TempDir::new("pkg-dpkg")?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/dpkg-lifecycle.sh");
+    let out = run(Command::new("unshare")
+        .args(["--mount", "--net", "--propagation", "private", "sh"])
+        .arg(&script)
+        .arg(&work.path)
+        .arg(&agent_deb)
+        .arg(&client_deb))?;
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    ensure!(
+        out.status.success() && said.contains("== lifecycle ok"),
+        "{}: {}\n{said}",
+        script.display(),
+        out.status
+    );
     Ok(())
 }
 
