@@ -58,7 +58,6 @@ fn fastnetmon_bans_and_unbans_through_the_api() -> Result<()> {
     let flags = api_flags(&lab)?;
     lab.start_client_with(&flags)?;
     lab.start_agent(&[])?;
-    let fnm = FastNetMon::start(&lab, 500, 6)?;
     let sink = Sink::open(&lab.target)?;
     let stop = Arc::new(AtomicBool::new(false));
     // Both use source port 5000, so NAT has to rename one of them.
@@ -70,6 +69,9 @@ fn fastnetmon_bans_and_unbans_through_the_api() -> Result<()> {
         flood > FLOOD_PPS / 2 && normal > NORMAL_PPS / 2,
         "before: {flood} {normal}"
     );
+    // Started only now: a detector that bans within the first second would
+    // otherwise cut the flood while the line above measures it.
+    let fnm = FastNetMon::start(&lab, 500, 6)?;
 
     // FastNetMon bans; the script asks for the mitigation.
     let m = wait_detector_state(&lab, &fnm, "active", Duration::from_secs(40))?;
