@@ -190,7 +190,7 @@ impl Mitigation {
 
 /// On-disk form.
 #[derive(Default, Serialize, Deserialize)]
-struct BookFile {
+pub struct BookFile {
     mitigations: Vec<Mitigation>,
 }
 
@@ -259,6 +259,16 @@ impl Book {
     /// Writes the file: every unfinished mitigation and the newest
     /// finished ones.
     pub fn save(&mut self) -> Result<(), StoreError> {
+        match self.to_save() {
+            Some((path, file)) => store::write(&path, &file),
+            None => Ok(()),
+        }
+    }
+
+    /// Drops the oldest finished mitigations beyond those kept, and
+    /// returns what [`save`](Self::save) writes where, so that the caller
+    /// can write it without holding the book.
+    pub fn to_save(&mut self) -> Option<(PathBuf, BookFile)> {
         let mut finished: Vec<(u64, MitigationId)> = self
             .records
             .values()
@@ -271,15 +281,13 @@ impl Book {
                 self.records.remove(&id);
             }
         }
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        store::write(
+        let path = self.path.clone()?;
+        Some((
             path,
-            &BookFile {
+            BookFile {
                 mitigations: self.records.values().cloned().collect(),
             },
-        )
+        ))
     }
 }
 

@@ -190,6 +190,7 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
     while tokio::time::Instant::now() < deadline && service.connected_count() > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    service.save();
     let _ = std::fs::remove_file(&opts.control);
     Ok(())
 }

@@ -26,7 +26,7 @@ use dots_proto::model::{
 use ipnet::IpNet;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tracing::{info, warn};
 
 use crate::{
@@ -226,6 +226,9 @@ pub struct Service {
     session_events: mpsc::UnboundedSender<SessionEvent>,
     metrics: Metrics,
     generation: AtomicU64,
+    /// Wakes the task that writes the book (off the request path: an
+    /// fsync takes milliseconds).
+    persist: Arc<Notify>,
 }
 
 fn unix_now() -> u64 {
@@ -387,6 +390,7 @@ impl Service {
             session_events: tx,
             metrics: Metrics::default(),
             generation: AtomicU64::new(0),
+            persist: Arc::new(Notify::new()),
         });
         let restored = lock(&service.book)
             .iter()
@@ -406,7 +410,37 @@ impl Service {
                 s.on_session_event(ev);
             }
         });
+        // The book's writer: one snapshot per wake-up, written in order, so
+        // the file always holds a state the book was in.
+        let weak = Arc::downgrade(&service);
+        let wake = service.persist.clone();
+        tokio::spawn(async move {
+            loop {
+                wake.notified().await;
+                let Some(s) = weak.upgrade() else { return };
+                let job = lock(&s.book).to_save();
+                drop(s);
+                let Some((path, file)) = job else { continue };
+                match tokio::task::spawn_blocking(move || crate::store::write(&path, &file)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(error = %e, "saving the mitigations"),
+                    Err(e) => warn!(error = %e, "saving the mitigations"),
+                }
+            }
+        });
         Ok(service)
+    }
+
+    /// Asks the writer to save the book.
+    fn persist(&self) {
+        self.persist.notify_one();
+    }
+
+    /// Saves the book now (on the way out).
+    pub fn save(&self) {
+        if let Err(e) = lock(&self.book).save() {
+            warn!(error = %e, "saving the mitigations");
+        }
     }
 
     pub fn cuid(&self) -> &str {
@@ -620,25 +654,21 @@ impl Service {
                 None
             } else {
                 m.updated_at = now;
-                let state_changed = m.state != before.state;
                 let snapshot = m.clone();
-                if state_changed {
-                    if let Err(e) = book.save() {
-                        warn!(error = %e, "saving the mitigations");
-                    }
+                // Counters change every notification: only state changes
+                // are written to disk.
+                if m.state != before.state {
+                    self.persist();
                 }
-                Some((snapshot, state_changed))
+                Some(snapshot)
             }
         };
         for e in audits {
             self.audit(e);
         }
-        if let Some((m, state_changed)) = changed {
-            if state_changed {
-                self.book_changed();
-            } else {
-                self.book_changed();
-            }
+        if let Some(m) = changed {
+            // States and the active mitigations' drop counters (metrics).
+            self.book_changed();
             self.publish(ServiceEvent::Mitigation { mitigation: m });
         }
     }
@@ -992,8 +1022,7 @@ impl Service {
                 sent_at: None,
             };
             book.insert(m.clone());
-            book.save()
-                .map_err(|e| ServiceError::Internal(e.to_string()))?;
+            self.persist();
             m
         };
         self.book_changed();
@@ -1125,9 +1154,7 @@ impl Service {
             }
             m.updated_at = unix_now();
             let m = m.clone();
-            if let Err(e) = book.save() {
-                warn!(error = %e, "saving the mitigations");
-            }
+            self.persist();
             m
         };
         self.book_changed();
@@ -1156,9 +1183,7 @@ impl Service {
             }
             m.updated_at = unix_now();
             let m = m.clone();
-            if let Err(e) = book.save() {
-                warn!(error = %e, "saving the mitigations");
-            }
+            self.persist();
             m
         };
         let mut e = Entry::new("final");

@@ -520,7 +520,7 @@ mod tests {
         assert_eq!(i.pick(true), Some(Duration::from_secs(15)));
         let only_idle = Intervals::of(&SignalConfig {
             mitigating_config: None,
-            ..c.clone()
+            ..c
         });
         assert_eq!(only_idle.pick(true), Some(Duration::from_secs(90)));
         let zero = Intervals::of(&SignalConfig {

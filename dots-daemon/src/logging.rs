@@ -19,10 +19,14 @@ pub fn init(format: LogFormat) {
     use std::io::IsTerminal;
     // Colours only for a person at a terminal, never in files or journals.
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    // A log write that fails (disk full, closed pipe) is dropped: the
+    // default reports it with eprintln!, which panics when stderr fails
+    // too, and would take the daemon down with it.
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+        .with_ansi(ansi)
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -183,6 +183,7 @@ async fn the_attacker_picks_the_agent_and_the_mid_increases() {
     assert_eq!(lock(&seen1).len(), 2);
     assert_eq!(lock(&seen2).len(), 1);
     // A restart: the next mid is still larger.
+    s.save(); // as the listener does on its way out
     drop(s);
     let s = f.start();
     connect(&s, "cpe1", None);
@@ -304,6 +305,7 @@ async fn offline_agents_get_their_queue_when_they_connect() {
         .unwrap();
     s.withdraw(&api(), &dropped.mitigation.id).await.unwrap();
     // A restart keeps the queue.
+    s.save(); // as the listener does on its way out
     drop(s);
     let s = f.start();
     let (_, seen) = connect(&s, "cpe2", None);
