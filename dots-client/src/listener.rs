@@ -353,6 +353,16 @@ async fn serve_control(
             return;
         }
     };
+    match &req {
+        Request::Agents => service.audit_read(&by, "agents", 200),
+        Request::Mitigations { .. } => service.audit_read(&by, "mitigations", 200),
+        Request::Watch { agent } => service.audit_read(
+            &by,
+            &format!("watch {}", agent.as_deref().unwrap_or("")),
+            200,
+        ),
+        _ => {}
+    }
     let reply = match req {
         Request::Agents => Reply {
             ok: true,

@@ -1486,6 +1486,12 @@ impl Service {
         self.audit_request(by, action, agent, None, e.status(), None, detail);
     }
 
+    /// Records a request that only reads (lists, the event stream,
+    /// metrics): who looked at what, and the answer.
+    pub fn audit_read(&self, by: &Principal, what: &str, code: u16) {
+        self.audit_request(by, "read", None, None, code, None, json!({ "what": what }));
+    }
+
     /// Records a request that went straight to an agent's session (status,
     /// config, redirect) in the trail.
     pub fn audit_passthrough(
