@@ -44,6 +44,9 @@ use crate::{
 /// with the default parameters).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(100);
 
+/// How often indefinite mitigations are checked for a refresh.
+const REFRESH_CHECK: Duration = Duration::from_secs(15);
+
 /// Settings of the service.
 #[derive(Clone, Debug, Default)]
 pub struct ServiceOptions {
@@ -428,7 +431,39 @@ impl Service {
                 }
             }
         });
+        // Refreshes of indefinite mitigations (see `Mitigation::refresh_at`).
+        let weak = Arc::downgrade(&service);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REFRESH_CHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(s) = weak.upgrade() else { return };
+                s.refresh_due().await;
+            }
+        });
         Ok(service)
+    }
+
+    /// Refreshes the indefinite mitigations whose granted lifetime is three
+    /// quarters gone, on connected agents; returns how many were sent.
+    pub async fn refresh_due(self: &Arc<Self>) -> usize {
+        let now = unix_now();
+        let due: Vec<Mitigation> = {
+            let agents = lock(&self.agents);
+            lock(&self.book)
+                .iter()
+                .filter(|m| m.refresh_at().is_some_and(|t| t <= now))
+                .filter(|m| agents.contains_key(&m.agent))
+                .cloned()
+                .collect()
+        };
+        let by = Principal::service();
+        for m in &due {
+            let result = self.send_mitigation(&by, m, "refresh").await;
+            self.audit_outcome(&by, "refresh", &result, json!({ "id": m.id }));
+        }
+        due.len()
     }
 
     /// Asks the writer to save the book.
@@ -1020,6 +1055,7 @@ impl Service {
                 created_at: now,
                 updated_at: now,
                 sent_at: None,
+                granted: None,
             };
             book.insert(m.clone());
             self.persist();
@@ -1111,6 +1147,11 @@ impl Service {
             });
         }
         for scope in answer_scopes(&reply.body) {
+            if let Some(granted) = scope.lifetime {
+                if let Some(r) = lock(&self.book).get_mut(&m.id) {
+                    r.granted = Some(granted);
+                }
+            }
             self.apply_scope(
                 &m.agent,
                 &Scope {
