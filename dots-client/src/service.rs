@@ -10,7 +10,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::SocketAddr,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -476,10 +475,6 @@ impl Service {
         if let Err(e) = lock(&self.book).save() {
             warn!(error = %e, "saving the mitigations");
         }
-    }
-
-    pub fn cuid(&self) -> &str {
-        &self.cuid
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -1552,11 +1547,6 @@ impl Service {
             reply.code.clone(),
             Value::Null,
         );
-    }
-
-    /// The listener's address of an agent, for logs.
-    pub fn agent_addr(&self, agent: &str) -> Option<SocketAddr> {
-        lock(&self.agents).get(agent).and_then(|c| c.info.addr)
     }
 }
 
