@@ -1,6 +1,7 @@
 //! The audit trail: one JSON object per line, appended to
 //! `<state-dir>/audit.jsonl` (or `audit-log`), for every request from the
-//! API, the CLI or a detector (who, what, which agent, the answer), every
+//! API, the CLI or a detector (who, what, which agent, the answer; reads
+//! are recorded as `"action": "read"` with what was read), every
 //! status change an agent reports, and the final counters of each
 //! mitigation. The file is opened in append mode and never rewritten, so
 //! it survives restarts; rotate it with logrotate's `copytruncate`.
@@ -67,7 +68,7 @@ pub struct Entry {
     pub event: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub by: Option<Principal>,
-    /// What was asked: "mitigate", "withdraw", "set-prefixes", ...
+    /// What was asked: "mitigate", "withdraw", "set-prefixes", "read", ...
     #[serde(skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

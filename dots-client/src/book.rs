@@ -174,9 +174,25 @@ pub struct Mitigation {
     /// lifetime when it has to be sent again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sent_at: Option<u64>,
+    /// The lifetime the agent granted at the last send (it may cap what was
+    /// asked, e.g. an indefinite lifetime to a day).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<i64>,
 }
 
 impl Mitigation {
+    /// When an indefinite mitigation that the agent granted only a finite
+    /// lifetime must be refreshed to go on (RFC 9132 §4.4.1: the client
+    /// refreshes a mitigation it still wants before its lifetime ends):
+    /// three quarters into the granted lifetime.
+    pub fn refresh_at(&self) -> Option<u64> {
+        if self.state != State::Active || self.lifetime != -1 {
+            return None;
+        }
+        let granted = u64::try_from(self.granted?).ok().filter(|g| *g > 0)?;
+        Some(self.sent_at? + granted * 3 / 4)
+    }
+
     /// Lifetime left at `now` (seconds; -1 stays -1); 0: expired.
     pub fn remaining_lifetime(&self, now: u64) -> i64 {
         if self.lifetime < 0 {
@@ -190,7 +206,7 @@ impl Mitigation {
 
 /// On-disk form.
 #[derive(Default, Serialize, Deserialize)]
-struct BookFile {
+pub struct BookFile {
     mitigations: Vec<Mitigation>,
 }
 
@@ -259,6 +275,16 @@ impl Book {
     /// Writes the file: every unfinished mitigation and the newest
     /// finished ones.
     pub fn save(&mut self) -> Result<(), StoreError> {
+        match self.to_save() {
+            Some((path, file)) => store::write(&path, &file),
+            None => Ok(()),
+        }
+    }
+
+    /// Drops the oldest finished mitigations beyond those kept, and
+    /// returns what [`save`](Self::save) writes where, so that the caller
+    /// can write it without holding the book.
+    pub fn to_save(&mut self) -> Option<(PathBuf, BookFile)> {
         let mut finished: Vec<(u64, MitigationId)> = self
             .records
             .values()
@@ -271,15 +297,13 @@ impl Book {
                 self.records.remove(&id);
             }
         }
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        store::write(
+        let path = self.path.clone()?;
+        Some((
             path,
-            &BookFile {
+            BookFile {
                 mitigations: self.records.values().cloned().collect(),
             },
-        )
+        ))
     }
 }
 
@@ -307,6 +331,7 @@ mod tests {
             created_at: 1000,
             updated_at: 1000,
             sent_at: None,
+            granted: None,
         }
     }
 
@@ -322,6 +347,28 @@ mod tests {
             assert!(bad.parse::<MitigationId>().is_err(), "{bad}");
         }
         assert_eq!(serde_json::to_string(&id).unwrap(), "\"17@cpe1.example\"");
+    }
+
+    #[test]
+    fn indefinite_mitigations_are_refreshed_before_the_granted_lifetime_ends() {
+        let mut m = record("a", 1, State::Active, None);
+        m.lifetime = -1;
+        m.sent_at = Some(2000);
+        assert_eq!(m.refresh_at(), None, "nothing granted yet");
+        m.granted = Some(86_400);
+        assert_eq!(m.refresh_at(), Some(2000 + 64_800));
+        m.granted = Some(-1);
+        assert_eq!(m.refresh_at(), None, "granted indefinitely");
+        m.granted = Some(100);
+        m.lifetime = 600;
+        assert_eq!(
+            m.refresh_at(),
+            None,
+            "a finite lifetime is what was asked for"
+        );
+        m.lifetime = -1;
+        m.state = State::Withdrawn;
+        assert_eq!(m.refresh_at(), None);
     }
 
     #[test]

@@ -201,6 +201,7 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
     while tokio::time::Instant::now() < deadline && service.connected_count() > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    service.save();
     let _ = std::fs::remove_file(&opts.control);
     Ok(())
 }
@@ -359,6 +360,16 @@ async fn serve_control(
             return;
         }
     };
+    match &req {
+        Request::Agents => service.audit_read(&by, "agents", 200),
+        Request::Mitigations { .. } => service.audit_read(&by, "mitigations", 200),
+        Request::Watch { agent } => service.audit_read(
+            &by,
+            &format!("watch {}", agent.as_deref().unwrap_or("")),
+            200,
+        ),
+        _ => {}
+    }
     let reply = match req {
         Request::Agents => Reply {
             ok: true,

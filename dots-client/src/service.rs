@@ -10,7 +10,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::SocketAddr,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -26,7 +25,7 @@ use dots_proto::model::{
 use ipnet::IpNet;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tracing::{info, warn};
 
 use crate::{
@@ -43,6 +42,9 @@ use crate::{
 /// it (the CoAP layer gives up earlier: RFC 7252 MAX_TRANSMIT_WAIT is 93 s
 /// with the default parameters).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(100);
+
+/// How often indefinite mitigations are checked for a refresh.
+const REFRESH_CHECK: Duration = Duration::from_secs(15);
 
 /// Settings of the service.
 #[derive(Clone, Debug, Default)]
@@ -229,6 +231,9 @@ pub struct Service {
     session_events: mpsc::UnboundedSender<SessionEvent>,
     metrics: Metrics,
     generation: AtomicU64,
+    /// Wakes the task that writes the book (off the request path: an
+    /// fsync takes milliseconds).
+    persist: Arc<Notify>,
 }
 
 fn unix_now() -> u64 {
@@ -390,6 +395,7 @@ impl Service {
             session_events: tx,
             metrics: Metrics::default(),
             generation: AtomicU64::new(0),
+            persist: Arc::new(Notify::new()),
         });
         let restored = lock(&service.book)
             .iter()
@@ -409,11 +415,69 @@ impl Service {
                 s.on_session_event(ev);
             }
         });
+        // The book's writer: one snapshot per wake-up, written in order, so
+        // the file always holds a state the book was in.
+        let weak = Arc::downgrade(&service);
+        let wake = service.persist.clone();
+        tokio::spawn(async move {
+            loop {
+                wake.notified().await;
+                let Some(s) = weak.upgrade() else { return };
+                let job = lock(&s.book).to_save();
+                drop(s);
+                let Some((path, file)) = job else { continue };
+                match tokio::task::spawn_blocking(move || crate::store::write(&path, &file)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(error = %e, "saving the mitigations"),
+                    Err(e) => warn!(error = %e, "saving the mitigations"),
+                }
+            }
+        });
+        // Refreshes of indefinite mitigations (see `Mitigation::refresh_at`).
+        let weak = Arc::downgrade(&service);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REFRESH_CHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(s) = weak.upgrade() else { return };
+                s.refresh_due().await;
+            }
+        });
         Ok(service)
     }
 
-    pub fn cuid(&self) -> &str {
-        &self.cuid
+    /// Refreshes the indefinite mitigations whose granted lifetime is three
+    /// quarters gone, on connected agents; returns how many were sent.
+    pub async fn refresh_due(self: &Arc<Self>) -> usize {
+        let now = unix_now();
+        let due: Vec<Mitigation> = {
+            let agents = lock(&self.agents);
+            lock(&self.book)
+                .iter()
+                .filter(|m| m.refresh_at().is_some_and(|t| t <= now))
+                .filter(|m| agents.contains_key(&m.agent))
+                .cloned()
+                .collect()
+        };
+        let by = Principal::service();
+        for m in &due {
+            let result = self.send_mitigation(&by, m, "refresh").await;
+            self.audit_outcome(&by, "refresh", &result, json!({ "id": m.id }));
+        }
+        due.len()
+    }
+
+    /// Asks the writer to save the book.
+    fn persist(&self) {
+        self.persist.notify_one();
+    }
+
+    /// Saves the book now (on the way out).
+    pub fn save(&self) {
+        if let Err(e) = lock(&self.book).save() {
+            warn!(error = %e, "saving the mitigations");
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -623,20 +687,20 @@ impl Service {
                 None
             } else {
                 m.updated_at = now;
-                let state_changed = m.state != before.state;
                 let snapshot = m.clone();
-                if state_changed {
-                    if let Err(e) = book.save() {
-                        warn!(error = %e, "saving the mitigations");
-                    }
+                // Counters change every notification: only state changes
+                // are written to disk.
+                if m.state != before.state {
+                    self.persist();
                 }
-                Some((snapshot, state_changed))
+                Some(snapshot)
             }
         };
         for e in audits {
             self.audit(e);
         }
-        if let Some((m, _)) = changed {
+        if let Some(m) = changed {
+            // States and the active mitigations' drop counters (metrics).
             self.book_changed();
             self.publish(ServiceEvent::Mitigation { mitigation: m });
         }
@@ -989,10 +1053,10 @@ impl Service {
                 created_at: now,
                 updated_at: now,
                 sent_at: None,
+                granted: None,
             };
             book.insert(m.clone());
-            book.save()
-                .map_err(|e| ServiceError::Internal(e.to_string()))?;
+            self.persist();
             m
         };
         self.book_changed();
@@ -1082,6 +1146,11 @@ impl Service {
             });
         }
         for scope in answer_scopes(&reply.body) {
+            if let Some(granted) = scope.lifetime {
+                if let Some(r) = lock(&self.book).get_mut(&m.id) {
+                    r.granted = Some(granted);
+                }
+            }
             self.apply_scope(
                 &m.agent,
                 &Scope {
@@ -1125,9 +1194,7 @@ impl Service {
             }
             m.updated_at = unix_now();
             let m = m.clone();
-            if let Err(e) = book.save() {
-                warn!(error = %e, "saving the mitigations");
-            }
+            self.persist();
             m
         };
         self.book_changed();
@@ -1156,9 +1223,7 @@ impl Service {
             }
             m.updated_at = unix_now();
             let m = m.clone();
-            if let Err(e) = book.save() {
-                warn!(error = %e, "saving the mitigations");
-            }
+            self.persist();
             m
         };
         let mut e = Entry::new("final");
@@ -1462,6 +1527,12 @@ impl Service {
         self.audit_request(by, action, agent, None, e.status(), None, detail);
     }
 
+    /// Records a request that only reads (lists, the event stream,
+    /// metrics): who looked at what, and the answer.
+    pub fn audit_read(&self, by: &Principal, what: &str, code: u16) {
+        self.audit_request(by, "read", None, None, code, None, json!({ "what": what }));
+    }
+
     /// Records a request that went straight to an agent's session (status,
     /// config, redirect) in the trail.
     pub fn audit_passthrough(
@@ -1481,11 +1552,6 @@ impl Service {
             reply.code.clone(),
             Value::Null,
         );
-    }
-
-    /// The listener's address of an agent, for logs.
-    pub fn agent_addr(&self, agent: &str) -> Option<SocketAddr> {
-        lock(&self.agents).get(agent).and_then(|c| c.info.addr)
     }
 }
 

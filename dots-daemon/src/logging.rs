@@ -36,7 +36,11 @@ pub fn init(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+        .with_ansi(ansi)
+        // A log write that fails (disk full, closed pipe) is dropped: the
+        // default reports it with eprintln!, which panics when stderr fails
+        // too, and would take the daemon down with it.
+        .log_internal_errors(false);
     let _ = match (format, journal) {
         (LogFormat::Human, false) => builder.try_init(),
         (LogFormat::Json, false) => builder.json().flatten_event(true).try_init(),

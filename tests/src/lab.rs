@@ -515,6 +515,22 @@ pub fn translated_port(cpe: &Netns, src: &str, sport: u16, dst: &str) -> Result<
     Ok(dport.parse()?)
 }
 
+/// The flood's and the normal traffic's packets per second in the NAT
+/// scenarios (demo, detector test).
+pub const FLOOD_PPS: u64 = 2000;
+pub const NORMAL_PPS: u64 = 50;
+
+/// hostb's normal traffic, then hosta's flood, both to the target from
+/// source port 5000 (so that NAT has to rename one of them), until the
+/// returned flag is set.
+pub fn flood_and_normal(lab: &Lab) -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    traffic(&lab.hostb, 5000, NORMAL_PPS, "normal", stop.clone())?;
+    std::thread::sleep(Duration::from_millis(200));
+    traffic(&lab.hosta, 5000, FLOOD_PPS, "flood", stop.clone())?;
+    Ok(stop)
+}
+
 /// Sends UDP to the target at `pps` from a fixed source port until stopped.
 pub fn traffic(
     ns: &Netns,

@@ -386,6 +386,12 @@ fn the_api_end_to_end() -> Result<()> {
     assert!(trail
         .iter()
         .any(|e| e["action"] == "withdraw" && e["code"] == 409));
+    assert!(
+        trail.iter().any(|e| e["action"] == "read"
+            && e["detail"]["what"] == "/v1/agents"
+            && e["by"]["name"] == "cert:portal.example"),
+        "reads are audited, with the certificate's identity"
+    );
     assert!(trail
         .iter()
         .any(|e| e["event"] == "final" && e["detail"]["id"] == id.as_str()));

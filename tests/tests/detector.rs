@@ -7,18 +7,11 @@
 //! the other host's traffic flows. When the attack has stopped (as FastNetMon
 //! sees it), the unban withdraws the mitigation and the flood passes again.
 
-use std::{
-    process::Command,
-    sync::{atomic::AtomicBool, atomic::Ordering, Arc},
-    time::Duration,
-};
+use std::{process::Command, sync::atomic::Ordering, time::Duration};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
 use tests::{detector::*, lab::*};
-
-const FLOOD_PPS: u64 = 2000;
-const NORMAL_PPS: u64 = 50;
 
 /// Runs the notify script as FastNetMon would, in the ISP namespace.
 fn notify(lab: &Lab, args: &[&str], stdin: &str) -> Result<(bool, String)> {
@@ -59,11 +52,7 @@ fn fastnetmon_bans_and_unbans_through_the_api() -> Result<()> {
     lab.start_client_with(&flags)?;
     lab.start_agent(&[])?;
     let sink = Sink::open(&lab.target)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    // Both use source port 5000, so NAT has to rename one of them.
-    traffic(&lab.hostb, 5000, NORMAL_PPS, "normal", stop.clone())?;
-    std::thread::sleep(Duration::from_millis(300));
-    traffic(&lab.hosta, 5000, FLOOD_PPS, "flood", stop.clone())?;
+    let stop = flood_and_normal(&lab)?;
     let (flood, normal) = rates(&sink, 1);
     assert!(
         flood > FLOOD_PPS / 2 && normal > NORMAL_PPS / 2,

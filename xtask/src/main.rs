@@ -4,8 +4,8 @@
 //! * `build`: build everything, including the XDP object.
 //! * `test`: setup, build, then unit and integration tests.
 //! * `demo`: the whole story in a lab of network namespaces.
-//! * `bench dataplane|nat`: the XDP classifier's per-packet cost, NAT
-//!   resolution time.
+//! * `bench dataplane|nat|sessions`: the XDP classifier's per-packet cost,
+//!   NAT resolution time, agents one dots-client holds.
 //! * `package [--target TRIPLE]`: Debian packages of both daemons.
 
 mod bench;

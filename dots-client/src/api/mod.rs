@@ -336,9 +336,17 @@ async fn authenticate(
             }
         },
     };
-    req.extensions_mut().insert(principal);
+    let read = req.method() == axum::http::Method::GET;
+    let what = req.uri().to_string();
+    req.extensions_mut().insert(principal.clone());
     let streaming = route == "/v1/events";
     let response = next.run(req).await;
+    // Changes are audited by the service with their details; reads here.
+    if read {
+        state
+            .service
+            .audit_read(&principal, &what, response.status().as_u16());
+    }
     let seconds = (!streaming).then(|| started.elapsed().as_secs_f64());
     state
         .service

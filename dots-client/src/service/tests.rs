@@ -97,6 +97,10 @@ fn connect(
                                 scopes: vec![Scope {
                                     mid: Some(mid),
                                     status: Some(MitigationStatus::InProgress),
+                                    // An agent capping indefinite requests.
+                                    lifetime: Some(
+                                        scope.lifetime.filter(|l| *l > 0).unwrap_or(100),
+                                    ),
                                     ..Scope::default()
                                 }],
                             }
@@ -183,6 +187,7 @@ async fn the_attacker_picks_the_agent_and_the_mid_increases() {
     assert_eq!(lock(&seen1).len(), 2);
     assert_eq!(lock(&seen2).len(), 1);
     // A restart: the next mid is still larger.
+    s.save(); // as the listener does on its way out
     drop(s);
     let s = f.start();
     connect(&s, "cpe1", None);
@@ -304,6 +309,7 @@ async fn offline_agents_get_their_queue_when_they_connect() {
         .unwrap();
     s.withdraw(&api(), &dropped.mitigation.id).await.unwrap();
     // A restart keeps the queue.
+    s.save(); // as the listener does on its way out
     drop(s);
     let s = f.start();
     let (_, seen) = connect(&s, "cpe2", None);
@@ -459,4 +465,32 @@ async fn the_registry_through_the_service() {
         s.agent("cpe1").unwrap().prefixes,
         [net("203.0.113.1/32"), net("192.0.2.0/24")]
     );
+}
+
+#[tokio::test]
+async fn indefinite_mitigations_are_refreshed() {
+    let f = Fixture::new("refresh");
+    let s = f.start();
+    let (_, seen) = connect(&s, "cpe1", None);
+    let mut r = request("203.0.113.1/32", None);
+    r.scope.lifetime = Some(-1);
+    let a = s.mitigate(&api(), r).await.unwrap();
+    assert_eq!(a.mitigation.granted, Some(100), "the agent's cap");
+    assert_eq!(s.refresh_due().await, 0, "not due yet");
+    let finite = s
+        .mitigate(&api(), request("192.0.2.3/32", None))
+        .await
+        .unwrap();
+    for id in [&a.mitigation.id, &finite.mitigation.id] {
+        lock(&s.book).get_mut(id).unwrap().sent_at = Some(unix_now() - 80);
+    }
+    assert_eq!(s.refresh_due().await, 1, "only the indefinite one");
+    let puts: Vec<Seen> = lock(&seen).clone();
+    assert_eq!(puts.last(), Some(&Seen::Put(a.mitigation.mid, Some(-1))));
+    let m = s.mitigation(&a.mitigation.id).unwrap();
+    assert!(m.sent_at.unwrap() >= unix_now() - 1);
+    assert!(f
+        .audit()
+        .iter()
+        .any(|e| e["action"] == "refresh" && e["by"]["via"] == "service" && e["code"] == 200));
 }

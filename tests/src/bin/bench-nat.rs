@@ -473,21 +473,7 @@ fn write_doc(a: &Args, out: &serde_json::Value) -> Result<()> {
     }
     writeln!(s)?;
     let doc = std::fs::read_to_string(&a.doc).unwrap_or_default();
-    // Replace an existing "## NAT" section (up to the next "## " heading or
-    // the end), or append one. Hand-written text under "### Analysis (NAT)"
-    // after the table is kept.
-    let new = match doc.find("\n## NAT\n") {
-        Some(start) => {
-            let body = &doc[start + 1..];
-            let keep_from = body
-                .find("\n### Analysis (NAT)")
-                .or_else(|| body[3..].find("\n## ").map(|i| i + 3))
-                .map(|i| start + 1 + i + 1);
-            let tail = keep_from.map(|i| &doc[i..]).unwrap_or("");
-            format!("{}{s}{tail}", &doc[..start + 1])
-        }
-        None => format!("{}\n{s}", doc.trim_end_matches('\n').to_string() + "\n"),
-    };
+    let new = tests::replace_doc_section(&doc, "NAT", &s);
     std::fs::write(&a.doc, new)?;
     Ok(())
 }

@@ -14,7 +14,8 @@
 //! `target/bench/sessions.json` and the "## Sessions" section of
 //! docs/benchmarks.md.
 //!
-//! Loopback only; every loop is bounded in count and time.
+//! Loopback only, in a network namespace of its own (so that nothing else
+//! on the machine is in the way); every loop is bounded in count and time.
 
 use std::{
     path::{Path, PathBuf},
@@ -95,7 +96,11 @@ fn args() -> Result<Args> {
     Ok(a)
 }
 
-fn raise_fd_limit() {
+/// Open files: every simulated agent holds a socket here, every TLS agent
+/// one in the client too. As root the hard limit is raised (the client
+/// inherits it and raises its own soft limit to it); otherwise the soft
+/// limit goes up to the hard one.
+fn raise_fd_limit(want: u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -103,8 +108,14 @@ fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            let raised = libc::rlimit {
+                rlim_cur: want.max(lim.rlim_cur),
+                rlim_max: want.max(lim.rlim_max),
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
         }
     }
 }
@@ -233,22 +244,21 @@ fn rss_kb(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = s.rsplit_once(')').context("stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are 12 and 13 after the comm field.
-    Ok(f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?)
-}
-
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
+/// CPU time (seconds) of every thread of a process, from the scheduler's
+/// nanosecond counters (clock ticks are too coarse for an idle process).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let mut ns = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = t?.path().join("schedstat");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            ns += text
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
     }
+    Ok(ns as f64 / 1e9)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -342,8 +352,8 @@ async fn measure(s: &Setup, n: usize, transport: Transport, a: &Args) -> Result<
     let client = spawn_client(&config, &s.dir.path.join(format!("client-{n}.log")))?;
     let pid = client.id();
     wait_for(
+        &state.join("control.sock"),
         &s.dir.path.join(format!("client-{n}.log")),
-        "control socket ready",
         Duration::from_secs(120),
     )?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -366,8 +376,13 @@ async fn measure(s: &Setup, n: usize, transport: Transport, a: &Args) -> Result<
                 handshake_timeout: Duration::from_secs(60),
                 ..DialOptions::default()
             };
-            let Ok(mut dialer) = Dialer::new(&creds, opts) else {
-                return;
+            let mut dialer = match Dialer::new(&creds, opts) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("agent {i}: {e}");
+                    drop(permit);
+                    return;
+                }
             };
             let peer = PeerIdentity::parse("127.0.0.1");
             let mut conn = None;
@@ -377,7 +392,12 @@ async fn measure(s: &Setup, n: usize, transport: Transport, a: &Args) -> Result<
                         conn = Some(c);
                         break;
                     }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await,
+                    Err(e) => {
+                        if attempt == 4 {
+                            eprintln!("agent {i}: {e}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await
+                    }
                 }
             }
             drop(permit);
@@ -417,10 +437,11 @@ async fn measure(s: &Setup, n: usize, transport: Transport, a: &Args) -> Result<
     let rss_sessions = rss_kb(pid)?;
 
     // Steady state: heartbeats only.
-    let t0 = cpu_ticks(pid)?;
+    let t0 = cpu_seconds(pid)?;
     tokio::time::sleep(a.steady).await;
-    let t1 = cpu_ticks(pid)?;
-    let cpu = (t1 - t0) as f64 / ticks_per_second() / a.steady.as_secs_f64() * 100.0;
+    let t1 = cpu_seconds(pid)?;
+    let cpu = (t1 - t0) / a.steady.as_secs_f64() * 100.0;
+    eprintln!("client CPU: {t0:.3}s -> {t1:.3}s");
 
     // API latency to the agent's 2.01, all sessions up.
     let mut lat = Vec::with_capacity(a.requests);
@@ -462,13 +483,7 @@ async fn measure(s: &Setup, n: usize, transport: Transport, a: &Args) -> Result<
         while tasks.join_next().await.is_some() {}
     });
     let _ = drain.await;
-    // SAFETY: plain kill(2) on our own child.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let _ = tokio::task::spawn_blocking(move || {
-        let mut client = client;
-        client.wait()
-    })
-    .await;
+    drop(client);
 
     let hb_interval = 30.0; // the agents' default heartbeat-interval (seconds)
     Ok(Row {
@@ -494,7 +509,32 @@ async fn measure(s: &Setup, n: usize, transport: Transport, a: &Args) -> Result<
     })
 }
 
-fn spawn_client(config: &Path, log: &Path) -> Result<std::process::Child> {
+/// The client process; stopped (SIGTERM, then SIGKILL) when dropped, also
+/// when a measurement fails half-way.
+struct Client(std::process::Child);
+
+impl Client {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_client(config: &Path, log: &Path) -> Result<Client> {
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
     std::process::Command::new(bin("dots-client")?)
@@ -504,21 +544,24 @@ fn spawn_client(config: &Path, log: &Path) -> Result<std::process::Child> {
         .stdout(out)
         .stderr(err)
         .spawn()
+        .map(Client)
         .context("starting dots-client")
 }
 
-fn wait_for(log: &Path, needle: &str, timeout: Duration) -> Result<()> {
+/// Waits until the client's control socket exists (it is bound last).
+fn wait_for(socket: &Path, log: &Path, timeout: Duration) -> Result<()> {
     let start = Instant::now();
     while start.elapsed() < timeout {
-        if std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .contains(needle)
-        {
+        if socket.exists() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    bail!("{needle:?} not in {} after {timeout:?}", log.display())
+    bail!(
+        "no {} after {timeout:?}; client log:\n{}",
+        socket.display(),
+        std::fs::read_to_string(log).unwrap_or_default()
+    )
 }
 
 fn doc_section(rows: &[Row], a: &Args) -> String {
@@ -528,43 +571,49 @@ fn doc_section(rows: &[Row], a: &Args) -> String {
         a.steady.as_secs(),
         a.requests
     ));
-    s.push_str("| transport | agents | connected | handshakes/s | RSS idle (MB) | RSS with sessions (MB) | per session (kB) | heartbeats/s | CPU steady (% of a core) | API p50 (ms) | API p99 (ms) | API max (ms) | API errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| transport | agents | connected | handshakes/s | RSS idle (MB) | RSS with sessions (MB) | per session (kB) | heartbeats/s (both ways, 30 s interval) | CPU steady (% of a core) | API p50 (ms) | API p99 (ms) | API max (ms) | API errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {} |\n",
+            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |\n",
             r.transport, r.agents, r.connected, r.handshakes_per_s, r.rss_mb_idle, r.rss_mb_sessions,
             r.rss_kb_per_session, r.heartbeats_per_s, r.cpu_percent_steady, r.api_p50_ms, r.api_p99_ms,
             r.api_max_ms, r.api_errors
         ));
     }
+    s.push('\n');
     s
 }
 
-/// Replaces (or appends) the "## Sessions" section of the benchmarks page.
+/// Replaces the "## Sessions" section of the benchmarks page, keeping the
+/// hand-written "### Analysis (Sessions)".
 fn write_doc(path: &Path, section: &str) -> Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let out = match text.find("## Sessions\n") {
-        Some(start) => {
-            let end = text[start + 1..]
-                .find("\n## ")
-                .map(|e| start + 1 + e + 1)
-                .unwrap_or(text.len());
-            format!("{}{}{}", &text[..start], section, &text[end..])
-        }
-        None => format!("{}\n{}", text.trim_end(), "\n".to_string() + section),
-    };
-    std::fs::write(path, out)?;
+    std::fs::write(path, tests::replace_doc_section(&text, "Sessions", section))?;
+    Ok(())
+}
+
+/// Moves this thread (and the threads and processes it starts later) into
+/// `ns`.
+fn enter(ns: &tests::Netns) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/run/netns/{}", ns.name))?;
+    // SAFETY: setns on a valid namespace fd changes only this thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns: {}", std::io::Error::last_os_error());
+    }
     Ok(())
 }
 
 fn main() -> Result<()> {
     let a = args()?;
-    raise_fd_limit();
+    let max = a.sizes.iter().copied().max().unwrap_or(0);
+    raise_fd_limit(2 * max as u64 + 4096);
+    let ns = tests::Netns::new("bench")?;
+    enter(&ns)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let max = a.sizes.iter().copied().max().unwrap_or(0);
     let s = setup(max)?;
     std::fs::write(s.dir.path.join("tokens"), format!("bench {TOKEN}\n"))?;
     let mut rows = Vec::new();

@@ -29,9 +29,6 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use tests::{detector::*, lab::*};
 
-const FLOOD_PPS: u64 = 2000;
-const NORMAL_PPS: u64 = 50;
-
 fn say(start: Instant, what: &str) {
     println!("[{:5.1}s] {what}", start.elapsed().as_secs_f64());
 }
@@ -107,21 +104,7 @@ fn run(interrupted: &AtomicBool) -> Result<()> {
     );
     check(interrupted)?;
 
-    let sink = Sink::open(&lab.target)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    // Both use source port 5000, so NAT has to rename one of them.
-    traffic(&lab.hostb, 5000, NORMAL_PPS, "normal", stop.clone())?;
-    std::thread::sleep(Duration::from_millis(200));
-    traffic(&lab.hosta, 5000, FLOOD_PPS, "flood", stop.clone())?;
-    say(start, &format!("hosta (192.0.2.2) floods the target at {FLOOD_PPS} pkt/s; hostb (192.0.2.18) sends {NORMAL_PPS} pkt/s"));
-    let (flood, normal) = rates(&sink, 3);
-    say(
-        start,
-        &format!("target receives: flood {flood} pkt/s, normal {normal} pkt/s"),
-    );
-    if flood < FLOOD_PPS / 2 || normal < NORMAL_PPS / 2 {
-        bail!("traffic did not reach the target before the mitigation (flood {flood}, normal {normal})");
-    }
+    let (sink, stop) = start_flood(&lab, start, true)?;
     check(interrupted)?;
 
     let port = translated_port(&lab.cpe, HOSTA4, 5000, TARGET4)?;
@@ -153,26 +136,9 @@ fn run(interrupted: &AtomicBool) -> Result<()> {
         bail!("the mitigation request was answered {code}");
     }
     lab.wait_status(mid, "attack-successfully-mitigated")?;
-    let (_, view) = lab.agent_cmd(&["mitigations"])?;
-    for line in view
-        .lines()
-        .filter(|l| l.contains("behind NAT") || l.contains("from "))
-    {
-        say(start, &format!("agent: {}", line.trim()));
-    }
-    if !view.contains("behind NAT: 192.0.2.2") {
-        bail!("the agent did not report the device behind NAT:\n{view}");
-    }
+    show_device(&lab, start)?;
     check(interrupted)?;
-
-    let (flood, normal) = rates(&sink, 3);
-    say(
-        start,
-        &format!("target receives: flood {flood} pkt/s, normal {normal} pkt/s"),
-    );
-    if flood > FLOOD_PPS / 20 || normal < NORMAL_PPS / 2 {
-        bail!("expected the flood dropped and normal traffic flowing (flood {flood}, normal {normal})");
-    }
+    expect_dropped(&sink, start)?;
     // The notifications the ISP side receives carry the counters.
     std::thread::sleep(Duration::from_secs(1));
     let scope = lab.scope(mid)?;
@@ -255,17 +221,7 @@ fn run_detector(interrupted: &AtomicBool) -> Result<()> {
         "ISP: FastNetMon mirrors the link to the router (AF_PACKET), bans above 500 pkt/s outgoing",
     );
     check(interrupted)?;
-    let sink = Sink::open(&lab.target)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    traffic(&lab.hostb, 5000, NORMAL_PPS, "normal", stop.clone())?;
-    std::thread::sleep(Duration::from_millis(200));
-    traffic(&lab.hosta, 5000, FLOOD_PPS, "flood", stop.clone())?;
-    say(start, &format!("hosta (192.0.2.2) floods the target at {FLOOD_PPS} pkt/s; hostb (192.0.2.18) sends {NORMAL_PPS} pkt/s"));
-    let (flood, normal) = rates(&sink, 2);
-    say(
-        start,
-        &format!("target receives: flood {flood} pkt/s, normal {normal} pkt/s"),
-    );
+    let (sink, stop) = start_flood(&lab, start, false)?;
     let m = wait_detector_state(&lab, &fnm, "active", Duration::from_secs(40))?;
     for line in fnm.notify_log().lines() {
         say(start, &format!("FastNetMon notify: {}", after_stamp(line)));
@@ -281,22 +237,9 @@ fn run_detector(interrupted: &AtomicBool) -> Result<()> {
     );
     let mid = m["mid"].as_u64().context("mid")? as u32;
     lab.wait_status(mid, "attack-successfully-mitigated")?;
-    let (_, view) = lab.agent_cmd(&["mitigations"])?;
-    for line in view.lines().filter(|l| l.contains("behind NAT")) {
-        say(start, &format!("agent: {}", line.trim()));
-    }
-    if !view.contains("behind NAT: 192.0.2.2") {
-        bail!("the agent did not report the device behind NAT:\n{view}");
-    }
+    show_device(&lab, start)?;
     check(interrupted)?;
-    let (flood, normal) = rates(&sink, 3);
-    say(
-        start,
-        &format!("target receives: flood {flood} pkt/s, normal {normal} pkt/s"),
-    );
-    if flood > FLOOD_PPS / 20 || normal < NORMAL_PPS / 2 {
-        bail!("expected the flood dropped and normal traffic flowing (flood {flood}, normal {normal})");
-    }
+    expect_dropped(&sink, start)?;
     say(
         start,
         "FastNetMon sees the attack end at the ISP; it unbans after its ban time (6 s)",
@@ -324,6 +267,54 @@ fn run_detector(interrupted: &AtomicBool) -> Result<()> {
         bail!("the flood did not come back after the unban ({flood} pkt/s)");
     }
     say(start, "tearing the lab down");
+    Ok(())
+}
+
+/// Starts the flood and the normal traffic and shows what reaches the
+/// target; with `require`, fails unless both do (a detector may already
+/// have acted within the seconds measured).
+fn start_flood(lab: &Lab, start: Instant, require: bool) -> Result<(Sink, Arc<AtomicBool>)> {
+    let sink = Sink::open(&lab.target)?;
+    let stop = flood_and_normal(lab)?;
+    say(start, &format!("hosta (192.0.2.2) floods the target at {FLOOD_PPS} pkt/s; hostb (192.0.2.18) sends {NORMAL_PPS} pkt/s"));
+    let (flood, normal) = rates(&sink, if require { 3 } else { 2 });
+    say(
+        start,
+        &format!("target receives: flood {flood} pkt/s, normal {normal} pkt/s"),
+    );
+    if require && (flood < FLOOD_PPS / 2 || normal < NORMAL_PPS / 2) {
+        stop.store(true, Ordering::Relaxed);
+        bail!("traffic did not reach the target before the mitigation (flood {flood}, normal {normal})");
+    }
+    Ok((sink, stop))
+}
+
+/// Prints what the agent found behind NAT; fails unless it is hosta.
+fn show_device(lab: &Lab, start: Instant) -> Result<()> {
+    let (_, view) = lab.agent_cmd(&["mitigations"])?;
+    for line in view
+        .lines()
+        .filter(|l| l.contains("behind NAT") || l.contains("from "))
+    {
+        say(start, &format!("agent: {}", line.trim()));
+    }
+    if !view.contains("behind NAT: 192.0.2.2") {
+        bail!("the agent did not report the device behind NAT:\n{view}");
+    }
+    Ok(())
+}
+
+/// Measures the target for 3 s: the flood must be gone, the normal
+/// traffic still there.
+fn expect_dropped(sink: &Sink, start: Instant) -> Result<()> {
+    let (flood, normal) = rates(sink, 3);
+    say(
+        start,
+        &format!("target receives: flood {flood} pkt/s, normal {normal} pkt/s"),
+    );
+    if flood > FLOOD_PPS / 20 || normal < NORMAL_PPS / 2 {
+        bail!("expected the flood dropped and normal traffic flowing (flood {flood}, normal {normal})");
+    }
     Ok(())
 }
 

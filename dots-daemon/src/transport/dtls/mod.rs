@@ -74,7 +74,6 @@ pub struct DtlsConnection {
     identity: Option<String>,
     closed: bool,
     max_message: usize,
-    buf: Vec<u8>,
     slot: Option<PeerSlot>,
 }
 
@@ -102,7 +101,6 @@ impl DtlsConnection {
             identity: None,
             closed: false,
             max_message: max_message.clamp(1, MAX_DTLS_PLAINTEXT),
-            buf: vec![0; MAX_DTLS_PLAINTEXT],
             slot: None,
         }
     }
@@ -192,6 +190,8 @@ impl DtlsConnection {
     /// [`is_closed`](Self::is_closed) is true. Records over `max_message` are
     /// dropped.
     pub fn try_recv(&mut self) -> io::Result<Option<Vec<u8>>> {
+        // On the stack, not one per connection: 16 kB times 10,000 agents.
+        let mut buf = [0u8; MAX_DTLS_PLAINTEXT];
         loop {
             if self.closed {
                 return Err(io::Error::new(
@@ -199,11 +199,11 @@ impl DtlsConnection {
                     "DTLS connection closed",
                 ));
             }
-            match self.stream.ssl_read(&mut self.buf) {
+            match self.stream.ssl_read(&mut buf) {
                 Ok(n) if n > self.max_message => {
                     tracing::warn!(peer = %self.peer, len = n, max = self.max_message, "dropping oversized datagram");
                 }
-                Ok(n) => return Ok(Some(self.buf[..n].to_vec())),
+                Ok(n) => return Ok(Some(buf[..n].to_vec())),
                 Err(e) => match e.code() {
                     ErrorCode::WANT_READ | ErrorCode::WANT_WRITE => {
                         if self.stream.get_ref().input_closed() {
