@@ -19,6 +19,7 @@
 pub mod api;
 pub mod audit;
 pub mod book;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod listener;

@@ -21,8 +21,9 @@ pub use crate::session::Command;
 use crate::{
     api::{self, Api, ApiOptions},
     audit::Principal,
+    cluster::{Cluster, ClusterOptions},
     control::{AgentInfo, Reply, Request},
-    service::{NewMitigation, Outcome, Service, ServiceError, ServiceOptions},
+    service::{NewMitigation, Outcome, Service, ServiceError, ServiceOptions, Shared},
     session::{self, SessionContext},
 };
 use dots_daemon::transport::{Connection, ListenOptions, Listener, TICKET_KEYS_LEN};
@@ -66,6 +67,8 @@ pub struct ClientOptions {
     /// How to re-read the configuration; `None`: reload only re-reads the
     /// API tokens.
     pub reload: Option<Reloader>,
+    /// The cluster this node belongs to; `None`: a node alone.
+    pub cluster: Option<ClusterOptions>,
 }
 
 fn unix_now() -> u64 {
@@ -130,12 +133,22 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
         Some(dir) => Some(ticket_keys(dir)?),
         None => None,
     };
+    let cluster = match &opts.cluster {
+        Some(c) => Some(Cluster::connect(c.clone()).await?),
+        None => None,
+    };
     let service = Service::start(ServiceOptions {
         cuid: cuid.clone(),
         state_dir: opts.state_dir.clone(),
         audit_log: opts.audit_log.clone(),
         customers: opts.customers.clone(),
+        shared: cluster
+            .clone()
+            .map(|c| Shared(c as Arc<dyn crate::service::SharedState>)),
     })?;
+    if let Some(c) = &cluster {
+        c.start(&service).await?;
+    }
     let mut listener = Listener::bind(
         opts.udp,
         opts.tcp,
@@ -172,7 +185,7 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
     loop {
         tokio::select! {
             conn = listener.accept() => match conn {
-                Ok(c) => start_session(&service, &cuid, c),
+                Ok(c) => start_session(&service, &cuid, c, cluster.clone()),
                 Err(e) => warn!(error = %e, "accept failed"),
             },
             stream = control.accept() => match stream {
@@ -202,12 +215,22 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     service.save();
+    if let Some(c) = &cluster {
+        c.leave().await;
+    }
     let _ = std::fs::remove_file(&opts.control);
     Ok(())
 }
 
-/// A new agent connection: register it and run its session.
-fn start_session(service: &Arc<Service>, cuid: &str, conn: Connection) {
+/// A new agent connection: register it and run its session. A cluster
+/// node first claims the agent; when another node holds it, or etcd is out
+/// of reach, the connection is dropped and the agent dials again.
+fn start_session(
+    service: &Arc<Service>,
+    cuid: &str,
+    mut conn: Connection,
+    cluster: Option<Arc<Cluster>>,
+) {
     let id = conn
         .peer_identity()
         .unwrap_or_else(|| conn.peer_addr().to_string());
@@ -221,23 +244,35 @@ fn start_session(service: &Arc<Service>, cuid: &str, conn: Connection) {
         ..AgentInfo::default()
     };
     info!(agent = %id, addr = ?info.addr, transport = ?info.transport, resumed = ?info.resumed, "agent connected");
-    // Small queues: one per agent, and there may be 10,000 agents.
-    let (tx, rx) = mpsc::channel(8);
-    let (notify, _) = broadcast::channel(16);
-    let generation = service.session_started(info, tx, notify.clone());
-    let ctx = SessionContext {
-        agent: id.clone(),
-        generation,
-        cuid: cuid.to_string(),
-        commands: rx,
-        notify,
-        events: service.session_events(),
-    };
     let service = service.clone();
+    let cuid = cuid.to_string();
     tokio::spawn(async move {
+        if let Some(c) = &cluster {
+            if !c.claim(&id).await {
+                conn.close().await;
+                return;
+            }
+        }
+        // Small queues: one per agent, and there may be 10,000 agents.
+        let (tx, rx) = mpsc::channel(8);
+        let (notify, _) = broadcast::channel(16);
+        let generation = service.session_started(info, tx, notify.clone());
+        let ctx = SessionContext {
+            agent: id.clone(),
+            generation,
+            cuid,
+            commands: rx,
+            notify,
+            events: service.session_events(),
+        };
         session::run(conn, ctx).await;
         info!(agent = %id, "agent session ended");
         service.session_ended(&id, generation);
+        if let Some(c) = &cluster {
+            if !service.is_connected(&id) {
+                c.release(&id).await;
+            }
+        }
     });
 }
 

@@ -10,7 +10,9 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    future::Future,
     path::PathBuf,
+    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
@@ -46,6 +48,37 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(100);
 /// How often indefinite mitigations are checked for a refresh.
 const REFRESH_CHECK: Duration = Duration::from_secs(15);
 
+/// State shared with the other nodes of a cluster (etcd): without one, the
+/// service keeps its state in the state directory alone, as it always did.
+pub trait SharedState: Send + Sync {
+    /// A mitigation changed on this node: publish it to the others.
+    fn mitigation_changed(&self, m: &Mitigation);
+    /// An agent's API prefixes were set (`Some`) or removed (`None`) here.
+    fn prefixes_changed(&self, agent: &str, prefixes: Option<&[IpNet]>);
+    /// A mid for a new request to `agent`, unique and increasing across
+    /// every node.
+    fn allocate_mid<'a>(
+        &'a self,
+        agent: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<u32, String>> + Send + 'a>>;
+    /// The node that holds the agent's session, when it is another one.
+    fn owner_elsewhere(&self, agent: &str) -> Option<String>;
+}
+
+/// The shared state of a cluster node, as [`ServiceOptions`] takes it.
+#[derive(Clone)]
+pub struct Shared(pub Arc<dyn SharedState>);
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shared")
+    }
+}
+
+/// How long a request made on one node waits for the node that holds the
+/// agent to send it and write the answer back.
+const REMOTE_ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Settings of the service.
 #[derive(Clone, Debug, Default)]
 pub struct ServiceOptions {
@@ -59,6 +92,9 @@ pub struct ServiceOptions {
     pub audit_log: Option<PathBuf>,
     /// Customer prefixes per agent, from the configuration.
     pub customers: BTreeMap<String, Vec<IpNet>>,
+    /// The cluster's shared state; `None`: this node alone. With it, the
+    /// book, the mids and the API prefixes live there, not in `state_dir`.
+    pub shared: Option<Shared>,
 }
 
 /// Why the service could not start.
@@ -234,6 +270,7 @@ pub struct Service {
     /// Wakes the task that writes the book (off the request path: an
     /// fsync takes milliseconds).
     persist: Arc<Notify>,
+    shared: Option<Shared>,
 }
 
 fn unix_now() -> u64 {
@@ -370,8 +407,15 @@ fn info(
 impl Service {
     /// Starts the service and the task that applies what sessions report.
     pub fn start(opts: ServiceOptions) -> Result<Arc<Service>, StartError> {
-        let registry = CustomerRegistry::new(opts.customers, opts.state_dir.clone())?;
-        let book = Book::load(opts.state_dir.clone())?;
+        // A cluster node keeps the book and the API prefixes in the shared
+        // state only: a local copy would come back stale after a failover.
+        let local = if opts.shared.is_some() {
+            None
+        } else {
+            opts.state_dir.clone()
+        };
+        let registry = CustomerRegistry::new(opts.customers, local.clone())?;
+        let book = Book::load(local)?;
         let mids = MidAllocator::load(opts.state_dir.clone())?;
         let audit_path = opts
             .audit_log
@@ -396,6 +440,7 @@ impl Service {
             metrics: Metrics::default(),
             generation: AtomicU64::new(0),
             persist: Arc::new(Notify::new()),
+            shared: opts.shared,
         });
         let restored = lock(&service.book)
             .iter()
@@ -497,6 +542,14 @@ impl Service {
         let _ = self.events.send(ev);
     }
 
+    /// A mitigation changed here: tell the subscribers and the cluster.
+    fn changed(&self, m: Mitigation) {
+        if let Some(s) = &self.shared {
+            s.0.mitigation_changed(&m);
+        }
+        self.publish(ServiceEvent::Mitigation { mitigation: m });
+    }
+
     fn audit(&self, entry: Entry) {
         if let Some(a) = &self.audit {
             a.append(&entry);
@@ -525,6 +578,91 @@ impl Service {
         e.coap = coap;
         e.detail = detail;
         self.audit(e);
+    }
+
+    // ---- the cluster ----
+
+    /// A request queued here for an agent that another node holds: that
+    /// node sends it and writes the answer back; wait for it, so that the
+    /// caller sees the agent's answer whichever node it asked.
+    async fn await_owner(
+        &self,
+        events: Option<broadcast::Receiver<ServiceEvent>>,
+        result: Result<Outcome, ServiceError>,
+    ) -> Result<Outcome, ServiceError> {
+        let (Some(mut events), Ok(o), Some(shared)) = (events, &result, &self.shared) else {
+            return result;
+        };
+        if !o.queued || shared.0.owner_elsewhere(&o.mitigation.agent).is_none() {
+            return result;
+        }
+        let id = o.mitigation.id.clone();
+        let waiting = o.mitigation.state;
+        let deadline = tokio::time::Instant::now() + REMOTE_ANSWER_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Ok(ServiceEvent::Mitigation { mitigation: m }))
+                    if m.id == id && m.state != waiting =>
+                {
+                    return Ok(Outcome {
+                        queued: false,
+                        coap: m.last_code.clone(),
+                        mitigation: m,
+                        answer: Value::Null,
+                    });
+                }
+                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+                // Not answered in time: it stays queued for the owner.
+                Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => return result,
+            }
+        }
+    }
+
+    /// A mitigation as another node wrote it. `act`: this node holds the
+    /// agent's session, so a request waiting in it is sent now.
+    pub fn apply_remote(self: &Arc<Self>, m: Mitigation) {
+        let id = m.id.clone();
+        let state = m.state;
+        if lock(&self.book).get(&id) == Some(&m) {
+            return;
+        }
+        lock(&self.book).insert(m.clone());
+        self.book_changed();
+        let act = matches!(state, State::Queued | State::WithdrawQueued)
+            && lock(&self.agents).contains_key(&m.agent);
+        self.publish(ServiceEvent::Mitigation { mitigation: m });
+        if act {
+            let s = self.clone();
+            tokio::spawn(async move { s.flush(vec![id]).await });
+        }
+    }
+
+    /// An agent's API prefixes as another node set (`Some`) or removed
+    /// (`None`) them.
+    pub fn apply_remote_prefixes(&self, agent: &str, prefixes: Option<Vec<IpNet>>) {
+        let mut registry = lock(&self.registry);
+        let r = match prefixes {
+            Some(p) => registry.set(agent, p).map(|_| ()),
+            None => registry.remove(agent).map(|_| ()),
+        };
+        if let Err(e) = r {
+            warn!(%agent, error = %e, "prefixes set on another node do not fit here");
+        }
+    }
+
+    /// Whether this node holds a session of `agent`.
+    pub fn is_connected(&self, agent: &str) -> bool {
+        lock(&self.agents).contains_key(agent)
+    }
+
+    /// Ends the agent's session here (this node no longer owns it).
+    pub fn close_session(&self, agent: &str) {
+        let commands = lock(&self.agents).get(agent).map(|c| c.commands.clone());
+        if let Some(c) = commands {
+            tokio::spawn(async move {
+                let _ = c.send(Command::Close).await;
+            });
+        }
     }
 
     // ---- sessions ----
@@ -565,8 +703,21 @@ impl Service {
         if let Some(view) = self.agent(&id) {
             self.publish(ServiceEvent::Agent { agent: view });
         }
-        let queued =
-            lock(&self.book).of_agent(&id, &[State::Queued, State::Pending, State::WithdrawQueued]);
+        // A cluster node may take the agent over from a node that died:
+        // the active mitigations are sent again with their mids (the agent
+        // answers 2.04 for those it holds), which confirms them and sets
+        // this node's observation of them.
+        let states: &[State] = if self.shared.is_some() {
+            &[
+                State::Queued,
+                State::Pending,
+                State::WithdrawQueued,
+                State::Active,
+            ]
+        } else {
+            &[State::Queued, State::Pending, State::WithdrawQueued]
+        };
+        let queued = lock(&self.book).of_agent(&id, states);
         if !queued.is_empty() {
             let s = self.clone();
             tokio::spawn(async move { s.flush(queued).await });
@@ -702,7 +853,7 @@ impl Service {
         if let Some(m) = changed {
             // States and the active mitigations' drop counters (metrics).
             self.book_changed();
-            self.publish(ServiceEvent::Mitigation { mitigation: m });
+            self.changed(m);
         }
     }
 
@@ -906,7 +1057,9 @@ impl Service {
             "label": req.label,
             "request": MitigationScope { scopes: vec![req.scope.clone()] }.to_json().ok(),
         });
+        let events = self.shared.as_ref().map(|_| self.subscribe());
         let result = self.mitigate_checked(by, req).await;
+        let result = self.await_owner(events, result).await;
         self.audit_outcome(by, "mitigate", &result, detail);
         result
     }
@@ -1001,6 +1154,16 @@ impl Service {
             }
         }
         let agent = self.resolve_agent(req.agent.as_deref(), &req.scope.source_prefix)?;
+        // A cluster's mids come from the shared counter of the agent (a mid
+        // lost to a refused request below is only a gap).
+        let shared_mid = match &self.shared {
+            Some(s) => Some(
+                s.0.allocate_mid(&agent)
+                    .await
+                    .map_err(|e| ServiceError::Internal(format!("allocating a mid: {e}")))?,
+            ),
+            None => None,
+        };
         let now = unix_now();
         // Lock order: agents before book, never the other way round.
         let connected = lock(&self.agents).contains_key(&agent);
@@ -1018,9 +1181,12 @@ impl Service {
                     });
                 }
             }
-            let mid = lock(&self.mids)
-                .allocate(&agent)
-                .map_err(|e| ServiceError::Internal(e.to_string()))?;
+            let mid = match shared_mid {
+                Some(m) => m,
+                None => lock(&self.mids)
+                    .allocate(&agent)
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?,
+            };
             let scope = Scope {
                 lifetime: req.scope.lifetime.or(Some(3600)),
                 ..req.scope.clone()
@@ -1060,9 +1226,7 @@ impl Service {
             m
         };
         self.book_changed();
-        self.publish(ServiceEvent::Mitigation {
-            mitigation: record.clone(),
-        });
+        self.changed(record.clone());
         if record.state == State::Queued {
             info!(id = %record.id, "agent offline: mitigation queued");
             return Ok(Outcome {
@@ -1198,9 +1362,7 @@ impl Service {
             m
         };
         self.book_changed();
-        self.publish(ServiceEvent::Mitigation {
-            mitigation: m.clone(),
-        });
+        self.changed(m.clone());
         Some(m)
     }
 
@@ -1232,9 +1394,7 @@ impl Service {
         e.detail = json!({"id": m.id, "state": m.state, "reason": reason, "counters": m.counters});
         self.audit(e);
         self.book_changed();
-        self.publish(ServiceEvent::Mitigation {
-            mitigation: m.clone(),
-        });
+        self.changed(m.clone());
         Some(m)
     }
 
@@ -1246,7 +1406,9 @@ impl Service {
         by: &Principal,
         id: &MitigationId,
     ) -> Result<Outcome, ServiceError> {
+        let events = self.shared.as_ref().map(|_| self.subscribe());
         let result = self.withdraw_checked(id).await;
+        let result = self.await_owner(events, result).await;
         self.audit_outcome(by, "withdraw", &result, json!({"id": id}));
         result
     }
@@ -1350,7 +1512,9 @@ impl Service {
         scope: Scope,
     ) -> Result<Outcome, ServiceError> {
         let detail = json!({"id": id, "request": MitigationScope { scopes: vec![scope.clone()] }.to_json().ok()});
+        let events = self.shared.as_ref().map(|_| self.subscribe());
         let result = self.update_checked(by, id, scope).await;
+        let result = self.await_owner(events, result).await;
         self.audit_outcome(by, "update", &result, detail);
         result
     }
@@ -1465,6 +1629,9 @@ impl Service {
             json!({"prefixes": prefixes, "error": r.as_ref().err().map(|e| e.to_string())}),
         );
         r?;
+        if let Some(s) = &self.shared {
+            s.0.prefixes_changed(agent, Some(&prefixes));
+        }
         self.agent(agent)
             .ok_or_else(|| ServiceError::Internal("agent vanished".into()))
     }
@@ -1472,7 +1639,12 @@ impl Service {
     /// Drops an agent's API prefixes (the file's apply again).
     pub fn remove_prefixes(&self, by: &Principal, agent: &str) -> Result<(), ServiceError> {
         let r = match lock(&self.registry).remove(agent) {
-            Ok(true) => Ok(()),
+            Ok(true) => {
+                if let Some(s) = &self.shared {
+                    s.0.prefixes_changed(agent, None);
+                }
+                Ok(())
+            }
             Ok(false) => Err(ServiceError::NotFound(format!(
                 "agent {agent} has no prefixes set through the API"
             ))),

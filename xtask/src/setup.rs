@@ -45,6 +45,7 @@ const PACKAGES: &[&str] = &[
     "gcc-aarch64-linux-gnu",
     "libc6-dev-arm64-cross",
     "etcd-server",
+    "protobuf-compiler",
     "fastnetmon",
     "curl",
     "jq",

@@ -65,6 +65,19 @@ pub struct ListenFlags {
     /// Agents connected at once, at most [default: 10000].
     #[arg(long)]
     pub max_agents: Option<usize>,
+    /// etcd endpoint of the cluster this node joins, HOST:PORT (repeatable;
+    /// replaces the file's [cluster] etcd list).
+    #[arg(long = "etcd", value_name = "ENDPOINT")]
+    pub etcd: Vec<String>,
+    /// This node's name in the cluster [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// The cluster's name, shared by its nodes [default: default].
+    #[arg(long, value_name = "NAME")]
+    pub cluster_name: Option<String>,
+    /// Seconds a node keeps its agents without reaching etcd [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    pub lease_ttl: Option<u64>,
 }
 
 impl ListenFlags {
@@ -125,6 +138,18 @@ impl ListenFlags {
         }
         if let Some(n) = self.max_agents {
             c.max_agents = n;
+        }
+        if !self.etcd.is_empty() {
+            c.cluster.etcd = self.etcd.clone();
+        }
+        if self.node_name.is_some() {
+            c.cluster.node.clone_from(&self.node_name);
+        }
+        if let Some(n) = &self.cluster_name {
+            c.cluster.name = n.clone();
+        }
+        if let Some(t) = self.lease_ttl {
+            c.cluster.lease_ttl = t;
         }
     }
 

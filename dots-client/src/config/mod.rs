@@ -26,10 +26,12 @@ use crate::{
     registry::CustomerRegistry,
 };
 
+mod cluster;
 mod flags;
 #[cfg(test)]
 mod tests;
 
+pub use cluster::ClusterConfig;
 pub use flags::ListenFlags;
 
 /// Default `state-dir` of `dots-client listen`.
@@ -132,6 +134,8 @@ pub struct ClientConfig {
     pub max_agents: usize,
     /// (D)TLS handshakes in progress at once, at most.
     pub max_handshakes: usize,
+    /// The etcd cluster shared with other nodes (`[cluster]`).
+    pub cluster: ClusterConfig,
     /// The file this came from; not a key.
     #[serde(skip)]
     pub origin: PathBuf,
@@ -154,6 +158,7 @@ impl Default for ClientConfig {
             audit_log: None,
             max_agents: DEFAULT_MAX_AGENTS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            cluster: ClusterConfig::default(),
             origin: PathBuf::from(COMMAND_LINE),
         }
     }
@@ -261,6 +266,7 @@ impl ClientConfig {
         }
         self.customers()?;
         self.api_options()?;
+        self.cluster.options(&self.origin)?;
         Ok(())
     }
 
@@ -386,6 +392,7 @@ impl ClientConfig {
             max_agents: self.max_agents,
             max_handshakes: self.max_handshakes,
             reload: None,
+            cluster: self.cluster.options(&self.origin)?,
         })
     }
 

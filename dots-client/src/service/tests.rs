@@ -34,6 +34,7 @@ impl Fixture {
             state_dir: Some(self.dir.clone()),
             audit_log: None,
             customers,
+            shared: None,
         })
         .unwrap()
     }
