@@ -33,7 +33,7 @@ use etcd_client::{
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -105,6 +105,8 @@ pub struct Cluster {
     owned: Mutex<HashSet<String>>,
     /// Mod revision of each mitigation key, as last read or written.
     revisions: Mutex<HashMap<String, i64>>,
+    /// Wakes the claims waiting for an agent's owner to go.
+    owners_freed: Notify,
     writes: mpsc::UnboundedSender<Write>,
     writes_rx: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
     service: OnceLock<Weak<Service>>,
@@ -192,6 +194,7 @@ impl Cluster {
             owners: Mutex::default(),
             owned: Mutex::default(),
             revisions: Mutex::default(),
+            owners_freed: Notify::new(),
             writes: tx,
             writes_rx: Mutex::new(Some(rx)),
             service: OnceLock::new(),
@@ -327,9 +330,14 @@ impl Cluster {
             Key::Owner(agent) => {
                 let owner = (!deleted).then(|| String::from_utf8_lossy(kv.value()).into_owned());
                 match &owner {
-                    Some(o) => lock(&self.owners).insert(agent.clone(), o.clone()),
-                    None => lock(&self.owners).remove(&agent),
-                };
+                    Some(o) => {
+                        lock(&self.owners).insert(agent.clone(), o.clone());
+                    }
+                    None => {
+                        lock(&self.owners).remove(&agent);
+                        self.owners_freed.notify_waiters();
+                    }
+                }
                 // Lost it (lease revoked, key removed by hand): stop
                 // speaking for the agent at once.
                 if owner.as_deref() != Some(self.opts.node.as_str())
@@ -372,12 +380,36 @@ impl Cluster {
     }
 
     /// Claims the agent for this node before its session starts: true when
-    /// the node owns it now; false when another node does, or etcd cannot
-    /// tell (then the session is refused and the agent dials again).
+    /// the node owns it now. While another node holds it (a node that died
+    /// holds it until its lease expires), waits up to the lease's time to
+    /// live for it to be freed; false then, or when etcd is out of reach
+    /// (the session is refused and the agent dials again).
     pub async fn claim(&self, agent: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(self.opts.lease_ttl + 2);
+        loop {
+            // Registered before the attempt: a release in between wakes it.
+            let freed = self.owners_freed.notified();
+            match self.try_claim(agent).await {
+                Some(won) if won => return true,
+                Some(_) if Instant::now() < deadline => {}
+                _ => {
+                    let owner = lock(&self.owners).get(agent).cloned();
+                    info!(%agent, owner = ?owner, "another node holds the agent: refusing this session");
+                    return false;
+                }
+            }
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1));
+            let _ = tokio::time::timeout(wait, freed).await;
+        }
+    }
+
+    /// One attempt: `Some(won)`, or `None` when etcd cannot tell.
+    async fn try_claim(&self, agent: &str) -> Option<bool> {
         if !self.acting() {
             warn!(%agent, "not in touch with etcd: refusing the agent");
-            return false;
+            return None;
         }
         let lease = self.lease.load(Ordering::SeqCst);
         let key = self.owner_key(agent);
@@ -411,16 +443,14 @@ impl Cluster {
                 });
                 if r.succeeded() || nested_ok {
                     lock(&self.owned).insert(agent.to_string());
-                    true
+                    Some(true)
                 } else {
-                    let owner = lock(&self.owners).get(agent).cloned();
-                    info!(%agent, owner = ?owner, "another node holds the agent: refusing this session");
-                    false
+                    Some(false)
                 }
             }
             Err(e) => {
                 warn!(%agent, error = %e, "claiming the agent in etcd: refusing its session");
-                false
+                None
             }
         }
     }

@@ -149,20 +149,24 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
     if let Some(c) = &cluster {
         c.start(&service).await?;
     }
-    let mut listener = Listener::bind(
-        opts.udp,
-        opts.tcp,
-        &opts.credentials,
-        ListenOptions {
-            allow: opts.allow.clone(),
-            ticket_keys,
-            max_connections: opts.max_agents,
-            max_handshakes: opts.max_handshakes,
-            ..Default::default()
-        },
-    )
-    .await?;
-    info!(udp = ?listener.local_udp_addr(), tcp = ?listener.local_tcp_addr(), %cuid, "listening for agents");
+    let listen_options = ListenOptions {
+        allow: opts.allow.clone(),
+        ticket_keys,
+        max_connections: opts.max_agents,
+        max_handshakes: opts.max_handshakes,
+        ..Default::default()
+    };
+    let bind = || {
+        Listener::bind(
+            opts.udp,
+            opts.tcp,
+            &opts.credentials,
+            listen_options.clone(),
+        )
+    };
+    let first = bind().await?;
+    info!(udp = ?first.local_udp_addr(), tcp = ?first.local_tcp_addr(), %cuid, "listening for agents");
+    let mut listener = Some(first);
     let api = match &opts.api {
         Some(a) => Some(Arc::new(api::serve(a.clone(), service.clone()).await?)),
         None => None,
@@ -183,11 +187,29 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
     dots_daemon::notify::spawn_watchdog(notifier.clone());
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     loop {
+        // A cluster node out of touch with etcd cannot own agents: it stops
+        // listening, so that agents dialling it are refused at once and
+        // dial the next node of their list.
+        if let Some(c) = &cluster {
+            if !c.acting() && listener.is_some() {
+                warn!("out of touch with etcd: not listening for agents until back");
+                listener = None;
+            } else if c.acting() && listener.is_none() {
+                match bind().await {
+                    Ok(l) => {
+                        info!("in touch with etcd again: listening for agents");
+                        listener = Some(l);
+                    }
+                    Err(e) => warn!(error = %e, "listening for agents again"),
+                }
+            }
+        }
         tokio::select! {
-            conn = listener.accept() => match conn {
+            conn = accept_on(&mut listener) => match conn {
                 Ok(c) => start_session(&service, &cuid, c, cluster.clone()),
                 Err(e) => warn!(error = %e, "accept failed"),
             },
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)), if cluster.is_some() => {}
             stream = control.accept() => match stream {
                 Ok((s, _)) => {
                     tokio::spawn(serve_control(s, service.clone(), opts.reload.clone(), api.clone()));
@@ -220,6 +242,16 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
     }
     let _ = std::fs::remove_file(&opts.control);
     Ok(())
+}
+
+/// The next agent of `listener`; never, while not listening.
+async fn accept_on(
+    listener: &mut Option<Listener>,
+) -> Result<Connection, dots_daemon::transport::TransportError> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A new agent connection: register it and run its session. A cluster

@@ -601,8 +601,15 @@ impl Service {
         let deadline = tokio::time::Instant::now() + REMOTE_ANSWER_TIMEOUT;
         loop {
             match tokio::time::timeout_at(deadline, events.recv()).await {
+                // The owner's answer: sent (its time and code recorded
+                // together), or over.
                 Ok(Ok(ServiceEvent::Mitigation { mitigation: m }))
-                    if m.id == id && m.state != waiting =>
+                    if m.id == id
+                        && (m.state.is_final()
+                            || (waiting == State::Queued
+                                && m.state != waiting
+                                && m.sent_at.is_some()
+                                && m.last_code.is_some())) =>
                 {
                     return Ok(Outcome {
                         queued: false,
