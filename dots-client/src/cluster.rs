@@ -21,7 +21,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicBool, AtomicI64, Ordering},
         Arc, Mutex, MutexGuard, OnceLock, Weak,
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -99,6 +99,11 @@ pub struct Cluster {
     /// Until when this node may act for its agents: the lease is alive at
     /// least until then.
     valid_until: Mutex<Option<Instant>>,
+    /// The lease lapsed here (the node let its agents go): a new one is
+    /// needed before acting again.
+    lapsed: AtomicBool,
+    /// The node is stopping: no new lease.
+    leaving: AtomicBool,
     /// Every agent's owner, as the watch reports it.
     owners: Mutex<HashMap<String, String>>,
     /// Agents whose owner key this node created.
@@ -191,6 +196,8 @@ impl Cluster {
             client,
             lease: AtomicI64::new(0),
             valid_until: Mutex::new(None),
+            lapsed: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
             owners: Mutex::default(),
             owned: Mutex::default(),
             revisions: Mutex::default(),
@@ -239,7 +246,8 @@ impl Cluster {
 
     /// Whether the lease is certainly alive now: the node may act.
     pub fn acting(&self) -> bool {
-        lock(&self.valid_until).is_some_and(|t| Instant::now() < t)
+        !self.lapsed.load(Ordering::SeqCst)
+            && lock(&self.valid_until).is_some_and(|t| Instant::now() < t)
     }
 
     /// Takes the node's lease, loads the shared state into `service`, and
@@ -478,6 +486,7 @@ impl Cluster {
     /// Leaves the cluster (the node stops): revoking the lease frees its
     /// agents for the other nodes at once.
     pub async fn leave(&self) {
+        self.leaving.store(true, Ordering::SeqCst);
         *lock(&self.valid_until) = None;
         let lease = self.lease.swap(0, Ordering::SeqCst);
         let mut c = self.client.clone();
@@ -649,14 +658,26 @@ impl SharedState for Cluster {
     }
 }
 
-/// Keeps the lease alive; when it lapsed, takes a new one.
+/// Keeps the lease alive; once it lapsed here, takes a new one (never the
+/// old one again: its owner keys name agents whose sessions were closed).
 async fn keep_lease(c: Arc<Cluster>) {
     let pause = Duration::from_millis(c.opts.lease_ttl.max(1) * 1000 / 4);
-    loop {
+    let retry = pause.min(Duration::from_millis(500));
+    while !c.leaving.load(Ordering::SeqCst) {
+        if c.lapsed.load(Ordering::SeqCst) {
+            c.renew().await;
+            if c.lapsed.load(Ordering::SeqCst) {
+                tokio::time::sleep(retry).await;
+                continue;
+            }
+        }
         let lease = c.lease.load(Ordering::SeqCst);
         let mut client = c.client.clone();
         match client.lease_keep_alive(lease).await {
             Ok((mut keeper, mut stream)) => loop {
+                if c.lapsed.load(Ordering::SeqCst) || c.leaving.load(Ordering::SeqCst) {
+                    break;
+                }
                 let sent = Instant::now();
                 let answer = async {
                     keeper.keep_alive().await?;
@@ -685,19 +706,15 @@ async fn keep_lease(c: Arc<Cluster>) {
             },
             Err(e) => debug!(error = %e, "lease keep-alive stream"),
         }
-        tokio::time::sleep(pause.min(Duration::from_millis(500))).await;
-        c.renew_if_lapsed().await;
+        tokio::time::sleep(retry).await;
     }
 }
 
 impl Cluster {
-    /// After the lease lapsed here: let go of every agent, drop the old
-    /// lease (its owner keys with it) and take a new one.
-    async fn renew_if_lapsed(&self) {
-        if self.acting() {
-            return;
-        }
-        self.let_go("out of touch with etcd for the lease's time to live");
+    /// After the lease lapsed here: drop it (its owner keys with it, so
+    /// the agents whose sessions this node closed are free) and take a new
+    /// one.
+    async fn renew(&self) {
         let old = self.lease.load(Ordering::SeqCst);
         let mut client = self.client.clone();
         // Fails when etcd expired it already; when etcd is out of reach,
@@ -706,7 +723,10 @@ impl Cluster {
             debug!(error = %e, "revoking the lapsed lease");
         }
         match self.take_lease().await {
-            Ok(()) => info!(node = %self.opts.node, "back in the cluster with a new lease"),
+            Ok(()) => {
+                self.lapsed.store(false, Ordering::SeqCst);
+                info!(node = %self.opts.node, "back in the cluster with a new lease");
+            }
             Err(e) => debug!(error = %e, "taking a new lease"),
         }
     }
@@ -716,9 +736,10 @@ impl Cluster {
 /// lapsed, keep-alive answers or not.
 async fn guard(c: Arc<Cluster>) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
-    loop {
+    while !c.leaving.load(Ordering::SeqCst) {
         tick.tick().await;
-        if !c.acting() {
+        if !c.lapsed.load(Ordering::SeqCst) && !c.acting() {
+            c.lapsed.store(true, Ordering::SeqCst);
             c.let_go("out of touch with etcd for the lease's time to live");
         }
     }

@@ -293,7 +293,7 @@ naptr-record=signal.example.org,100,10,s,DOTS-CALL-HOME:signal.tcp,,_dots-call-h
         {
             if let Some(p) = p {
                 let text = p.log_text();
-                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                let tail: Vec<&str> = text.lines().rev().take(120).collect();
                 out.push_str(&format!("---- {name} {} (tail) ----\n", p.name));
                 for l in tail.into_iter().rev() {
                     out.push_str(l);
