@@ -57,6 +57,38 @@ pub struct ClusterOptions {
     pub node: String,
     /// Seconds a node keeps its agents after its last keep-alive.
     pub lease_ttl: u64,
+    /// What redirects to this node name (`alt-ch-client`); `None`: no
+    /// agent can be redirected here.
+    pub advertise: Option<String>,
+    /// Where agents reach it (`alt-ch-client-record`).
+    pub advertise_addresses: Vec<std::net::IpAddr>,
+}
+
+/// A node as its key shows it to the others.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its name in redirects (`alt-ch-client`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Where agents reach it (`alt-ch-client-record`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<std::net::IpAddr>,
+    /// Agents it holds.
+    pub agents: usize,
+    /// It takes no new agents (`dots-client drain`).
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// What `dots-client drain` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainReport {
+    /// Agents redirected, per node.
+    pub redirected: BTreeMap<String, usize>,
+    /// Agents that refused or did not answer, with the reason.
+    pub failed: BTreeMap<String, String>,
+    /// The node now takes no new agents.
+    pub draining: bool,
 }
 
 /// Why the node could not join the cluster.
@@ -104,6 +136,12 @@ pub struct Cluster {
     lapsed: AtomicBool,
     /// The node is stopping: no new lease.
     leaving: AtomicBool,
+    /// Every node up, as the watch reports them.
+    nodes: Mutex<BTreeMap<String, NodeInfo>>,
+    /// Takes no new agents.
+    draining: AtomicBool,
+    /// The agent count last written to the node's key.
+    published: Mutex<Option<NodeInfo>>,
     /// Every agent's owner, as the watch reports it.
     owners: Mutex<HashMap<String, String>>,
     /// Agents whose owner key this node created.
@@ -151,6 +189,7 @@ fn acting_span(ttl: u64) -> Duration {
 /// One key of the cluster, parsed.
 #[derive(Debug, PartialEq, Eq)]
 enum Key {
+    Node(String),
     Owner(String),
     Registry(String),
     Mitigation(String),
@@ -164,7 +203,9 @@ fn parse_key(prefix: &str, key: &[u8]) -> Key {
     else {
         return Key::Other;
     };
-    if let Some(a) = rest.strip_prefix("owners/") {
+    if let Some(n) = rest.strip_prefix("nodes/") {
+        Key::Node(n.to_string())
+    } else if let Some(a) = rest.strip_prefix("owners/") {
         Key::Owner(unescape(a))
     } else if let Some(a) = rest.strip_prefix("registry/") {
         Key::Registry(unescape(a))
@@ -199,6 +240,9 @@ impl Cluster {
             lapsed: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
             owners: Mutex::default(),
+            nodes: Mutex::default(),
+            draining: AtomicBool::new(false),
+            published: Mutex::new(None),
             owned: Mutex::default(),
             revisions: Mutex::default(),
             owners_freed: Notify::new(),
@@ -250,11 +294,97 @@ impl Cluster {
             && lock(&self.valid_until).is_some_and(|t| Instant::now() < t)
     }
 
+    /// Whether the node takes agents: in touch with etcd, not draining.
+    pub fn accepting(&self) -> bool {
+        self.acting() && !self.draining.load(Ordering::SeqCst)
+    }
+
+    /// The other nodes up, with their load.
+    pub fn nodes(&self) -> BTreeMap<String, NodeInfo> {
+        lock(&self.nodes).clone()
+    }
+
+    /// Moves this node's agents to the least loaded other nodes with the
+    /// Call Home redirect (RFC 9066 §5.2.2): all of them, and then the node
+    /// takes no new agents (maintenance), or at most `max` (shedding load).
+    /// `ttl`: how long the agents hold the redirect.
+    pub async fn drain(&self, max: Option<usize>, ttl: u32) -> Result<DrainReport, String> {
+        type Target = (usize, String, String, Vec<std::net::IpAddr>);
+        let mut targets: Vec<Target> = lock(&self.nodes)
+            .iter()
+            .filter(|(n, i)| **n != self.opts.node && !i.draining)
+            .filter_map(|(n, i)| {
+                Some((
+                    i.agents,
+                    n.clone(),
+                    i.advertise.clone()?,
+                    i.addresses.clone(),
+                ))
+            })
+            .collect();
+        if targets.is_empty() {
+            return Err(
+                "no other node takes agents (up, not draining, with an advertised name)".into(),
+            );
+        }
+        let service = self.service().ok_or("the service is gone")?;
+        let mut report = DrainReport::default();
+        if max.is_none() {
+            self.draining.store(true, Ordering::SeqCst);
+            report.draining = true;
+            self.publish().await;
+        }
+        let mut agents: Vec<String> = lock(&self.owned).iter().cloned().collect();
+        agents.sort();
+        agents.truncate(max.unwrap_or(usize::MAX));
+        for agent in agents {
+            targets.sort();
+            let Some((load, node, advertise, addresses)) = targets.first_mut() else {
+                break;
+            };
+            let target = dots_proto::model::RedirectedSignal {
+                alt_ch_client: advertise.clone(),
+                alt_ch_client_record: addresses.clone(),
+                ttl: Some(ttl),
+            };
+            match service.redirect_agent(&agent, target).await {
+                Some(r) if r.ok && r.code.as_deref().is_some_and(|c| c.starts_with('2')) => {
+                    *load += 1;
+                    *report.redirected.entry(node.clone()).or_default() += 1;
+                }
+                Some(r) => {
+                    let why = r.code.or(r.error).unwrap_or_else(|| "no answer".into());
+                    report.failed.insert(agent, why);
+                }
+                None => {
+                    report.failed.insert(agent, "not connected here".into());
+                }
+            }
+        }
+        info!(
+            redirected = report.redirected.values().sum::<usize>(),
+            failed = report.failed.len(),
+            draining = report.draining,
+            "drained"
+        );
+        Ok(report)
+    }
+
     /// Takes the node's lease, loads the shared state into `service`, and
     /// starts the tasks that keep the lease, follow the state and write it.
     pub async fn start(self: &Arc<Self>, service: &Arc<Service>) -> Result<(), ClusterError> {
         let _ = self.service.set(Arc::downgrade(service));
-        self.take_lease().await?;
+        // A node restarted right after it died finds its own key, bound to
+        // the old lease: wait that lease out.
+        let deadline = Instant::now() + Duration::from_secs(self.opts.lease_ttl + 2);
+        loop {
+            match self.take_lease().await {
+                Err(ClusterError::NameTaken(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                r => break r?,
+            }
+        }
         let revision = self.load().await?;
         // The tasks hold the node for as long as the process runs.
         tokio::spawn(keep_lease(self.clone()));
@@ -265,6 +395,36 @@ impl Cluster {
         }
         info!(node = %self.opts.node, cluster = %self.opts.cluster, lease_ttl = self.opts.lease_ttl, "joined the cluster");
         Ok(())
+    }
+
+    /// What the node's key says now.
+    fn info(&self) -> NodeInfo {
+        NodeInfo {
+            advertise: self.opts.advertise.clone(),
+            addresses: self.opts.advertise_addresses.clone(),
+            agents: lock(&self.owned).len(),
+            draining: self.draining.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Rewrites the node's key when its agent count or state changed.
+    async fn publish(&self) {
+        let info = self.info();
+        if lock(&self.published).as_ref() == Some(&info) || !self.acting() {
+            return;
+        }
+        let lease = self.lease.load(Ordering::SeqCst);
+        let mut c = self.client.clone();
+        let put = c
+            .put(
+                self.node_key(),
+                serde_json::to_vec(&info).unwrap_or_default(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await;
+        if put.is_ok() {
+            *lock(&self.published) = Some(info);
+        }
     }
 
     /// A new lease and the node's key bound to it.
@@ -278,7 +438,7 @@ impl Cluster {
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
                 key,
-                self.opts.node.clone(),
+                serde_json::to_vec(&self.info()).unwrap_or_default(),
                 Some(PutOptions::new().with_lease(lease.id())),
             )]);
         let r = c.txn(txn).await.map_err(|e| self.etcd(e))?;
@@ -288,6 +448,7 @@ impl Cluster {
         }
         self.lease.store(lease.id(), Ordering::SeqCst);
         *lock(&self.valid_until) = Some(sent + acting_span(self.opts.lease_ttl));
+        *lock(&self.published) = Some(self.info());
         Ok(())
     }
 
@@ -301,11 +462,19 @@ impl Cluster {
             .map_err(|e| self.etcd(e))?;
         let revision = r.header().map(|h| h.revision()).unwrap_or(0);
         let mut owners = HashMap::new();
+        let mut nodes = BTreeMap::new();
         for kv in r.kvs() {
-            if let Key::Owner(agent) = parse_key(&self.prefix, kv.key()) {
-                owners.insert(agent, String::from_utf8_lossy(kv.value()).into_owned());
+            match parse_key(&self.prefix, kv.key()) {
+                Key::Owner(agent) => {
+                    owners.insert(agent, String::from_utf8_lossy(kv.value()).into_owned());
+                }
+                Key::Node(n) => {
+                    nodes.insert(n, serde_json::from_slice(kv.value()).unwrap_or_default());
+                }
+                _ => {}
             }
         }
+        *lock(&self.nodes) = nodes;
         let lost: Vec<String> = lock(&self.owned)
             .iter()
             .filter(|a| owners.get(*a) != Some(&self.opts.node))
@@ -335,6 +504,14 @@ impl Cluster {
             return;
         };
         match parse_key(&self.prefix, kv.key()) {
+            Key::Node(n) => {
+                if deleted {
+                    lock(&self.nodes).remove(&n);
+                } else {
+                    let info = serde_json::from_slice(kv.value()).unwrap_or_default();
+                    lock(&self.nodes).insert(n, info);
+                }
+            }
             Key::Owner(agent) => {
                 let owner = (!deleted).then(|| String::from_utf8_lossy(kv.value()).into_owned());
                 match &owner {
@@ -417,6 +594,10 @@ impl Cluster {
     async fn try_claim(&self, agent: &str) -> Option<bool> {
         if !self.acting() {
             warn!(%agent, "not in touch with etcd: refusing the agent");
+            return None;
+        }
+        if self.draining.load(Ordering::SeqCst) {
+            info!(%agent, "draining: refusing the agent");
             return None;
         }
         let lease = self.lease.load(Ordering::SeqCst);
@@ -736,11 +917,17 @@ impl Cluster {
 /// lapsed, keep-alive answers or not.
 async fn guard(c: Arc<Cluster>) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut ticks = 0u32;
     while !c.leaving.load(Ordering::SeqCst) {
         tick.tick().await;
         if !c.lapsed.load(Ordering::SeqCst) && !c.acting() {
             c.lapsed.store(true, Ordering::SeqCst);
             c.let_go("out of touch with etcd for the lease's time to live");
+        }
+        // The load the others see, once a second at most.
+        ticks = ticks.wrapping_add(1);
+        if ticks % 5 == 0 {
+            c.publish().await;
         }
     }
 }
@@ -848,7 +1035,8 @@ mod tests {
             Key::Mitigation("mitigations/cpe1/0000000007".into())
         );
         assert_eq!(parse_key(p, b"/dots/y/owners/a"), Key::Other);
-        assert_eq!(parse_key(p, b"/dots/x/nodes/n1"), Key::Other);
+        assert_eq!(parse_key(p, b"/dots/x/nodes/n1"), Key::Node("n1".into()));
+        assert_eq!(parse_key(p, b"/dots/x/mids/n1"), Key::Other);
     }
 
     #[test]

@@ -61,6 +61,14 @@ pub enum Request {
     /// Re-read the configuration file's customer prefixes and API tokens
     /// (as SIGHUP does).
     Reload,
+    /// Redirect this cluster node's agents to the others: all of them (the
+    /// node then takes no new agents), or at most `max`.
+    Drain {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max: Option<usize>,
+        /// Seconds the agents hold the redirect.
+        ttl: u32,
+    },
 }
 
 /// One reply line.

@@ -134,7 +134,21 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
         None => None,
     };
     let cluster = match &opts.cluster {
-        Some(c) => Some(Cluster::connect(c.clone()).await?),
+        Some(c) => {
+            let mut c = c.clone();
+            // Redirects to this node give the address it listens on, when
+            // that is a specific one.
+            if c.advertise_addresses.is_empty() {
+                c.advertise_addresses = opts
+                    .tcp
+                    .or(opts.udp)
+                    .map(|a| a.ip())
+                    .filter(|ip| !ip.is_unspecified())
+                    .into_iter()
+                    .collect();
+            }
+            Some(Cluster::connect(c).await?)
+        }
         None => None,
     };
     let service = Service::start(ServiceOptions {
@@ -191,10 +205,14 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
         // listening, so that agents dialling it are refused at once and
         // dial the next node of their list.
         if let Some(c) = &cluster {
-            if !c.acting() && listener.is_some() {
-                warn!("out of touch with etcd: not listening for agents until back");
+            if !c.accepting() && listener.is_some() {
+                if c.acting() {
+                    info!("draining: not listening for agents");
+                } else {
+                    warn!("out of touch with etcd: not listening for agents until back");
+                }
                 listener = None;
-            } else if c.acting() && listener.is_none() {
+            } else if c.accepting() && listener.is_none() {
                 match bind().await {
                     Ok(l) => {
                         info!("in touch with etcd again: listening for agents");
@@ -212,7 +230,7 @@ pub async fn listen(opts: ClientOptions) -> Result<()> {
             _ = tokio::time::sleep(std::time::Duration::from_millis(250)), if cluster.is_some() => {}
             stream = control.accept() => match stream {
                 Ok((s, _)) => {
-                    tokio::spawn(serve_control(s, service.clone(), opts.reload.clone(), api.clone()));
+                    tokio::spawn(serve_control(s, service.clone(), opts.reload.clone(), api.clone(), cluster.clone()));
                 }
                 Err(e) => warn!(error = %e, "control socket accept failed"),
             },
@@ -408,6 +426,7 @@ async fn serve_control(
     service: Arc<Service>,
     reloader: Option<Reloader>,
     api: Option<Arc<Api>>,
+    cluster: Option<Arc<Cluster>>,
 ) {
     let by = Principal::cli(stream.peer_cred().ok().map(|c| c.uid()));
     let (read, mut write) = stream.into_split();
@@ -448,6 +467,19 @@ async fn serve_control(
             body: serde_json::to_value(service.mitigations(agent.as_deref(), None, None))
                 .unwrap_or_default(),
             ..Reply::default()
+        },
+        Request::Drain { max, ttl } => match &cluster {
+            None => {
+                Reply::error("this node is not in a cluster: there is no other node to drain to")
+            }
+            Some(c) => match c.drain(max, ttl).await {
+                Ok(report) => Reply {
+                    ok: true,
+                    body: serde_json::to_value(report).unwrap_or_default(),
+                    ..Reply::default()
+                },
+                Err(e) => Reply::error(e),
+            },
         },
         Request::Reload => match reload(&service, reloader.as_ref(), api.as_deref(), &by) {
             Ok(text) => Reply {

@@ -657,6 +657,28 @@ impl Service {
         }
     }
 
+    /// Sends the agent a Call Home redirect (RFC 9066 §5.2.2); its answer,
+    /// or `None` when it is not connected here.
+    pub async fn redirect_agent(
+        &self,
+        agent: &str,
+        target: dots_proto::model::RedirectedSignal,
+    ) -> Option<Reply> {
+        let reply = self
+            .ask(agent, "redirect", |reply| Command::Redirect {
+                target,
+                reply,
+            })
+            .await?;
+        let mut e = Entry::new("request");
+        e.by = Some(Principal::service());
+        e.action = Some("drain-redirect".into());
+        e.agent = Some(agent.to_string());
+        e.coap = reply.code.clone();
+        self.audit(e);
+        Some(reply)
+    }
+
     /// Whether this node holds a session of `agent`.
     pub fn is_connected(&self, agent: &str) -> bool {
         lock(&self.agents).contains_key(agent)

@@ -97,6 +97,7 @@ impl ClusterLab {
         // an agent over re-sends them under the same cuid and mids.
         let mut names = vec![San::parse("example.org")];
         names.extend((0..NODES).map(|i| San::parse(&node_addr(i))));
+        names.extend((0..NODES).map(|i| San::parse(&format!("n{}.example.org", i + 1))));
         let pki = pki::create_lab_pki(&dir.path.join("pki"), &names, &["cpe1".into()], 1)?;
         std::fs::write(dir.path.join("tokens"), format!("ops {TOKEN}\n"))?;
 
@@ -228,6 +229,8 @@ naptr-record=signal.example.org,100,10,s,DOTS-CALL-HOME:signal.tcp,,_dots-call-h
             "lab".into(),
             "--lease-ttl".into(),
             LEASE_TTL.to_string(),
+            "--advertise".into(),
+            format!("n{}.example.org", i + 1),
         ]
         .to_vec();
         let p = Proc::spawn(
@@ -601,5 +604,68 @@ fn partition_and_etcd_restart() -> Result<()> {
         .with_context(|| format!("node n{} did not reconcile\n{}", i + 1, lab.logs()))?;
     }
     assert_eq!(lab.agent_mitigations()?.len(), 2);
+    Ok(())
+}
+
+/// `dots-client drain`: the node redirects its agent (RFC 9066 §5.2.2) to
+/// another node, which takes it over and re-confirms its mitigation; the
+/// drained node takes no new agents.
+#[test]
+fn drain_redirects_agents_to_another_node() -> Result<()> {
+    let lab = ClusterLab::new()?;
+    let o = lab.wait_owner(&[], Duration::from_secs(10))?;
+    let (code, r) = lab.call(o, "POST", "/v1/mitigations", Some(REQUEST))?;
+    assert_eq!(code, 201, "{r}");
+    let id = r["mitigation"]["id"].as_str().context("id")?.to_string();
+    let mid = r["mitigation"]["mid"].as_u64().context("mid")?;
+    // The load the nodes publish reaches the draining node.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let sock = lab.path(&format!("n{}.sock", o + 1)).display().to_string();
+    let out = run_in(
+        &lab.node_ns[o],
+        &bin("dots-client")?,
+        &[
+            "drain".into(),
+            "--ttl".into(),
+            "600".into(),
+            "--control".into(),
+            sock,
+            "--raw".into(),
+        ],
+    )?;
+    let reply: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("drain: {}", String::from_utf8_lossy(&out.stderr)))?;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["body"]["draining"], true, "{reply}");
+    let moved: u64 = reply["body"]["redirected"]
+        .as_object()
+        .context("redirected")?
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert_eq!(moved, 1, "{reply}");
+
+    let n = lab.wait_owner(&[o], Duration::from_secs(LEASE_TTL + 10))?;
+    let m = eventually(Duration::from_secs(10), || {
+        lab.mitigation(n, &id)
+            .ok()
+            .filter(|m| m["last-code"] == "2.04 Changed")
+    })
+    .with_context(|| format!("{id} not re-confirmed by n{}\n{}", n + 1, lab.logs()))?;
+    assert_eq!(m["mid"], mid);
+    let held = lab.agent_mitigations()?;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(
+        lab.agent
+            .as_ref()
+            .context("agent")?
+            .log_text()
+            .contains("redirected"),
+        "the agent followed a redirect"
+    );
+    // The drained node refuses new agents: it no longer listens.
+    let node = lab.nodes[o].as_ref().context("drained node")?;
+    node.wait_log("draining: not listening for agents", Duration::from_secs(2))?;
     Ok(())
 }

@@ -22,6 +22,12 @@ pub struct ClusterConfig {
     pub node: Option<String>,
     /// Seconds a node keeps its agents without reaching etcd.
     pub lease_ttl: u64,
+    /// The host name redirects to this node give agents (`alt-ch-client`,
+    /// in this node's certificate); none: agents cannot be redirected here.
+    pub advertise: Option<String>,
+    /// Addresses agents dial to reach this node (`alt-ch-client-record`);
+    /// default: the address the node listens on, when it is a specific one.
+    pub advertise_addresses: Vec<std::net::IpAddr>,
 }
 
 impl Default for ClusterConfig {
@@ -31,6 +37,8 @@ impl Default for ClusterConfig {
             name: DEFAULT_CLUSTER_NAME.into(),
             node: None,
             lease_ttl: DEFAULT_LEASE_TTL,
+            advertise: None,
+            advertise_addresses: Vec::new(),
         }
     }
 }
@@ -77,18 +85,11 @@ fn endpoint(file: &Path, key: &str, e: &str) -> Result<String, ConfigError> {
     let (host, port) = rest
         .rsplit_once(':')
         .ok_or_else(|| bad("expected HOST:PORT or http://HOST:PORT, e.g. \"127.0.0.1:2379\""))?;
-    let host_ok = !host.is_empty()
-        && !host.contains('/')
-        && (host.parse::<std::net::Ipv4Addr>().is_ok()
-            || (host.starts_with('[')
-                && host.ends_with(']')
-                && host[1..host.len() - 1]
-                    .parse::<std::net::Ipv6Addr>()
-                    .is_ok())
-            || host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-')));
-    if !host_ok {
+    let bracketed = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
+    if !(bracketed || host_ok(host)) {
         return Err(bad(
             "the host is not an IPv4 address, [IPv6] address or name",
         ));
@@ -97,6 +98,15 @@ fn endpoint(file: &Path, key: &str, e: &str) -> Result<String, ConfigError> {
         Ok(p) if p > 0 => Ok(format!("http://{rest}")),
         _ => Err(bad("the port must be 1 to 65535")),
     }
+}
+
+/// An IPv4 address or a host name (letters, digits, `.`, `-`).
+fn host_ok(host: &str) -> bool {
+    !host.is_empty()
+        && (host.parse::<std::net::Ipv4Addr>().is_ok()
+            || host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-')))
 }
 
 fn host_name() -> String {
@@ -129,11 +139,41 @@ impl ClusterConfig {
                     .into(),
             });
         }
+        if let Some(a) = &self.advertise {
+            // alt-ch-client is a host name (RFC 9066 §5.2.2), never an
+            // address literal.
+            let last_numeric = a
+                .trim_end_matches('.')
+                .rsplit('.')
+                .next()
+                .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+            if !host_ok(a) || last_numeric || a.len() > 253 {
+                return Err(ConfigError::Value {
+                    file: file.to_path_buf(),
+                    key: "cluster.advertise".into(),
+                    value: quoted(a),
+                    message: "a host name (not an address): the name agents verify in this node's certificate".into(),
+                });
+            }
+        }
+        for (i, a) in self.advertise_addresses.iter().enumerate() {
+            if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+                return Err(ConfigError::Value {
+                    file: file.to_path_buf(),
+                    key: format!("cluster.advertise-addresses[{i}]"),
+                    value: quoted(a),
+                    message: "an address agents can dial (not unspecified, multicast or loopback)"
+                        .into(),
+                });
+            }
+        }
         Ok(Some(ClusterOptions {
             endpoints,
             cluster: self.name.clone(),
             node,
             lease_ttl: self.lease_ttl,
+            advertise: self.advertise.clone(),
+            advertise_addresses: self.advertise_addresses.clone(),
         }))
     }
 }
@@ -174,6 +214,26 @@ mod tests {
         assert_eq!(o.node, "isp-a");
         assert_eq!(o.cluster, "default");
         assert_eq!(o.lease_ttl, 10);
+        assert_eq!(o.advertise, None);
+        let c = ClusterConfig {
+            advertise: Some("n1.isp.example".into()),
+            advertise_addresses: vec!["192.0.2.1".parse().unwrap()],
+            ..c
+        };
+        let o = opts(&c).unwrap().unwrap();
+        assert_eq!(o.advertise.as_deref(), Some("n1.isp.example"));
+        assert_eq!(
+            o.advertise_addresses,
+            ["192.0.2.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let c = ClusterConfig {
+            advertise_addresses: vec!["0.0.0.0".parse().unwrap()],
+            ..c
+        };
+        assert_eq!(
+            opts(&c).unwrap_err().key(),
+            Some("cluster.advertise-addresses[0]")
+        );
     }
 
     #[test]
@@ -206,6 +266,13 @@ mod tests {
                 ..base.clone()
             };
             assert_eq!(key(c).as_deref(), Some("cluster.name"), "{n:?}");
+        }
+        for a in ["", "a b", "x/y", "[::1]", "2001:db8::1", "192.0.2.1"] {
+            let c = ClusterConfig {
+                advertise: Some(a.into()),
+                ..base.clone()
+            };
+            assert_eq!(key(c).as_deref(), Some("cluster.advertise"), "{a:?}");
         }
         for t in [0, 1, 3601] {
             let c = ClusterConfig {

@@ -78,6 +78,14 @@ pub struct ListenFlags {
     /// Seconds a node keeps its agents without reaching etcd [default: 10].
     #[arg(long, value_name = "SECONDS")]
     pub lease_ttl: Option<u64>,
+    /// Host name that redirects to this node give agents (in its
+    /// certificate).
+    #[arg(long, value_name = "FQDN")]
+    pub advertise: Option<String>,
+    /// Address agents dial to reach this node (repeatable) [default: the
+    /// listening address].
+    #[arg(long, value_name = "IP")]
+    pub advertise_address: Vec<std::net::IpAddr>,
 }
 
 impl ListenFlags {
@@ -150,6 +158,12 @@ impl ListenFlags {
         }
         if let Some(t) = self.lease_ttl {
             c.cluster.lease_ttl = t;
+        }
+        if self.advertise.is_some() {
+            c.cluster.advertise.clone_from(&self.advertise);
+        }
+        if !self.advertise_address.is_empty() {
+            c.cluster.advertise_addresses = self.advertise_address.clone();
         }
     }
 

@@ -86,6 +86,20 @@ pub(crate) enum Command {
         #[arg(long)]
         ttl: Option<u32>,
     },
+    /// Move this cluster node's agents to the least loaded other nodes with
+    /// the Call Home redirect (RFC 9066 §5.2.2). Without --max: all of them,
+    /// and the node takes no new agents until restarted (before
+    /// maintenance); with --max N: at most N (shedding load).
+    Drain {
+        #[command(flatten)]
+        common: Common,
+        /// Redirect at most this many agents; the node keeps taking agents.
+        #[arg(long, value_name = "N")]
+        max: Option<usize>,
+        /// Seconds the agents hold the redirect before they may come back.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u32,
+    },
     /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
     ///
     /// Example: dots-client completions bash > /etc/bash_completion.d/dots-client

@@ -120,6 +120,7 @@ fn run(cli: Cli) -> Result<()> {
                 agent: c.agent.clone(),
             },
         ),
+        Command::Drain { common, max, ttl } => ask(&common, Request::Drain { max, ttl }),
         Command::Redirect {
             common,
             alt,
