@@ -16,6 +16,8 @@ pub(crate) enum Which {
     Nat,
     /// One dots-client against 1,000 and 10,000 simulated agents (DTLS and TLS).
     Sessions,
+    /// Three dots-client nodes sharing etcd, 1,000 agents: failover and API through a non-owner.
+    Cluster,
 }
 
 pub(crate) fn run(which: Which) -> Result<()> {
@@ -23,6 +25,7 @@ pub(crate) fn run(which: Which) -> Result<()> {
         Which::Dataplane => dataplane(),
         Which::Nat => nat(),
         Which::Sessions => sessions(),
+        Which::Cluster => cluster(),
     }
 }
 
@@ -58,6 +61,22 @@ fn sessions() -> Result<()> {
         "bench-sessions",
         "sessions.json",
         "benchmarking sessions (1,000 and 10,000 agents, DTLS and TLS; about 15 minutes)",
+    )
+}
+
+/// `cargo xtask bench cluster`: three release `dots-client` nodes sharing
+/// one etcd, 1,000 simulated agents; kills the busiest node and times the
+/// failover; writes `target/bench/cluster.json` and the "## Cluster"
+/// section of docs/benchmarks.md.
+fn cluster() -> Result<()> {
+    step("building the release dots-client the benchmark runs");
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "dots-client"]);
+    crate::run(&mut build)?;
+    run_bench(
+        "bench-cluster",
+        "cluster.json",
+        "benchmarking the cluster (3 nodes, etcd, 1,000 agents; a few minutes)",
     )
 }
 
