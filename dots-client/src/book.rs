@@ -242,6 +242,10 @@ impl Book {
         self.records.get_mut(id)
     }
 
+    pub fn remove(&mut self, id: &MitigationId) -> Option<Mitigation> {
+        self.records.remove(id)
+    }
+
     pub fn insert(&mut self, m: Mitigation) {
         self.records.insert(m.id.clone(), m);
     }

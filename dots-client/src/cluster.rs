@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
 use crate::{
-    book::{Mitigation, State},
+    book::{Mitigation, MitigationId, State},
     service::{Service, SharedState},
 };
 
@@ -45,6 +45,10 @@ use crate::{
 pub const DEFAULT_CLUSTER_NAME: &str = "default";
 /// Default `cluster.lease-ttl` (seconds).
 pub const DEFAULT_LEASE_TTL: u64 = 10;
+/// How long finished mitigations stay in etcd (for `GET` on any node).
+const KEEP_FINISHED: Duration = Duration::from_secs(24 * 3600);
+/// How often a node sweeps the finished mitigations older than that.
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
 
 /// Settings of a cluster node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -196,6 +200,15 @@ enum Key {
     Other,
 }
 
+/// The mitigation of a key below `mitigations/`: `<agent>/<mid>`.
+fn mitigation_id(rest: &str) -> Option<MitigationId> {
+    let (agent, mid) = rest.strip_prefix("mitigations/")?.rsplit_once('/')?;
+    Some(MitigationId {
+        agent: unescape(agent),
+        mid: mid.parse().ok()?,
+    })
+}
+
 fn parse_key(prefix: &str, key: &[u8]) -> Key {
     let Some(rest) = std::str::from_utf8(key)
         .ok()
@@ -257,10 +270,6 @@ impl Cluster {
             endpoints: self.opts.endpoints.join(","),
             source,
         }
-    }
-
-    pub fn node(&self) -> &str {
-        &self.opts.node
     }
 
     fn node_key(&self) -> String {
@@ -390,6 +399,7 @@ impl Cluster {
         tokio::spawn(keep_lease(self.clone()));
         tokio::spawn(guard(self.clone()));
         tokio::spawn(follow(self.clone(), revision));
+        tokio::spawn(sweep(self.clone()));
         if let Some(rx) = lock(&self.writes_rx).take() {
             tokio::spawn(writer(self.clone(), rx));
         }
@@ -547,10 +557,14 @@ impl Cluster {
                 service.apply_remote_prefixes(&agent, prefixes);
             }
             Key::Mitigation(key) => {
+                let full = format!("{}{key}", self.prefix);
                 if deleted {
+                    lock(&self.revisions).remove(&full);
+                    if let Some(id) = mitigation_id(&key) {
+                        service.forget_remote(&id);
+                    }
                     return;
                 }
-                let full = format!("{}{key}", self.prefix);
                 lock(&self.revisions).insert(full, kv.mod_revision());
                 match serde_json::from_slice::<Stored>(kv.value()) {
                     Ok(s) if s.node == self.opts.node => {}
@@ -674,11 +688,6 @@ impl Cluster {
         if let Err(e) = c.lease_revoke(lease).await {
             warn!(error = %e, "revoking the node's lease: its agents wait for it to expire");
         }
-    }
-
-    /// Agents this node owns.
-    pub fn owned_count(&self) -> usize {
-        lock(&self.owned).len()
     }
 
     /// Stops acting for every agent: closes their sessions here.
@@ -831,6 +840,10 @@ impl SharedState for Cluster {
         })
     }
 
+    fn owner(&self, agent: &str) -> Option<String> {
+        lock(&self.owners).get(agent).cloned()
+    }
+
     fn owner_elsewhere(&self, agent: &str) -> Option<String> {
         lock(&self.owners)
             .get(agent)
@@ -972,6 +985,61 @@ async fn follow(c: Arc<Cluster>, mut revision: i64) {
     }
 }
 
+/// Deletes the mitigations finished more than [`KEEP_FINISHED`] ago, so
+/// that etcd holds the open ones and a day of history; every node sweeps
+/// (a delete compares the revision read: a record changed meanwhile stays).
+async fn sweep(c: Arc<Cluster>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if c.acting() {
+            let swept = c.sweep_once(SystemTime::now()).await;
+            if swept > 0 {
+                info!(swept, "removed finished mitigations from etcd");
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// One sweep at `now`; returns how many records went.
+    async fn sweep_once(&self, now: SystemTime) -> usize {
+        let cutoff = now
+            .checked_sub(KEEP_FINISHED)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        let mut client = self.client.clone();
+        let prefix = format!("{}mitigations/", self.prefix);
+        let Ok(r) = client
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+        else {
+            return 0;
+        };
+        let mut swept = 0;
+        for kv in r.kvs() {
+            let Ok(s) = serde_json::from_slice::<Stored>(kv.value()) else {
+                continue;
+            };
+            if !s.mitigation.state.is_final() || s.mitigation.updated_at >= cutoff {
+                continue;
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    kv.key().to_vec(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then([TxnOp::delete(kv.key().to_vec(), None)]);
+            if client.txn(txn).await.is_ok_and(|t| t.succeeded()) {
+                swept += 1;
+            }
+        }
+        swept
+    }
+}
+
 /// Writes what changed here, in order per key; what etcd refused for being
 /// unreachable waits and goes again (newer versions of a key replace it).
 async fn writer(c: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Write>) {
@@ -1037,6 +1105,19 @@ mod tests {
         assert_eq!(parse_key(p, b"/dots/y/owners/a"), Key::Other);
         assert_eq!(parse_key(p, b"/dots/x/nodes/n1"), Key::Node("n1".into()));
         assert_eq!(parse_key(p, b"/dots/x/mids/n1"), Key::Other);
+    }
+
+    #[test]
+    fn mitigation_keys_name_their_mitigation() {
+        assert_eq!(
+            mitigation_id("mitigations/a%2Fb/0000000042"),
+            Some(MitigationId {
+                agent: "a/b".into(),
+                mid: 42
+            })
+        );
+        assert_eq!(mitigation_id("mitigations/cpe1/x"), None);
+        assert_eq!(mitigation_id("registry/cpe1"), None);
     }
 
     #[test]

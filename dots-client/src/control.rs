@@ -149,6 +149,10 @@ pub struct AgentInfo {
     /// Its unfinished mitigations in this client's book.
     #[serde(default)]
     pub mitigations: usize,
+    /// In a cluster: the node holding its session (this one when
+    /// "connected"; another one when "offline" here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Sends `req` to the listener at `socket` and calls `on_reply` for each

@@ -63,6 +63,8 @@ pub trait SharedState: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = Result<u32, String>> + Send + 'a>>;
     /// The node that holds the agent's session, when it is another one.
     fn owner_elsewhere(&self, agent: &str) -> Option<String>;
+    /// The node that holds the agent's session, this one included.
+    fn owner(&self, agent: &str) -> Option<String>;
 }
 
 /// The shared state of a cluster node, as [`ServiceOptions`] takes it.
@@ -388,6 +390,7 @@ fn info(
     connected: Option<&Connected>,
     customer: Option<&Customer>,
     open: &HashMap<String, usize>,
+    shared: Option<&Shared>,
 ) -> AgentInfo {
     let mut info = connected
         .map(|c| c.info.clone())
@@ -401,6 +404,7 @@ fn info(
         info.prefixes_from = Some(c.origin);
     }
     info.mitigations = open.get(id).copied().unwrap_or(0);
+    info.node = shared.and_then(|s| s.0.owner(id));
     info
 }
 
@@ -641,6 +645,14 @@ impl Service {
         if act {
             let s = self.clone();
             tokio::spawn(async move { s.flush(vec![id]).await });
+        }
+    }
+
+    /// A finished mitigation another node swept from the shared state.
+    pub fn forget_remote(&self, id: &MitigationId) {
+        let removed = lock(&self.book).remove(id);
+        if removed.is_some() {
+            self.book_changed();
         }
     }
 
@@ -955,7 +967,15 @@ impl Service {
         ids.sort();
         ids.dedup();
         ids.into_iter()
-            .map(|id| info(id, agents.get(id), customers.get(id), &open))
+            .map(|id| {
+                info(
+                    id,
+                    agents.get(id),
+                    customers.get(id),
+                    &open,
+                    self.shared.as_ref(),
+                )
+            })
             .collect()
     }
 
@@ -968,7 +988,13 @@ impl Service {
         if connected.is_none() && customer.is_none() {
             return None;
         }
-        Some(info(id, connected, customer.as_ref(), &open))
+        Some(info(
+            id,
+            connected,
+            customer.as_ref(),
+            &open,
+            self.shared.as_ref(),
+        ))
     }
 
     pub fn mitigation(&self, id: &MitigationId) -> Option<Mitigation> {
