@@ -147,9 +147,14 @@ pub struct Cluster {
     /// The agent count last written to the node's key.
     published: Mutex<Option<NodeInfo>>,
     /// Every agent's owner, as the watch reports it.
-    owners: Mutex<HashMap<String, String>>,
+    /// (node, revision of its key).
+    owners: Mutex<HashMap<String, (String, i64)>>,
     /// Agents whose owner key this node created.
-    owned: Mutex<HashSet<String>>,
+    /// With the revision of the claim: an older event about the key (the
+    /// previous owner's removal, seen late) does not end the session.
+    owned: Mutex<HashMap<String, i64>>,
+    /// Agents whose claim is on its way to etcd.
+    claiming: Mutex<HashSet<String>>,
     /// Mod revision of each mitigation key, as last read or written.
     revisions: Mutex<HashMap<String, i64>>,
     /// Wakes the claims waiting for an agent's owner to go.
@@ -257,6 +262,7 @@ impl Cluster {
             draining: AtomicBool::new(false),
             published: Mutex::new(None),
             owned: Mutex::default(),
+            claiming: Mutex::default(),
             revisions: Mutex::default(),
             owners_freed: Notify::new(),
             writes: tx,
@@ -343,7 +349,7 @@ impl Cluster {
             report.draining = true;
             self.publish().await;
         }
-        let mut agents: Vec<String> = lock(&self.owned).iter().cloned().collect();
+        let mut agents: Vec<String> = lock(&self.owned).keys().cloned().collect();
         agents.sort();
         agents.truncate(max.unwrap_or(usize::MAX));
         for agent in agents {
@@ -476,7 +482,8 @@ impl Cluster {
         for kv in r.kvs() {
             match parse_key(&self.prefix, kv.key()) {
                 Key::Owner(agent) => {
-                    owners.insert(agent, String::from_utf8_lossy(kv.value()).into_owned());
+                    let node = String::from_utf8_lossy(kv.value()).into_owned();
+                    owners.insert(agent, (node, kv.mod_revision()));
                 }
                 Key::Node(n) => {
                     nodes.insert(n, serde_json::from_slice(kv.value()).unwrap_or_default());
@@ -487,8 +494,10 @@ impl Cluster {
         *lock(&self.nodes) = nodes;
         let lost: Vec<String> = lock(&self.owned)
             .iter()
-            .filter(|a| owners.get(*a) != Some(&self.opts.node))
-            .cloned()
+            .filter(|(a, claimed)| {
+                **claimed <= revision && owners.get(*a).map(|o| &o.0) != Some(&self.opts.node)
+            })
+            .map(|(a, _)| a.clone())
             .collect();
         *lock(&self.owners) = owners;
         for agent in lost {
@@ -524,9 +533,10 @@ impl Cluster {
             }
             Key::Owner(agent) => {
                 let owner = (!deleted).then(|| String::from_utf8_lossy(kv.value()).into_owned());
+                let revision = kv.mod_revision();
                 match &owner {
                     Some(o) => {
-                        lock(&self.owners).insert(agent.clone(), o.clone());
+                        lock(&self.owners).insert(agent.clone(), (o.clone(), revision));
                     }
                     None => {
                         lock(&self.owners).remove(&agent);
@@ -535,9 +545,14 @@ impl Cluster {
                 }
                 // Lost it (lease revoked, key removed by hand): stop
                 // speaking for the agent at once.
-                if owner.as_deref() != Some(self.opts.node.as_str())
-                    && lock(&self.owned).remove(&agent)
-                {
+                let lost = owner.as_deref() != Some(self.opts.node.as_str()) && {
+                    let mut owned = lock(&self.owned);
+                    match owned.get(&agent) {
+                        Some(claimed) if revision > *claimed => owned.remove(&agent).is_some(),
+                        _ => false,
+                    }
+                };
+                if lost {
                     warn!(%agent, owner = ?owner, "no longer the agent's owner: closing its session");
                     service.close_session(&agent);
                 }
@@ -592,7 +607,7 @@ impl Cluster {
                 Some(won) if won => return true,
                 Some(_) if Instant::now() < deadline => {}
                 _ => {
-                    let owner = lock(&self.owners).get(agent).cloned();
+                    let owner = lock(&self.owners).get(agent).map(|o| o.0.clone());
                     info!(%agent, owner = ?owner, "another node holds the agent: refusing this session");
                     return false;
                 }
@@ -637,7 +652,8 @@ impl Cluster {
                     .or_else([TxnOp::get(key, None)]),
             )]);
         let mut c = self.client.clone();
-        match c.txn(txn).await {
+        lock(&self.claiming).insert(agent.to_string());
+        let answer = match c.txn(txn).await {
             Ok(r) => {
                 let nested_ok = r.op_responses().into_iter().any(|op| match op {
                     TxnOpResponse::Txn(t) => t.succeeded(),
@@ -645,22 +661,59 @@ impl Cluster {
                     _ => false,
                 });
                 if r.succeeded() || nested_ok {
-                    lock(&self.owned).insert(agent.to_string());
+                    let revision = r.header().map_or(0, |h| h.revision());
+                    lock(&self.owned).insert(agent.to_string(), revision);
                     Some(true)
                 } else {
                     Some(false)
                 }
             }
             Err(e) => {
+                // The key may have been written all the same: the orphan
+                // sweep removes it.
                 warn!(%agent, error = %e, "claiming the agent in etcd: refusing its session");
                 None
+            }
+        };
+        lock(&self.claiming).remove(agent);
+        answer
+    }
+
+    /// Removes the owner keys that name this node for agents it holds no
+    /// session of (a claim whose answer was lost, a session closed while
+    /// etcd was out of reach), unless rewritten since they were seen.
+    async fn release_orphans(&self) {
+        let orphans: Vec<(String, i64)> = {
+            let owners = lock(&self.owners);
+            let owned = lock(&self.owned);
+            let claiming = lock(&self.claiming);
+            owners
+                .iter()
+                .filter(|(a, (n, _))| {
+                    *n == self.opts.node && !owned.contains_key(*a) && !claiming.contains(*a)
+                })
+                .map(|(a, (_, r))| (a.clone(), *r))
+                .collect()
+        };
+        let mut c = self.client.clone();
+        for (agent, revision) in orphans {
+            let key = self.owner_key(&agent);
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    revision,
+                )])
+                .and_then([TxnOp::delete(key, None)]);
+            if c.txn(txn).await.is_ok_and(|r| r.succeeded()) {
+                info!(%agent, "released an owner key this node held no session for");
             }
         }
     }
 
     /// The agent's session here ended: free it for the other nodes.
     pub async fn release(&self, agent: &str) {
-        if !lock(&self.owned).remove(agent) {
+        if lock(&self.owned).remove(agent).is_none() {
             return;
         }
         let key = self.owner_key(agent);
@@ -692,7 +745,7 @@ impl Cluster {
 
     /// Stops acting for every agent: closes their sessions here.
     fn let_go(&self, why: &str) {
-        let owned: Vec<String> = lock(&self.owned).drain().collect();
+        let owned: Vec<String> = lock(&self.owned).drain().map(|(a, _)| a).collect();
         if owned.is_empty() {
             return;
         }
@@ -841,14 +894,14 @@ impl SharedState for Cluster {
     }
 
     fn owner(&self, agent: &str) -> Option<String> {
-        lock(&self.owners).get(agent).cloned()
+        lock(&self.owners).get(agent).map(|o| o.0.clone())
     }
 
     fn owner_elsewhere(&self, agent: &str) -> Option<String> {
         lock(&self.owners)
             .get(agent)
-            .filter(|o| **o != self.opts.node)
-            .cloned()
+            .filter(|o| o.0 != self.opts.node)
+            .map(|o| o.0.clone())
     }
 }
 
@@ -939,8 +992,9 @@ async fn guard(c: Arc<Cluster>) {
         }
         // The load the others see, once a second at most.
         ticks = ticks.wrapping_add(1);
-        if ticks % 5 == 0 {
+        if ticks % 5 == 0 && c.acting() {
             c.publish().await;
+            c.release_orphans().await;
         }
     }
 }

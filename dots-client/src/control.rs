@@ -225,6 +225,7 @@ mod tests {
             prefixes: vec!["203.0.113.1/32".parse().unwrap()],
             prefixes_from: Some(Origin::Config),
             mitigations: 1,
+            node: Some("isp-a".into()),
         }];
         let reply = Reply {
             ok: true,
@@ -234,7 +235,7 @@ mod tests {
         let line = serde_json::to_string(&reply).unwrap();
         assert_eq!(
             line,
-            r#"{"ok":true,"body":[{"addr":"[2001:db8::2]:50000","connected-at":1700000000,"heartbeat-interval":30,"id":"cpe1","mitigations":1,"prefixes":["203.0.113.1/32"],"prefixes-from":"config","resumed":false,"state":"connected","transport":"DTLS/UDP"}]}"#
+            r#"{"ok":true,"body":[{"addr":"[2001:db8::2]:50000","connected-at":1700000000,"heartbeat-interval":30,"id":"cpe1","mitigations":1,"node":"isp-a","prefixes":["203.0.113.1/32"],"prefixes-from":"config","resumed":false,"state":"connected","transport":"DTLS/UDP"}]}"#
         );
         let back: Reply = serde_json::from_str(&line).unwrap();
         let list: Vec<AgentInfo> = serde_json::from_value(back.body).unwrap();
