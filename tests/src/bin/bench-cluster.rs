@@ -550,11 +550,12 @@ async fn measure(
         let id = v["mitigation"]["id"].as_str().context("id")?.to_string();
         let mid = v["mitigation"]["mid"].as_u64().context("mid")?;
         ids.insert(agent_name(i), (id, mid));
-        if code != 201 {
-        } else if owner.get(&agent_name(i)) == Some(&0) {
-            local.push(ms);
-        } else {
-            remote.push(ms);
+        if code == 201 {
+            if owner.get(&agent_name(i)) == Some(&0) {
+                local.push(ms);
+            } else {
+                remote.push(ms);
+            }
         }
     }
     let writes_per_mitigation = (etcd_revision()? - rev0) as f64 / a.agents as f64;
