@@ -992,7 +992,7 @@ async fn guard(c: Arc<Cluster>) {
         }
         // The load the others see, once a second at most.
         ticks = ticks.wrapping_add(1);
-        if ticks % 5 == 0 && c.acting() {
+        if ticks.is_multiple_of(5) && c.acting() {
             c.publish().await;
             c.release_orphans().await;
         }

@@ -35,7 +35,7 @@ pub(crate) enum Command {
     ///
     /// Example:
     ///   dots-client listen --ca ca.pem --cert client.pem --key client.key
-    Listen(ListenFlags),
+    Listen(Box<ListenFlags>),
     /// List agents, connected or registered, with their customer prefixes.
     Agents(Common),
     /// Ask an agent to mitigate: drop traffic from SOURCE (inside the agent's
