@@ -120,7 +120,10 @@ struct Stored {
 
 /// What the writer task writes.
 enum Write {
-    Mitigation(Box<Mitigation>),
+    /// The mitigation as the book holds it when written: changes reach the
+    /// writer from several tasks, and a snapshot taken by one could arrive
+    /// after a newer one taken by another.
+    Mitigation(MitigationId),
     Prefixes(String, Option<Vec<IpNet>>),
 }
 
@@ -239,7 +242,8 @@ impl Cluster {
     pub async fn connect(opts: ClusterOptions) -> Result<Arc<Cluster>, ClusterError> {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(2))
+            // etcd's fsync can stall for a second or two on a busy disk.
+            .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true);
         let client = Client::connect(&opts.endpoints, Some(options))
@@ -286,13 +290,8 @@ impl Cluster {
         format!("{}owners/{}", self.prefix, escape(agent))
     }
 
-    fn mitigation_key(&self, m: &Mitigation) -> String {
-        format!(
-            "{}mitigations/{}/{:010}",
-            self.prefix,
-            escape(&m.agent),
-            m.mid
-        )
+    fn mitigation_key(&self, agent: &str, mid: u32) -> String {
+        format!("{}mitigations/{}/{:010}", self.prefix, escape(agent), mid)
     }
 
     fn registry_key(&self, agent: &str) -> String {
@@ -580,10 +579,18 @@ impl Cluster {
                     }
                     return;
                 }
-                lock(&self.revisions).insert(full, kv.mod_revision());
+                // Never back: this node's own write may be newer than an
+                // event still on its way.
+                let mut revisions = lock(&self.revisions);
+                let known = revisions.entry(full).or_insert(0);
+                *known = (*known).max(kv.mod_revision());
+                drop(revisions);
                 match serde_json::from_slice::<Stored>(kv.value()) {
                     Ok(s) if s.node == self.opts.node => {}
-                    Ok(s) => service.apply_remote(s.mitigation),
+                    Ok(s) => {
+                        debug!(id = %s.mitigation.id, from = %s.node, state = ?s.mitigation.state, revision = kv.mod_revision(), "mitigation written by another node");
+                        service.apply_remote(s.mitigation)
+                    }
                     Err(e) => {
                         warn!(key = %key, error = %e, "unreadable mitigation in etcd: ignored")
                     }
@@ -763,7 +770,7 @@ impl Cluster {
     /// Writes one mitigation: compare-and-swap on the revision last seen.
     /// Returns false when etcd could not be reached (try again later).
     async fn write_mitigation(&self, mut m: Mitigation) -> bool {
-        let key = self.mitigation_key(&m);
+        let key = self.mitigation_key(&m.agent, m.mid);
         let mut c = self.client.clone();
         for _ in 0..8 {
             let known = lock(&self.revisions).get(&key).copied().unwrap_or(0);
@@ -786,6 +793,7 @@ impl Cluster {
                 }
             };
             if r.succeeded() {
+                debug!(id = %m.id, state = ?m.state, known, "mitigation written");
                 if let Some(h) = r.header() {
                     lock(&self.revisions).insert(key.clone(), h.revision());
                 }
@@ -804,6 +812,11 @@ impl Cluster {
             let Ok(theirs) = serde_json::from_slice::<Stored>(current.value()) else {
                 continue;
             };
+            // This node's own earlier write (its answer lost on the way):
+            // the newer version here replaces it.
+            if theirs.node == self.opts.node {
+                continue;
+            }
             // A request made here (send, update, withdraw) still stands on
             // top of theirs unless theirs is over; a status written here
             // yields to theirs, which the owner acts on.
@@ -844,7 +857,7 @@ impl Cluster {
 
 impl SharedState for Cluster {
     fn mitigation_changed(&self, m: &Mitigation) {
-        let _ = self.writes.send(Write::Mitigation(Box::new(m.clone())));
+        let _ = self.writes.send(Write::Mitigation(m.id.clone()));
     }
 
     fn prefixes_changed(&self, agent: &str, prefixes: Option<&[IpNet]>) {
@@ -1098,7 +1111,7 @@ impl Cluster {
 /// unreachable waits and goes again (newer versions of a key replace it).
 async fn writer(c: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Write>) {
     let key_of = |w: &Write| match w {
-        Write::Mitigation(m) => c.mitigation_key(m),
+        Write::Mitigation(id) => c.mitigation_key(&id.agent, id.mid),
         Write::Prefixes(a, _) => c.registry_key(a),
     };
     let mut pending: BTreeMap<String, Write> = BTreeMap::new();
@@ -1119,7 +1132,10 @@ async fn writer(c: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Write>) {
         for (key, w) in batch {
             if !failed {
                 failed = !match &w {
-                    Write::Mitigation(m) => c.write_mitigation((**m).clone()).await,
+                    Write::Mitigation(id) => match c.service().and_then(|s| s.mitigation(id)) {
+                        Some(m) => c.write_mitigation(m).await,
+                        None => true,
+                    },
                     Write::Prefixes(a, p) => c.write_prefixes(a, p.as_deref()).await,
                 };
                 if !failed {

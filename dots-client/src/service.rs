@@ -604,7 +604,16 @@ impl Service {
         let waiting = o.mitigation.state;
         let deadline = tokio::time::Instant::now() + REMOTE_ANSWER_TIMEOUT;
         loop {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
+            let got = tokio::time::timeout_at(deadline, events.recv()).await;
+            if let Ok(Ok(ServiceEvent::Mitigation { mitigation: m })) = &got {
+                if m.id == id {
+                    tracing::debug!(id = %m.id, state = ?m.state, sent_at = ?m.sent_at, code = ?m.last_code, "waiting for the owner: the mitigation changed");
+                }
+            }
+            if let Ok(Err(e)) = &got {
+                tracing::debug!(%id, error = %e, "waiting for the owner: events");
+            }
+            match got {
                 // The owner's answer: sent (its time and code recorded
                 // together), or over.
                 Ok(Ok(ServiceEvent::Mitigation { mitigation: m }))

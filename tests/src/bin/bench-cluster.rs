@@ -329,7 +329,10 @@ fn spawn(program: &Path, args: &[String], log: &Path) -> Result<Child> {
     let err = out.try_clone()?;
     std::process::Command::new(program)
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("DOTS_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(out)
         .stderr(err)
         .spawn()
@@ -658,6 +661,24 @@ async fn measure(
         .filter(|(id, mid)| active.get(id) != Some(mid))
         .count();
 
+    // What moved agents around, from the nodes' logs (at info level:
+    // DOTS_BENCH_LOG=info).
+    for needle in [
+        "another node holds the agent",
+        "no longer the agent's owner",
+        "released an owner key",
+        "agent session ended",
+    ] {
+        let n: usize = (0..NODES)
+            .map(|k| {
+                std::fs::read_to_string(dir.path.join(format!("n{k}.log")))
+                    .unwrap_or_default()
+                    .matches(needle)
+                    .count()
+            })
+            .sum();
+        eprintln!("nodes logged {n} x {needle:?}");
+    }
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(20), async {
         while tasks.join_next().await.is_some() {}
