@@ -192,3 +192,47 @@ fn check_looks_into_the_certificates() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn cluster_section() {
+    const CF: &str = "/etc/dots-client/client.toml";
+    let base = "ca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\ntcp = \"192.0.2.10:4647\"\n";
+    let c = ClientConfig::from_str(
+        &format!("{base}[cluster]\netcd = [\"10.0.0.1:2379\", \"http://10.0.0.2:2379\"]\nname = \"isp\"\nnode = \"a\"\nlease-ttl = 5\nadvertise = \"a.dots.example\"\n"),
+        CF,
+    )
+    .unwrap();
+    let o = c.to_options().unwrap_or_else(|e| panic!("{e}"));
+    let cl = o.cluster.expect("a cluster");
+    assert_eq!(
+        cl.endpoints,
+        ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+    );
+    assert_eq!(
+        (cl.cluster.as_str(), cl.node.as_str(), cl.lease_ttl),
+        ("isp", "a", 5)
+    );
+    assert_eq!(cl.advertise.as_deref(), Some("a.dots.example"));
+    // No endpoints: a node alone, as without the section.
+    let c = ClientConfig::from_str(&format!("{base}[cluster]\nname = \"isp\"\n"), CF).unwrap();
+    assert_eq!(c.to_options().unwrap().cluster, None);
+
+    let err = |text: &str| {
+        let e = match ClientConfig::from_str(&format!("{base}{text}"), CF) {
+            Ok(c) => c.validate().unwrap_err(),
+            Err(e) => e,
+        };
+        assert!(e.to_string().starts_with(CF), "{e}");
+        e
+    };
+    let e = err("[cluster]\netcd = [\"10.0.0.1\"]\nnode = \"a\"\n");
+    assert_eq!(e.key(), Some("cluster.etcd[0]"), "{e}");
+    let e = err("[cluster]\netcd = [\"10.0.0.1:2379\"]\nnode = \"a b\"\n");
+    assert_eq!(e.key(), Some("cluster.node"), "{e}");
+    let e = err("[cluster]\netcd = [\"10.0.0.1:2379\"]\nnode = \"a\"\nlease-ttl = 1\n");
+    assert_eq!(e.key(), Some("cluster.lease-ttl"), "{e}");
+    let e = err("[cluster]\netcd = [\"10.0.0.1:2379\"]\nnode = \"a\"\nadvertise = \"10.0.0.5\"\n");
+    assert_eq!(e.key(), Some("cluster.advertise"), "{e}");
+    let e = err("[cluster]\nendpoints = [\"10.0.0.1:2379\"]\n");
+    assert!(e.to_string().contains("endpoints"), "{e}");
+}
