@@ -381,6 +381,14 @@ naptr-record=signal.example.org,100,10,s,DOTS-CALL-HOME:signal.tcp,,_dots-call-h
         )
     }
 
+    /// Waits until no node holds the agent.
+    fn wait_no_owner(&self, within: Duration) -> Result<()> {
+        eventually(within, || {
+            self.owners().ok().filter(|o| o.is_empty()).map(|_| ())
+        })
+        .with_context(|| format!("a node still holds the agent\n{}", self.logs()))
+    }
+
     /// The mitigations the agent holds (its control socket).
     fn agent_mitigations(&self) -> Result<Vec<Value>> {
         let s = self.path("agent.sock").display().to_string();
@@ -529,6 +537,31 @@ fn request_through_any_node_and_failover_without_loss() -> Result<()> {
         lab.agent_mitigations().ok().filter(|v| v.is_empty())
     })
     .context("the agent still holds the withdrawn mitigation")?;
+
+    // The agent away: a request on any node is queued (202) and sent by
+    // whichever node the agent dials next.
+    lab.agent.take().context("agent")?.stop();
+    lab.wait_no_owner(Duration::from_secs(10))?;
+    let body = REQUEST.replace("\"c1\"", "\"c3\"");
+    let (code, q) = lab.call(d, "POST", "/v1/mitigations", Some(&body))?;
+    assert_eq!(code, 202, "{q}");
+    let id3 = q["mitigation"]["id"].as_str().context("id")?.to_string();
+    lab.start_agent()?;
+    for i in lab.alive() {
+        eventually(Duration::from_secs(10), || {
+            lab.mitigation(i, &id3)
+                .ok()
+                .filter(|m| m["state"] == "active")
+        })
+        .with_context(|| {
+            format!(
+                "the queued request is not active on n{}\n{}",
+                i + 1,
+                lab.logs()
+            )
+        })?;
+    }
+    assert_eq!(lab.agent_mitigations()?.len(), 1);
     Ok(())
 }
 
