@@ -82,6 +82,9 @@ pub struct NodeInfo {
     /// It takes no new agents (`dots-client drain`).
     #[serde(default)]
     pub draining: bool,
+    /// The client identifier it speaks as (cuid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuid: Option<String>,
 }
 
 /// What `dots-client drain` did.
@@ -108,6 +111,12 @@ pub enum ClusterError {
         "node {0:?} is up already in this cluster (its key exists): give this node another name"
     )]
     NameTaken(String),
+    #[error("node {node:?} of this cluster speaks as client {theirs}, this node as {ours}: every node needs the same client certificate key (agents key mitigations by it)")]
+    OtherIdentity {
+        node: String,
+        theirs: String,
+        ours: String,
+    },
 }
 
 /// A mitigation as stored: with the node that wrote it, so that a node
@@ -400,6 +409,15 @@ impl Cluster {
             }
         }
         let revision = self.load().await?;
+        let ours = service.cuid().to_string();
+        let other = lock(&self.nodes).iter().find_map(|(n, i)| {
+            let theirs = i.cuid.as_ref()?;
+            (*theirs != ours).then(|| (n.clone(), theirs.clone()))
+        });
+        if let Some((node, theirs)) = other {
+            self.leave().await;
+            return Err(ClusterError::OtherIdentity { node, theirs, ours });
+        }
         // The tasks hold the node for as long as the process runs.
         tokio::spawn(keep_lease(self.clone()));
         tokio::spawn(guard(self.clone()));
@@ -419,6 +437,7 @@ impl Cluster {
             addresses: self.opts.advertise_addresses.clone(),
             agents: lock(&self.owned).len(),
             draining: self.draining.load(Ordering::SeqCst),
+            cuid: self.service().map(|s| s.cuid().to_string()),
         }
     }
 

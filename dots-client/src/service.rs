@@ -529,6 +529,11 @@ impl Service {
         }
     }
 
+    /// This client's identifier (cuid), from its certificate.
+    pub fn cuid(&self) -> &str {
+        &self.cuid
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

@@ -700,5 +700,40 @@ fn drain_redirects_agents_to_another_node() -> Result<()> {
     // The drained node refuses new agents: it no longer listens.
     let node = lab.nodes[o].as_ref().context("drained node")?;
     node.wait_log("draining: not listening for agents", Duration::from_secs(2))?;
+
+    // A node with another client key cannot join: the agents would take
+    // its re-sent mitigations for another client's.
+    let other = pki::create_lab_pki(&lab.path("other-pki"), &[San::parse("example.org")], &[], 1)?;
+    let s = |p: &Path| p.display().to_string();
+    let args: Vec<String> = vec![
+        "20".into(),
+        s(&bin("dots-client")?),
+        "listen".into(),
+        "--udp".into(),
+        "none".into(),
+        "--tcp".into(),
+        "10.77.0.254:4647".into(),
+        "--ca".into(),
+        s(&other.ca),
+        "--cert".into(),
+        s(&other.client_cert),
+        "--key".into(),
+        s(&other.client_key),
+        "--control".into(),
+        s(&lab.path("n4.sock")),
+        "--state-dir".into(),
+        s(&lab.path("n4-state")),
+        "--etcd".into(),
+        format!("{ETCD}:2379"),
+        "--node-name".into(),
+        "n4".into(),
+        "--cluster-name".into(),
+        "lab".into(),
+    ];
+    let out = run_in(&lab.hub, Path::new("/usr/bin/timeout"), &args)?;
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("same client certificate key"), "{text}");
     Ok(())
 }
