@@ -39,12 +39,14 @@ pub mod names {
     pub const ICMP_TYPE: &str = "DOTS_ICMP_TYPE";
     pub const EXEMPT4: &str = "DOTS_EXEMPT4";
     pub const EXEMPT6: &str = "DOTS_EXEMPT6";
+    pub const SLOTS: &str = "DOTS_SLOTS";
+    pub const BUCKETS: &str = "DOTS_BUCKETS";
     pub const COUNTERS: &str = "DOTS_COUNTERS";
     pub const STATS: &str = "DOTS_STATS";
     /// All maps, in the order user space opens them.
-    pub const ALL_MAPS: [&str; 15] = [
+    pub const ALL_MAPS: [&str; 17] = [
         POLICY, SRC4_EXACT, SRC6_EXACT, SRC4_LPM, SRC6_LPM, DST4_LPM, DST6_LPM, PROTO, SPORT,
-        DPORT, ICMP_TYPE, EXEMPT4, EXEMPT6, COUNTERS, STATS,
+        DPORT, ICMP_TYPE, EXEMPT4, EXEMPT6, SLOTS, BUCKETS, COUNTERS, STATS,
     ];
 }
 
@@ -223,17 +225,73 @@ impl IcmpTypeKey {
     }
 }
 
-/// Per-slot, per-CPU drop counters.
+/// One element of the `DOTS_SLOTS` array (index = slot): what a slot does
+/// with the packets it matches, and until when. Written by user space only;
+/// the program reads it on the hit path.
+///
+/// The expiry is what makes a block end even when the agent is gone: the
+/// program itself ignores a slot from `expires_ns` on, whoever is (or is
+/// not) left to clean up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotConfig {
+    /// `CLOCK_BOOTTIME` in nanoseconds (the program's
+    /// `bpf_ktime_get_boot_ns`) from which the slot matches nothing.
+    /// 0, as in a slot never configured: already expired.
+    pub expires_ns: u64,
+    /// `action::*`.
+    pub action: u64,
+    /// `action::RATE_LIMIT`: nanoseconds of budget one packet costs
+    /// (10^9 / packets per second); 0: no packet-rate limit.
+    pub ns_per_packet: u64,
+    /// `action::RATE_LIMIT`: picoseconds of budget one byte costs
+    /// (8 x 10^12 / bits per second); 0: no bit-rate limit.
+    pub ps_per_byte: u64,
+    /// `action::RATE_LIMIT`: how far a bucket may run ahead of the clock,
+    /// in nanoseconds: the burst allowed above the rate.
+    pub burst_ns: u64,
+}
+
+/// Values of [`SlotConfig::action`].
+pub mod action {
+    /// Drop every matching packet.
+    pub const DROP: u64 = 0;
+    /// Drop nothing; count what would have been dropped (monitor mode).
+    pub const MONITOR: u64 = 1;
+    /// Drop what exceeds the slot's rate limit, pass the rest.
+    pub const RATE_LIMIT: u64 = 2;
+}
+
+/// One element of the `DOTS_BUCKETS` array (index = slot): the rate limit's
+/// state, shared by all CPUs and written by the program only, with atomic
+/// compare-and-swap. Generic cell rate algorithm: each bucket is the
+/// "theoretical arrival time" in `CLOCK_BOOTTIME` nanoseconds; a packet
+/// conforms when moving it forward by the packet's cost keeps it within
+/// `burst_ns` of the clock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub packets_tat: u64,
+    pub bytes_tat: u64,
+}
+
+/// Per-slot, per-CPU counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotCounters {
+    /// Packets and bytes dropped.
     pub packets: u64,
     pub bytes: u64,
+    /// Packets and bytes that matched the slot but passed: what a monitor
+    /// slot would have dropped, or what stayed within a rate limit.
+    pub passed_packets: u64,
+    pub passed_bytes: u64,
 }
 
 /// Indices of the per-CPU `DOTS_STATS` array: how the program classified
-/// packets. Packets that simply pass are not counted (interface counters
-/// have them), so the common path pays for no counter.
+/// packets, each packet counted once. Packets that match no slot are not
+/// counted (interface counters have them), so the common path pays for no
+/// counter.
 pub mod stats {
     /// Packets passed because they could not be parsed (unknown ethertype, truncated...).
     pub const UNPARSED: u32 = 0;
@@ -241,7 +299,11 @@ pub mod stats {
     pub const EXEMPT: u32 = 1;
     /// Packets dropped.
     pub const DROPPED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Packets passed that a monitor slot would have dropped.
+    pub const MONITORED: u32 = 3;
+    /// Packets passed by a rate-limited slot (within its limit).
+    pub const CONFORMING: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 #[cfg(feature = "user")]
@@ -262,6 +324,10 @@ mod pod {
     unsafe impl aya::Pod for super::IcmpTypeKey {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::SlotCounters {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::SlotConfig {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::Bucket {}
 }
 
 #[cfg(test)]
@@ -291,7 +357,9 @@ mod tests {
     fn layouts_have_no_padding() {
         assert_eq!(core::mem::size_of::<SlotMask>(), 32);
         assert_eq!(core::mem::size_of::<Policy>(), 136);
-        assert_eq!(core::mem::size_of::<SlotCounters>(), 16);
+        assert_eq!(core::mem::size_of::<SlotCounters>(), 32);
+        assert_eq!(core::mem::size_of::<SlotConfig>(), 40);
+        assert_eq!(core::mem::size_of::<Bucket>(), 16);
         assert_eq!(core::mem::size_of::<IcmpTypeKey>(), 8);
         assert_eq!(core::mem::size_of::<Ipv4Key>(), 8);
         assert_eq!(core::mem::size_of::<PortKey>(), 8);

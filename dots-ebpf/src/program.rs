@@ -3,13 +3,13 @@
 use aya_ebpf::{
     bindings::xdp_action,
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+    helpers::generated::bpf_ktime_get_boot_ns,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use aya_log_ebpf::debug;
 use dots_common::{
-    flags, stats, IcmpTypeKey, Ipv4Key, Ipv6Key, Policy, PortKey, SlotCounters, SlotMask,
-    MAX_EXEMPT_PREFIXES as EXEMPT, MAX_RANGE_PREFIXES as RANGES, MAX_SLOTS,
+    action, flags, stats, Bucket, IcmpTypeKey, Ipv4Key, Ipv6Key, Policy, PortKey, SlotConfig,
+    SlotCounters, SlotMask, MAX_EXEMPT_PREFIXES as EXEMPT, MAX_RANGE_PREFIXES as RANGES, MAX_SLOTS,
     MAX_SOURCE_PREFIXES as SOURCES, MAX_TARGET_PREFIXES as TARGETS,
 };
 
@@ -43,6 +43,12 @@ static DOTS_ICMP_TYPE: LpmTrie<IcmpTypeKey, SlotMask, { RANGES as usize }> = Lpm
 static DOTS_EXEMPT4: LpmTrie<Ipv4Key, u8, { EXEMPT as usize }> = LpmTrie::new();
 #[btf_map]
 static DOTS_EXEMPT6: LpmTrie<Ipv6Key, u8, { EXEMPT as usize }> = LpmTrie::new();
+/// What each slot does, and until when (written by user space).
+#[btf_map]
+static DOTS_SLOTS: Array<SlotConfig, MAX_SLOTS> = Array::new();
+/// Rate-limit state of each slot (written by this program).
+#[btf_map]
+static DOTS_BUCKETS: Array<Bucket, MAX_SLOTS> = Array::new();
 #[btf_map]
 static DOTS_COUNTERS: PerCpuArray<SlotCounters, MAX_SLOTS> = PerCpuArray::new();
 #[btf_map]
@@ -67,13 +73,7 @@ pub fn dots_xdp(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    charge(&matched, bytes);
-    count_stat(stats::DROPPED);
-    debug!(
-        &ctx,
-        "drop proto {} first slot word {:x}", packet.proto, matched.bits[0]
-    );
-    xdp_action::XDP_DROP
+    enforce(&matched, bytes)
 }
 
 /// The empty program the benchmarks subtract as a baseline.
@@ -199,9 +199,16 @@ fn is_exempt(ip: &Ip, policy_flags: u64) -> bool {
     }
 }
 
-/// Charges one dropped packet of `bytes` to every slot in `matched`.
+/// Applies the live slots among `matched` to one packet of `bytes`: each
+/// is charged (as dropped, or as passed for a monitor slot), and the packet
+/// is dropped when any of them drops it. Slots past their expiry are
+/// skipped: a block ends on time even when no agent is left to remove it.
 #[inline(always)]
-fn charge(matched: &SlotMask, bytes: u64) {
+fn enforce(matched: &SlotMask, bytes: u64) -> u32 {
+    // SAFETY: a helper without arguments, allowed in XDP programs.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let mut dropped = false;
+    let mut passed = false;
     for word in 0..matched.bits.len() {
         let mut bits = matched.bits[word];
         for _ in 0..64 {
@@ -210,14 +217,37 @@ fn charge(matched: &SlotMask, bytes: u64) {
             }
             let slot = word as u32 * 64 + bits.trailing_zeros();
             bits &= bits - 1;
+            let Some(config) = DOTS_SLOTS.get(slot) else {
+                continue;
+            };
+            if now >= config.expires_ns {
+                continue;
+            }
+            let drop = config.action == action::DROP;
             if let Some(c) = DOTS_COUNTERS.get_ptr_mut(slot) {
                 // SAFETY: per-CPU value of this CPU; XDP runs with preemption off.
                 unsafe {
-                    (*c).packets += 1;
-                    (*c).bytes += bytes;
+                    if drop {
+                        (*c).packets += 1;
+                        (*c).bytes += bytes;
+                    } else {
+                        (*c).passed_packets += 1;
+                        (*c).passed_bytes += bytes;
+                    }
                 }
             }
+            dropped |= drop;
+            passed |= !drop;
         }
+    }
+    if dropped {
+        count_stat(stats::DROPPED);
+        xdp_action::XDP_DROP
+    } else {
+        if passed {
+            count_stat(stats::MONITORED);
+        }
+        xdp_action::XDP_PASS
     }
 }
 

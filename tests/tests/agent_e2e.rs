@@ -4,7 +4,7 @@
 //! hosts and targets are not, and the counters reported back agree with what
 //! was sent. The lab: `tests::lab`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -185,6 +185,67 @@ fn lifetime_expiry_restores_traffic() -> Result<()> {
     );
     let (ok, out) = lab.agent_cmd(&["mitigations"])?;
     assert!(ok && out.contains("no mitigation"), "{out}");
+    Ok(())
+}
+
+/// Sleeps until `at` (at once when it is past).
+fn sleep_until(at: Instant) {
+    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+}
+
+#[test]
+fn killed_agent_blocks_no_longer_than_the_lifetime() -> Result<()> {
+    let (mut lab, sink) = ready_lab(&[])?;
+    let asked = Instant::now();
+    let (_, mid, _) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &["--lifetime", "5"])?;
+    lab.wait_status(mid, "attack-successfully-mitigated")?;
+    assert_eq!(probe(&lab, &sink, "during")?, 0);
+    // SIGKILL: nothing removes the slot, the pinned program keeps running.
+    lab.agent.take().context("agent")?.kill();
+    assert_eq!(
+        probe(&lab, &sink, "killed")?,
+        0,
+        "still dropped while the lifetime runs"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "the lab was too slow to tell"
+    );
+    sleep_until(asked + Duration::from_millis(5300));
+    assert_eq!(
+        probe(&lab, &sink, "ended")?,
+        50,
+        "the kernel ends the block with its lifetime"
+    );
+    Ok(())
+}
+
+#[test]
+fn indefinite_mitigation_lasts_while_the_agent_lives_and_ends_within_the_cap() -> Result<()> {
+    let dir = tests::procs::TempDir::new("cap")?;
+    let config = dir.path.join("agent.toml");
+    std::fs::write(&config, "[limits]\nmax-lifetime = -1\n")?;
+    let config = config.display().to_string();
+    let (mut lab, sink) = ready_lab(&["--config", &config, "--indefinite-cap", "3"])?;
+    let (_, mid, _) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &["--lifetime=-1"])?;
+    let scope = lab.wait_status(mid, "attack-successfully-mitigated")?;
+    assert_eq!(scope["lifetime"], -1, "granted indefinite: {scope}");
+    // Longer than the cap: the running agent renews it.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        probe(&lab, &sink, "alive")?,
+        0,
+        "renewed while the agent runs"
+    );
+    lab.agent.take().context("agent")?.kill();
+    let killed = Instant::now();
+    assert_eq!(probe(&lab, &sink, "killed")?, 0);
+    sleep_until(killed + Duration::from_millis(3300));
+    assert_eq!(
+        probe(&lab, &sink, "capped")?,
+        50,
+        "an indefinite block ends within the cap once the agent is gone"
+    );
     Ok(())
 }
 

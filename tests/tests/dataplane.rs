@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use anyhow::Result;
 use dots_agent::enforce::{
-    AttachMode, Dataplane, DataplaneOptions, EnforceError, Range, SlotId, SlotSpec,
+    clock, AttachMode, Dataplane, DataplaneOptions, EnforceError, Range, Slot, SlotId, SlotSpec,
 };
 use tests::packet::{ExtHeader, Frame, L4};
 use tests::{veth, BpffsDir, Netns, PacketSocket};
@@ -75,10 +75,17 @@ impl Lab {
     }
 
     fn apply(&mut self, slots: &[(SlotId, SlotSpec)]) -> Result<()> {
-        self.dp
-            .apply(&slots.iter().cloned().collect::<BTreeMap<_, _>>())?;
+        self.dp.apply(&unbounded(slots.iter().cloned()))?;
         Ok(())
     }
+}
+
+/// Slots that never expire on their own (expiry has its own test).
+fn unbounded(slots: impl IntoIterator<Item = (SlotId, SlotSpec)>) -> BTreeMap<SlotId, Slot> {
+    slots
+        .into_iter()
+        .map(|(id, spec)| (id, Slot::without_expiry(spec)))
+        .collect()
 }
 
 const MARKER_LEN: usize = "DOTS-MARK-00000000".len();
@@ -380,7 +387,7 @@ fn removal_restores_traffic_and_reuse_starts_at_zero() -> Result<()> {
     assert!(lab.pass_one(f.clone())?, "removal stops drops at once");
     assert!(lab.dp.active_slots()?.is_empty());
     // Reusing slot 11 for another scope starts its counters at zero.
-    let report = lab.dp.apply(&BTreeMap::from([(
+    let report = lab.dp.apply(&unbounded([(
         11,
         spec(&["10.0.0.0/8"], &["198.51.100.0/24"]),
     )]))?;
@@ -389,7 +396,7 @@ fn removal_restores_traffic_and_reuse_starts_at_zero() -> Result<()> {
     assert!(!lab.pass_one(f)?);
     assert_eq!(lab.dp.counters(11)?.packets, 1);
     // Applying the same state again writes nothing.
-    let again = lab.dp.apply(&BTreeMap::from([(
+    let again = lab.dp.apply(&unbounded([(
         11,
         spec(&["10.0.0.0/8"], &["198.51.100.0/24"]),
     )]))?;
@@ -482,7 +489,7 @@ fn errors_name_their_cause_and_write_nothing() -> Result<()> {
     bad.source_ports = vec![Range::new(10, 5)];
     let err = lab
         .dp
-        .apply(&BTreeMap::from([
+        .apply(&unbounded([
             (1, spec(&["10.0.0.0/8"], &["198.51.100.0/24"])),
             (2, bad),
         ]))
@@ -494,7 +501,7 @@ fn errors_name_their_cause_and_write_nothing() -> Result<()> {
     assert!(err.to_string().contains("10-5"), "{err}");
     let err = lab
         .dp
-        .apply(&BTreeMap::from([(
+        .apply(&unbounded([(
             300,
             spec(&["10.0.0.0/8"], &["198.51.100.0/24"]),
         )]))
@@ -598,5 +605,45 @@ fn exempt_list_survives_later_slot_changes() -> Result<()> {
             "after adding {extra}"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn slots_end_at_their_expiry_without_user_space() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let f = udp("10.0.0.1", "198.51.100.1", 1, 2);
+    let scope = spec(&["10.0.0.0/8"], &["198.51.100.0/24"]);
+    let soon = |ms| clock::boot_ns_after(Duration::from_millis(ms));
+    lab.dp
+        .apply(&BTreeMap::from([(4, Slot::new(scope.clone(), soon(700)))]))?;
+    assert!(!lab.pass_one(f.clone())?, "enforced before its expiry");
+    // Renewal moves the expiry in place: the slot is never switched off.
+    let renewed = lab
+        .dp
+        .apply(&BTreeMap::from([(4, Slot::new(scope.clone(), soon(1500)))]))?;
+    assert_eq!(
+        (
+            renewed.writes,
+            renewed.activated.len(),
+            renewed.deactivated.len()
+        ),
+        (1, 0, 0)
+    );
+    std::thread::sleep(Duration::from_millis(900));
+    assert!(!lab.pass_one(f.clone())?, "the renewed expiry holds");
+    std::thread::sleep(Duration::from_millis(800));
+    // Nobody removed the slot: the program itself stops matching it.
+    assert_eq!(lab.dp.active_slots()?, vec![4]);
+    assert!(lab.pass_one(f.clone())?, "traffic passes after the expiry");
+    let c = lab.dp.counters(4)?;
+    assert_eq!(
+        (c.packets, c.passed_packets),
+        (2, 0),
+        "expired hits are not charged"
+    );
+    // A slot given a past expiry never enforces.
+    lab.dp
+        .apply(&BTreeMap::from([(5, Slot::new(scope, clock::boot_ns()))]))?;
+    assert!(lab.pass_one(f)?);
     Ok(())
 }

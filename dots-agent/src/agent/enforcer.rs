@@ -5,18 +5,48 @@
 //! whose apply step is idempotent and writes only differences (desired
 //! state, then reconcile: see docs/architecture.md). An update takes a fresh slot and frees the old one in the
 //! same apply, carrying the counters over, so totals never go backwards.
+//!
+//! Every slot carries its expiry into the kernel, where the XDP program
+//! ignores it from then on: a block ends with its lifetime even if the agent
+//! is killed. A renewed lifetime moves the expiry. An indefinite lifetime is
+//! held in the kernel for `indefinite_cap` at a time and moved forward by
+//! [`SlotTable::refresh_indefinite`] while the agent runs, so it lasts as
+//! long as the agent and ends within the cap after the agent dies.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use dots_common::MAX_SLOTS;
 use dots_proto::{model::ValidatedRequest, signal::Counters};
 use ipnet::IpNet;
 
-use crate::enforce::{Dataplane, EnforceError, Range, RateMeter, SlotCounters, SlotId, SlotSpec};
+use crate::enforce::{
+    clock, counters::sum, Dataplane, EnforceError, Range, RateMeter, Slot, SlotCounters, SlotId,
+    SlotSpec,
+};
+
+/// Default of `[xdp] indefinite-cap`: how long an indefinite mitigation
+/// stays in force in the kernel without the agent renewing it.
+pub const DEFAULT_INDEFINITE_CAP: Duration = Duration::from_secs(600);
+
+/// How long a mitigation lasts, as the signal layer granted it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifetime {
+    /// Ends at this instant (renewals move it).
+    Until(Instant),
+    /// Lifetime -1: held for the cap at a time while the agent runs.
+    Indefinite,
+}
+
+impl Lifetime {
+    /// From the signal layer's expiry (`None` is indefinite).
+    pub fn from_expiry(expires: Option<Instant>) -> Lifetime {
+        expires.map_or(Lifetime::Indefinite, Lifetime::Until)
+    }
+}
 
 /// Which mitigation a slot serves. `peer` keeps equal cuids of different
 /// upstream peers apart.
@@ -43,6 +73,11 @@ pub struct SlotRecord {
 struct Entry {
     slot: SlotId,
     spec: SlotSpec,
+    /// `None` for a slot re-adopted from the previous run whose mitigation
+    /// is not restored yet: it keeps the expiry the kernel holds.
+    lifetime: Option<Lifetime>,
+    /// The expiry written to the kernel (`CLOCK_BOOTTIME` ns).
+    expires_ns: u64,
     /// Counters of earlier slots of the same mitigation (after updates).
     carried: SlotCounters,
     meter: RateMeter,
@@ -56,6 +91,7 @@ pub struct SlotTable {
     /// robin, so a freed slot is reused as late as possible.
     next: usize,
     exempt: BTreeSet<IpNet>,
+    indefinite_cap: Duration,
 }
 
 /// The classifier's view of a validated request.
@@ -84,12 +120,23 @@ pub fn slot_spec(req: &ValidatedRequest) -> SlotSpec {
 }
 
 impl SlotTable {
-    pub fn new(dp: Dataplane) -> SlotTable {
+    /// A table driving `dp`; indefinite lifetimes are held in the kernel for
+    /// `indefinite_cap` at a time.
+    pub fn new(dp: Dataplane, indefinite_cap: Duration) -> SlotTable {
         SlotTable {
             dp,
             entries: BTreeMap::new(),
             next: 0,
             exempt: BTreeSet::new(),
+            indefinite_cap,
+        }
+    }
+
+    /// The kernel expiry for `lifetime`, counted from now.
+    fn expiry_ns(&self, lifetime: Lifetime) -> u64 {
+        match lifetime {
+            Lifetime::Until(t) => clock::boot_ns_at(t),
+            Lifetime::Indefinite => clock::boot_ns_after(self.indefinite_cap),
         }
     }
 
@@ -101,10 +148,10 @@ impl SlotTable {
         &mut self.dp
     }
 
-    fn desired(&self) -> BTreeMap<SlotId, SlotSpec> {
+    fn desired(&self) -> BTreeMap<SlotId, Slot> {
         self.entries
             .values()
-            .map(|e| (e.slot, e.spec.clone()))
+            .map(|e| (e.slot, Slot::new(e.spec.clone(), e.expires_ns)))
             .collect()
     }
 
@@ -120,10 +167,26 @@ impl SlotTable {
         None
     }
 
-    /// Installs or updates the mitigation `key`. On error nothing changes.
-    pub fn install(&mut self, key: &SlotKey, spec: SlotSpec) -> Result<SlotId, EnforceError> {
-        if self.entries.get(key).is_some_and(|e| e.spec == spec) {
-            return Ok(self.entries[key].slot);
+    /// Installs or updates the mitigation `key`, in force for `lifetime`
+    /// (`None`: the lifetime it has, or the indefinite cap until
+    /// [`SlotTable::set_lifetime`] says). The same scope again only moves the
+    /// expiry. On error nothing changes.
+    pub fn install(
+        &mut self,
+        key: &SlotKey,
+        spec: SlotSpec,
+        lifetime: Option<Lifetime>,
+    ) -> Result<SlotId, EnforceError> {
+        let known = self.entries.get(key).and_then(|e| e.lifetime);
+        let lifetime = lifetime.or(known).unwrap_or(Lifetime::Indefinite);
+        if let Some(slot) = self
+            .entries
+            .get(key)
+            .filter(|e| e.spec == spec)
+            .map(|e| e.slot)
+        {
+            self.set_lifetime(key, lifetime)?;
+            return Ok(slot);
         }
         let slot = self.free_slot().ok_or(EnforceError::InvalidSlot {
             slot: MAX_SLOTS as SlotId,
@@ -131,7 +194,7 @@ impl SlotTable {
         })?;
         let old = self.entries.remove(key);
         let carried = match &old {
-            Some(e) => add(e.carried, self.dp.counters(e.slot).unwrap_or_default()),
+            Some(e) => sum(&e.carried, &self.dp.counters(e.slot).unwrap_or_default()),
             None => SlotCounters::default(),
         };
         let meter = old.as_ref().map(|e| e.meter.clone()).unwrap_or_default();
@@ -140,6 +203,8 @@ impl SlotTable {
             Entry {
                 slot,
                 spec,
+                lifetime: Some(lifetime),
+                expires_ns: self.expiry_ns(lifetime),
                 carried,
                 meter,
             },
@@ -159,7 +224,7 @@ impl SlotTable {
         let Some(e) = self.entries.remove(key) else {
             return Ok(None);
         };
-        let last = add(e.carried, self.dp.counters(e.slot).unwrap_or_default());
+        let last = sum(&e.carried, &self.dp.counters(e.slot).unwrap_or_default());
         if let Err(err) = self.dp.apply(&self.desired()) {
             self.entries.insert(key.clone(), e);
             return Err(err);
@@ -170,7 +235,7 @@ impl SlotTable {
     /// Totals and rates of `key`.
     pub fn counters(&mut self, key: &SlotKey, now: Instant) -> Option<Counters> {
         let e = self.entries.get_mut(key)?;
-        let total = add(e.carried, self.dp.counters(e.slot).ok()?);
+        let total = sum(&e.carried, &self.dp.counters(e.slot).ok()?);
         let rates = e.meter.sample(now, total);
         Some(Counters {
             pkts: total.packets,
@@ -209,12 +274,18 @@ impl SlotTable {
             let carried = SlotCounters {
                 packets: r.carried_packets,
                 bytes: r.carried_bytes,
+                ..Default::default()
             };
+            // Until the mitigation is restored, the slot ends when the
+            // kernel says (0, never enforcing, after a reboot).
+            let expires_ns = self.dp.expiry(r.slot)?;
             self.entries.insert(
                 r.key,
                 Entry {
                     slot: r.slot,
                     spec: r.spec,
+                    lifetime: None,
+                    expires_ns,
                     carried,
                     meter: RateMeter::default(),
                 },
@@ -242,6 +313,53 @@ impl SlotTable {
         Ok(())
     }
 
+    /// Moves the expiry of `key` to match `lifetime` (a renewal); writes
+    /// only when it changed.
+    pub fn set_lifetime(&mut self, key: &SlotKey, lifetime: Lifetime) -> Result<(), EnforceError> {
+        let expires_ns = self.expiry_ns(lifetime);
+        let Some(e) = self.entries.get_mut(key) else {
+            return Ok(());
+        };
+        if e.lifetime == Some(lifetime) {
+            return Ok(());
+        }
+        let before = (e.lifetime, e.expires_ns);
+        e.lifetime = Some(lifetime);
+        e.expires_ns = expires_ns;
+        if let Err(err) = self.dp.apply(&self.desired()) {
+            if let Some(e) = self.entries.get_mut(key) {
+                (e.lifetime, e.expires_ns) = before;
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Holds every indefinite mitigation in the kernel for another
+    /// `indefinite_cap`, once half of it has passed. Call it at least every
+    /// quarter of the cap ([`SlotTable::refresh_every`]).
+    pub fn refresh_indefinite(&mut self) -> Result<usize, EnforceError> {
+        let now = clock::boot_ns();
+        let half = u64::try_from(self.indefinite_cap.as_nanos() / 2).unwrap_or(u64::MAX);
+        let renewed = clock::boot_ns_after(self.indefinite_cap);
+        let mut n = 0;
+        for e in self.entries.values_mut() {
+            if e.lifetime == Some(Lifetime::Indefinite) && e.expires_ns < now.saturating_add(half) {
+                e.expires_ns = renewed;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.dp.apply(&self.desired())?;
+        }
+        Ok(n)
+    }
+
+    /// How often [`SlotTable::refresh_indefinite`] must run.
+    pub fn refresh_every(&self) -> Duration {
+        (self.indefinite_cap / 4).max(Duration::from_millis(100))
+    }
+
     /// The slot of `key`, if installed.
     pub fn slot_of(&self, key: &SlotKey) -> Option<SlotId> {
         self.entries.get(key).map(|e| e.slot)
@@ -267,9 +385,19 @@ impl SlotTable {
     }
 }
 
-fn add(a: SlotCounters, b: SlotCounters) -> SlotCounters {
-    SlotCounters {
-        packets: a.packets + b.packets,
-        bytes: a.bytes + b.bytes,
+/// Runs [`SlotTable::refresh_indefinite`] as often as the cap needs, for as
+/// long as the agent runs.
+pub async fn keep_indefinite(table: std::sync::Arc<std::sync::Mutex<SlotTable>>) {
+    loop {
+        let every = match table.lock() {
+            Ok(mut t) => {
+                if let Err(e) = t.refresh_indefinite() {
+                    tracing::warn!(error = %e, "could not renew indefinite mitigations in the data plane");
+                }
+                t.refresh_every()
+            }
+            Err(_) => return,
+        };
+        tokio::time::sleep(every).await;
     }
 }

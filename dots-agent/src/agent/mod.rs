@@ -48,6 +48,9 @@ pub struct AgentOptions {
     pub lans: Vec<String>,
     pub attach_mode: AttachMode,
     pub bpffs: PathBuf,
+    /// How long an indefinite mitigation stays in force in the kernel
+    /// without the agent renewing it (`[xdp] indefinite-cap`).
+    pub indefinite_cap: std::time::Duration,
     pub consent: ConsentMode,
     pub never_block: Vec<IpNet>,
     pub limits: Limits,
@@ -98,7 +101,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         if opts.lans.is_empty() {
             warn!("no --lan interface: mitigations are installed in the maps but no interface runs the classifier");
         }
-        let mut table = SlotTable::new(dp);
+        let mut table = SlotTable::new(dp, opts.indefinite_cap);
         table.set_never_block(&opts.never_block)?;
         // Re-adopt the slots of the previous run (for the same peers): the
         // pinned maps already hold them, so this writes nothing.
@@ -119,7 +122,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             }
             info!(slots = n, "classifier slots of the previous run re-adopted");
         }
-        Some(Arc::new(Mutex::new(table)))
+        let table = Arc::new(Mutex::new(table));
+        tokio::spawn(enforcer::keep_indefinite(table.clone()));
+        Some(table)
     };
     let interfaces = match &enforcer {
         Some(t) => t

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     control::ConsentCommand,
-    enforcer::{slot_spec, SlotKey, SlotTable},
+    enforcer::{slot_spec, Lifetime, SlotKey, SlotTable},
     nat_glue::{NatInstall, NatResolved, NatService},
     state::{log_restored, StateStore},
     view::{unix_now, AgentView, PeerState},
@@ -395,10 +395,27 @@ impl Shell {
         let revision = server.mitigations().revision();
         if self.saved != Some(revision) {
             self.saved = Some(revision);
+            self.sync_lifetimes(server);
             self.store
                 .update(self.peer, &self.name, server.snapshot(now));
         }
         end
+    }
+
+    /// Renewed lifetimes move the expiries the XDP program enforces.
+    fn sync_lifetimes(&self, server: &Server) {
+        let Some(e) = &self.enforcer else {
+            return;
+        };
+        let Ok(mut t) = e.lock() else {
+            return;
+        };
+        for (key, m) in server.mitigations().iter().filter(|(_, m)| m.enforced()) {
+            let lifetime = Lifetime::from_expiry(m.expires);
+            if let Err(err) = t.set_lifetime(&self.slot_key(key), lifetime) {
+                warn!(cuid = %key.cuid, mid = key.mid, error = %err, "could not move the expiry in the data plane");
+            }
+        }
     }
 
     /// Brings back the mitigations of the previous run; slots of ones that
@@ -495,6 +512,10 @@ impl Shell {
         match action {
             Action::Install { key, request } => {
                 let spec = slot_spec(&request);
+                let lifetime = server
+                    .mitigations()
+                    .get(&key)
+                    .map(|m| Lifetime::from_expiry(m.expires));
                 // Behind NAT the slot names the internal devices, or waits for one.
                 let spec = match self
                     .nat
@@ -514,7 +535,7 @@ impl Shell {
                         .lock()
                         .map_err(|_| "slot table poisoned".to_string())
                         .and_then(|mut t| {
-                            t.install(&self.slot_key(&key), spec)
+                            t.install(&self.slot_key(&key), spec, lifetime)
                                 .map_err(|e| e.to_string())
                         }),
                     None => Err("no data plane".to_string()),

@@ -64,6 +64,11 @@ pub struct RunFlags {
     /// bpffs directory for pinned maps and links [default: /sys/fs/bpf/dots-agent].
     #[arg(long)]
     pub bpffs: Option<PathBuf>,
+    /// Seconds an indefinite mitigation stays in force in the kernel without
+    /// the agent renewing it: it ends within this long after the agent dies
+    /// [default: 600].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX)))]
+    pub indefinite_cap: Option<u64>,
     /// Control socket for `dots-agent status`, `mitigations`, `approve`,
     /// `reject` [default: /run/dots-agent.sock].
     #[arg(long)]
@@ -177,6 +182,9 @@ impl RunFlags {
         c.never_block.extend(self.never_block.iter().copied());
         if let Some(b) = &self.bpffs {
             c.xdp.bpffs = b.clone();
+        }
+        if let Some(cap) = self.indefinite_cap {
+            c.xdp.indefinite_cap = cap;
         }
         if let Some(s) = &self.control {
             c.control_socket = s.clone();

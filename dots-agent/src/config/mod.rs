@@ -241,6 +241,10 @@ pub struct XdpConfig {
     pub mode: AttachMode,
     /// bpffs directory for the pinned maps and links.
     pub bpffs: PathBuf,
+    /// Seconds an indefinite mitigation stays in force in the kernel without
+    /// the agent renewing it: it lasts while the agent runs, and ends within
+    /// this long after the agent dies.
+    pub indefinite_cap: u64,
 }
 
 impl Default for XdpConfig {
@@ -249,6 +253,7 @@ impl Default for XdpConfig {
             interfaces: Vec::new(),
             mode: AttachMode::Auto,
             bpffs: PathBuf::from(DEFAULT_BPFFS_DIR),
+            indefinite_cap: crate::agent::enforcer::DEFAULT_INDEFINITE_CAP.as_secs(),
         }
     }
 }
@@ -421,6 +426,16 @@ impl AgentConfig {
             }
         }
         check_path_set(&self.origin, "xdp.bpffs", &self.xdp.bpffs)?;
+        if !(1..=u64::from(u32::MAX)).contains(&self.xdp.indefinite_cap) {
+            return Err(self.value_error(
+                "xdp.indefinite-cap",
+                self.xdp.indefinite_cap.to_string(),
+                format!(
+                    "must be 1 to {} seconds (an indefinite mitigation is never forever in the kernel)",
+                    u32::MAX
+                ),
+            ));
+        }
         check_path_set(&self.origin, "state-dir", &self.state_dir)?;
         check_socket_path(&self.origin, "control-socket", &self.control_socket)?;
         if self.notify_interval < 1 {
@@ -621,6 +636,7 @@ impl AgentConfig {
             lans: self.xdp.interfaces.clone(),
             attach_mode: self.xdp.mode,
             bpffs: self.xdp.bpffs.clone(),
+            indefinite_cap: Duration::from_secs(self.xdp.indefinite_cap),
             consent: self.consent,
             never_block: self.never_block.clone(),
             limits: self.limits.to_limits(),

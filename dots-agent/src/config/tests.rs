@@ -271,6 +271,13 @@ fn bad_intervals_and_limits() {
     }
     let c = agent_ok(&format!("{MINIMAL}\n[limits]\nmax-lifetime = -1\n"));
     assert_eq!(c.limits.to_limits().max_lifetime, None);
+    // Indefinite is never forever in the kernel: the cap has bounds.
+    for bad in ["0", "4294967296"] {
+        let e = agent_err(&format!("{MINIMAL}\n[xdp]\nindefinite-cap = {bad}\n"));
+        assert_eq!(e.key(), Some("xdp.indefinite-cap"), "{e}");
+        assert!(e.to_string().contains("never forever"), "{e}");
+    }
+    assert_eq!(agent_ok(MINIMAL).xdp.indefinite_cap, 600);
 }
 
 #[test]
@@ -377,6 +384,7 @@ interface-addresses = false
 interfaces = ["eth1", "wlan0"]
 mode = "generic"
 bpffs = "/sys/fs/bpf/test"
+indefinite-cap = 120
 
 [limits]
 max-mitigations-per-cuid = 8
@@ -413,6 +421,7 @@ fn full_config_round_trips_into_agent_options() {
     assert_eq!(o.lans, vec!["eth1".to_string(), "wlan0".to_string()]);
     assert_eq!(o.attach_mode, AttachMode::Generic);
     assert_eq!(o.bpffs, PathBuf::from("/sys/fs/bpf/test"));
+    assert_eq!(o.indefinite_cap, Duration::from_secs(120));
     assert_eq!(o.consent, ConsentMode::Require);
     assert_eq!(
         o.never_block,

@@ -6,7 +6,9 @@ use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues},
     Pod,
 };
-use dots_common::{IcmpTypeKey, Ipv4Key, Ipv6Key, PortKey, SlotCounters, SlotMask};
+use dots_common::{
+    Bucket, IcmpTypeKey, Ipv4Key, Ipv6Key, PortKey, SlotConfig, SlotCounters, SlotMask,
+};
 
 use super::{
     plan::{Prefix, Table},
@@ -202,6 +204,31 @@ impl Protocols {
     }
 }
 
+/// One value per slot in a plain array (`DOTS_SLOTS`, `DOTS_BUCKETS`).
+pub(super) struct PerSlot<V: Pod> {
+    pub name: &'static str,
+    pub map: Array<MapData, V>,
+}
+
+impl<V: Pod> PerSlot<V> {
+    pub(super) fn get(&self, slot: u16) -> Result<V, EnforceError> {
+        self.map
+            .get(&u32::from(slot), 0)
+            .map_err(EnforceError::map(self.name))
+    }
+
+    pub(super) fn set(&mut self, slot: u16, value: V) -> Result<(), EnforceError> {
+        self.map
+            .set(u32::from(slot), value, 0)
+            .map_err(EnforceError::map(self.name))
+    }
+}
+
+/// The slot configurations (expiry, action).
+pub(super) type SlotConfigs = PerSlot<SlotConfig>;
+/// The rate limits' buckets.
+pub(super) type Buckets = PerSlot<Bucket>;
+
 /// Per-CPU values summed, and reset.
 pub(super) struct PerCpu<V: Pod> {
     pub name: &'static str,
@@ -214,12 +241,9 @@ impl PerCpu<SlotCounters> {
             .map
             .get(&index, 0)
             .map_err(EnforceError::map(self.name))?;
-        Ok(values
-            .iter()
-            .fold(SlotCounters::default(), |acc, c| SlotCounters {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            }))
+        Ok(values.iter().fold(SlotCounters::default(), |acc, c| {
+            crate::enforce::counters::sum(&acc, c)
+        }))
     }
 }
 

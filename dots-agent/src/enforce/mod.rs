@@ -5,8 +5,10 @@
 //! * [`dataplane`]: loading, pinning and attaching the XDP program, and the
 //!   idempotent apply step that makes the maps match a desired set of slots.
 //! * [`counters`]: drop totals and rates.
+//! * [`clock`]: the boot-time clock slot expiries are written in.
 //! * [`sys`]: bpf(2) commands aya does not wrap (link detach, test run).
 
+pub mod clock;
 pub mod counters;
 pub mod dataplane;
 mod error;
@@ -19,7 +21,7 @@ pub use counters::{RateMeter, Rates};
 pub use dataplane::{ApplyReport, AttachMode, Attachment, Dataplane, DataplaneOptions};
 pub use dots_common::SlotCounters;
 pub use error::EnforceError;
-pub use spec::{Range, SlotId, SlotLimits, SlotSpec};
+pub use spec::{Range, Slot, SlotId, SlotLimits, SlotSpec};
 
 /// Where maps and links are pinned unless configured otherwise.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/dots-agent";

@@ -15,10 +15,10 @@ use std::{
     net::IpAddr,
 };
 
-use dots_common::{flags, Policy, SlotMask};
+use dots_common::{action, flags, Policy, SlotConfig, SlotMask};
 use ipnet::IpNet;
 
-use super::spec::{Range, SlotId, SlotSpec};
+use super::spec::{Range, Slot, SlotId};
 
 /// A prefix of a `width`-bit key space, right-aligned in `bits`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -127,17 +127,30 @@ pub struct Contents {
     pub sport: Table,
     pub dport: Table,
     pub icmp_type: Table,
+    /// `DOTS_SLOTS` entries of the slots of this content.
+    pub configs: BTreeMap<SlotId, SlotConfig>,
+}
+
+/// The `DOTS_SLOTS` entry of `slot`.
+pub fn slot_config(slot: &Slot) -> SlotConfig {
+    SlotConfig {
+        expires_ns: slot.expires_ns,
+        action: action::DROP,
+        ..SlotConfig::default()
+    }
 }
 
 impl Contents {
-    pub fn build(slots: &BTreeMap<SlotId, SlotSpec>) -> Contents {
+    pub fn build(slots: &BTreeMap<SlotId, Slot>) -> Contents {
         let mut c = Contents::default();
         let (mut src4, mut src6, mut dst4, mut dst6) =
             (Table::new(), Table::new(), Table::new(), Table::new());
         let (mut sport, mut dport, mut icmp) = (Table::new(), Table::new(), Table::new());
-        for (&slot, spec) in slots {
+        for (&slot, full) in slots {
+            let spec = &full.spec;
             let s = usize::from(slot);
             c.slots.set(s);
+            c.configs.insert(slot, slot_config(full));
             for net in &spec.sources {
                 match ip_prefix(net) {
                     (true, p) => add(&mut src4, p, slot),
@@ -265,6 +278,7 @@ pub fn policy_touched(desired: &Policy, actual: &Policy) -> SlotMask {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::enforce::SlotSpec;
 
     fn pfx(bits: u128, len: u8) -> Prefix {
         Prefix { bits, len }
@@ -316,12 +330,12 @@ mod tests {
         assert_eq!(Prefix::truncate(u128::MAX, 1, 128), pfx(1 << 127, 1));
     }
 
-    fn spec(sources: &[&str], targets: &[&str]) -> SlotSpec {
-        SlotSpec {
+    fn spec(sources: &[&str], targets: &[&str]) -> Slot {
+        Slot::without_expiry(SlotSpec {
             sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
             targets: targets.iter().map(|s| s.parse().unwrap()).collect(),
             ..Default::default()
-        }
+        })
     }
 
     #[test]
@@ -349,11 +363,11 @@ mod tests {
     #[test]
     fn constraints_split_any_masks() {
         let mut s = spec(&["10.0.0.0/8"], &["192.0.2.1/32"]);
-        s.protocols = vec![17];
-        s.source_ports = vec![Range::new(1000, 1001)];
-        s.target_ports = vec![Range::single(53)];
+        s.spec.protocols = vec![17];
+        s.spec.source_ports = vec![Range::new(1000, 1001)];
+        s.spec.target_ports = vec![Range::single(53)];
         let mut t = spec(&["10.0.0.0/8"], &["192.0.2.1/32"]);
-        t.icmp_types = vec![Range::new(0, 255)];
+        t.spec.icmp_types = vec![Range::new(0, 255)];
         let c = Contents::build(&BTreeMap::from([(3, s), (4, t)]));
         assert_eq!(c.policy.any_proto, SlotMask::single(4));
         assert_eq!(c.policy.any_l4, SlotMask::EMPTY);

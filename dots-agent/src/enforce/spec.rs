@@ -63,6 +63,31 @@ pub struct SlotSpec {
     pub target_ports: Vec<Range<u16>>,
 }
 
+/// A slot as the classifier holds it: what it matches, and when it ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub spec: SlotSpec,
+    /// `CLOCK_BOOTTIME` nanoseconds ([`super::clock`]) from which the XDP
+    /// program itself ignores the slot, whether or not user space is still
+    /// there to remove it.
+    pub expires_ns: u64,
+}
+
+impl Slot {
+    pub fn new(spec: SlotSpec, expires_ns: u64) -> Slot {
+        Slot { spec, expires_ns }
+    }
+
+    /// A slot that never expires on its own: for tests and benchmarks of the
+    /// data plane alone. The agent always gives its slots an expiry.
+    pub fn without_expiry(spec: SlotSpec) -> Slot {
+        Slot {
+            spec,
+            expires_ns: u64::MAX,
+        }
+    }
+}
+
 /// Per-slot limits, so one request cannot fill the maps on its own.
 #[derive(Clone, Copy, Debug)]
 pub struct SlotLimits {

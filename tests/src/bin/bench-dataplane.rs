@@ -21,7 +21,9 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use dots_agent::enforce::{sys, Dataplane, DataplaneOptions, Range, SlotId, SlotLimits, SlotSpec};
+use dots_agent::enforce::{
+    clock, sys, Dataplane, DataplaneOptions, Range, Slot, SlotId, SlotLimits, SlotSpec,
+};
 use ipnet::IpNet;
 use serde_json::{json, Value};
 use tests::packet::{Frame, L4};
@@ -194,13 +196,11 @@ fn packet(src: IpAddr) -> Vec<u8> {
 /// `slots` slots sharing `prefixes` source prefixes of each family round-robin.
 /// Every slot constrains every field (target prefix, protocol, source and
 /// target port), so a hit walks every lookup of the classifier.
-fn slot_specs(
-    slots: usize,
-    prefixes: usize,
-    kind: Kind,
-    scope: Scope,
-) -> BTreeMap<SlotId, SlotSpec> {
-    let mut out = BTreeMap::new();
+fn slot_specs(slots: usize, prefixes: usize, kind: Kind, scope: Scope) -> BTreeMap<SlotId, Slot> {
+    // An hour ahead, as a mitigation's lifetime: the program checks it on
+    // every hit.
+    let expires = clock::boot_ns_after(std::time::Duration::from_secs(3600));
+    let mut out: BTreeMap<SlotId, SlotSpec> = BTreeMap::new();
     for s in 0..slots {
         let mut sources = Vec::new();
         for f in FAMILIES {
@@ -228,7 +228,9 @@ fn slot_specs(
             }
         }
     }
-    out
+    out.into_iter()
+        .map(|(id, spec)| (id, Slot::new(spec, expires)))
+        .collect()
 }
 
 /// One row of results.
@@ -375,7 +377,6 @@ fn bench_dots(bench: &Bench, quick: bool, rows: &mut Vec<Row>) -> Result<()> {
             max_sources: 4 * dots_common::MAX_SOURCE_PREFIXES as usize,
             ..Default::default()
         },
-        ..Default::default()
     })
     .context("loading the classifier")?;
     let prog = dp.program_fd()?;

@@ -4,14 +4,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use dots_common::{flags, names, Policy, SlotMask, MAX_EXEMPT_PREFIXES};
+use dots_common::{flags, names, Bucket, Policy, SlotMask, MAX_EXEMPT_PREFIXES};
 use ipnet::IpNet;
 
 use super::Dataplane;
 use crate::enforce::{
     maps::{Codec, Lpm, PrefixMap},
     plan::{diff, policy_touched, Contents, Prefix, Table},
-    spec::{SlotId, SlotSpec},
+    spec::{Slot, SlotId},
     EnforceError,
 };
 
@@ -28,16 +28,15 @@ pub struct ApplyReport {
 
 impl Dataplane {
     /// Makes the classifier enforce exactly `desired`, writing only what
-    /// differs. Idempotent. A slot is switched on only once all its entries are
-    /// in place, and switched off before any of its entries change, so no
-    /// packet ever sees a half-installed slot. Invalid slots or a lack of map
-    /// capacity are reported before anything is written.
-    pub fn apply(
-        &mut self,
-        desired: &BTreeMap<SlotId, SlotSpec>,
-    ) -> Result<ApplyReport, EnforceError> {
-        for (slot, spec) in desired {
-            spec.check(*slot, &self.limits)?;
+    /// differs. Idempotent. A slot is switched on only once all its entries
+    /// and its configuration are in place, and switched off before any of its
+    /// entries change, so no packet ever sees a half-installed slot. A new
+    /// expiry of an enforcing slot is written in place, without switching it
+    /// off. Invalid slots or a lack of map capacity are reported before
+    /// anything is written.
+    pub fn apply(&mut self, desired: &BTreeMap<SlotId, Slot>) -> Result<ApplyReport, EnforceError> {
+        for (slot, s) in desired {
+            s.spec.check(*slot, &self.limits)?;
         }
         let want = Contents::build(desired);
         self.check_capacity(&want)?;
@@ -79,9 +78,14 @@ impl Dataplane {
             .policy
             .get(&0, 0)
             .map_err(EnforceError::map(names::POLICY))?;
+        let mut configs = BTreeMap::new();
+        for slot in slots_of(&policy.active) {
+            configs.insert(slot, self.configs.get(slot)?);
+        }
         Ok(Contents {
             slots: policy.active,
             policy,
+            configs,
             src4_exact: self.src4_exact.read()?,
             src6_exact: self.src6_exact.read()?,
             src4_lpm: self.src4_lpm.read()?,
@@ -168,6 +172,15 @@ impl Dataplane {
         let activating = want.slots.and(&not(&keep));
         for slot in slots_of(&activating) {
             self.counters.reset(u32::from(slot))?;
+            self.buckets.set(slot, Bucket::default())?;
+        }
+        // Configurations of slots about to start, and new expiries of slots
+        // that go on enforcing.
+        for (&slot, config) in &want.configs {
+            if activating.contains(usize::from(slot)) || have.configs.get(&slot) != Some(config) {
+                self.configs.set(slot, *config)?;
+                report.writes += 1;
+            }
         }
         step.active = want.slots;
         if step != written {

@@ -31,7 +31,7 @@ pub use attach::{AttachMode, Attachment};
 
 use super::{
     error::{io_error, load_error, load_error_program},
-    maps::{Exact, IcmpType, Lpm, PerCpu, Port, Protocols, V4, V6},
+    maps::{Buckets, Exact, IcmpType, Lpm, PerCpu, PerSlot, Port, Protocols, SlotConfigs, V4, V6},
     plan::Contents,
     spec::{SlotId, SlotLimits},
     sys::check_bpffs,
@@ -46,9 +46,6 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub struct DataplaneOptions {
     /// bpffs directory for the pinned maps and links.
     pub bpffs: PathBuf,
-    /// Level of the XDP program's own log statements (aya-log); levels above
-    /// it are removed by the verifier and cost nothing.
-    pub ebpf_log_level: log::LevelFilter,
     pub limits: SlotLimits,
 }
 
@@ -56,7 +53,6 @@ impl Default for DataplaneOptions {
     fn default() -> Self {
         DataplaneOptions {
             bpffs: PathBuf::from(DEFAULT_BPFFS_DIR),
-            ebpf_log_level: log::LevelFilter::Info,
             limits: SlotLimits::default(),
         }
     }
@@ -68,6 +64,10 @@ pub struct DataplaneStats {
     pub unparsed: u64,
     pub exempt: u64,
     pub dropped: u64,
+    /// Passed, but a monitor slot would have dropped them.
+    pub monitored: u64,
+    /// Passed by a rate-limited slot, within its limit.
+    pub conforming: u64,
 }
 
 /// The loaded classifier and its maps.
@@ -88,6 +88,8 @@ pub struct Dataplane {
     proto: Protocols,
     exempt4: Lpm<V4, u8>,
     exempt6: Lpm<V6, u8>,
+    configs: SlotConfigs,
+    buckets: Buckets,
     counters: PerCpu<SlotCounters>,
     stats: PerCpu<u64>,
     /// What the maps hold after the last successful apply; `None` means
@@ -100,13 +102,11 @@ impl Dataplane {
         check_bpffs(&opts.bpffs)?;
         fs::create_dir_all(&opts.bpffs)
             .map_err(|source| io_error("creating", &opts.bpffs, source))?;
-        let level = log_level_byte(opts.ebpf_log_level);
         let mut loader = EbpfLoader::new();
         let pins: Vec<PathBuf> = names::ALL_MAPS.iter().map(|n| opts.bpffs.join(n)).collect();
         for (name, pin) in names::ALL_MAPS.iter().zip(&pins) {
             loader.map_pin_path(name, pin.as_path());
         }
-        loader.override_global("AYA_LOG_LEVEL", &level, false);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(load_error)?;
         let program: &mut Xdp = xdp_program(&mut ebpf, names::PROGRAM)?;
         program
@@ -158,6 +158,14 @@ impl Dataplane {
         };
         let exempt4 = lpm!(names::EXEMPT4, MAX_EXEMPT_PREFIXES);
         let exempt6 = lpm!(names::EXEMPT6, MAX_EXEMPT_PREFIXES);
+        let configs = PerSlot {
+            name: names::SLOTS,
+            map: typed!(names::SLOTS),
+        };
+        let buckets = PerSlot {
+            name: names::BUCKETS,
+            map: typed!(names::BUCKETS),
+        };
         let counters = PerCpu {
             name: names::COUNTERS,
             map: typed!(names::COUNTERS),
@@ -183,6 +191,8 @@ impl Dataplane {
             proto,
             exempt4,
             exempt6,
+            configs,
+            buckets,
             counters,
             stats,
             mirror: None,
@@ -194,12 +204,13 @@ impl Dataplane {
         &self.dir
     }
 
-    /// The aya object, e.g. to start an `aya_log::EbpfLogger` on it.
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+    /// When `slot` expires, as the kernel holds it (`CLOCK_BOOTTIME` ns; 0
+    /// for a slot never configured).
+    pub fn expiry(&self, slot: SlotId) -> Result<u64, EnforceError> {
+        Ok(self.configs.get(slot)?.expires_ns)
     }
 
-    /// Drop counters of `slot`, summed over CPUs.
+    /// Counters of `slot`, summed over CPUs.
     pub fn counters(&self, slot: SlotId) -> Result<SlotCounters, EnforceError> {
         self.counters.total(u32::from(slot))
     }
@@ -209,6 +220,8 @@ impl Dataplane {
             unparsed: self.stats.total(stats::UNPARSED)?,
             exempt: self.stats.total(stats::EXEMPT)?,
             dropped: self.stats.total(stats::DROPPED)?,
+            monitored: self.stats.total(stats::MONITORED)?,
+            conforming: self.stats.total(stats::CONFORMING)?,
         })
     }
 
@@ -243,16 +256,4 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, Enforc
         .ok_or_else(|| EnforceError::Load(format!("program {name} missing from the object")))?
         .try_into()
         .map_err(|e: ProgramError| EnforceError::Load(format!("program {name}: {e}")))
-}
-
-/// aya-log's level byte: Error = 1 ... Trace = 5; 0 silences everything.
-fn log_level_byte(level: log::LevelFilter) -> u8 {
-    match level {
-        log::LevelFilter::Off => 0,
-        log::LevelFilter::Error => 1,
-        log::LevelFilter::Warn => 2,
-        log::LevelFilter::Info => 3,
-        log::LevelFilter::Debug => 4,
-        log::LevelFilter::Trace => 5,
-    }
 }
