@@ -11,9 +11,12 @@
 pub const MAX_SLOTS: usize = 256;
 /// 64-bit words in a [`SlotMask`].
 pub const MASK_WORDS: usize = MAX_SLOTS / 64;
-/// Capacity of each source-prefix map (per address family and per kind:
-/// exact host addresses and shorter prefixes have a map each).
+/// Capacity of each source-prefix map (per address family: the hash of all
+/// source prefixes, and the trie of the shorter ones).
 pub const MAX_SOURCE_PREFIXES: u32 = 131_072;
+/// Distinct source prefix lengths the program probes one by one in the
+/// source hash ([`SourceLengths`]); with more, shorter prefixes take the trie.
+pub const MAX_PROBED_LENGTHS: usize = 4;
 /// Capacity of each target-prefix map (per address family).
 pub const MAX_TARGET_PREFIXES: u32 = 16_384;
 /// Capacity of the exempt (never-block) prefix map, per address family.
@@ -27,8 +30,8 @@ pub mod names {
     pub const PROGRAM: &str = "dots_xdp";
     pub const PASS_PROGRAM: &str = "dots_xdp_pass";
     pub const POLICY: &str = "DOTS_POLICY";
-    pub const SRC4_EXACT: &str = "DOTS_SRC4_EXACT";
-    pub const SRC6_EXACT: &str = "DOTS_SRC6_EXACT";
+    pub const SRC4: &str = "DOTS_SRC4";
+    pub const SRC6: &str = "DOTS_SRC6";
     pub const SRC4_LPM: &str = "DOTS_SRC4_LPM";
     pub const SRC6_LPM: &str = "DOTS_SRC6_LPM";
     pub const DST4_LPM: &str = "DOTS_DST4_LPM";
@@ -45,7 +48,7 @@ pub mod names {
     pub const STATS: &str = "DOTS_STATS";
     /// All maps, in the order user space opens them.
     pub const ALL_MAPS: [&str; 17] = [
-        POLICY, SRC4_EXACT, SRC6_EXACT, SRC4_LPM, SRC6_LPM, DST4_LPM, DST6_LPM, PROTO, SPORT,
+        POLICY, SRC4, SRC6, SRC4_LPM, SRC6_LPM, DST4_LPM, DST6_LPM, PROTO, SPORT,
         DPORT, ICMP_TYPE, EXEMPT4, EXEMPT6, SLOTS, BUCKETS, COUNTERS, STATS,
     ];
 }
@@ -147,20 +150,95 @@ pub struct Policy {
     /// Slots without target-port constraint.
     pub any_dport: SlotMask,
     /// `flags::*`: which optional lookups have anything to find, so the
-    /// program skips lookups in empty maps.
+    /// program skips lookups that cannot change the verdict.
     pub flags: u64,
+    /// How to find the source entry of an IPv4 packet.
+    pub src4: SourceLengths,
+    /// How to find the source entry of an IPv6 packet.
+    pub src6: SourceLengths,
+}
+
+/// The source prefix lengths present in one family, longest first: the
+/// program probes the source hash once per length (address masked to it)
+/// and stops at the first hit, which holds the slots of every covering
+/// prefix too. When more than [`MAX_PROBED_LENGTHS`] lengths are present,
+/// `trie` is set: `lengths` then holds at most the host length (probed in
+/// the hash), and the shorter prefixes take one lookup in the trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceLengths {
+    pub lengths: [u8; MAX_PROBED_LENGTHS],
+    /// Entries of `lengths` in use.
+    pub count: u8,
+    /// 1: look the shorter prefixes up in the trie.
+    pub trie: u8,
+    pub pad: [u8; 2],
 }
 
 /// Bits of [`Policy::flags`].
 pub mod flags {
-    /// `DOTS_SRC4_LPM` holds entries (else only the exact hash is looked up).
-    pub const SRC4_LPM: u64 = 1 << 0;
-    pub const SRC6_LPM: u64 = 1 << 1;
-    /// `DOTS_EXEMPT4` holds entries.
+    /// `DOTS_EXEMPT4` holds a prefix that a slot's sources or targets
+    /// overlap: only then can an exempt prefix spare a matching packet, so
+    /// only then does the program look.
     pub const EXEMPT4: u64 = 1 << 2;
     pub const EXEMPT6: u64 = 1 << 3;
     /// The bits owned by the exempt list (the rest follow the slots).
     pub const EXEMPT: u64 = EXEMPT4 | EXEMPT6;
+}
+
+/// Hash key of an IPv4 source prefix: the address masked to `prefix_len`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Source4Key {
+    pub addr: [u8; 4],
+    pub prefix_len: u32,
+}
+
+/// Hash key of an IPv6 source prefix: the address masked to `prefix_len`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Source6Key {
+    pub addr: [u8; 16],
+    pub prefix_len: u32,
+}
+
+/// Value of a source prefix (hash and trie): the slots it matches, folded
+/// with those of every covering prefix, and, when all those slots name the
+/// same single target prefix of the family, that prefix, so the program
+/// checks the target with a mask instead of a lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceEntry {
+    pub slots: SlotMask,
+    /// `entry::TARGET_HINT`.
+    pub flags: u64,
+    /// The target prefix and its netmask, as address words ([`addr_words`]).
+    pub target: [u64; 2],
+    pub target_mask: [u64; 2],
+}
+
+/// Bits of [`SourceEntry::flags`].
+pub mod entry {
+    /// `target` / `target_mask` decide the target match for every slot of
+    /// the entry: no target lookup.
+    pub const TARGET_HINT: u64 = 1;
+}
+
+/// An address as the two words the program compares ([`SourceEntry`]):
+/// the bytes in network order, IPv4 in the first four bytes, zero-padded.
+#[inline(always)]
+pub fn addr_words(addr: &[u8]) -> [u64; 2] {
+    let mut b = [0u8; 16];
+    let n = if addr.len() < 16 { addr.len() } else { 16 };
+    let mut i = 0;
+    while i < n {
+        b[i] = addr[i];
+        i += 1;
+    }
+    [
+        u64::from_ne_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+        u64::from_ne_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+    ]
 }
 
 // Trie keys are padded to a multiple of 8 bytes: the kernel stores the value
@@ -236,8 +314,9 @@ impl IcmpTypeKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotConfig {
     /// `CLOCK_BOOTTIME` in nanoseconds (the program's
-    /// `bpf_ktime_get_boot_ns`) from which the slot matches nothing.
-    /// 0, as in a slot never configured: already expired.
+    /// `bpf_ktime_get_boot_ns`) from which the slot matches nothing (up to
+    /// [`CLOCK_SLACK_NS`] earlier). 0, as in a slot never configured:
+    /// already expired.
     pub expires_ns: u64,
     /// `action::*`.
     pub action: u64,
@@ -251,6 +330,12 @@ pub struct SlotConfig {
     /// in nanoseconds: the burst allowed above the rate.
     pub burst_ns: u64,
 }
+
+/// How much earlier than `expires_ns` a slot may end: the program reads the
+/// boot clock at most once per scheduler tick per CPU and counts a reading
+/// this much ahead, so that a slot ends early rather than late. Longer than
+/// a tick at any HZ (100 or more).
+pub const CLOCK_SLACK_NS: u64 = 10_000_000;
 
 /// Values of [`SlotConfig::action`].
 pub mod action {
@@ -327,6 +412,12 @@ mod pod {
     // SAFETY: see above.
     unsafe impl aya::Pod for super::SlotConfig {}
     // SAFETY: see above.
+    unsafe impl aya::Pod for super::Source4Key {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::Source6Key {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::SourceEntry {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Bucket {}
 }
 
@@ -354,9 +445,23 @@ mod tests {
     }
 
     #[test]
+    fn address_words_keep_network_order() {
+        let w = addr_words(&[192, 0, 2, 1]);
+        assert_eq!(w[0].to_ne_bytes(), [192, 0, 2, 1, 0, 0, 0, 0]);
+        assert_eq!(w[1], 0);
+        let v6: [u8; 16] = core::array::from_fn(|i| i as u8);
+        let w = addr_words(&v6);
+        assert_eq!(w[1].to_ne_bytes(), [8, 9, 10, 11, 12, 13, 14, 15]);
+    }
+
+    #[test]
     fn layouts_have_no_padding() {
         assert_eq!(core::mem::size_of::<SlotMask>(), 32);
-        assert_eq!(core::mem::size_of::<Policy>(), 136);
+        assert_eq!(core::mem::size_of::<Policy>(), 152);
+        assert_eq!(core::mem::size_of::<SourceLengths>(), 8);
+        assert_eq!(core::mem::size_of::<Source4Key>(), 8);
+        assert_eq!(core::mem::size_of::<Source6Key>(), 20);
+        assert_eq!(core::mem::size_of::<SourceEntry>(), 72);
         assert_eq!(core::mem::size_of::<SlotCounters>(), 32);
         assert_eq!(core::mem::size_of::<SlotConfig>(), 40);
         assert_eq!(core::mem::size_of::<Bucket>(), 16);

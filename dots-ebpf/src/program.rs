@@ -3,29 +3,39 @@
 use aya_ebpf::{
     bindings::xdp_action,
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
-    helpers::generated::bpf_ktime_get_boot_ns,
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_boot_ns},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use dots_common::{
-    action, flags, stats, Bucket, IcmpTypeKey, Ipv4Key, Ipv6Key, Policy, PortKey, SlotConfig,
-    SlotCounters, SlotMask, MAX_EXEMPT_PREFIXES as EXEMPT, MAX_RANGE_PREFIXES as RANGES, MAX_SLOTS,
-    MAX_SOURCE_PREFIXES as SOURCES, MAX_TARGET_PREFIXES as TARGETS,
+    action, addr_words, entry, flags, stats, Bucket, IcmpTypeKey, Ipv4Key, Ipv6Key, Policy,
+    PortKey, SlotConfig, SlotCounters, SlotMask, Source4Key, Source6Key, SourceEntry,
+    SourceLengths, CLOCK_SLACK_NS, MAX_EXEMPT_PREFIXES as EXEMPT, MAX_PROBED_LENGTHS, MAX_RANGE_PREFIXES as RANGES,
+    MAX_SLOTS, MAX_SOURCE_PREFIXES as SOURCES, MAX_TARGET_PREFIXES as TARGETS,
 };
 
 use crate::parse::{parse, Ip, Packet, L4};
 
+/// `BPF_F_NO_PREALLOC`: the source hashes take memory as they fill, not
+/// their full capacity up front.
+const NO_PREALLOC: usize = 1;
+
 // The static names are the pinned map names (dots_common::names).
 #[btf_map]
 static DOTS_POLICY: Array<Policy, 1> = Array::new();
+/// Every source prefix, keyed by (address masked to its length, length).
 #[btf_map]
-static DOTS_SRC4_EXACT: HashMap<Ipv4Key, SlotMask, { SOURCES as usize }> = HashMap::new();
+static DOTS_SRC4: HashMap<Source4Key, SourceEntry, { SOURCES as usize }, NO_PREALLOC> =
+    HashMap::new();
 #[btf_map]
-static DOTS_SRC6_EXACT: HashMap<Ipv6Key, SlotMask, { SOURCES as usize }> = HashMap::new();
+static DOTS_SRC6: HashMap<Source6Key, SourceEntry, { SOURCES as usize }, NO_PREALLOC> =
+    HashMap::new();
+/// The shorter source prefixes again, for when too many lengths are present
+/// to probe them one by one (`SourceLengths::trie`).
 #[btf_map]
-static DOTS_SRC4_LPM: LpmTrie<Ipv4Key, SlotMask, { SOURCES as usize }> = LpmTrie::new();
+static DOTS_SRC4_LPM: LpmTrie<Ipv4Key, SourceEntry, { SOURCES as usize }> = LpmTrie::new();
 #[btf_map]
-static DOTS_SRC6_LPM: LpmTrie<Ipv6Key, SlotMask, { SOURCES as usize }> = LpmTrie::new();
+static DOTS_SRC6_LPM: LpmTrie<Ipv6Key, SourceEntry, { SOURCES as usize }> = LpmTrie::new();
 #[btf_map]
 static DOTS_DST4_LPM: LpmTrie<Ipv4Key, SlotMask, { TARGETS as usize }> = LpmTrie::new();
 #[btf_map]
@@ -54,6 +64,17 @@ static DOTS_COUNTERS: PerCpuArray<SlotCounters, MAX_SLOTS> = PerCpuArray::new();
 #[btf_map]
 static DOTS_STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new();
 
+/// The boot clock as last read on this CPU, and the jiffies it was read at.
+#[repr(C)]
+struct ClockCache {
+    jiffies: u64,
+    boot_ns: u64,
+}
+
+/// Per-CPU scratch of `now`, not shared with user space (not pinned).
+#[btf_map]
+static DOTS_CLOCK: PerCpuArray<ClockCache, 1> = PerCpuArray::new();
+
 #[xdp]
 pub fn dots_xdp(ctx: XdpContext) -> u32 {
     let Some(packet) = parse(&ctx) else {
@@ -67,7 +88,8 @@ pub fn dots_xdp(ctx: XdpContext) -> u32 {
     if matched.is_empty() {
         return xdp_action::XDP_PASS;
     }
-    // Checked only on the hit path, so misses pay nothing for it.
+    // Checked only on the hit path, and only when an exempt prefix overlaps
+    // some slot, so misses pay nothing for it.
     if is_exempt(&packet.ip, policy.flags) {
         count_stat(stats::EXEMPT);
         return xdp_action::XDP_PASS;
@@ -87,20 +109,36 @@ pub fn dots_xdp_pass(_ctx: XdpContext) -> u32 {
 /// unconstrained, so a packet pays only for what some candidate slot asks.
 #[inline(always)]
 fn classify(packet: &Packet, policy: &Policy) -> SlotMask {
-    let src = match &packet.ip {
-        Ip::V4(a) => source4(a.src, policy.flags & flags::SRC4_LPM != 0),
-        Ip::V6(a) => source6(a.src, policy.flags & flags::SRC6_LPM != 0),
+    let source = match &packet.ip {
+        Ip::V4(a) => source4(a.src, &policy.src4),
+        Ip::V6(a) => source6(a.src, &policy.src6),
     };
-    let mut m = src.and(&policy.active);
+    let Some(source) = source else {
+        return SlotMask::EMPTY;
+    };
+    let mut m = source.slots.and(&policy.active);
     if m.is_empty() {
         return m;
     }
-    m = m.and(&match &packet.ip {
-        Ip::V4(a) => target4(a.dst),
-        Ip::V6(a) => target6(a.dst),
-    });
-    if m.is_empty() {
-        return m;
+    if source.flags & entry::TARGET_HINT != 0 {
+        // Every slot of the entry names this one target prefix.
+        let dst = match &packet.ip {
+            Ip::V4(a) => addr_words(&a.dst.to_ne_bytes()),
+            Ip::V6(a) => a.dst,
+        };
+        if dst[0] & source.target_mask[0] != source.target[0]
+            || dst[1] & source.target_mask[1] != source.target[1]
+        {
+            return SlotMask::EMPTY;
+        }
+    } else {
+        m = m.and(&match &packet.ip {
+            Ip::V4(a) => lookup(&DOTS_DST4_LPM, v4_key(a.dst), 32),
+            Ip::V6(a) => lookup(&DOTS_DST6_LPM, v6_key(a.dst), 128),
+        });
+        if m.is_empty() {
+            return m;
+        }
     }
     if !m.is_subset_of(&policy.any_proto) {
         let proto = DOTS_PROTO
@@ -137,42 +175,77 @@ fn lookup<K, const N: usize>(map: &LpmTrie<K, SlotMask, N>, data: K, bits: u32) 
     map.get(&Key::new(bits, data)).copied().unwrap_or_default()
 }
 
-/// Exact host addresses take the hash fast path; shorter prefixes the trie.
-/// User space folds covering prefixes into each entry, so one hit is enough.
+/// Trie key data of an address as loaded (see `parse::Addrs4`).
 #[inline(always)]
-fn source4(addr: [u8; 4], lpm: bool) -> SlotMask {
-    let key = Ipv4Key::new(addr);
-    // SAFETY: the value is copied out at once; user space only replaces values whole.
-    if let Some(m) = unsafe { DOTS_SRC4_EXACT.get(&key) } {
-        return *m;
-    }
-    if !lpm {
-        return SlotMask::EMPTY;
-    }
-    lookup(&DOTS_SRC4_LPM, key, 32)
+fn v4_key(raw: u32) -> Ipv4Key {
+    Ipv4Key::new(raw.to_ne_bytes())
 }
 
 #[inline(always)]
-fn source6(addr: [u8; 16], lpm: bool) -> SlotMask {
-    let key = Ipv6Key { addr };
-    // SAFETY: as in `source4`.
-    if let Some(m) = unsafe { DOTS_SRC6_EXACT.get(&key) } {
-        return *m;
+fn v6_key(raw: [u64; 2]) -> Ipv6Key {
+    let mut addr = [0u8; 16];
+    addr[..8].copy_from_slice(&raw[0].to_ne_bytes());
+    addr[8..].copy_from_slice(&raw[1].to_ne_bytes());
+    Ipv6Key { addr }
+}
+
+/// The source entry of an IPv4 address: the hash probed at each length
+/// present, longest first (user space folds covering prefixes into each
+/// entry, so the first hit is the answer), then the trie when asked.
+#[inline(always)]
+fn source4(raw: u32, lengths: &SourceLengths) -> Option<&'static SourceEntry> {
+    let a = u32::from_be(raw);
+    for i in 0..MAX_PROBED_LENGTHS {
+        if i >= lengths.count as usize {
+            break;
+        }
+        let len = (lengths.lengths[i] as u32).min(32);
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        let key = Source4Key {
+            addr: (a & mask).to_be_bytes(),
+            prefix_len: len,
+        };
+        // SAFETY: the value is only read; user space replaces values whole.
+        if let Some(e) = unsafe { DOTS_SRC4.get(&key) } {
+            return Some(e);
+        }
     }
-    if !lpm {
-        return SlotMask::EMPTY;
+    if lengths.trie == 0 {
+        return None;
     }
-    lookup(&DOTS_SRC6_LPM, key, 128)
+    DOTS_SRC4_LPM.get(&Key::new(32, v4_key(raw)))
 }
 
 #[inline(always)]
-fn target4(addr: [u8; 4]) -> SlotMask {
-    lookup(&DOTS_DST4_LPM, Ipv4Key::new(addr), 32)
-}
-
-#[inline(always)]
-fn target6(addr: [u8; 16]) -> SlotMask {
-    lookup(&DOTS_DST6_LPM, Ipv6Key { addr }, 128)
+fn source6(raw: [u64; 2], lengths: &SourceLengths) -> Option<&'static SourceEntry> {
+    let (hi, lo) = (u64::from_be(raw[0]), u64::from_be(raw[1]));
+    for i in 0..MAX_PROBED_LENGTHS {
+        if i >= lengths.count as usize {
+            break;
+        }
+        let len = (lengths.lengths[i] as u32).min(128);
+        let (mask_hi, mask_lo) = match len {
+            0 => (0, 0),
+            1..=63 => (u64::MAX << (64 - len), 0),
+            64 => (u64::MAX, 0),
+            _ => (u64::MAX, u64::MAX << (128 - len)),
+        };
+        let mut masked = [0u8; 16];
+        masked[..8].copy_from_slice(&(hi & mask_hi).to_be_bytes());
+        masked[8..].copy_from_slice(&(lo & mask_lo).to_be_bytes());
+        let key = Source6Key {
+            addr: masked,
+            prefix_len: len,
+        };
+        // SAFETY: as in `source4`.
+        if let Some(e) = unsafe { DOTS_SRC6.get(&key) } {
+            return Some(e);
+        }
+    }
+    if lengths.trie == 0 {
+        return None;
+    }
+    DOTS_SRC6_LPM.get(&Key::new(128, v6_key(raw)))
 }
 
 #[inline(always)]
@@ -181,21 +254,39 @@ fn is_exempt(ip: &Ip, policy_flags: u64) -> bool {
         Ip::V4(_) if policy_flags & flags::EXEMPT4 == 0 => false,
         Ip::V6(_) if policy_flags & flags::EXEMPT6 == 0 => false,
         Ip::V4(a) => {
-            DOTS_EXEMPT4
-                .get(&Key::new(32, Ipv4Key::new(a.src)))
-                .is_some()
-                || DOTS_EXEMPT4
-                    .get(&Key::new(32, Ipv4Key::new(a.dst)))
-                    .is_some()
+            DOTS_EXEMPT4.get(&Key::new(32, v4_key(a.src))).is_some()
+                || DOTS_EXEMPT4.get(&Key::new(32, v4_key(a.dst))).is_some()
         }
         Ip::V6(a) => {
-            DOTS_EXEMPT6
-                .get(&Key::new(128, Ipv6Key { addr: a.src }))
-                .is_some()
-                || DOTS_EXEMPT6
-                    .get(&Key::new(128, Ipv6Key { addr: a.dst }))
-                    .is_some()
+            DOTS_EXEMPT6.get(&Key::new(128, v6_key(a.src))).is_some()
+                || DOTS_EXEMPT6.get(&Key::new(128, v6_key(a.dst))).is_some()
         }
+    }
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds, read at most once per tick per CPU.
+///
+/// `bpf_ktime_get_boot_ns` costs tens of nanoseconds in a virtual machine
+/// (it reads the clock source); `bpf_jiffies64` is inlined by the verifier
+/// into one load. So the boot clock is read again only when jiffies moved
+/// since the last reading on this CPU; in between, the cached reading is at
+/// most one tick old. The caller adds [`CLOCK_SLACK_NS`] (longer than a
+/// tick at any HZ) so that a stale reading ends a slot early, never late.
+#[inline(always)]
+fn boot_ns() -> u64 {
+    // SAFETY: helpers without arguments, allowed in XDP programs.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(cache) = DOTS_CLOCK.get_ptr_mut(0) else {
+        // SAFETY: as above.
+        return unsafe { bpf_ktime_get_boot_ns() };
+    };
+    // SAFETY: this CPU's value; XDP runs with preemption off.
+    unsafe {
+        if (*cache).jiffies != jiffies || (*cache).boot_ns == 0 {
+            (*cache).jiffies = jiffies;
+            (*cache).boot_ns = bpf_ktime_get_boot_ns();
+        }
+        (*cache).boot_ns
     }
 }
 
@@ -205,8 +296,7 @@ fn is_exempt(ip: &Ip, policy_flags: u64) -> bool {
 /// skipped: a block ends on time even when no agent is left to remove it.
 #[inline(always)]
 fn enforce(matched: &SlotMask, bytes: u64) -> u32 {
-    // SAFETY: a helper without arguments, allowed in XDP programs.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let now = boot_ns().saturating_add(CLOCK_SLACK_NS);
     let mut dropped = false;
     let mut passed = false;
     for word in 0..matched.bits.len() {

@@ -647,3 +647,55 @@ fn slots_end_at_their_expiry_without_user_space() -> Result<()> {
     assert!(lab.pass_one(f)?);
     Ok(())
 }
+
+#[test]
+fn many_source_lengths_take_the_trie_and_a_restart_writes_nothing() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let t = "198.51.100.1";
+    // Six lengths: more than the program probes one by one.
+    let sources = [
+        "10.0.0.0/12",
+        "10.16.0.0/14",
+        "10.20.0.0/16",
+        "10.21.0.0/20",
+        "10.21.16.0/24",
+        "10.21.17.9/32",
+    ];
+    let slots = [
+        (1, spec(&sources, &["198.51.100.0/24"])),
+        (2, spec(&["10.21.17.0/24"], &["198.51.100.1/32"])),
+    ];
+    lab.apply(&slots)?;
+    let frames = [
+        udp("10.15.255.255", t, 1, 2), // /12
+        udp("10.17.0.1", t, 1, 2),     // /14
+        udp("10.20.9.9", t, 1, 2),     // /16
+        udp("10.21.15.1", t, 1, 2),    // /20
+        udp("10.21.16.200", t, 1, 2),  // /24
+        udp("10.21.17.9", t, 1, 2),    // /32 (and slot 2's /24)
+        udp("10.21.17.10", t, 1, 2),   // slot 2 only
+        udp("10.22.0.1", t, 1, 2),     // none
+    ];
+    assert_eq!(
+        lab.passes(&frames)?,
+        vec![false, false, false, false, false, false, false, true]
+    );
+    assert_eq!(lab.dp.counters(1)?.packets, 6);
+    assert_eq!(lab.dp.counters(2)?.packets, 2);
+    // A second loader (a restarted agent) reads the maps back: same slots,
+    // nothing to write.
+    let mut adopted = Dataplane::open(&DataplaneOptions {
+        bpffs: lab.bpffs.path.clone(),
+        ..Default::default()
+    })?;
+    let report = adopted.apply(&unbounded(slots.iter().cloned()))?;
+    assert_eq!((report.writes, report.activated.len()), (0, 0));
+    // Back to few lengths: the hash alone again.
+    adopted.apply(&unbounded([(2, spec(&["10.21.17.0/24"], &["198.51.100.1/32"]))]))?;
+    assert_eq!(
+        lab.passes(&frames[5..])?,
+        vec![false, false, true],
+        "slot 2 still enforced, slot 1 gone"
+    );
+    Ok(())
+}

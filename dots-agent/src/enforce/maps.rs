@@ -8,17 +8,14 @@ use aya::{
 };
 use dots_common::{
     Bucket, IcmpTypeKey, Ipv4Key, Ipv6Key, PortKey, SlotConfig, SlotCounters, SlotMask,
+    Source4Key, Source6Key, SourceEntry,
 };
 
-use super::{
-    plan::{Prefix, Table},
-    EnforceError,
-};
+use super::{plan::Prefix, EnforceError};
 
 /// How a map key encodes a right-aligned prefix value.
 pub(super) trait Codec {
     type K: Pod;
-    const WIDTH: u8;
     fn encode(bits: u128) -> Self::K;
     fn decode(k: &Self::K) -> u128;
 }
@@ -30,7 +27,6 @@ pub(super) struct IcmpType;
 
 impl Codec for V4 {
     type K = Ipv4Key;
-    const WIDTH: u8 = 32;
     fn encode(bits: u128) -> Ipv4Key {
         Ipv4Key::new((bits as u32).to_be_bytes())
     }
@@ -41,7 +37,6 @@ impl Codec for V4 {
 
 impl Codec for V6 {
     type K = Ipv6Key;
-    const WIDTH: u8 = 128;
     fn encode(bits: u128) -> Ipv6Key {
         Ipv6Key {
             addr: bits.to_be_bytes(),
@@ -54,7 +49,6 @@ impl Codec for V6 {
 
 impl Codec for Port {
     type K = PortKey;
-    const WIDTH: u8 = 16;
     fn encode(bits: u128) -> PortKey {
         PortKey::new(bits as u16)
     }
@@ -65,7 +59,6 @@ impl Codec for Port {
 
 impl Codec for IcmpType {
     type K = IcmpTypeKey;
-    const WIDTH: u8 = 8;
     fn encode(bits: u128) -> IcmpTypeKey {
         IcmpTypeKey::new(bits as u8)
     }
@@ -124,42 +117,75 @@ impl<C: Codec, V: Pod> PrefixMap<V> for Lpm<C, V> {
     }
 }
 
-/// An exact-match hash of host addresses (prefix length = the key's width).
-pub(super) struct Exact<C: Codec> {
-    pub name: &'static str,
-    pub capacity: u32,
-    pub map: HashMap<MapData, C::K, SlotMask>,
+/// How a source hash key encodes a prefix (address masked, and length).
+pub(super) trait SourceCodec {
+    type K: Pod;
+    fn encode(p: Prefix) -> Self::K;
+    fn decode(k: &Self::K) -> Prefix;
 }
 
-impl<C: Codec> PrefixMap<SlotMask> for Exact<C> {
+impl SourceCodec for V4 {
+    type K = Source4Key;
+    fn encode(p: Prefix) -> Source4Key {
+        Source4Key {
+            addr: (p.bits as u32).to_be_bytes(),
+            prefix_len: u32::from(p.len),
+        }
+    }
+    fn decode(k: &Source4Key) -> Prefix {
+        Prefix {
+            bits: u128::from(u32::from_be_bytes(k.addr)),
+            len: k.prefix_len as u8,
+        }
+    }
+}
+
+impl SourceCodec for V6 {
+    type K = Source6Key;
+    fn encode(p: Prefix) -> Source6Key {
+        Source6Key {
+            addr: p.bits.to_be_bytes(),
+            prefix_len: u32::from(p.len),
+        }
+    }
+    fn decode(k: &Source6Key) -> Prefix {
+        Prefix {
+            bits: u128::from_be_bytes(k.addr),
+            len: k.prefix_len as u8,
+        }
+    }
+}
+
+/// The hash of every source prefix of one family.
+pub(super) struct SourceHash<C: SourceCodec> {
+    pub name: &'static str,
+    pub capacity: u32,
+    pub map: HashMap<MapData, C::K, SourceEntry>,
+}
+
+impl<C: SourceCodec> PrefixMap<SourceEntry> for SourceHash<C> {
     fn name(&self) -> &'static str {
         self.name
     }
     fn capacity(&self) -> u32 {
         self.capacity
     }
-    fn read(&self) -> Result<Table, EnforceError> {
+    fn read(&self) -> Result<std::collections::HashMap<Prefix, SourceEntry>, EnforceError> {
         self.map
             .iter()
             .map(|r| {
-                r.map(|(k, v)| {
-                    let p = Prefix {
-                        bits: C::decode(&k),
-                        len: C::WIDTH,
-                    };
-                    (p, v)
-                })
-                .map_err(EnforceError::map(self.name))
+                r.map(|(k, v)| (C::decode(&k), v))
+                    .map_err(EnforceError::map(self.name))
             })
             .collect()
     }
-    fn upsert(&mut self, p: Prefix, v: SlotMask) -> Result<(), EnforceError> {
+    fn upsert(&mut self, p: Prefix, v: SourceEntry) -> Result<(), EnforceError> {
         self.map
-            .insert(C::encode(p.bits), v, 0)
+            .insert(C::encode(p), v, 0)
             .map_err(EnforceError::map(self.name))
     }
     fn delete(&mut self, p: Prefix) -> Result<(), EnforceError> {
-        ignore_missing(self.map.remove(&C::encode(p.bits))).map_err(EnforceError::map(self.name))
+        ignore_missing(self.map.remove(&C::encode(p))).map_err(EnforceError::map(self.name))
     }
 }
 

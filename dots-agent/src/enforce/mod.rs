@@ -14,6 +14,7 @@ pub mod dataplane;
 mod error;
 mod maps;
 pub mod plan;
+mod prefix;
 pub mod spec;
 pub mod sys;
 

@@ -6,7 +6,9 @@
 //! program (`dots_xdp_pass`, from the same object) on the same packet, `runs`
 //! times with `repeat` repetitions each, and keeps the median of each.
 //!
-//! Arguments: `--json FILE --doc FILE [--repeat N] [--runs N] [--quick]`.
+//! Arguments: `--json FILE --doc FILE [--repeat N] [--runs N] [--quick]
+//! [--head-to-head]` (the last: only the rounds against xdp-filter at its
+//! largest rule set, and no doc is written).
 //! The doc's text between the `<!-- bench:begin -->` and `<!-- bench:end -->`
 //! markers is replaced; the rest (method, analysis) is kept.
 
@@ -47,6 +49,8 @@ struct Args {
     repeat: u32,
     runs: usize,
     quick: bool,
+    /// Only the head-to-head rounds against xdp-filter (a quick check).
+    head_to_head: bool,
 }
 
 fn args() -> Result<Args> {
@@ -56,6 +60,7 @@ fn args() -> Result<Args> {
         repeat: 1_000_000,
         runs: 9,
         quick: false,
+        head_to_head: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -66,8 +71,9 @@ fn args() -> Result<Args> {
             "--repeat" => a.repeat = value()?.parse().context("--repeat")?,
             "--runs" => a.runs = value()?.parse().context("--runs")?,
             "--quick" => a.quick = true,
+            "--head-to-head" => a.head_to_head = true,
             other => bail!(
-                "unknown argument {other:?} (expected --json, --doc, --repeat, --runs, --quick)"
+                "unknown argument {other:?} (expected --json, --doc, --repeat, --runs, --quick, --head-to-head)"
             ),
         }
     }
@@ -648,7 +654,7 @@ struct XdpFilterNotes {
 /// The xdp-filter rows. `base` is the empty dots program.
 fn bench_xdp_filter(
     bench: &Bench,
-    quick: bool,
+    args: &Args,
     base: BorrowedFd<'_>,
     dp: &mut Dataplane,
     rows: &mut Vec<Row>,
@@ -661,7 +667,9 @@ fn bench_xdp_filter(
         ..Default::default()
     };
     progress(&format!("  measuring {}", notes.program));
-    let counts: &[usize] = if quick {
+    let counts: &[usize] = if args.head_to_head {
+        &[XDP_FILTER_CAPACITY]
+    } else if args.quick {
         &[0, 1, 100, XDP_FILTER_CAPACITY]
     } else {
         &[0, 1, 1_000, XDP_FILTER_CAPACITY]
@@ -987,7 +995,9 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let big = if args.quick { 10_000 } else { 100_000 };
     let mut rows = Vec::new();
-    bench_dots(&bench, args.quick, &mut rows)?;
+    if !args.head_to_head {
+        bench_dots(&bench, args.quick, &mut rows)?;
+    }
 
     // The baseline for xdp-filter is the same empty program, loaded again.
     let bpffs = BpffsDir::new()?;
@@ -996,7 +1006,7 @@ fn main() -> Result<()> {
         ..Default::default()
     })?;
     let base = dp.pass_program_fd()?;
-    let notes = bench_xdp_filter(&bench, args.quick, base.as_fd(), &mut dp, &mut rows)?;
+    let notes = bench_xdp_filter(&bench, &args, base.as_fd(), &mut dp, &mut rows)?;
     drop(base);
     drop(dp);
     drop(bpffs);
@@ -1007,7 +1017,9 @@ fn main() -> Result<()> {
     }
     fs::write(&args.json, serde_json::to_string_pretty(&json)? + "\n")
         .with_context(|| format!("writing {}", args.json.display()))?;
-    write_doc(&args.doc, &render(&args, &rows, Some(&notes), big))?;
+    if !args.head_to_head {
+        write_doc(&args.doc, &render(&args, &rows, Some(&notes), big))?;
+    }
     progress(&format!(
         "done in {:.0}s: {} and {}",
         started.elapsed().as_secs_f64(),

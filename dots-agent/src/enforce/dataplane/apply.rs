@@ -1,6 +1,13 @@
 //! The idempotent apply step: make the maps hold exactly a desired set of
 //! slots, writing only what differs, and never let a packet see a
 //! half-installed slot.
+//!
+//! Two ways to the same maps. Normally the maps are known to hold what the
+//! model holds, and a change writes only the entries it changes
+//! ([`Model::take_changes`]): the cost follows the change, not the number
+//! of slots or prefixes installed. After opening (a restart) or an error,
+//! the maps are read back and compared entry by entry with the model's full
+//! content instead; afterwards they are in sync again.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -10,7 +17,10 @@ use ipnet::IpNet;
 use super::Dataplane;
 use crate::enforce::{
     maps::{Codec, Lpm, PrefixMap},
-    plan::{diff, policy_touched, Contents, Prefix, Table},
+    plan::{
+        diff, lengths_union, policy_touched, slot_config, slots_in, Changes, Contents, Model,
+        Prefix, SlotValue, TableId,
+    },
     spec::{Slot, SlotId},
     EnforceError,
 };
@@ -38,39 +48,231 @@ impl Dataplane {
         for (slot, s) in desired {
             s.spec.check(*slot, &self.limits)?;
         }
-        let want = Contents::build(desired);
-        self.check_capacity(&want)?;
-        let have = match self.mirror.take() {
-            Some(m) => m,
-            None => self.read_contents()?,
+        let result = if self.in_sync {
+            self.apply_changes(desired)
+        } else {
+            self.reconcile(desired)
         };
-        let (report, policy) = self.write(&want, &have)?;
-        self.mirror = Some(Contents { policy, ..want });
+        if result.is_err() {
+            // What the maps hold is not known any more: read them back next time.
+            self.in_sync = false;
+        }
+        result
+    }
+
+    /// The normal path: update the model slot by slot, write what changed.
+    fn apply_changes(
+        &mut self,
+        desired: &BTreeMap<SlotId, Slot>,
+    ) -> Result<ApplyReport, EnforceError> {
+        let mut removed: Vec<(SlotId, Slot)> = Vec::new();
+        let mut added: Vec<SlotId> = Vec::new();
+        let mut renewed: Vec<SlotId> = Vec::new();
+        for (&id, held) in self.model.slots() {
+            match desired.get(&id) {
+                Some(want) if want.spec == held.spec => {
+                    if want.expires_ns != held.expires_ns {
+                        renewed.push(id);
+                    }
+                }
+                _ => removed.push((id, held.clone())),
+            }
+        }
+        for (&id, want) in desired {
+            if self.model.slot(id).is_none_or(|held| held.spec != want.spec) {
+                added.push(id);
+            }
+        }
+        if removed.is_empty() && added.is_empty() && renewed.is_empty() {
+            return Ok(ApplyReport::default());
+        }
+        for (id, _) in &removed {
+            self.model.remove(*id);
+        }
+        for id in &added {
+            self.model.add(*id, &desired[id]);
+        }
+        for id in &renewed {
+            self.model.set_expiry(*id, desired[id].expires_ns);
+        }
+        if let Err(e) = self.check_capacity() {
+            // Put the model back as it was: nothing is written.
+            for id in &added {
+                self.model.remove(*id);
+            }
+            for (id, slot) in &removed {
+                self.model.add(*id, slot);
+            }
+            self.model.take_changes();
+            return Err(e);
+        }
+        let after = self.model.policy();
+        let changes = self.model.take_changes();
+        let mut report = ApplyReport::default();
+
+        // 1. Slots that go or change stop matching first.
+        let mut leaving = SlotMask::EMPTY;
+        for (id, _) in &removed {
+            leaving.set(usize::from(*id));
+        }
+        let active_before = self.written.active;
+        let keep = active_before.and(&not(&leaving));
+        // Entries of both the old and the new state may be in the maps
+        // meanwhile: probe the lengths of both, check exemptions of both.
+        let transition = Policy {
+            active: keep,
+            flags: self.exempt_flags(self.written.flags | after.flags),
+            src4: lengths_union(&self.written.src4, &after.src4, 32),
+            src6: lengths_union(&self.written.src6, &after.src6, 128),
+            ..after
+        };
+        self.write_policy(&transition)?;
+
+        // 2. The entries.
+        report.writes += self.write_changes(&changes)?;
+
+        // 3. Configurations: new slots (counters and buckets from zero),
+        // and new expiries of slots that go on.
+        for id in &added {
+            self.counters.reset(u32::from(*id))?;
+            self.buckets.set(*id, Bucket::default())?;
+        }
+        for id in added.iter().chain(&renewed) {
+            self.configs.set(*id, slot_config(&desired[id]))?;
+            report.writes += 1;
+        }
+
+        // 4. Every slot of `desired` matches.
+        let last = Policy {
+            active: self.model.slot_mask(),
+            flags: self.exempt_flags(after.flags),
+            ..after
+        };
+        self.write_policy(&last)?;
+        report.activated = added;
+        report.deactivated = removed.into_iter().map(|(id, _)| id).collect();
+        report.activated.sort();
         Ok(report)
     }
 
-    fn check_capacity(&self, want: &Contents) -> Result<(), EnforceError> {
-        let tables: [(&dyn PrefixMap<SlotMask>, &Table); 9] = [
-            (&self.src4_exact, &want.src4_exact),
-            (&self.src6_exact, &want.src6_exact),
-            (&self.src4_lpm, &want.src4_lpm),
-            (&self.src6_lpm, &want.src6_lpm),
-            (&self.dst4, &want.dst4),
-            (&self.dst6, &want.dst6),
-            (&self.sport, &want.sport),
-            (&self.dport, &want.dport),
-            (&self.icmp_type, &want.icmp_type),
+    /// Writes the entries `changes` names, with the model's values.
+    fn write_changes(&mut self, changes: &Changes) -> Result<usize, EnforceError> {
+        let mut writes = 0;
+        for (table, p) in &changes.entries {
+            let present = self.model.table(*table).contains(p);
+            writes += 1;
+            match table {
+                TableId::Src4 | TableId::Src6 => {
+                    let short = p.len < self.model.table(*table).width();
+                    let (hash, trie): (&mut dyn PrefixMap<_>, &mut dyn PrefixMap<_>) =
+                        if *table == TableId::Src4 {
+                            (&mut self.src4, &mut self.src4_lpm)
+                        } else {
+                            (&mut self.src6, &mut self.src6_lpm)
+                        };
+                    if present {
+                        let e = self.model.source_entry(*table, p);
+                        hash.upsert(*p, e)?;
+                        if short {
+                            trie.upsert(*p, e)?;
+                        }
+                    } else {
+                        hash.delete(*p)?;
+                        if short {
+                            trie.delete(*p)?;
+                        }
+                    }
+                }
+                _ => {
+                    let map: &mut dyn PrefixMap<SlotMask> = match table {
+                        TableId::Dst4 => &mut self.dst4,
+                        TableId::Dst6 => &mut self.dst6,
+                        TableId::Sport => &mut self.sport,
+                        TableId::Dport => &mut self.dport,
+                        _ => &mut self.icmp_type,
+                    };
+                    if present {
+                        map.upsert(*p, self.model.mask_entry(*table, p))?;
+                    } else {
+                        map.delete(*p)?;
+                    }
+                }
+            }
+        }
+        for p in &changes.protos {
+            self.proto.set(*p, self.model.proto(*p))?;
+            writes += 1;
+        }
+        Ok(writes)
+    }
+
+    fn check_capacity(&self) -> Result<(), EnforceError> {
+        let src = |t: TableId| {
+            let table = self.model.table(t);
+            let short = table.prefixes().filter(|p| p.len < table.width());
+            (table.len(), short.count())
+        };
+        let (src4, src4_short) = src(TableId::Src4);
+        let (src6, src6_short) = src(TableId::Src6);
+        let n = |t: TableId| self.model.table(t).len();
+        let tables: [(&'static str, usize, u32); 9] = [
+            (self.src4.name(), src4, self.src4.capacity()),
+            (self.src6.name(), src6, self.src6.capacity()),
+            (self.src4_lpm.name(), src4_short, self.src4_lpm.capacity()),
+            (self.src6_lpm.name(), src6_short, self.src6_lpm.capacity()),
+            (self.dst4.name(), n(TableId::Dst4), self.dst4.capacity()),
+            (self.dst6.name(), n(TableId::Dst6), self.dst6.capacity()),
+            (self.sport.name(), n(TableId::Sport), self.sport.capacity()),
+            (self.dport.name(), n(TableId::Dport), self.dport.capacity()),
+            (
+                self.icmp_type.name(),
+                n(TableId::Icmp),
+                self.icmp_type.capacity(),
+            ),
         ];
-        for (map, table) in tables {
-            if table.len() > map.capacity() as usize {
+        for (map, needed, capacity) in tables {
+            if needed > capacity as usize {
                 return Err(EnforceError::MapFull {
-                    map: map.name(),
-                    needed: table.len(),
-                    capacity: map.capacity(),
+                    map,
+                    needed,
+                    capacity,
                 });
             }
         }
         Ok(())
+    }
+
+    /// The exempt bits of `slot_flags`, kept only where the exempt tries
+    /// hold something.
+    fn exempt_flags(&self, slot_flags: u64) -> u64 {
+        slot_flags & flags::EXEMPT & self.exempt_present
+    }
+
+    fn write_policy(&mut self, p: &Policy) -> Result<(), EnforceError> {
+        if *p != self.written {
+            self.policy
+                .set(0, p, 0)
+                .map_err(EnforceError::map(names::POLICY))?;
+            self.written = *p;
+        }
+        Ok(())
+    }
+
+    /// The slow path: read what the maps hold and write the differences
+    /// from the full content of `desired`.
+    fn reconcile(&mut self, desired: &BTreeMap<SlotId, Slot>) -> Result<ApplyReport, EnforceError> {
+        let exempt = self.model.exempt().to_vec();
+        let previous = std::mem::replace(&mut self.model, Model::build(desired, &exempt));
+        if let Err(e) = self.check_capacity() {
+            self.model = previous;
+            return Err(e);
+        }
+        let want = self.model.contents();
+        let have = self.read_contents()?;
+        self.written = have.policy;
+        let report = self.write(&want, &have)?;
+        self.in_sync = true;
+        Ok(report)
     }
 
     fn read_contents(&self) -> Result<Contents, EnforceError> {
@@ -86,8 +288,8 @@ impl Dataplane {
             slots: policy.active,
             policy,
             configs,
-            src4_exact: self.src4_exact.read()?,
-            src6_exact: self.src6_exact.read()?,
+            src4: self.src4.read()?,
+            src6: self.src6.read()?,
             src4_lpm: self.src4_lpm.read()?,
             src6_lpm: self.src6_lpm.read()?,
             dst4: self.dst4.read()?,
@@ -99,17 +301,15 @@ impl Dataplane {
         })
     }
 
-    /// Writes the differences; returns the report and the final policy.
-    fn write(
-        &mut self,
-        want: &Contents,
-        have: &Contents,
-    ) -> Result<(ApplyReport, Policy), EnforceError> {
-        let diffs = [
-            diff(&want.src4_exact, &have.src4_exact),
-            diff(&want.src6_exact, &have.src6_exact),
+    /// Writes the differences between two full contents.
+    fn write(&mut self, want: &Contents, have: &Contents) -> Result<ApplyReport, EnforceError> {
+        let src = [
+            diff(&want.src4, &have.src4),
+            diff(&want.src6, &have.src6),
             diff(&want.src4_lpm, &have.src4_lpm),
             diff(&want.src6_lpm, &have.src6_lpm),
+        ];
+        let masks = [
             diff(&want.dst4, &have.dst4),
             diff(&want.dst6, &have.dst6),
             diff(&want.sport, &have.sport),
@@ -119,9 +319,11 @@ impl Dataplane {
         let proto_want: HashMap<u8, SlotMask> = want.proto.iter().map(|(k, v)| (*k, *v)).collect();
         let proto_have: HashMap<u8, SlotMask> = have.proto.iter().map(|(k, v)| (*k, *v)).collect();
         let proto_diff = diff(&proto_want, &proto_have);
-        let touched = diffs
+        let touched = src
             .iter()
-            .fold(proto_diff.touched, |acc, d| acc.or(&d.touched))
+            .map(|d| d.touched)
+            .chain(masks.iter().map(|d| d.touched))
+            .fold(proto_diff.touched, |acc, t| acc.or(&t))
             .or(&policy_touched(&want.policy, &have.policy));
 
         let active_now = have.policy.active;
@@ -129,37 +331,32 @@ impl Dataplane {
         // Still active during the writes: active before, wanted after, untouched.
         let keep = active_now.and(&want.slots).and(&not(&changed));
         let mut report = ApplyReport::default();
-        // Flags of the exempt list are not the slots' business: keep them.
-        let flags = (want.policy.flags & !flags::EXEMPT) | (have.policy.flags & flags::EXEMPT);
-        let mut step = Policy {
+        let transition = Policy {
             active: keep,
-            flags,
+            flags: self.exempt_flags(want.policy.flags | have.policy.flags),
+            src4: lengths_union(&want.policy.src4, &have.policy.src4, 32),
+            src6: lengths_union(&want.policy.src6, &have.policy.src6, 128),
             ..want.policy
         };
-        let mut written = have.policy;
-        if step != written {
-            self.set_policy(&step)?;
-            written = step;
-        }
-        let maps: [&mut dyn PrefixMap<SlotMask>; 9] = [
-            &mut self.src4_exact,
-            &mut self.src6_exact,
+        self.write_policy(&transition)?;
+        let src_maps: [&mut dyn PrefixMap<_>; 4] = [
+            &mut self.src4,
+            &mut self.src6,
             &mut self.src4_lpm,
             &mut self.src6_lpm,
+        ];
+        for (map, d) in src_maps.into_iter().zip(&src) {
+            report.writes += write_diff(map, d)?;
+        }
+        let mask_maps: [&mut dyn PrefixMap<SlotMask>; 5] = [
             &mut self.dst4,
             &mut self.dst6,
             &mut self.sport,
             &mut self.dport,
             &mut self.icmp_type,
         ];
-        for (map, d) in maps.into_iter().zip(&diffs) {
-            for (p, m) in &d.upserts {
-                map.upsert(*p, *m)?;
-            }
-            for p in &d.deletes {
-                map.delete(*p)?;
-            }
-            report.writes += d.upserts.len() + d.deletes.len();
+        for (map, d) in mask_maps.into_iter().zip(&masks) {
+            report.writes += write_diff(map, d)?;
         }
         for (p, m) in &proto_diff.upserts {
             self.proto.set(*p, *m)?;
@@ -182,19 +379,15 @@ impl Dataplane {
                 report.writes += 1;
             }
         }
-        step.active = want.slots;
-        if step != written {
-            self.set_policy(&step)?;
-        }
+        let last = Policy {
+            active: want.slots,
+            flags: self.exempt_flags(want.policy.flags),
+            ..want.policy
+        };
+        self.write_policy(&last)?;
         report.activated = slots_of(&activating);
         report.deactivated = slots_of(&active_now.and(&not(&keep)));
-        Ok((report, step))
-    }
-
-    fn set_policy(&mut self, p: &Policy) -> Result<(), EnforceError> {
-        self.policy
-            .set(0, p, 0)
-            .map_err(EnforceError::map(names::POLICY))
+        Ok(report)
     }
 
     /// Slots currently enforced, as the kernel sees them.
@@ -206,7 +399,9 @@ impl Dataplane {
         Ok(slots_of(&p.active))
     }
 
-    /// Sets the prefixes that are never dropped, whatever a slot says.
+    /// Sets the prefixes that are never dropped, whatever a slot says. The
+    /// program looks them up only when a slot's sources or targets overlap
+    /// one of them: otherwise no packet a slot matches can be exempt.
     pub fn set_exempt(&mut self, prefixes: &[IpNet]) -> Result<(), EnforceError> {
         if prefixes.len() > MAX_EXEMPT_PREFIXES as usize {
             return Err(EnforceError::MapFull {
@@ -220,26 +415,37 @@ impl Dataplane {
         // Entries first, then the flags that make the program look at them.
         sync_exempt(&mut self.exempt4, &v4)?;
         sync_exempt(&mut self.exempt6, &v6)?;
-        let mut policy = self
-            .policy
-            .get(&0, 0)
-            .map_err(EnforceError::map(names::POLICY))?;
-        let mut exempt = 0;
+        self.exempt_present = 0;
         if !v4.is_empty() {
-            exempt |= flags::EXEMPT4;
+            self.exempt_present |= flags::EXEMPT4;
         }
         if !v6.is_empty() {
-            exempt |= flags::EXEMPT6;
+            self.exempt_present |= flags::EXEMPT6;
         }
-        if policy.flags & flags::EXEMPT != exempt {
-            policy.flags = (policy.flags & !flags::EXEMPT) | exempt;
-            self.set_policy(&policy)?;
-            if let Some(m) = &mut self.mirror {
-                m.policy.flags = policy.flags;
-            }
+        self.model.set_exempt(prefixes);
+        if self.in_sync {
+            let p = Policy {
+                flags: (self.written.flags & !flags::EXEMPT)
+                    | self.exempt_flags(self.model.policy().flags),
+                ..self.written
+            };
+            self.write_policy(&p)?;
         }
         Ok(())
     }
+}
+
+fn write_diff<V: SlotValue>(
+    map: &mut dyn PrefixMap<V>,
+    d: &crate::enforce::plan::Diff<Prefix, V>,
+) -> Result<usize, EnforceError> {
+    for (p, v) in &d.upserts {
+        map.upsert(*p, *v)?;
+    }
+    for p in &d.deletes {
+        map.delete(*p)?;
+    }
+    Ok(d.upserts.len() + d.deletes.len())
 }
 
 fn sync_exempt<C: Codec>(map: &mut Lpm<C, u8>, prefixes: &[&IpNet]) -> Result<(), EnforceError> {
@@ -278,8 +484,5 @@ fn not(m: &SlotMask) -> SlotMask {
 }
 
 fn slots_of(m: &SlotMask) -> Vec<SlotId> {
-    (0..dots_common::MAX_SLOTS)
-        .filter(|s| m.contains(*s))
-        .map(|s| s as SlotId)
-        .collect()
+    slots_in(m).map(|s| s as SlotId).collect()
 }

@@ -24,15 +24,17 @@ use aya::{
     programs::{ProgramError, Xdp},
     Ebpf, EbpfLoader,
 };
-use dots_common::{names, stats, Policy, SlotCounters, SlotMask, MAX_EXEMPT_PREFIXES};
+use dots_common::{names, stats, Policy, SlotCounters, SlotMask, SourceEntry, MAX_EXEMPT_PREFIXES};
 
 pub use apply::ApplyReport;
 pub use attach::{AttachMode, Attachment};
 
 use super::{
     error::{io_error, load_error, load_error_program},
-    maps::{Buckets, Exact, IcmpType, Lpm, PerCpu, PerSlot, Port, Protocols, SlotConfigs, V4, V6},
-    plan::Contents,
+    maps::{
+        Buckets, IcmpType, Lpm, PerCpu, PerSlot, Port, Protocols, SlotConfigs, SourceHash, V4, V6,
+    },
+    plan::Model,
     spec::{SlotId, SlotLimits},
     sys::check_bpffs,
     EnforceError, DEFAULT_BPFFS_DIR,
@@ -76,10 +78,10 @@ pub struct Dataplane {
     ebpf: Ebpf,
     limits: SlotLimits,
     policy: Array<MapData, Policy>,
-    src4_exact: Exact<V4>,
-    src6_exact: Exact<V6>,
-    src4_lpm: Lpm<V4, SlotMask>,
-    src6_lpm: Lpm<V6, SlotMask>,
+    src4: SourceHash<V4>,
+    src6: SourceHash<V6>,
+    src4_lpm: Lpm<V4, SourceEntry>,
+    src6_lpm: Lpm<V6, SourceEntry>,
     dst4: Lpm<V4, SlotMask>,
     dst6: Lpm<V6, SlotMask>,
     sport: Lpm<Port, SlotMask>,
@@ -92,9 +94,17 @@ pub struct Dataplane {
     buckets: Buckets,
     counters: PerCpu<SlotCounters>,
     stats: PerCpu<u64>,
-    /// What the maps hold after the last successful apply; `None` means
-    /// "read them back from the kernel first" (after open, or after an error).
-    mirror: Option<Contents>,
+    /// The slots the maps hold, with their prefixes per map: what the maps
+    /// hold after the last successful apply, when `in_sync`.
+    model: Model,
+    /// `false` until the maps were read back and reconciled (after open, or
+    /// after an error): the next apply then compares with the kernel.
+    in_sync: bool,
+    /// The policy as last written (valid when `in_sync`).
+    written: Policy,
+    /// `flags::EXEMPT4` / `EXEMPT6` for the families whose exempt trie holds
+    /// prefixes.
+    exempt_present: u64,
 }
 impl Dataplane {
     /// Loads the classifier, creating or adopting the pinned maps.
@@ -136,15 +146,15 @@ impl Dataplane {
             MAX_TARGET_PREFIXES as TARGETS,
         };
         let policy = typed!(names::POLICY);
-        let src4_exact = Exact {
-            name: names::SRC4_EXACT,
+        let src4 = SourceHash {
+            name: names::SRC4,
             capacity: SOURCES,
-            map: typed!(names::SRC4_EXACT),
+            map: typed!(names::SRC4),
         };
-        let src6_exact = Exact {
-            name: names::SRC6_EXACT,
+        let src6 = SourceHash {
+            name: names::SRC6,
             capacity: SOURCES,
-            map: typed!(names::SRC6_EXACT),
+            map: typed!(names::SRC6),
         };
         let src4_lpm = lpm!(names::SRC4_LPM, SOURCES);
         let src6_lpm = lpm!(names::SRC6_LPM, SOURCES);
@@ -179,8 +189,8 @@ impl Dataplane {
             ebpf,
             limits: opts.limits,
             policy,
-            src4_exact,
-            src6_exact,
+            src4,
+            src6,
             src4_lpm,
             src6_lpm,
             dst4,
@@ -195,8 +205,33 @@ impl Dataplane {
             buckets,
             counters,
             stats,
-            mirror: None,
+            model: Model::default(),
+            in_sync: false,
+            written: Policy::default(),
+            exempt_present: 0,
         })
+        .and_then(|mut dp| {
+            // The exempt list of an earlier run stays until set again.
+            let exempt = dp.read_exempt()?;
+            dp.set_exempt(&exempt)?;
+            Ok(dp)
+        })
+    }
+
+    /// The never-dropped prefixes the tries hold.
+    fn read_exempt(&self) -> Result<Vec<ipnet::IpNet>, EnforceError> {
+        use crate::enforce::maps::PrefixMap;
+        let mut out = Vec::new();
+        for p in self.exempt4.read()?.keys() {
+            let addr = std::net::Ipv4Addr::from(p.bits as u32);
+            out.extend(ipnet::Ipv4Net::new(addr, p.len).ok().map(ipnet::IpNet::V4));
+        }
+        for p in self.exempt6.read()?.keys() {
+            let addr = std::net::Ipv6Addr::from(p.bits);
+            out.extend(ipnet::Ipv6Net::new(addr, p.len).ok().map(ipnet::IpNet::V6));
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// The bpffs directory this classifier is pinned under.
