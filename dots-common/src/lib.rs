@@ -21,9 +21,10 @@ pub const MAX_PROBED_LENGTHS: usize = 4;
 pub const MAX_TARGET_PREFIXES: u32 = 16_384;
 /// Capacity of the exempt (never-block) prefix map, per address family.
 pub const MAX_EXEMPT_PREFIXES: u32 = 4_096;
-/// Capacity of each port/ICMP-type range trie. A range decomposes into at most
-/// 30 (ports) or 14 (ICMP types) prefixes, never one entry per value.
-pub const MAX_RANGE_PREFIXES: u32 = 65_536;
+/// `BPF_F_MMAPABLE`: the value arrays (protocol, ports, ICMP types) are
+/// written by user space through a shared mapping, not one syscall per
+/// value.
+pub const MMAPABLE: u32 = 1024;
 
 /// Pinned map and program names. The pin path is `<bpffs dir>/<name>`.
 pub mod names {
@@ -48,8 +49,8 @@ pub mod names {
     pub const STATS: &str = "DOTS_STATS";
     /// All maps, in the order user space opens them.
     pub const ALL_MAPS: [&str; 17] = [
-        POLICY, SRC4, SRC6, SRC4_LPM, SRC6_LPM, DST4_LPM, DST6_LPM, PROTO, SPORT,
-        DPORT, ICMP_TYPE, EXEMPT4, EXEMPT6, SLOTS, BUCKETS, COUNTERS, STATS,
+        POLICY, SRC4, SRC6, SRC4_LPM, SRC6_LPM, DST4_LPM, DST6_LPM, PROTO, SPORT, DPORT, ICMP_TYPE,
+        EXEMPT4, EXEMPT6, SLOTS, BUCKETS, COUNTERS, STATS,
     ];
 }
 
@@ -267,42 +268,6 @@ pub struct Ipv6Key {
     pub addr: [u8; 16],
 }
 
-/// LPM trie key data for a 16-bit port (network byte order).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PortKey {
-    pub port: [u8; 2],
-    pub pad: [u8; 6],
-}
-
-impl PortKey {
-    #[inline(always)]
-    pub fn new(port: u16) -> Self {
-        PortKey {
-            port: port.to_be_bytes(),
-            pad: [0; 6],
-        }
-    }
-}
-
-/// LPM trie key data for an 8-bit ICMP or ICMPv6 type.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct IcmpTypeKey {
-    pub icmp_type: u8,
-    pub pad: [u8; 7],
-}
-
-impl IcmpTypeKey {
-    #[inline(always)]
-    pub fn new(icmp_type: u8) -> Self {
-        IcmpTypeKey {
-            icmp_type,
-            pad: [0; 7],
-        }
-    }
-}
-
 /// One element of the `DOTS_SLOTS` array (index = slot): what a slot does
 /// with the packets it matches, and until when. Written by user space only;
 /// the program reads it on the hit path.
@@ -404,10 +369,6 @@ mod pod {
     // SAFETY: see above.
     unsafe impl aya::Pod for super::Ipv6Key {}
     // SAFETY: see above.
-    unsafe impl aya::Pod for super::PortKey {}
-    // SAFETY: see above.
-    unsafe impl aya::Pod for super::IcmpTypeKey {}
-    // SAFETY: see above.
     unsafe impl aya::Pod for super::SlotCounters {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::SlotConfig {}
@@ -465,8 +426,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<SlotCounters>(), 32);
         assert_eq!(core::mem::size_of::<SlotConfig>(), 40);
         assert_eq!(core::mem::size_of::<Bucket>(), 16);
-        assert_eq!(core::mem::size_of::<IcmpTypeKey>(), 8);
         assert_eq!(core::mem::size_of::<Ipv4Key>(), 8);
-        assert_eq!(core::mem::size_of::<PortKey>(), 8);
     }
 }

@@ -8,10 +8,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use dots_common::{
-    action, addr_words, entry, flags, stats, Bucket, IcmpTypeKey, Ipv4Key, Ipv6Key, Policy,
-    PortKey, SlotConfig, SlotCounters, SlotMask, Source4Key, Source6Key, SourceEntry,
-    SourceLengths, CLOCK_SLACK_NS, MAX_EXEMPT_PREFIXES as EXEMPT, MAX_PROBED_LENGTHS, MAX_RANGE_PREFIXES as RANGES,
-    MAX_SLOTS, MAX_SOURCE_PREFIXES as SOURCES, MAX_TARGET_PREFIXES as TARGETS,
+    action, addr_words, entry, flags, stats, Bucket, Ipv4Key, Ipv6Key, Policy, SlotConfig,
+    SlotCounters, SlotMask, Source4Key, Source6Key, SourceEntry, SourceLengths, CLOCK_SLACK_NS,
+    MAX_EXEMPT_PREFIXES as EXEMPT, MAX_PROBED_LENGTHS, MAX_SLOTS, MAX_SOURCE_PREFIXES as SOURCES,
+    MAX_TARGET_PREFIXES as TARGETS, MMAPABLE,
 };
 
 use crate::parse::{parse, Ip, Packet, L4};
@@ -40,15 +40,21 @@ static DOTS_SRC6_LPM: LpmTrie<Ipv6Key, SourceEntry, { SOURCES as usize }> = LpmT
 static DOTS_DST4_LPM: LpmTrie<Ipv4Key, SlotMask, { TARGETS as usize }> = LpmTrie::new();
 #[btf_map]
 static DOTS_DST6_LPM: LpmTrie<Ipv6Key, SlotMask, { TARGETS as usize }> = LpmTrie::new();
-/// Indexed by IP protocol number: slots that name that protocol.
+// Value arrays, indexed by the field's value: the slots that name it. An
+// array lookup is a bounds check and an address computation, inlined by the
+// verifier; user space writes them through a shared mapping.
+/// Indexed by IP protocol number.
 #[btf_map]
-static DOTS_PROTO: Array<SlotMask, 256> = Array::new();
+static DOTS_PROTO: Array<SlotMask, 256, { MMAPABLE as usize }> = Array::new();
+/// Indexed by source port.
 #[btf_map]
-static DOTS_SPORT: LpmTrie<PortKey, SlotMask, { RANGES as usize }> = LpmTrie::new();
+static DOTS_SPORT: Array<SlotMask, 65536, { MMAPABLE as usize }> = Array::new();
+/// Indexed by target port.
 #[btf_map]
-static DOTS_DPORT: LpmTrie<PortKey, SlotMask, { RANGES as usize }> = LpmTrie::new();
+static DOTS_DPORT: Array<SlotMask, 65536, { MMAPABLE as usize }> = Array::new();
+/// Indexed by ICMP or ICMPv6 type.
 #[btf_map]
-static DOTS_ICMP_TYPE: LpmTrie<IcmpTypeKey, SlotMask, { RANGES as usize }> = LpmTrie::new();
+static DOTS_ICMP_TYPE: Array<SlotMask, 256, { MMAPABLE as usize }> = Array::new();
 #[btf_map]
 static DOTS_EXEMPT4: LpmTrie<Ipv4Key, u8, { EXEMPT as usize }> = LpmTrie::new();
 #[btf_map]
@@ -141,10 +147,7 @@ fn classify(packet: &Packet, policy: &Policy) -> SlotMask {
         }
     }
     if !m.is_subset_of(&policy.any_proto) {
-        let proto = DOTS_PROTO
-            .get(packet.proto as u32)
-            .copied()
-            .unwrap_or_default();
+        let proto = value(&DOTS_PROTO, u32::from(packet.proto));
         m = m.and(&policy.any_proto.or(&proto));
         if m.is_empty() {
             return m;
@@ -154,20 +157,25 @@ fn classify(packet: &Packet, policy: &Policy) -> SlotMask {
     // constraints only ICMP packets; slots constraining neither match any L4.
     if !m.is_subset_of(&policy.any_l4) {
         let l4 = match packet.l4 {
-            L4::Ports(sport, _) => lookup(&DOTS_SPORT, PortKey::new(sport), 16),
-            L4::Icmp(t) => lookup(&DOTS_ICMP_TYPE, IcmpTypeKey::new(t), 8),
+            L4::Ports(sport, _) => value(&DOTS_SPORT, u32::from(sport)),
+            L4::Icmp(t) => value(&DOTS_ICMP_TYPE, u32::from(t)),
             L4::None => SlotMask::EMPTY,
         };
         m = m.and(&policy.any_l4.or(&l4));
     }
     if !m.is_subset_of(&policy.any_dport) {
         let dport = match packet.l4 {
-            L4::Ports(_, dport) => lookup(&DOTS_DPORT, PortKey::new(dport), 16),
+            L4::Ports(_, dport) => value(&DOTS_DPORT, u32::from(dport)),
             _ => SlotMask::EMPTY,
         };
         m = m.and(&policy.any_dport.or(&dport));
     }
     m
+}
+
+#[inline(always)]
+fn value<const N: usize, const F: usize>(array: &Array<SlotMask, N, F>, index: u32) -> SlotMask {
+    array.get(index).copied().unwrap_or_default()
 }
 
 #[inline(always)]

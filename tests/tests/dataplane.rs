@@ -691,7 +691,10 @@ fn many_source_lengths_take_the_trie_and_a_restart_writes_nothing() -> Result<()
     let report = adopted.apply(&unbounded(slots.iter().cloned()))?;
     assert_eq!((report.writes, report.activated.len()), (0, 0));
     // Back to few lengths: the hash alone again.
-    adopted.apply(&unbounded([(2, spec(&["10.21.17.0/24"], &["198.51.100.1/32"]))]))?;
+    adopted.apply(&unbounded([(
+        2,
+        spec(&["10.21.17.0/24"], &["198.51.100.1/32"]),
+    )]))?;
     assert_eq!(
         lab.passes(&frames[5..])?,
         vec![false, false, true],

@@ -1,14 +1,12 @@
 //! Typed access to the pinned classifier maps, in terms of [`Prefix`] tables.
 
-use std::collections::BTreeMap;
-
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues},
     Pod,
 };
 use dots_common::{
-    Bucket, IcmpTypeKey, Ipv4Key, Ipv6Key, PortKey, SlotConfig, SlotCounters, SlotMask,
-    Source4Key, Source6Key, SourceEntry,
+    Bucket, Ipv4Key, Ipv6Key, SlotConfig, SlotCounters, SlotMask, Source4Key, Source6Key,
+    SourceEntry,
 };
 
 use super::{plan::Prefix, EnforceError};
@@ -22,9 +20,6 @@ pub(super) trait Codec {
 
 pub(super) struct V4;
 pub(super) struct V6;
-pub(super) struct Port;
-pub(super) struct IcmpType;
-
 impl Codec for V4 {
     type K = Ipv4Key;
     fn encode(bits: u128) -> Ipv4Key {
@@ -44,26 +39,6 @@ impl Codec for V6 {
     }
     fn decode(k: &Ipv6Key) -> u128 {
         u128::from_be_bytes(k.addr)
-    }
-}
-
-impl Codec for Port {
-    type K = PortKey;
-    fn encode(bits: u128) -> PortKey {
-        PortKey::new(bits as u16)
-    }
-    fn decode(k: &PortKey) -> u128 {
-        u128::from(u16::from_be_bytes(k.port))
-    }
-}
-
-impl Codec for IcmpType {
-    type K = IcmpTypeKey;
-    fn encode(bits: u128) -> IcmpTypeKey {
-        IcmpTypeKey::new(bits as u8)
-    }
-    fn decode(k: &IcmpTypeKey) -> u128 {
-        u128::from(k.icmp_type)
     }
 }
 
@@ -201,32 +176,96 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
     }
 }
 
-/// The protocol array: index = IP protocol number.
-pub(super) struct Protocols {
-    pub map: Array<MapData, SlotMask>,
+/// An array of slot masks indexed by a field's value (protocol, port, ICMP
+/// type), created `BPF_F_MMAPABLE` and written through a shared mapping: a
+/// port range writes thousands of values, each a store, not a syscall. The
+/// program only reads these arrays, and every word is stored whole
+/// (aligned 8-byte stores), so a reader sees each word old or new.
+pub(super) struct SlotArray {
+    pub name: &'static str,
+    /// Keeps the map alive as long as the mapping.
+    _map: MapData,
+    ptr: std::ptr::NonNull<SlotMask>,
+    len: usize,
+    bytes: usize,
 }
 
-impl Protocols {
-    pub(super) const NAME: &'static str = dots_common::names::PROTO;
+// SAFETY: the mapping belongs to this value alone and is reached only
+// through it, so moving it to another thread moves the only access.
+unsafe impl Send for SlotArray {}
 
-    pub(super) fn read(&self) -> Result<BTreeMap<u8, SlotMask>, EnforceError> {
-        let mut out = BTreeMap::new();
-        for proto in 0..=255u8 {
-            let m = self
-                .map
-                .get(&u32::from(proto), 0)
-                .map_err(EnforceError::map(Self::NAME))?;
-            if !m.is_empty() {
-                out.insert(proto, m);
-            }
+impl SlotArray {
+    /// Maps `len` slot masks of array `map`.
+    pub(super) fn open(
+        name: &'static str,
+        map: MapData,
+        len: usize,
+    ) -> Result<SlotArray, EnforceError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let bytes = (len * std::mem::size_of::<SlotMask>()).div_ceil(page) * page;
+        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
+        // that the map is mmapable and at least this large.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(EnforceError::Io {
+                action: "mapping",
+                path: name.into(),
+                source: std::io::Error::last_os_error(),
+            });
         }
-        Ok(out)
+        let ptr = std::ptr::NonNull::new(ptr.cast::<SlotMask>()).ok_or(EnforceError::Io {
+            action: "mapping",
+            path: name.into(),
+            source: std::io::Error::other("mmap returned null"),
+        })?;
+        Ok(SlotArray {
+            name,
+            _map: map,
+            ptr,
+            len,
+            bytes,
+        })
     }
 
-    pub(super) fn set(&mut self, proto: u8, m: SlotMask) -> Result<(), EnforceError> {
-        self.map
-            .set(u32::from(proto), m, 0)
-            .map_err(EnforceError::map(Self::NAME))
+    pub(super) fn get(&self, i: usize) -> SlotMask {
+        assert!(i < self.len, "{}: index {i} out of range", self.name);
+        // SAFETY: in bounds (checked above) of a live mapping of slot masks.
+        unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(i)) }
+    }
+
+    pub(super) fn set(&mut self, i: usize, m: SlotMask) {
+        assert!(i < self.len, "{}: index {i} out of range", self.name);
+        // SAFETY: in bounds of a live mapping; each word is an aligned u64
+        // (the mapping is page-aligned and a mask is four words).
+        unsafe {
+            let words = self.ptr.as_ptr().add(i).cast::<u64>();
+            for (w, bits) in m.bits.iter().enumerate() {
+                std::ptr::write_volatile(words.add(w), *bits);
+            }
+        }
+    }
+
+    /// Every value.
+    pub(super) fn read(&self) -> Vec<SlotMask> {
+        (0..self.len).map(|i| self.get(i)).collect()
+    }
+}
+
+impl Drop for SlotArray {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `open`, used no more.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
     }
 }
 

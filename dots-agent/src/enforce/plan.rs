@@ -11,8 +11,9 @@
 //!
 //! * every stored prefix carries the slots of all stored prefixes that cover
 //!   it ("folding", [`PrefixTable::folded`]): the longest match is the answer;
-//! * port and ICMP-type ranges become the few prefixes that tile them
-//!   (at most 30 for ports, 14 for types), never one entry per value;
+//! * protocols, ports and ICMP types are arrays indexed by the value
+//!   ([`ArrayId`]): a range sets its slot's bit in every value it spans,
+//!   written through a shared mapping, not one syscall per value;
 //! * a source entry whose slots all name the same single target prefix of
 //!   the family carries that prefix ([`SourceEntry::target`]): the program
 //!   then checks the target with a mask instead of a lookup (the common
@@ -32,7 +33,7 @@ use dots_common::{
 };
 use ipnet::IpNet;
 
-pub use super::prefix::{range_to_prefixes, Prefix, PrefixTable};
+pub use super::prefix::{Prefix, PrefixTable};
 use super::spec::{Range, Slot, SlotId};
 
 /// The prefix maps of the classifier, as the model names them.
@@ -41,30 +42,44 @@ pub enum TableId {
     /// Source prefixes: the hash (all lengths) and the trie (shorter ones).
     Src4,
     Src6,
+    /// Target prefixes (tries).
     Dst4,
     Dst6,
-    Sport,
-    Dport,
-    Icmp,
 }
 
 impl TableId {
-    pub const ALL: [TableId; 7] = [
-        TableId::Src4,
-        TableId::Src6,
-        TableId::Dst4,
-        TableId::Dst6,
-        TableId::Sport,
-        TableId::Dport,
-        TableId::Icmp,
-    ];
+    pub const ALL: [TableId; 4] = [TableId::Src4, TableId::Src6, TableId::Dst4, TableId::Dst6];
 
     fn width(self) -> u8 {
         match self {
             TableId::Src4 | TableId::Dst4 => 32,
             TableId::Src6 | TableId::Dst6 => 128,
-            TableId::Sport | TableId::Dport => 16,
-            TableId::Icmp => 8,
+        }
+    }
+}
+
+/// The value arrays of the classifier (index = the field's value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ArrayId {
+    Proto,
+    Sport,
+    Dport,
+    Icmp,
+}
+
+impl ArrayId {
+    pub const ALL: [ArrayId; 4] = [
+        ArrayId::Proto,
+        ArrayId::Sport,
+        ArrayId::Dport,
+        ArrayId::Icmp,
+    ];
+
+    /// Entries: every value of the field.
+    pub fn entries(self) -> usize {
+        match self {
+            ArrayId::Proto | ArrayId::Icmp => 256,
+            ArrayId::Sport | ArrayId::Dport => 65536,
         }
     }
 }
@@ -82,6 +97,9 @@ struct SlotInfo {
 /// Entries of one prefix map, with their kernel values.
 pub type Table<V = SlotMask> = HashMap<Prefix, V>;
 
+/// The content of one value array, every index.
+pub type Values = Vec<SlotMask>;
+
 /// The complete content of the classifier maps for a set of slots.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Contents {
@@ -97,11 +115,8 @@ pub struct Contents {
     pub src6_lpm: Table<SourceEntry>,
     pub dst4: Table,
     pub dst6: Table,
-    /// Protocol number -> slots naming it; entries absent are empty.
-    pub proto: BTreeMap<u8, SlotMask>,
-    pub sport: Table,
-    pub dport: Table,
-    pub icmp_type: Table,
+    /// The value arrays, in [`ArrayId::ALL`] order.
+    pub arrays: [Values; 4],
     /// `DOTS_SLOTS` entries of the slots of this content.
     pub configs: BTreeMap<SlotId, SlotConfig>,
 }
@@ -119,21 +134,22 @@ pub fn slot_config(slot: &Slot) -> SlotConfig {
 #[derive(Debug, Default)]
 pub struct Changes {
     pub entries: BTreeSet<(TableId, Prefix)>,
-    pub protos: BTreeSet<u8>,
+    /// Index ranges (inclusive) of value arrays.
+    pub arrays: Vec<(ArrayId, usize, usize)>,
 }
 
 /// The slots, and per map the prefixes they name.
 #[derive(Clone, Debug)]
 pub struct Model {
     slots: BTreeMap<SlotId, SlotInfo>,
-    tables: [PrefixTable; 7],
-    proto: Box<[SlotMask; 256]>,
+    tables: [PrefixTable; 4],
+    arrays: [Values; 4],
     any_proto: SlotMask,
     any_l4: SlotMask,
     any_dport: SlotMask,
     exempt: Vec<IpNet>,
     changed: BTreeSet<(TableId, Prefix)>,
-    changed_protos: BTreeSet<u8>,
+    changed_arrays: Vec<(ArrayId, usize, usize)>,
 }
 
 impl Default for Model {
@@ -141,13 +157,13 @@ impl Default for Model {
         Model {
             slots: BTreeMap::new(),
             tables: TableId::ALL.map(|t| PrefixTable::new(t.width())),
-            proto: Box::new([SlotMask::EMPTY; 256]),
+            arrays: ArrayId::ALL.map(|a| vec![SlotMask::EMPTY; a.entries()]),
             any_proto: SlotMask::EMPTY,
             any_l4: SlotMask::EMPTY,
             any_dport: SlotMask::EMPTY,
             exempt: Vec::new(),
             changed: BTreeSet::new(),
-            changed_protos: BTreeSet::new(),
+            changed_arrays: Vec::new(),
         }
     }
 }
@@ -176,6 +192,29 @@ fn overlap(a: &IpNet, b: &IpNet) -> bool {
     a.contains(b) || b.contains(a)
 }
 
+/// The value ranges of a slot, per array.
+fn slot_ranges(slot: &Slot) -> Vec<(ArrayId, usize, usize)> {
+    let spec = &slot.spec;
+    let mut out: Vec<(ArrayId, usize, usize)> = spec
+        .protocols
+        .iter()
+        .map(|&p| (ArrayId::Proto, usize::from(p), usize::from(p)))
+        .collect();
+    let ranges = |a, rs: &[Range<u16>]| -> Vec<(ArrayId, usize, usize)> {
+        rs.iter()
+            .map(|r| (a, usize::from(r.lower), usize::from(r.upper)))
+            .collect()
+    };
+    out.extend(ranges(ArrayId::Sport, &spec.source_ports));
+    out.extend(ranges(ArrayId::Dport, &spec.target_ports));
+    out.extend(
+        spec.icmp_types
+            .iter()
+            .map(|r| (ArrayId::Icmp, usize::from(r.lower), usize::from(r.upper))),
+    );
+    out
+}
+
 /// The prefixes of a slot, per map.
 fn slot_prefixes(slot: &Slot) -> Vec<(TableId, Prefix)> {
     let spec = &slot.spec;
@@ -194,21 +233,6 @@ fn slot_prefixes(slot: &Slot) -> Vec<(TableId, Prefix)> {
             out.push(([TableId::Src4, TableId::Src6][family], p));
         }
     }
-    let mut ranges = |table, ranges: &[Range<u16>], width| {
-        for r in ranges {
-            for p in range_to_prefixes(u32::from(r.lower), u32::from(r.upper), width) {
-                out.push((table, p));
-            }
-        }
-    };
-    ranges(TableId::Sport, &spec.source_ports, 16);
-    ranges(TableId::Dport, &spec.target_ports, 16);
-    let icmp: Vec<Range<u16>> = spec
-        .icmp_types
-        .iter()
-        .map(|r| Range::new(u16::from(r.lower), u16::from(r.upper)))
-        .collect();
-    ranges(TableId::Icmp, &icmp, 8);
     out
 }
 
@@ -223,7 +247,7 @@ impl Model {
             m.add(id, slot);
         }
         m.changed.clear();
-        m.changed_protos.clear();
+        m.changed_arrays.clear();
         m
     }
 
@@ -276,11 +300,13 @@ impl Model {
                 changed.insert((t, q));
             });
         }
-        let spec = &slot.spec;
-        for &p in &spec.protocols {
-            self.proto[usize::from(p)].set(s);
-            self.changed_protos.insert(p);
+        for (a, lo, hi) in slot_ranges(slot) {
+            for v in &mut self.arrays[a as usize][lo..=hi] {
+                v.set(s);
+            }
+            self.changed_arrays.push((a, lo, hi));
         }
+        let spec = &slot.spec;
         if spec.protocols.is_empty() {
             self.any_proto.set(s);
         }
@@ -302,9 +328,11 @@ impl Model {
                 changed.insert((t, q));
             });
         }
-        for &p in &info.slot.spec.protocols {
-            self.proto[usize::from(p)].clear(s);
-            self.changed_protos.insert(p);
+        for (a, lo, hi) in slot_ranges(&info.slot) {
+            for v in &mut self.arrays[a as usize][lo..=hi] {
+                v.clear(s);
+            }
+            self.changed_arrays.push((a, lo, hi));
         }
         self.any_proto.clear(s);
         self.any_l4.clear(s);
@@ -323,7 +351,7 @@ impl Model {
     pub fn take_changes(&mut self) -> Changes {
         Changes {
             entries: std::mem::take(&mut self.changed),
-            protos: std::mem::take(&mut self.changed_protos),
+            arrays: std::mem::take(&mut self.changed_arrays),
         }
     }
 
@@ -429,8 +457,9 @@ impl Model {
         self.table(table).folded(p)
     }
 
-    pub fn proto(&self, p: u8) -> SlotMask {
-        self.proto[usize::from(p)]
+    /// The value array `a`.
+    pub fn array(&self, a: ArrayId) -> &[SlotMask] {
+        &self.arrays[a as usize]
     }
 
     /// Everything the maps hold for these slots.
@@ -453,23 +482,12 @@ impl Model {
                 hash.insert(*p, e);
             }
         }
-        for (table, out) in [
-            (TableId::Dst4, &mut c.dst4),
-            (TableId::Dst6, &mut c.dst6),
-            (TableId::Sport, &mut c.sport),
-            (TableId::Dport, &mut c.dport),
-            (TableId::Icmp, &mut c.icmp_type),
-        ] {
+        for (table, out) in [(TableId::Dst4, &mut c.dst4), (TableId::Dst6, &mut c.dst6)] {
             for p in self.table(table).prefixes() {
                 out.insert(*p, self.mask_entry(table, p));
             }
         }
-        for p in 0..=255u8 {
-            let m = self.proto(p);
-            if !m.is_empty() {
-                c.proto.insert(p, m);
-            }
-        }
+        c.arrays = self.arrays.clone();
         c.configs = self
             .slots
             .iter()
@@ -677,8 +695,14 @@ mod tests {
     fn one_common_target_becomes_a_hint() {
         let c = build(&[
             (0, spec(&["10.0.0.1/32"], &["198.51.100.0/24"])),
-            (1, spec(&["10.0.0.1/32", "10.0.0.2/32"], &["198.51.100.7/32"])),
-            (2, spec(&["10.0.0.3/32"], &["198.51.100.0/24", "2001:db8::/32"])),
+            (
+                1,
+                spec(&["10.0.0.1/32", "10.0.0.2/32"], &["198.51.100.7/32"]),
+            ),
+            (
+                2,
+                spec(&["10.0.0.3/32"], &["198.51.100.0/24", "2001:db8::/32"]),
+            ),
         ]);
         // Two slots with different targets: no hint, the program looks up.
         assert_eq!(c.src4[&pfx(0x0a00_0001, 32)].flags, 0);
@@ -693,7 +717,10 @@ mod tests {
 
     #[test]
     fn sources_without_a_target_of_their_family_are_left_out() {
-        let c = build(&[(0, spec(&["10.0.0.1/32", "2001:db8::1/128"], &["198.51.100.0/24"]))]);
+        let c = build(&[(
+            0,
+            spec(&["10.0.0.1/32", "2001:db8::1/128"], &["198.51.100.0/24"]),
+        )]);
         assert_eq!(c.src4.len(), 1);
         assert!(c.src6.is_empty());
     }
@@ -720,10 +747,21 @@ mod tests {
         assert_eq!(c.policy.any_proto, SlotMask::single(4));
         assert_eq!(c.policy.any_l4, SlotMask::EMPTY);
         assert_eq!(c.policy.any_dport, SlotMask::single(4));
-        assert_eq!(c.proto[&17], SlotMask::single(3));
-        assert_eq!(c.sport.len(), 1); // 1000-1001 is one /15
-        assert_eq!(c.icmp_type[&pfx(0, 0)], SlotMask::single(4));
-        assert_eq!(c.dport[&pfx(53, 16)], SlotMask::single(3));
+        let [proto, sport, dport, icmp] = &c.arrays;
+        assert_eq!(proto[17], SlotMask::single(3));
+        assert_eq!(proto[6], SlotMask::EMPTY);
+        assert_eq!(
+            (sport[999], sport[1000], sport[1001], sport[1002]),
+            (
+                SlotMask::EMPTY,
+                SlotMask::single(3),
+                SlotMask::single(3),
+                SlotMask::EMPTY
+            )
+        );
+        assert!(icmp.iter().all(|m| *m == SlotMask::single(4)));
+        assert_eq!(dport[53], SlotMask::single(3));
+        assert_eq!(dport.iter().filter(|m| !m.is_empty()).count(), 1);
     }
 
     #[test]
@@ -736,7 +774,11 @@ mod tests {
         // The /16, and the host below it: not the /8 above.
         assert_eq!(
             changes.entries.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
-            vec![pfx(0x0a01_0000, 16), pfx(0x0a01_0203, 32), pfx(0xc633_6407, 32)]
+            vec![
+                pfx(0x0a01_0000, 16),
+                pfx(0x0a01_0203, 32),
+                pfx(0xc633_6407, 32)
+            ]
         );
         assert_eq!(
             m.contents(),

@@ -1,5 +1,5 @@
-//! Prefixes of a key space (addresses, ports, ICMP types) and the
-//! incremental table that keeps, per prefix, the slots that name it.
+//! Address prefixes and the incremental table that keeps, per prefix, the
+//! slots that name it.
 //!
 //! An LPM lookup (or a probe per prefix length) returns one entry, so every
 //! entry the kernel holds carries the slots of all stored prefixes that
@@ -51,29 +51,6 @@ pub(super) fn netmask(len: u8, width: u8) -> u128 {
     } else {
         ones(width) & (u128::MAX << (width - len.min(width)))
     }
-}
-
-/// The prefixes that exactly tile `[lower, upper]` in a `width`-bit space.
-pub fn range_to_prefixes(lower: u32, upper: u32, width: u8) -> Vec<Prefix> {
-    let mut out = Vec::new();
-    let (mut lo, hi) = (u64::from(lower), u64::from(upper));
-    while lo <= hi {
-        // Largest aligned block starting at `lo` that stays inside the range.
-        let mut size_log = if lo == 0 {
-            u32::from(width)
-        } else {
-            lo.trailing_zeros().min(u32::from(width))
-        };
-        while lo + (1u64 << size_log) - 1 > hi {
-            size_log -= 1;
-        }
-        out.push(Prefix {
-            bits: u128::from(lo),
-            len: width - size_log as u8,
-        });
-        lo += 1u64 << size_log;
-    }
-    out
 }
 
 /// Prefixes of one key space and the slots naming each ("own" slots).
@@ -152,7 +129,10 @@ impl PrefixTable {
     /// `p` and every stored prefix inside it.
     fn mark_covered(&self, p: Prefix, dirty: &mut impl FnMut(Prefix)) {
         dirty(p);
-        let from = Prefix { bits: p.bits, len: 0 };
+        let from = Prefix {
+            bits: p.bits,
+            len: 0,
+        };
         let to = Prefix {
             bits: p.last(self.width),
             len: u8::MAX,
@@ -183,44 +163,6 @@ mod tests {
         Prefix { bits, len }
     }
 
-    /// Brute-force check: the prefixes cover exactly the range, without overlap.
-    fn covers_exactly(lower: u32, upper: u32, width: u8) {
-        let ps = range_to_prefixes(lower, upper, width);
-        let mut hits = vec![0u8; 1 << width];
-        for p in &ps {
-            let size = 1u32 << (width - p.len);
-            assert_eq!(p.bits as u32 % size, 0, "unaligned {p:?}");
-            for v in p.bits as u32..p.bits as u32 + size {
-                hits[v as usize] += 1;
-            }
-        }
-        for (v, h) in hits.iter().enumerate() {
-            let inside = (lower..=upper).contains(&(v as u32));
-            assert_eq!(*h, u8::from(inside), "value {v} in {lower}-{upper}");
-        }
-        assert!(ps.len() <= 2 * width as usize - 2 || width <= 1);
-    }
-
-    #[test]
-    fn ranges_tile_exactly() {
-        for (lo, hi) in [
-            (0, 65535),
-            (1, 65534),
-            (53, 53),
-            (1024, 65535),
-            (0, 0),
-            (65535, 65535),
-            (80, 443),
-        ] {
-            covers_exactly(lo, hi, 16);
-        }
-        for (lo, hi) in [(0, 255), (8, 8), (3, 200), (255, 255)] {
-            covers_exactly(lo, hi, 8);
-        }
-        assert_eq!(range_to_prefixes(0, 65535, 16), vec![pfx(0, 0)]);
-        assert_eq!(range_to_prefixes(1, 65534, 16).len(), 30);
-    }
-
     #[test]
     fn truncate_masks_host_bits() {
         assert_eq!(Prefix::truncate(0xc000_0201, 24, 32), pfx(0xc000_0200, 24));
@@ -244,7 +186,10 @@ mod tests {
         t.add(eight, 0, &mut |p| dirty.push(p));
         dirty.sort();
         assert_eq!(dirty, vec![eight, host]);
-        assert_eq!(t.folded(&host), SlotMask::single(0).or(&SlotMask::single(1)));
+        assert_eq!(
+            t.folded(&host),
+            SlotMask::single(0).or(&SlotMask::single(1))
+        );
         assert_eq!(t.folded(&eight), SlotMask::single(0));
         // Unrelated prefixes are not touched.
         dirty.clear();

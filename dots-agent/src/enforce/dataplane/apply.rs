@@ -18,8 +18,8 @@ use super::Dataplane;
 use crate::enforce::{
     maps::{Codec, Lpm, PrefixMap},
     plan::{
-        diff, lengths_union, policy_touched, slot_config, slots_in, Changes, Contents, Model,
-        Prefix, SlotValue, TableId,
+        diff, lengths_union, policy_touched, slot_config, slots_in, xor, ArrayId, Changes,
+        Contents, Model, Prefix, SlotValue, TableId,
     },
     spec::{Slot, SlotId},
     EnforceError,
@@ -79,7 +79,11 @@ impl Dataplane {
             }
         }
         for (&id, want) in desired {
-            if self.model.slot(id).is_none_or(|held| held.spec != want.spec) {
+            if self
+                .model
+                .slot(id)
+                .is_none_or(|held| held.spec != want.spec)
+            {
                 added.push(id);
             }
         }
@@ -183,13 +187,11 @@ impl Dataplane {
                         }
                     }
                 }
-                _ => {
-                    let map: &mut dyn PrefixMap<SlotMask> = match table {
-                        TableId::Dst4 => &mut self.dst4,
-                        TableId::Dst6 => &mut self.dst6,
-                        TableId::Sport => &mut self.sport,
-                        TableId::Dport => &mut self.dport,
-                        _ => &mut self.icmp_type,
+                TableId::Dst4 | TableId::Dst6 => {
+                    let map: &mut dyn PrefixMap<SlotMask> = if *table == TableId::Dst4 {
+                        &mut self.dst4
+                    } else {
+                        &mut self.dst6
                     };
                     if present {
                         map.upsert(*p, self.model.mask_entry(*table, p))?;
@@ -199,9 +201,13 @@ impl Dataplane {
                 }
             }
         }
-        for p in &changes.protos {
-            self.proto.set(*p, self.model.proto(*p))?;
-            writes += 1;
+        for &(a, lo, hi) in &changes.arrays {
+            let values = self.model.array(a);
+            let array = &mut self.arrays[a as usize];
+            for (i, v) in values.iter().enumerate().take(hi + 1).skip(lo) {
+                array.set(i, *v);
+            }
+            writes += hi + 1 - lo;
         }
         Ok(writes)
     }
@@ -215,20 +221,13 @@ impl Dataplane {
         let (src4, src4_short) = src(TableId::Src4);
         let (src6, src6_short) = src(TableId::Src6);
         let n = |t: TableId| self.model.table(t).len();
-        let tables: [(&'static str, usize, u32); 9] = [
+        let tables: [(&'static str, usize, u32); 6] = [
             (self.src4.name(), src4, self.src4.capacity()),
             (self.src6.name(), src6, self.src6.capacity()),
             (self.src4_lpm.name(), src4_short, self.src4_lpm.capacity()),
             (self.src6_lpm.name(), src6_short, self.src6_lpm.capacity()),
             (self.dst4.name(), n(TableId::Dst4), self.dst4.capacity()),
             (self.dst6.name(), n(TableId::Dst6), self.dst6.capacity()),
-            (self.sport.name(), n(TableId::Sport), self.sport.capacity()),
-            (self.dport.name(), n(TableId::Dport), self.dport.capacity()),
-            (
-                self.icmp_type.name(),
-                n(TableId::Icmp),
-                self.icmp_type.capacity(),
-            ),
         ];
         for (map, needed, capacity) in tables {
             if needed > capacity as usize {
@@ -294,10 +293,7 @@ impl Dataplane {
             src6_lpm: self.src6_lpm.read()?,
             dst4: self.dst4.read()?,
             dst6: self.dst6.read()?,
-            proto: self.proto.read()?,
-            sport: self.sport.read()?,
-            dport: self.dport.read()?,
-            icmp_type: self.icmp_type.read()?,
+            arrays: ArrayId::ALL.map(|a| self.arrays[a as usize].read()),
         })
     }
 
@@ -309,22 +305,23 @@ impl Dataplane {
             diff(&want.src4_lpm, &have.src4_lpm),
             diff(&want.src6_lpm, &have.src6_lpm),
         ];
-        let masks = [
-            diff(&want.dst4, &have.dst4),
-            diff(&want.dst6, &have.dst6),
-            diff(&want.sport, &have.sport),
-            diff(&want.dport, &have.dport),
-            diff(&want.icmp_type, &have.icmp_type),
-        ];
-        let proto_want: HashMap<u8, SlotMask> = want.proto.iter().map(|(k, v)| (*k, *v)).collect();
-        let proto_have: HashMap<u8, SlotMask> = have.proto.iter().map(|(k, v)| (*k, *v)).collect();
-        let proto_diff = diff(&proto_want, &proto_have);
+        let masks = [diff(&want.dst4, &have.dst4), diff(&want.dst6, &have.dst6)];
+        // Indices of the value arrays that differ, and the slots they concern.
+        let mut array_writes: Vec<(usize, usize, SlotMask)> = Vec::new();
+        let mut touched = policy_touched(&want.policy, &have.policy);
+        for (a, (w, h)) in want.arrays.iter().zip(&have.arrays).enumerate() {
+            for (i, (wv, hv)) in w.iter().zip(h).enumerate() {
+                if wv != hv {
+                    touched = touched.or(&xor(wv, hv));
+                    array_writes.push((a, i, *wv));
+                }
+            }
+        }
         let touched = src
             .iter()
             .map(|d| d.touched)
             .chain(masks.iter().map(|d| d.touched))
-            .fold(proto_diff.touched, |acc, t| acc.or(&t))
-            .or(&policy_touched(&want.policy, &have.policy));
+            .fold(touched, |acc, t| acc.or(&t));
 
         let active_now = have.policy.active;
         let changed = touched.and(&active_now);
@@ -348,23 +345,14 @@ impl Dataplane {
         for (map, d) in src_maps.into_iter().zip(&src) {
             report.writes += write_diff(map, d)?;
         }
-        let mask_maps: [&mut dyn PrefixMap<SlotMask>; 5] = [
-            &mut self.dst4,
-            &mut self.dst6,
-            &mut self.sport,
-            &mut self.dport,
-            &mut self.icmp_type,
-        ];
+        let mask_maps: [&mut dyn PrefixMap<SlotMask>; 2] = [&mut self.dst4, &mut self.dst6];
         for (map, d) in mask_maps.into_iter().zip(&masks) {
             report.writes += write_diff(map, d)?;
         }
-        for (p, m) in &proto_diff.upserts {
-            self.proto.set(*p, *m)?;
+        for (a, i, v) in &array_writes {
+            self.arrays[*a].set(*i, *v);
         }
-        for p in &proto_diff.deletes {
-            self.proto.set(*p, SlotMask::EMPTY)?;
-        }
-        report.writes += proto_diff.upserts.len() + proto_diff.deletes.len();
+        report.writes += array_writes.len();
 
         let activating = want.slots.and(&not(&keep));
         for slot in slots_of(&activating) {

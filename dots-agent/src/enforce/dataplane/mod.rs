@@ -31,10 +31,8 @@ pub use attach::{AttachMode, Attachment};
 
 use super::{
     error::{io_error, load_error, load_error_program},
-    maps::{
-        Buckets, IcmpType, Lpm, PerCpu, PerSlot, Port, Protocols, SlotConfigs, SourceHash, V4, V6,
-    },
-    plan::Model,
+    maps::{Buckets, Lpm, PerCpu, PerSlot, SlotArray, SlotConfigs, SourceHash, V4, V6},
+    plan::{ArrayId, Model},
     spec::{SlotId, SlotLimits},
     sys::check_bpffs,
     EnforceError, DEFAULT_BPFFS_DIR,
@@ -84,10 +82,8 @@ pub struct Dataplane {
     src6_lpm: Lpm<V6, SourceEntry>,
     dst4: Lpm<V4, SlotMask>,
     dst6: Lpm<V6, SlotMask>,
-    sport: Lpm<Port, SlotMask>,
-    dport: Lpm<Port, SlotMask>,
-    icmp_type: Lpm<IcmpType, SlotMask>,
-    proto: Protocols,
+    /// The value arrays, in [`ArrayId::ALL`] order.
+    arrays: [SlotArray; 4],
     exempt4: Lpm<V4, u8>,
     exempt6: Lpm<V6, u8>,
     configs: SlotConfigs,
@@ -141,10 +137,7 @@ impl Dataplane {
                 }
             };
         }
-        use dots_common::{
-            MAX_RANGE_PREFIXES as RANGES, MAX_SOURCE_PREFIXES as SOURCES,
-            MAX_TARGET_PREFIXES as TARGETS,
-        };
+        use dots_common::{MAX_SOURCE_PREFIXES as SOURCES, MAX_TARGET_PREFIXES as TARGETS};
         let policy = typed!(names::POLICY);
         let src4 = SourceHash {
             name: names::SRC4,
@@ -160,12 +153,16 @@ impl Dataplane {
         let src6_lpm = lpm!(names::SRC6_LPM, SOURCES);
         let dst4 = lpm!(names::DST4_LPM, TARGETS);
         let dst6 = lpm!(names::DST6_LPM, TARGETS);
-        let sport = lpm!(names::SPORT, RANGES);
-        let dport = lpm!(names::DPORT, RANGES);
-        let icmp_type = lpm!(names::ICMP_TYPE, RANGES);
-        let proto = Protocols {
-            map: typed!(names::PROTO),
+        let mut array = |name: &'static str, a: ArrayId| match take(name)? {
+            aya::maps::Map::Array(data) => SlotArray::open(name, data, a.entries()),
+            _ => Err(EnforceError::Load(format!("map {name} is not an array"))),
         };
+        let arrays = [
+            array(names::PROTO, ArrayId::Proto)?,
+            array(names::SPORT, ArrayId::Sport)?,
+            array(names::DPORT, ArrayId::Dport)?,
+            array(names::ICMP_TYPE, ArrayId::Icmp)?,
+        ];
         let exempt4 = lpm!(names::EXEMPT4, MAX_EXEMPT_PREFIXES);
         let exempt6 = lpm!(names::EXEMPT6, MAX_EXEMPT_PREFIXES);
         let configs = PerSlot {
@@ -195,10 +192,7 @@ impl Dataplane {
             src6_lpm,
             dst4,
             dst6,
-            sport,
-            dport,
-            icmp_type,
-            proto,
+            arrays,
             exempt4,
             exempt6,
             configs,
