@@ -189,12 +189,14 @@ impl Lab {
             &self.path("agent.sock"),
             "--state-dir",
             &self.path("agent-state"),
-            "--notify-interval",
-            "1",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // Counters every second, unless the caller sets its own interval.
+        if !extra.contains(&"--notify-interval") {
+            args.extend(["--notify-interval".to_string(), "1".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let p = Proc::spawn(
             &self.cpe,

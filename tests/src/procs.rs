@@ -111,6 +111,11 @@ impl Proc {
         )
     }
 
+    /// The process id (the binary's: nsenter execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: the process gets no chance to clean up.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -353,6 +353,7 @@ mod tests {
             pps: 0,
             bps: 0,
             devices: Vec::new(),
+            made_from: Default::default(),
         };
         let l = line(&Reply::ok(Body::Mitigations(vec![m.clone()])));
         assert!(l.contains(r#""state":"pending-consent""#), "{l}");

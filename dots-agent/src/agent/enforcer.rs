@@ -1,10 +1,13 @@
 //! From validated mitigations to classifier slots.
 //!
 //! Every mitigation (peer, cuid, mid) holds one slot. The table below is the
-//! desired state; each change re-applies the whole table to the data plane,
-//! whose apply step is idempotent and writes only differences (desired
-//! state, then reconcile: see docs/architecture.md). An update takes a fresh slot and frees the old one in the
-//! same apply, carrying the counters over, so totals never go backwards.
+//! desired state; each change is handed to the data plane as a change of a
+//! few slots ([`SlotChange`]), which writes only the map entries it changes,
+//! so its cost does not grow with the mitigations installed. After a data
+//! plane error, the next change re-applies the whole table (read back and
+//! reconciled: see docs/architecture.md). An update takes a fresh slot and
+//! frees the old one in the same change, carrying the counters over, so
+//! totals never go backwards.
 //!
 //! Every slot carries its expiry into the kernel, where the XDP program
 //! ignores it from then on: a block ends with its lifetime even if the agent
@@ -24,8 +27,8 @@ use dots_proto::{model::ValidatedRequest, signal::Counters};
 use ipnet::IpNet;
 
 use crate::enforce::{
-    clock, counters::sum, Dataplane, EnforceError, Range, RateMeter, Slot, SlotCounters, SlotId,
-    SlotSpec,
+    clock, counters::sum, Dataplane, EnforceError, Range, RateMeter, Slot, SlotChange,
+    SlotCounters, SlotId, SlotSpec,
 };
 
 /// Default of `[xdp] indefinite-cap`: how long an indefinite mitigation
@@ -81,6 +84,8 @@ struct Entry {
     /// Counters of earlier slots of the same mitigation (after updates).
     carried: SlotCounters,
     meter: RateMeter,
+    /// Grows when the persisted part (slot, spec, carried) changes.
+    version: u64,
 }
 
 /// The slot table and the data plane it drives.
@@ -92,6 +97,8 @@ pub struct SlotTable {
     next: usize,
     exempt: BTreeSet<IpNet>,
     indefinite_cap: Duration,
+    /// Source of [`Entry::version`].
+    versions: u64,
 }
 
 /// The classifier's view of a validated request.
@@ -129,7 +136,24 @@ impl SlotTable {
             next: 0,
             exempt: BTreeSet::new(),
             indefinite_cap,
+            versions: 0,
         }
+    }
+
+    /// Hands `change` to the data plane; the whole table instead when the
+    /// maps are not known to be in sync (after an error).
+    fn commit(&mut self, change: SlotChange) -> Result<(), EnforceError> {
+        if self.dp.in_sync() {
+            self.dp.apply_change(&change)?;
+        } else {
+            self.dp.apply(&self.desired())?;
+        }
+        Ok(())
+    }
+
+    fn next_version(&mut self) -> u64 {
+        self.versions += 1;
+        self.versions
     }
 
     /// The kernel expiry for `lifetime`, counted from now.
@@ -156,10 +180,13 @@ impl SlotTable {
     }
 
     fn free_slot(&mut self) -> Option<SlotId> {
-        let used: Vec<SlotId> = self.entries.values().map(|e| e.slot).collect();
+        let mut used = dots_common::SlotMask::EMPTY;
+        for e in self.entries.values() {
+            used.set(usize::from(e.slot));
+        }
         for i in 0..MAX_SLOTS {
             let candidate = ((self.next + i) % MAX_SLOTS) as SlotId;
-            if !used.contains(&candidate) {
+            if !used.contains(usize::from(candidate)) {
                 self.next = usize::from(candidate) + 1;
                 return Some(candidate);
             }
@@ -198,18 +225,26 @@ impl SlotTable {
             None => SlotCounters::default(),
         };
         let meter = old.as_ref().map(|e| e.meter.clone()).unwrap_or_default();
+        let expires_ns = self.expiry_ns(lifetime);
+        let change = SlotChange {
+            remove: old.iter().map(|e| e.slot).collect(),
+            add: vec![(slot, Slot::new(spec.clone(), expires_ns))],
+            renew: Vec::new(),
+        };
+        let version = self.next_version();
         self.entries.insert(
             key.clone(),
             Entry {
                 slot,
                 spec,
                 lifetime: Some(lifetime),
-                expires_ns: self.expiry_ns(lifetime),
+                expires_ns,
                 carried,
                 meter,
+                version,
             },
         );
-        if let Err(e) = self.dp.apply(&self.desired()) {
+        if let Err(e) = self.commit(change) {
             self.entries.remove(key);
             if let Some(old) = old {
                 self.entries.insert(key.clone(), old);
@@ -225,7 +260,11 @@ impl SlotTable {
             return Ok(None);
         };
         let last = sum(&e.carried, &self.dp.counters(e.slot).unwrap_or_default());
-        if let Err(err) = self.dp.apply(&self.desired()) {
+        let change = SlotChange {
+            remove: vec![e.slot],
+            ..SlotChange::default()
+        };
+        if let Err(err) = self.commit(change) {
             self.entries.insert(key.clone(), e);
             return Err(err);
         }
@@ -245,22 +284,26 @@ impl SlotTable {
         })
     }
 
-    /// The table, for the state file: a restarted agent re-adopts the same
-    /// slots, so the pinned maps need no change and drops never stop.
-    pub fn export(&self) -> Vec<SlotRecord> {
-        self.entries
-            .iter()
-            .map(|(k, e)| SlotRecord {
-                key: k.clone(),
-                slot: e.slot,
-                spec: e.spec.clone(),
-                carried_packets: e.carried.packets,
-                carried_bytes: e.carried.bytes,
-            })
-            .collect()
+    /// The record of `key` for the state directory: a restarted agent
+    /// re-adopts the same slots, so the pinned maps need no change and drops
+    /// never stop.
+    pub fn record(&self, key: &SlotKey) -> Option<SlotRecord> {
+        self.entries.get(key).map(|e| SlotRecord {
+            key: key.clone(),
+            slot: e.slot,
+            spec: e.spec.clone(),
+            carried_packets: e.carried.packets,
+            carried_bytes: e.carried.bytes,
+        })
     }
 
-    /// Re-adopts a table written by [`SlotTable::export`] and applies it.
+    /// Grows whenever `key`'s [`SlotTable::record`] changes (0: no entry).
+    pub fn record_version(&self, key: &SlotKey) -> u64 {
+        self.entries.get(key).map_or(0, |e| e.version)
+    }
+
+    /// Re-adopts the records of an earlier run ([`SlotTable::record`]) and
+    /// applies the whole table.
     /// Against the maps a previous run pinned this writes nothing; invalid
     /// records (slot out of range, duplicate slot) are skipped and reported.
     pub fn import(&mut self, records: Vec<SlotRecord>) -> Result<Vec<String>, EnforceError> {
@@ -279,6 +322,7 @@ impl SlotTable {
             // Until the mitigation is restored, the slot ends when the
             // kernel says (0, never enforcing, after a reboot).
             let expires_ns = self.dp.expiry(r.slot)?;
+            let version = self.next_version();
             self.entries.insert(
                 r.key,
                 Entry {
@@ -288,6 +332,7 @@ impl SlotTable {
                     expires_ns,
                     carried,
                     meter: RateMeter::default(),
+                    version,
                 },
             );
         }
@@ -304,13 +349,24 @@ impl SlotTable {
     /// Drops the entries of `peer` whose keys are not in `keep` (mitigations
     /// that expired while the agent was down).
     pub fn retain_peer(&mut self, peer: usize, keep: &[SlotKey]) -> Result<(), EnforceError> {
-        let before = self.entries.len();
-        self.entries
-            .retain(|k, _| k.peer != peer || keep.contains(k));
-        if self.entries.len() != before {
-            self.dp.apply(&self.desired())?;
+        let gone: Vec<SlotKey> = self
+            .entries
+            .keys()
+            .filter(|k| k.peer == peer && !keep.contains(k))
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let remove = gone
+            .iter()
+            .filter_map(|k| self.entries.remove(k))
+            .map(|e| e.slot)
+            .collect();
+        self.commit(SlotChange {
+            remove,
+            ..SlotChange::default()
+        })
     }
 
     /// Moves the expiry of `key` to match `lifetime` (a renewal); writes
@@ -326,7 +382,11 @@ impl SlotTable {
         let before = (e.lifetime, e.expires_ns);
         e.lifetime = Some(lifetime);
         e.expires_ns = expires_ns;
-        if let Err(err) = self.dp.apply(&self.desired()) {
+        let change = SlotChange {
+            renew: vec![(e.slot, expires_ns)],
+            ..SlotChange::default()
+        };
+        if let Err(err) = self.commit(change) {
             if let Some(e) = self.entries.get_mut(key) {
                 (e.lifetime, e.expires_ns) = before;
             }
@@ -342,15 +402,16 @@ impl SlotTable {
         let now = clock::boot_ns();
         let half = u64::try_from(self.indefinite_cap.as_nanos() / 2).unwrap_or(u64::MAX);
         let renewed = clock::boot_ns_after(self.indefinite_cap);
-        let mut n = 0;
+        let mut change = SlotChange::default();
         for e in self.entries.values_mut() {
             if e.lifetime == Some(Lifetime::Indefinite) && e.expires_ns < now.saturating_add(half) {
                 e.expires_ns = renewed;
-                n += 1;
+                change.renew.push((e.slot, renewed));
             }
         }
+        let n = change.renew.len();
         if n > 0 {
-            self.dp.apply(&self.desired())?;
+            self.commit(change)?;
         }
         Ok(n)
     }

@@ -315,6 +315,11 @@ impl Shell {
 
     async fn run_connection(&mut self, server: &mut Server, conn: &mut Connection) -> Ended {
         loop {
+            // Answers go out before the work they announce (RFC 9132
+            // §4.4.1: 2.01 first, status 2 once the data plane confirms).
+            if let Err(e) = flush(server, conn).await {
+                return Ended::Closed(format!("send failed: {e}"));
+            }
             let end = self.step(server);
             if let Err(e) = flush(server, conn).await {
                 return Ended::Closed(format!("send failed: {e}"));
@@ -396,8 +401,7 @@ impl Shell {
         if self.saved != Some(revision) {
             self.saved = Some(revision);
             self.sync_lifetimes(server);
-            self.store
-                .update(self.peer, &self.name, server.snapshot(now));
+            self.store.sync(self.peer, &self.name, now, server);
         }
         end
     }

@@ -143,6 +143,30 @@ pub struct MitigationView {
     /// Internal devices found behind NAT (address and MAC): for the operator
     /// only, never sent to the peer (RFC 9066 §9).
     pub devices: Vec<String>,
+    /// What the view was made from, so that it is made again only when that
+    /// changes; not part of the reply.
+    #[serde(skip)]
+    pub made_from: ViewMark,
+}
+
+/// The parts of a mitigation a [`MitigationView`] shows, besides its
+/// remaining lifetime (updated in place): a new scope always comes with a
+/// new phase start.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ViewMark {
+    phase: Option<Phase>,
+    since: Option<Instant>,
+    counters: Option<dots_proto::signal::Counters>,
+}
+
+impl ViewMark {
+    fn of(m: &Mitigation) -> ViewMark {
+        ViewMark {
+            phase: Some(m.phase),
+            since: Some(m.phase_since()),
+            counters: m.counters,
+        }
+    }
 }
 
 fn range<T: std::fmt::Display + PartialEq + Copy>(lower: T, upper: Option<T>) -> String {
@@ -186,6 +210,7 @@ impl MitigationView {
             pps: c.pps,
             bps: c.bps,
             devices: Vec::new(),
+            made_from: ViewMark::of(m),
         }
     }
 }
@@ -234,19 +259,29 @@ pub struct AgentView {
 
 impl AgentView {
     /// Replaces peer `peer`'s mitigations with the server's current table.
+    /// Views are made again only for mitigations that changed (the others
+    /// get their remaining lifetime), so a step costs little whatever the
+    /// number or size of the mitigations.
     pub fn set_mitigations<'a>(
         &mut self,
         peer: usize,
         now: Instant,
         table: impl Iterator<Item = (&'a MitigationKey, &'a Mitigation)>,
     ) {
-        self.mitigations.retain(|(p, _, _), _| *p != peer);
+        let mut present = std::collections::HashSet::new();
         for (k, m) in table {
-            self.mitigations.insert(
-                (peer, k.cuid.clone(), k.mid),
-                MitigationView::new(peer, k, m, now),
-            );
+            let key = (peer, k.cuid.clone(), k.mid);
+            match self.mitigations.get_mut(&key) {
+                Some(v) if v.made_from == ViewMark::of(m) => v.lifetime_left = m.remaining(now),
+                _ => {
+                    self.mitigations
+                        .insert(key.clone(), MitigationView::new(peer, k, m, now));
+                }
+            }
+            present.insert(key);
         }
+        self.mitigations
+            .retain(|k, _| k.0 != peer || present.contains(k));
     }
 
     /// The `status` reply at `now`.

@@ -19,7 +19,7 @@ pub mod spec;
 pub mod sys;
 
 pub use counters::{RateMeter, Rates};
-pub use dataplane::{ApplyReport, AttachMode, Attachment, Dataplane, DataplaneOptions};
+pub use dataplane::{ApplyReport, AttachMode, Attachment, Dataplane, DataplaneOptions, SlotChange};
 pub use dots_common::SlotCounters;
 pub use error::EnforceError;
 pub use spec::{Range, Slot, SlotId, SlotLimits, SlotSpec};

@@ -87,6 +87,11 @@ impl PrefixTable {
         self.own.contains_key(p)
     }
 
+    /// Entries of length `len`.
+    pub fn count_of_length(&self, len: u8) -> usize {
+        self.lengths.get(&len).copied().unwrap_or(0)
+    }
+
     /// The prefix lengths present, longest first.
     pub fn lengths(&self) -> Vec<u8> {
         self.lengths.keys().rev().copied().collect()

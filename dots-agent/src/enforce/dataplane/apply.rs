@@ -25,6 +25,23 @@ use crate::enforce::{
     EnforceError,
 };
 
+/// A change to the slots the maps hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlotChange {
+    /// Slots that stop enforcing.
+    pub remove: Vec<SlotId>,
+    /// Slots that start enforcing (an id already held is replaced).
+    pub add: Vec<(SlotId, Slot)>,
+    /// New expiries of slots that go on enforcing.
+    pub renew: Vec<(SlotId, u64)>,
+}
+
+impl SlotChange {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.add.is_empty() && self.renew.is_empty()
+    }
+}
+
 /// What an apply step changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -60,22 +77,20 @@ impl Dataplane {
         result
     }
 
-    /// The normal path: update the model slot by slot, write what changed.
+    /// The normal path: the slots that differ from the model, as a change.
     fn apply_changes(
         &mut self,
         desired: &BTreeMap<SlotId, Slot>,
     ) -> Result<ApplyReport, EnforceError> {
-        let mut removed: Vec<(SlotId, Slot)> = Vec::new();
-        let mut added: Vec<SlotId> = Vec::new();
-        let mut renewed: Vec<SlotId> = Vec::new();
+        let mut change = SlotChange::default();
         for (&id, held) in self.model.slots() {
             match desired.get(&id) {
                 Some(want) if want.spec == held.spec => {
                     if want.expires_ns != held.expires_ns {
-                        renewed.push(id);
+                        change.renew.push((id, want.expires_ns));
                     }
                 }
-                _ => removed.push((id, held.clone())),
+                _ => change.remove.push(id),
             }
         }
         for (&id, want) in desired {
@@ -84,20 +99,67 @@ impl Dataplane {
                 .slot(id)
                 .is_none_or(|held| held.spec != want.spec)
             {
-                added.push(id);
+                change.add.push((id, want.clone()));
             }
         }
-        if removed.is_empty() && added.is_empty() && renewed.is_empty() {
+        self.apply_change(&change)
+    }
+
+    /// Whether the maps are known to hold what the model holds, so that
+    /// [`Dataplane::apply_change`] can be used.
+    pub fn in_sync(&self) -> bool {
+        self.in_sync
+    }
+
+    /// Applies `change` to the slots the maps hold, writing only the entries
+    /// it changes: its cost follows the change, not the slots or prefixes
+    /// installed. Same guarantees as [`Dataplane::apply`]; the maps must be
+    /// in sync ([`Dataplane::in_sync`]), else use `apply` with the whole set.
+    pub fn apply_change(&mut self, change: &SlotChange) -> Result<ApplyReport, EnforceError> {
+        if !self.in_sync {
+            return Err(EnforceError::Load(
+                "the maps are not in sync with the slot table: apply the whole table".into(),
+            ));
+        }
+        for (id, slot) in &change.add {
+            slot.spec.check(*id, &self.limits)?;
+        }
+        let result = self.write_change(change);
+        if result.is_err() {
+            self.in_sync = false;
+        }
+        result
+    }
+
+    fn write_change(&mut self, change: &SlotChange) -> Result<ApplyReport, EnforceError> {
+        if change.is_empty() {
             return Ok(ApplyReport::default());
         }
-        for (id, _) in &removed {
-            self.model.remove(*id);
+        // A slot that is replaced (same id, new spec) goes first.
+        let mut removed: Vec<(SlotId, Slot)> = Vec::new();
+        let readded: Vec<SlotId> = change
+            .add
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| self.model.slot(*id).is_some())
+            .collect();
+        for id in change.remove.iter().chain(&readded) {
+            if let Some(slot) = self.model.remove(*id) {
+                removed.push((*id, slot));
+            }
         }
-        for id in &added {
-            self.model.add(*id, &desired[id]);
+        let added: Vec<SlotId> = change.add.iter().map(|(id, _)| *id).collect();
+        for (id, slot) in &change.add {
+            self.model.add(*id, slot);
         }
-        for id in &renewed {
-            self.model.set_expiry(*id, desired[id].expires_ns);
+        let renewed: Vec<(SlotId, u64)> = change
+            .renew
+            .iter()
+            .filter(|(id, _)| self.model.slot(*id).is_some() && !added.contains(id))
+            .copied()
+            .collect();
+        for (id, expires) in &renewed {
+            self.model.set_expiry(*id, *expires);
         }
         if let Err(e) = self.check_capacity() {
             // Put the model back as it was: nothing is written.
@@ -141,9 +203,11 @@ impl Dataplane {
             self.counters.reset(u32::from(*id))?;
             self.buckets.set(*id, Bucket::default())?;
         }
-        for id in added.iter().chain(&renewed) {
-            self.configs.set(*id, slot_config(&desired[id]))?;
-            report.writes += 1;
+        for id in added.iter().chain(renewed.iter().map(|(id, _)| id)) {
+            if let Some(slot) = self.model.slot(*id) {
+                self.configs.set(*id, slot_config(slot))?;
+                report.writes += 1;
+            }
         }
 
         // 4. Every slot of `desired` matches.
@@ -215,8 +279,10 @@ impl Dataplane {
     fn check_capacity(&self) -> Result<(), EnforceError> {
         let src = |t: TableId| {
             let table = self.model.table(t);
-            let short = table.prefixes().filter(|p| p.len < table.width());
-            (table.len(), short.count())
+            (
+                table.len(),
+                table.len() - table.count_of_length(table.width()),
+            )
         };
         let (src4, src4_short) = src(TableId::Src4);
         let (src6, src6_short) = src(TableId::Src6);

@@ -26,7 +26,7 @@ use aya::{
 };
 use dots_common::{names, stats, Policy, SlotCounters, SlotMask, SourceEntry, MAX_EXEMPT_PREFIXES};
 
-pub use apply::ApplyReport;
+pub use apply::{ApplyReport, SlotChange};
 pub use attach::{AttachMode, Attachment};
 
 use super::{
