@@ -250,6 +250,60 @@ fn indefinite_mitigation_lasts_while_the_agent_lives_and_ends_within_the_cap() -
 }
 
 #[test]
+fn monitor_mode_counts_what_it_would_drop() -> Result<()> {
+    let (lab, sink) = ready_lab(&["--no-enforce"])?;
+    let (code, mid, body) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &[])?;
+    assert_eq!(code, "2.01 Created");
+    assert_eq!(
+        body["ietf-dots-signal-channel:mitigation-scope"]["scope"][0]["status"],
+        "attack-mitigation-in-progress"
+    );
+    // Nothing changes for the peer once the slot is in place: wait until
+    // the operator sees it counting.
+    let counting = tests::procs::eventually(Duration::from_secs(10), || {
+        let (_, out) = lab.agent_cmd(&["mitigations"]).ok()?;
+        out.contains("monitor: would have dropped").then_some(())
+    });
+    assert!(counting.is_some(), "{}", lab.agent_cmd(&["mitigations"])?.1);
+    assert_eq!(
+        probe(&lab, &sink, "watched")?,
+        50,
+        "monitor mode drops nothing"
+    );
+    // The operator sees what it would have dropped, and so does the log.
+    let shown = tests::procs::eventually(Duration::from_secs(5), || {
+        let (_, out) = lab.agent_cmd(&["mitigations"]).ok()?;
+        out.contains("would have dropped 50 packets").then_some(out)
+    });
+    assert!(shown.is_some(), "{}", lab.agent_cmd(&["mitigations"])?.1);
+    lab.agent
+        .as_ref()
+        .context("agent")?
+        .wait_log("would have dropped", Duration::from_secs(5))?;
+    // The peer still hears status 1 and no drop counters.
+    let scope = lab.scope(mid)?;
+    assert_eq!(scope["status"], "attack-mitigation-in-progress", "{scope}");
+    assert!(scope.get("pkts-dropped").is_none(), "{scope}");
+    // Withdrawn: its slot goes.
+    let (ok, r) = lab.client(&["withdraw", "--mid", &mid.to_string()])?;
+    assert!(ok, "{r:?}");
+    let status = || -> Result<String> {
+        let bpffs = lab.bpffs.path.display().to_string();
+        let out = tests::procs::run_in(
+            &lab.cpe,
+            &tests::procs::bin("dots-agent")?,
+            &["dataplane".into(), "status".into(), "--bpffs".into(), bpffs],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let gone = tests::procs::eventually(Duration::from_secs(5), || {
+        status().ok().filter(|s| s.contains("slots:      0"))
+    });
+    assert!(gone.is_some(), "{}", status()?);
+    Ok(())
+}
+
+#[test]
 fn bad_requests_change_nothing() -> Result<()> {
     let (lab, sink) = ready_lab(&[])?;
     let (_, mid, _) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &[])?;

@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use anyhow::Result;
 use dots_agent::enforce::{
-    clock, AttachMode, Dataplane, DataplaneOptions, EnforceError, Range, Slot, SlotId, SlotSpec,
+    clock, AttachMode, Dataplane, DataplaneOptions, EnforceError, Range, Slot, SlotAction, SlotId,
+    SlotSpec,
 };
 use tests::packet::{ExtHeader, Frame, L4};
 use tests::{veth, BpffsDir, Netns, PacketSocket};
@@ -700,5 +701,32 @@ fn many_source_lengths_take_the_trie_and_a_restart_writes_nothing() -> Result<()
         vec![false, false, true],
         "slot 2 still enforced, slot 1 gone"
     );
+    Ok(())
+}
+
+#[test]
+fn monitor_slots_count_what_they_would_drop_and_drop_nothing() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let t = "198.51.100.1";
+    let mut watch = spec(&["10.0.0.0/8"], &["198.51.100.0/24"]);
+    watch.action = SlotAction::Monitor;
+    let block = spec(&["10.1.0.0/16"], &["198.51.100.0/24"]);
+    lab.apply(&[(1, watch), (2, block)])?;
+    let frames = [
+        udp("10.0.0.1", t, 1, 2), // monitor only: passes
+        udp("10.0.0.2", t, 1, 2), // monitor only: passes
+        udp("10.1.0.1", t, 1, 2), // both: dropped by slot 2, counted by slot 1
+    ];
+    assert_eq!(lab.passes(&frames)?, vec![true, true, false]);
+    let watched = lab.dp.counters(1)?;
+    assert_eq!(
+        (watched.packets, watched.passed_packets),
+        (0, 3),
+        "a monitor slot drops nothing and counts every match"
+    );
+    assert_eq!(watched.passed_bytes, 3 * wire_len(&frames[0]));
+    assert_eq!(lab.dp.counters(2)?.packets, 1);
+    let stats = lab.dp.stats()?;
+    assert_eq!((stats.monitored, stats.dropped), (2, 1));
     Ok(())
 }

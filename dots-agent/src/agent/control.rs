@@ -353,6 +353,10 @@ mod tests {
             pps: 0,
             bps: 0,
             devices: Vec::new(),
+            action: "monitor".into(),
+            passed_packets: 3,
+            passed_bytes: 300,
+            passed_pps: 1,
             made_from: Default::default(),
         };
         let l = line(&Reply::ok(Body::Mitigations(vec![m.clone()])));

@@ -27,7 +27,7 @@ use dots_proto::{model::ValidatedRequest, signal::Counters};
 use ipnet::IpNet;
 
 use crate::enforce::{
-    clock, counters::sum, Dataplane, EnforceError, Range, RateMeter, Slot, SlotChange,
+    clock, counters::sum, Dataplane, EnforceError, Range, RateMeter, Slot, SlotAction, SlotChange,
     SlotCounters, SlotId, SlotSpec,
 };
 
@@ -101,10 +101,12 @@ pub struct SlotTable {
     versions: u64,
 }
 
-/// The classifier's view of a validated request.
-pub fn slot_spec(req: &ValidatedRequest) -> SlotSpec {
+/// The classifier's view of a validated request, doing `action` with what
+/// it matches (the local policy, or monitor mode).
+pub fn slot_spec(req: &ValidatedRequest, action: SlotAction) -> SlotSpec {
     let s = &req.scope;
     SlotSpec {
+        action,
         sources: s.source_prefix.clone(),
         source_ports: s
             .source_port_range
@@ -282,6 +284,28 @@ impl SlotTable {
             pps: rates.pps,
             bps: rates.bps,
         })
+    }
+
+    /// Every counter of `key` (dropped, and matched but passed), with the
+    /// slot's action.
+    pub fn slot_counters(&self, key: &SlotKey) -> Option<(SlotAction, SlotCounters)> {
+        let e = self.entries.get(key)?;
+        let c = sum(&e.carried, &self.dp.counters(e.slot).ok()?);
+        Some((e.spec.action, c))
+    }
+
+    /// The mitigations of `peer` holding a slot.
+    pub fn keys_of(&self, peer: usize) -> Vec<SlotKey> {
+        self.entries
+            .keys()
+            .filter(|k| k.peer == peer)
+            .cloned()
+            .collect()
+    }
+
+    /// Every mitigation holding a slot.
+    pub fn keys(&self) -> Vec<SlotKey> {
+        self.entries.keys().cloned().collect()
     }
 
     /// The record of `key` for the state directory: a restarted agent

@@ -3,6 +3,7 @@
 //! that turns mitigations into XDP drops.
 
 pub mod control;
+mod counting;
 pub mod enforcer;
 pub mod metrics;
 mod nat_glue;
@@ -84,15 +85,18 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     }
     let mut saved = state::StateFile::load(&opts.state_dir);
     let mut attached = Vec::new();
-    let enforcer = if opts.monitor {
-        info!("monitor mode: requests are validated, answered and logged; nothing is installed");
+    let enforcer = if opts.monitor && opts.lans.is_empty() {
+        info!("monitor mode without a LAN interface: requests are validated, answered and logged; nothing is installed or counted");
         None
     } else {
+        if opts.monitor {
+            info!("monitor mode: the classifier counts what each mitigation would drop, and drops nothing");
+        }
         let mut dp = Dataplane::open(&DataplaneOptions {
             bpffs: opts.bpffs.clone(),
             ..Default::default()
         })
-        .context("opening the XDP data plane (use --no-enforce to run without it)")?;
+        .context("opening the XDP data plane (use --no-enforce without --lan to run without it)")?;
         for lan in &opts.lans {
             let a = dp.attach(lan, opts.attach_mode)?;
             info!(iface = %a.iface, mode = a.mode, "XDP attached");
@@ -173,6 +177,13 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         consent_receivers.push(rx);
     }
     let store = Arc::new(state::StateStore::new(&opts.state_dir, enforcer.clone())?);
+    if let Some(table) = &enforcer {
+        tokio::spawn(counting::report(
+            table.clone(),
+            view.clone(),
+            opts.notify_interval,
+        ));
+    }
     if let Some(addr) = opts.metrics {
         tokio::spawn(metrics::serve(addr, view.clone()));
     }

@@ -14,8 +14,8 @@ use std::{
 
 use dots_proto::{
     coap::{DatagramConfig, DatagramEndpoint, Endpoint, StreamConfig, StreamEndpoint},
-    model::RedirectedSignal,
-    signal::{Action, MitigationKey, MitigationRecord, ServerConfig, SignalServer},
+    model::{RedirectedSignal, ValidatedRequest},
+    signal::{Action, MitigationKey, MitigationRecord, Phase, ServerConfig, SignalServer},
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -29,6 +29,7 @@ use super::{
 };
 use crate::{
     discovery::{DiscoveryContext, Rediscovery},
+    enforce::{SlotAction, SlotId},
     peer::PeerTarget,
 };
 use dots_daemon::transport::{Backoff, Connection, Dialer, Incoming, Transport, TransportError};
@@ -400,21 +401,32 @@ impl Shell {
         let revision = server.mitigations().revision();
         if self.saved != Some(revision) {
             self.saved = Some(revision);
-            self.sync_lifetimes(server);
+            self.sync_slots(server);
             self.store.sync(self.peer, &self.name, now, server);
         }
         end
     }
 
-    /// Renewed lifetimes move the expiries the XDP program enforces.
-    fn sync_lifetimes(&self, server: &Server) {
+    /// Renewed lifetimes move the expiries the XDP program enforces, and
+    /// slots whose mitigation is gone without a `Remove` (monitor mode) go.
+    fn sync_slots(&self, server: &Server) {
         let Some(e) = &self.enforcer else {
             return;
         };
         let Ok(mut t) = e.lock() else {
             return;
         };
-        for (key, m) in server.mitigations().iter().filter(|(_, m)| m.enforced()) {
+        for k in t.keys_of(self.peer) {
+            let key = MitigationKey::new(k.cuid.clone(), k.mid);
+            if server.mitigations().get(&key).is_none() {
+                if let Err(err) = t.remove(&k) {
+                    warn!(cuid = %k.cuid, mid = k.mid, error = %err, "could not remove the slot of an ended mitigation");
+                }
+            }
+        }
+        let counted =
+            |m: &dots_proto::signal::Mitigation| m.enforced() || m.phase == Phase::Monitoring;
+        for (key, m) in server.mitigations().iter().filter(|(_, m)| counted(m)) {
             let lifetime = Lifetime::from_expiry(m.expires);
             if let Err(err) = t.set_lifetime(&self.slot_key(key), lifetime) {
                 warn!(cuid = %key.cuid, mid = key.mid, error = %err, "could not move the expiry in the data plane");
@@ -509,47 +521,60 @@ impl Shell {
         }
     }
 
+    /// Puts `request`'s slot in the data plane, doing `action`; `None` while
+    /// behind NAT no device is known yet (the NAT service installs it).
+    fn install_slot(
+        &mut self,
+        server: &Server,
+        key: &MitigationKey,
+        request: &ValidatedRequest,
+        action: SlotAction,
+    ) -> Result<Option<SlotId>, String> {
+        let spec = slot_spec(request, action);
+        let lifetime = server
+            .mitigations()
+            .get(key)
+            .map(|m| Lifetime::from_expiry(m.expires));
+        // Behind NAT the slot names the internal devices, or waits for one.
+        let spec = match self
+            .nat
+            .as_ref()
+            .map(|n| n.install(&self.slot_key(key), &spec))
+        {
+            None | Some(NatInstall::Direct) => spec,
+            Some(NatInstall::Resolved(s)) => s,
+            Some(NatInstall::Pending) => {
+                info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix,
+                      "the router's own address: waiting for a matching flow in conntrack");
+                return Ok(None);
+            }
+        };
+        match &self.enforcer {
+            Some(e) => e
+                .lock()
+                .map_err(|_| "slot table poisoned".to_string())
+                .and_then(|mut t| {
+                    t.install(&self.slot_key(key), spec, lifetime)
+                        .map(Some)
+                        .map_err(|e| e.to_string())
+                }),
+            None => Err("no data plane".to_string()),
+        }
+    }
+
     /// Carries out one action of the signal layer; returns how the session
     /// ends when the action ends it.
     fn perform(&mut self, server: &mut Server, action: Action) -> Option<Ended> {
         let now = Instant::now();
         match action {
             Action::Install { key, request } => {
-                let spec = slot_spec(&request);
-                let lifetime = server
-                    .mitigations()
-                    .get(&key)
-                    .map(|m| Lifetime::from_expiry(m.expires));
-                // Behind NAT the slot names the internal devices, or waits for one.
-                let spec = match self
-                    .nat
-                    .as_ref()
-                    .map(|n| n.install(&self.slot_key(&key), &spec))
-                {
-                    None | Some(NatInstall::Direct) => spec,
-                    Some(NatInstall::Resolved(s)) => s,
-                    Some(NatInstall::Pending) => {
-                        info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix,
-                              "the router's own address: waiting for a matching flow in conntrack");
-                        return None;
-                    }
-                };
-                let result = match &self.enforcer {
-                    Some(e) => e
-                        .lock()
-                        .map_err(|_| "slot table poisoned".to_string())
-                        .and_then(|mut t| {
-                            t.install(&self.slot_key(&key), spec, lifetime)
-                                .map_err(|e| e.to_string())
-                        }),
-                    None => Err("no data plane".to_string()),
-                };
-                match result {
-                    Ok(slot) => {
+                match self.install_slot(server, &key, &request, SlotAction::Drop) {
+                    Ok(Some(slot)) => {
                         info!(cuid = %key.cuid, mid = key.mid, slot, sources = ?request.scope.source_prefix,
                               targets = ?request.scope.target_prefix, lifetime = request.lifetime, "mitigation enforced");
                         let _ = server.installed(now, &key);
                     }
+                    Ok(None) => {}
                     Err(reason) => {
                         warn!(cuid = %key.cuid, mid = key.mid, %reason, "mitigation could not be installed");
                         let _ = server.install_failed(now, &key);
@@ -614,9 +639,24 @@ impl Shell {
                 warn!(cuid = cuid.as_deref().unwrap_or("-"), mid = ?mid, %code, %diagnostic, "request refused");
             }
             Action::Monitored { key, request } => {
-                info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix,
-                      targets = ?request.scope.target_prefix, lifetime = request.lifetime,
-                      "monitor mode: mitigation validated and answered, nothing installed");
+                // Monitor mode: the slot counts what it would drop and drops
+                // nothing; the peer still hears status 1.
+                let counted = match &self.enforcer {
+                    Some(_) => self.install_slot(server, &key, &request, SlotAction::Monitor),
+                    None => Err("no data plane (no --lan interface)".to_string()),
+                };
+                match counted {
+                    Ok(slot) => {
+                        info!(cuid = %key.cuid, mid = key.mid, slot, sources = ?request.scope.source_prefix,
+                              targets = ?request.scope.target_prefix, lifetime = request.lifetime,
+                              "monitor mode: mitigation validated and answered; counting what it would drop, dropping nothing");
+                    }
+                    Err(reason) => {
+                        info!(cuid = %key.cuid, mid = key.mid, sources = ?request.scope.source_prefix,
+                              targets = ?request.scope.target_prefix, lifetime = request.lifetime, %reason,
+                              "monitor mode: mitigation validated and answered; nothing installed, nothing counted");
+                    }
+                }
             }
             Action::Redirect { target } => return Some(Ended::Redirect(target)),
             Action::SessionLost => return Some(Ended::Lost),

@@ -143,6 +143,19 @@ pub struct MitigationView {
     /// Internal devices found behind NAT (address and MAC): for the operator
     /// only, never sent to the peer (RFC 9066 §9).
     pub devices: Vec<String>,
+    /// What the classifier slot does: "drop", "monitor", "rate-limit ..."
+    /// (empty while no slot holds the mitigation).
+    #[serde(default)]
+    pub action: String,
+    /// Packets and bytes the slot matched but let through: what a monitor
+    /// slot would have dropped, or what stayed within a rate limit.
+    #[serde(default)]
+    pub passed_packets: u64,
+    #[serde(default)]
+    pub passed_bytes: u64,
+    /// Packets per second of those, over the last reading.
+    #[serde(default)]
+    pub passed_pps: u64,
     /// What the view was made from, so that it is made again only when that
     /// changes; not part of the reply.
     #[serde(skip)]
@@ -210,6 +223,10 @@ impl MitigationView {
             pps: c.pps,
             bps: c.bps,
             devices: Vec::new(),
+            action: String::new(),
+            passed_packets: 0,
+            passed_bytes: 0,
+            passed_pps: 0,
             made_from: ViewMark::of(m),
         }
     }
@@ -337,6 +354,11 @@ pub struct SlotStatus {
     pub slot: SlotId,
     pub packets: u64,
     pub bytes: u64,
+    /// Matched but let through (monitor or rate-limit slots).
+    #[serde(default)]
+    pub passed_packets: u64,
+    #[serde(default)]
+    pub passed_bytes: u64,
 }
 
 impl DataplaneStatus {
@@ -358,6 +380,8 @@ impl DataplaneStatus {
                     slot,
                     packets: c.packets,
                     bytes: c.bytes,
+                    passed_packets: c.passed_packets,
+                    passed_bytes: c.passed_bytes,
                 })
             })
             .collect::<anyhow::Result<_>>()?;

@@ -45,8 +45,10 @@ pub struct RunFlags {
     /// (repeatable; the router's own addresses are added).
     #[arg(long = "domain", value_name = "PREFIX")]
     pub domain: Vec<IpNet>,
-    /// Monitor mode: validate, answer and log requests, install nothing
-    /// (status stays 1 "attack-mitigation-in-progress").
+    /// Monitor mode: validate, answer and log requests and drop nothing
+    /// (status stays 1 "attack-mitigation-in-progress"). With --lan the
+    /// classifier counts what each mitigation would drop (`dots-agent
+    /// mitigations`, the log); without, nothing is installed.
     #[arg(long)]
     pub no_enforce: bool,
     /// LAN interface to enforce on (repeatable).

@@ -74,7 +74,8 @@ pub struct AgentConfig {
     pub domain: DomainConfig,
     /// Where and how the XDP classifier runs (`[xdp]`).
     pub xdp: XdpConfig,
-    /// `false`: monitor mode, validate, answer and log requests, install nothing.
+    /// `false`: monitor mode, validate, answer and log requests, drop nothing;
+    /// with XDP interfaces, count what each mitigation would drop.
     pub enforce: bool,
     /// `auto` or `require` (an operator approves each mitigation).
     pub consent: ConsentMode,

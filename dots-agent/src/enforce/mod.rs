@@ -22,7 +22,7 @@ pub use counters::{RateMeter, Rates};
 pub use dataplane::{ApplyReport, AttachMode, Attachment, Dataplane, DataplaneOptions, SlotChange};
 pub use dots_common::SlotCounters;
 pub use error::EnforceError;
-pub use spec::{Range, Slot, SlotId, SlotLimits, SlotSpec};
+pub use spec::{Range, Slot, SlotAction, SlotId, SlotLimits, SlotSpec};
 
 /// Where maps and links are pinned unless configured otherwise.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/dots-agent";

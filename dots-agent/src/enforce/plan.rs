@@ -34,7 +34,7 @@ use dots_common::{
 use ipnet::IpNet;
 
 pub use super::prefix::{Prefix, PrefixTable};
-use super::spec::{Range, Slot, SlotId};
+use super::spec::{Range, Slot, SlotAction, SlotId};
 
 /// The prefix maps of the classifier, as the model names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -121,12 +121,29 @@ pub struct Contents {
     pub configs: BTreeMap<SlotId, SlotConfig>,
 }
 
+/// How far a rate-limited slot's bucket may run ahead of the clock: a
+/// burst of this long at the full rate passes.
+pub const RATE_BURST: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The `DOTS_SLOTS` entry of `slot`.
 pub fn slot_config(slot: &Slot) -> SlotConfig {
+    let (action, ns_per_packet, ps_per_byte, burst_ns) = match slot.spec.action {
+        SlotAction::Drop => (action::DROP, 0, 0, 0),
+        SlotAction::Monitor => (action::MONITOR, 0, 0, 0),
+        SlotAction::RateLimit { pps, bps } => (
+            action::RATE_LIMIT,
+            // 0 stays 0: that kind of rate is not limited.
+            1_000_000_000u64.checked_div(pps).map_or(0, |n| n.max(1)),
+            8_000_000_000_000u64.checked_div(bps).map_or(0, |n| n.max(1)),
+            RATE_BURST.as_nanos() as u64,
+        ),
+    };
     SlotConfig {
         expires_ns: slot.expires_ns,
-        action: action::DROP,
-        ..SlotConfig::default()
+        action,
+        ns_per_packet,
+        ps_per_byte,
+        burst_ns,
     }
 }
 

@@ -369,8 +369,8 @@ mod tests {
         };
         for (a, b) in [
             (many.clone(), others.clone()),
-            (many.clone(), vec![net("10.0.39.200/32"); 3].repeat(30)),
-            (others.clone(), vec![net("10.1.0.0/16"); 2].repeat(40)),
+            (many.clone(), vec![net("10.0.39.200/32"); 90]),
+            (others.clone(), vec![net("10.1.0.0/16"); 80]),
             (many.clone(), vec![net("2001:db8::/32"); 100]),
             (vec![net("0.0.0.0/0"); 10], others.clone()),
         ] {

@@ -224,6 +224,7 @@ fn slot_specs(slots: usize, prefixes: usize, kind: Kind, scope: Scope) -> BTreeM
                 source_ports: vec![Range::new(1024, 65535)],
                 target_ports: vec![Range::single(TARGET_PORT)],
                 icmp_types: Vec::new(),
+                action: Default::default(),
             },
         );
         if scope == Scope::Addresses {
