@@ -1,4 +1,4 @@
-//! `cargo xtask bench dataplane | nat | reaction`. Each runs a measuring
+//! `cargo xtask bench dataplane | nat | reaction | traffic`. Each runs a measuring
 //! program of the `tests` crate (`bench-<name>`), built in release mode,
 //! which writes `target/bench/<name>.json` and its part of
 //! `docs/benchmarks.md`.
@@ -16,6 +16,9 @@ pub(crate) enum Which {
     /// Reaction time end to end: PUT leaving dots-client to the first packet
     /// dropped, DELETE to the first packet passing, and PUT to 2.01.
     Reaction,
+    /// The classifier under real frames (trafgen into a veth): its cost per
+    /// frame from the kernel's BPF statistics.
+    Traffic,
 }
 
 pub(crate) fn run(which: Which) -> Result<()> {
@@ -43,6 +46,11 @@ pub(crate) fn run(which: Which) -> Result<()> {
                 "benchmarking reaction time (lab, 2 x 50 requests, 255 other mitigations; a few minutes)",
             )
         }
+        Which::Traffic => run_bench(
+            "bench-traffic",
+            "traffic.json",
+            "benchmarking the classifier under trafgen frames (bpf_stats; a minute or two)",
+        ),
     }
 }
 

@@ -134,7 +134,9 @@ pub fn slot_config(slot: &Slot) -> SlotConfig {
             action::RATE_LIMIT,
             // 0 stays 0: that kind of rate is not limited.
             1_000_000_000u64.checked_div(pps).map_or(0, |n| n.max(1)),
-            8_000_000_000_000u64.checked_div(bps).map_or(0, |n| n.max(1)),
+            8_000_000_000_000u64
+                .checked_div(bps)
+                .map_or(0, |n| n.max(1)),
             RATE_BURST.as_nanos() as u64,
         ),
     };
