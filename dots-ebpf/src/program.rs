@@ -14,6 +14,8 @@ use dots_common::{
     MAX_TARGET_PREFIXES as TARGETS, MMAPABLE,
 };
 
+use core::arch::asm;
+
 use crate::parse::{parse, Ip, Packet, L4};
 
 /// `BPF_F_NO_PREALLOC`: the source hashes take memory as they fill, not
@@ -299,14 +301,17 @@ fn boot_ns() -> u64 {
 }
 
 /// Applies the live slots among `matched` to one packet of `bytes`: each
-/// is charged (as dropped, or as passed for a monitor slot), and the packet
-/// is dropped when any of them drops it. Slots past their expiry are
+/// is charged (as dropped, or as passed for a monitor slot or a rate-limited
+/// one within its limit), and the packet is dropped when any of them drops
+/// it. Slots past their expiry are
 /// skipped: a block ends on time even when no agent is left to remove it.
 #[inline(always)]
 fn enforce(matched: &SlotMask, bytes: u64) -> u32 {
-    let now = boot_ns().saturating_add(CLOCK_SLACK_NS);
+    let clock = boot_ns();
+    let now = clock.saturating_add(CLOCK_SLACK_NS);
     let mut dropped = false;
-    let mut passed = false;
+    let mut monitored = false;
+    let mut conforming = false;
     for word in 0..matched.bits.len() {
         let mut bits = matched.bits[word];
         for _ in 0..64 {
@@ -321,7 +326,18 @@ fn enforce(matched: &SlotMask, bytes: u64) -> u32 {
             if now >= config.expires_ns {
                 continue;
             }
-            let drop = config.action == action::DROP;
+            let drop = match config.action {
+                action::DROP => true,
+                action::RATE_LIMIT => {
+                    let over = over_limit(slot, config, clock, bytes);
+                    conforming |= !over;
+                    over
+                }
+                _ => {
+                    monitored = true;
+                    false
+                }
+            };
             if let Some(c) = DOTS_COUNTERS.get_ptr_mut(slot) {
                 // SAFETY: per-CPU value of this CPU; XDP runs with preemption off.
                 unsafe {
@@ -335,18 +351,82 @@ fn enforce(matched: &SlotMask, bytes: u64) -> u32 {
                 }
             }
             dropped |= drop;
-            passed |= !drop;
         }
     }
     if dropped {
         count_stat(stats::DROPPED);
         xdp_action::XDP_DROP
     } else {
-        if passed {
+        if monitored {
             count_stat(stats::MONITORED);
+        } else if conforming {
+            count_stat(stats::CONFORMING);
         }
         xdp_action::XDP_PASS
     }
+}
+
+/// Whether a packet of `bytes` exceeds slot `slot`'s rate limit at `now`;
+/// when it does not, it is charged to the slot's buckets.
+#[inline(always)]
+fn over_limit(slot: u32, config: &SlotConfig, now: u64, bytes: u64) -> bool {
+    let Some(bucket) = DOTS_BUCKETS.get_ptr_mut(slot) else {
+        return false;
+    };
+    // SAFETY: field addresses inside a map value that outlives the program
+    // run; no reference is made.
+    let (packets, octets) =
+        unsafe { (&raw mut (*bucket).packets_tat, &raw mut (*bucket).bytes_tat) };
+    if config.ns_per_packet != 0 && !conform(packets, config.ns_per_packet, now, config.burst_ns) {
+        return true;
+    }
+    // At most 2^20 bytes x 8 x 10^12 ps per byte (1 bit/s): no overflow.
+    let cost = bytes.min(1 << 20).wrapping_mul(config.ps_per_byte) / 1000;
+    config.ps_per_byte != 0 && !conform(octets, cost, now, config.burst_ns)
+}
+
+/// `BPF_CMPXCHG`: stores `new` at `p` if it holds `old`; returns what it held.
+/// (The BPF target has no compare-and-swap in `core::sync::atomic`.)
+///
+/// # Safety
+/// `p` must point to a live, 8-byte aligned u64 in a map value.
+#[inline(always)]
+unsafe fn cmpxchg(p: *mut u64, old: u64, new: u64) -> u64 {
+    let prev: u64;
+    // SAFETY: an atomic read-modify-write of the u64 the caller vouches for.
+    unsafe {
+        asm!(
+            "r0 = cmpxchg_64({p} + 0, r0, {new})",
+            p = in(reg) p,
+            new = in(reg) new,
+            inout("r0") old => prev,
+            options(nostack),
+        );
+    }
+    prev
+}
+
+/// Generic cell rate algorithm on one bucket shared by all CPUs: the
+/// packet conforms when the bucket's theoretical arrival time, moved up to
+/// `now` if behind, is at most `burst` ahead of it; it then moves by `cost`.
+/// A compare-and-swap makes the move exact when CPUs race; after a few lost
+/// races the packet passes (the limit errs on letting through).
+#[inline(always)]
+fn conform(tat: *mut u64, cost: u64, now: u64, burst: u64) -> bool {
+    for _ in 0..4 {
+        // SAFETY: `tat` is a bucket of a map value (see `over_limit`); an
+        // aligned 8-byte load is atomic.
+        let old = unsafe { core::ptr::read_volatile(tat) };
+        let base = if old > now { old } else { now };
+        if base - now > burst {
+            return false;
+        }
+        // SAFETY: as above.
+        if unsafe { cmpxchg(tat, old, base + cost) } == old {
+            return true;
+        }
+    }
+    true
 }
 
 #[inline(always)]

@@ -304,6 +304,32 @@ fn monitor_mode_counts_what_it_would_drop() -> Result<()> {
 }
 
 #[test]
+fn rate_limit_holds_the_target_within_ten_percent_of_the_limit() -> Result<()> {
+    let (lab, sink) = ready_lab(&["--action", "rate-limit", "--rate-limit-pps", "1000"])?;
+    let (_, mid, _) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &[])?;
+    lab.wait_status(mid, "attack-successfully-mitigated")?;
+    // About 4,000 packets per second for 3 seconds, 4 times the limit.
+    let started = Instant::now();
+    let sent = flood(&lab.hosta, TARGET4, Duration::from_secs(3), 4_000, "flood")?;
+    let secs = started.elapsed().as_secs_f64();
+    let got = sink.count("flood");
+    let rate = got as f64 / secs;
+    assert!(
+        sent as f64 / secs > 2_000.0,
+        "the flood must exceed the limit: {sent} in {secs:.2} s"
+    );
+    assert!(
+        (900.0..=1_100.0).contains(&rate),
+        "{got} of {sent} datagrams in {secs:.2} s: {rate:.0}/s at the target, limit 1000/s"
+    );
+    // What went over the limit is reported as dropped.
+    std::thread::sleep(Duration::from_millis(1500));
+    let dropped = scope_counter(&lab.scope(mid)?, "pkts-dropped");
+    assert_eq!(dropped as usize, sent - got, "drops counted: {dropped}");
+    Ok(())
+}
+
+#[test]
 fn bad_requests_change_nothing() -> Result<()> {
     let (lab, sink) = ready_lab(&[])?;
     let (_, mid, _) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &[])?;

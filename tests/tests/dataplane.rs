@@ -730,3 +730,35 @@ fn monitor_slots_count_what_they_would_drop_and_drop_nothing() -> Result<()> {
     assert_eq!((stats.monitored, stats.dropped), (2, 1));
     Ok(())
 }
+
+#[test]
+fn rate_limited_slots_pass_what_fits_the_limit_and_drop_the_rest() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let t = "198.51.100.1";
+    // 2 packets per second (one per 500 ms, 50 ms of burst): of a quick
+    // burst, the first passes and the rest are over the limit.
+    let mut pps = spec(&["10.1.0.0/16"], &["198.51.100.0/24"]);
+    pps.action = SlotAction::RateLimit { pps: 2, bps: 0 };
+    // 8,000 bits per second: a ~70-byte frame costs 70 ms, more than the
+    // 50 ms burst, so again one frame passes.
+    let mut bps = spec(&["10.2.0.0/16"], &["198.51.100.0/24"]);
+    bps.action = SlotAction::RateLimit { pps: 0, bps: 8_000 };
+    lab.apply(&[(1, pps), (2, bps)])?;
+    let burst = |net: &str| -> Vec<Frame> { (0..10).map(|_| udp(net, t, 1, 2)).collect() };
+    let passed = lab.passes(&burst("10.1.0.1"))?;
+    assert_eq!(passed.iter().filter(|p| **p).count(), 1, "{passed:?}");
+    assert!(passed[0], "the first packet fits the bucket");
+    let passed = lab.passes(&burst("10.2.0.1"))?;
+    assert_eq!(passed.iter().filter(|p| **p).count(), 1, "{passed:?}");
+    let c = lab.dp.counters(1)?;
+    assert_eq!(
+        (c.passed_packets, c.packets),
+        (1, 9),
+        "over the limit is dropped and counted"
+    );
+    assert_eq!(lab.dp.stats()?.conforming, 2);
+    // The bucket refills with time.
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(lab.pass_one(udp("10.1.0.1", t, 1, 2))?);
+    Ok(())
+}

@@ -52,6 +52,8 @@ pub struct AgentOptions {
     /// How long an indefinite mitigation stays in force in the kernel
     /// without the agent renewing it (`[xdp] indefinite-cap`).
     pub indefinite_cap: std::time::Duration,
+    /// What each peer's mitigations do (drop, or rate-limit), by peer index.
+    pub actions: Vec<crate::enforce::SlotAction>,
     pub consent: ConsentMode,
     pub never_block: Vec<IpNet>,
     pub limits: Limits,
@@ -233,6 +235,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             view: view.clone(),
             consent,
             restore: saved.take_peer(index, &target.to_string()),
+            action: opts.actions.get(index).copied().unwrap_or_default(),
             nat: nat.clone(),
             discovery: if index == 0 {
                 opts.discovery.clone()

@@ -60,6 +60,8 @@ pub(crate) struct PeerTask {
     pub(crate) consent: mpsc::Receiver<ConsentCommand>,
     /// Mitigations of this peer from the state directory.
     pub(crate) restore: Vec<MitigationRecord>,
+    /// What this peer's mitigations do (the local policy).
+    pub(crate) action: SlotAction,
     pub(crate) store: Arc<StateStore>,
     pub(crate) nat: Option<Arc<NatService>>,
     pub(crate) nat_rx: Option<mpsc::UnboundedReceiver<NatResolved>>,
@@ -72,6 +74,8 @@ pub(crate) struct PeerTask {
 /// connection state: data plane, operator view, consent decisions.
 struct Shell {
     peer: usize,
+    /// What this peer's mitigations do (the local policy).
+    action: SlotAction,
     enforcer: Option<Arc<Mutex<SlotTable>>>,
     view: Arc<Mutex<AgentView>>,
     consent: mpsc::Receiver<ConsentCommand>,
@@ -101,6 +105,7 @@ impl PeerTask {
             view,
             consent,
             restore,
+            action,
             store,
             nat,
             nat_rx,
@@ -110,6 +115,7 @@ impl PeerTask {
         let name = target.to_string();
         let mut shell = Shell {
             peer: index,
+            action,
             enforcer,
             view,
             consent,
@@ -568,7 +574,8 @@ impl Shell {
         let now = Instant::now();
         match action {
             Action::Install { key, request } => {
-                match self.install_slot(server, &key, &request, SlotAction::Drop) {
+                let action = self.action;
+                match self.install_slot(server, &key, &request, action) {
                     Ok(Some(slot)) => {
                         info!(cuid = %key.cuid, mid = key.mid, slot, sources = ?request.scope.source_prefix,
                               targets = ?request.scope.target_prefix, lifetime = request.lifetime, "mitigation enforced");

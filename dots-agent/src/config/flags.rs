@@ -71,6 +71,16 @@ pub struct RunFlags {
     /// [default: 600].
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX)))]
     pub indefinite_cap: Option<u64>,
+    /// What mitigations do: drop every matching packet, or drop only what
+    /// exceeds --rate-limit-pps / --rate-limit-bps [default: drop].
+    #[arg(long, value_enum)]
+    pub action: Option<super::LocalAction>,
+    /// With --action rate-limit: packets per second let through per mitigation.
+    #[arg(long, value_name = "PPS")]
+    pub rate_limit_pps: Option<u64>,
+    /// With --action rate-limit: bits per second let through per mitigation.
+    #[arg(long, value_name = "BPS")]
+    pub rate_limit_bps: Option<u64>,
     /// Control socket for `dots-agent status`, `mitigations`, `approve`,
     /// `reject` [default: /run/dots-agent.sock].
     #[arg(long)]
@@ -187,6 +197,15 @@ impl RunFlags {
         }
         if let Some(cap) = self.indefinite_cap {
             c.xdp.indefinite_cap = cap;
+        }
+        if let Some(a) = self.action {
+            c.xdp.action = a;
+        }
+        if self.rate_limit_pps.is_some() {
+            c.xdp.rate_limit_pps = self.rate_limit_pps;
+        }
+        if self.rate_limit_bps.is_some() {
+            c.xdp.rate_limit_bps = self.rate_limit_bps;
         }
         if let Some(s) = &self.control {
             c.control_socket = s.clone();

@@ -549,3 +549,56 @@ fn error_messages_read_well() {
         "{e}"
     );
 }
+
+#[test]
+fn local_action_drop_or_rate_limit_per_agent_and_per_peer() {
+    use crate::enforce::SlotAction;
+    // Default: drop.
+    assert_eq!(agent_ok(MINIMAL).peer_action(0).unwrap(), SlotAction::Drop);
+    let e = agent_err(&format!("{MINIMAL}\n[xdp]\naction = \"rate-limit\"\n"));
+    assert_eq!(e.key(), Some("xdp.rate-limit-pps"), "{e}");
+    assert!(e.to_string().contains("needs rate-limit-pps"), "{e}");
+    let e = agent_err(&format!("{MINIMAL}\n[xdp]\nrate-limit-pps = 10\n"));
+    assert_eq!(e.key(), Some("xdp.rate-limit-pps"), "{e}");
+    assert!(e.to_string().contains("only applies"), "{e}");
+    let e = agent_err(&format!(
+        "{MINIMAL}\n[xdp]\naction = \"rate-limit\"\nrate-limit-bps = 0\n"
+    ));
+    assert_eq!(e.key(), Some("xdp.rate-limit-bps"), "{e}");
+    let e = agent_err(&format!("{MINIMAL}\n[xdp]\naction = \"throttle\"\n"));
+    assert_eq!(e.key(), Some("xdp.action"), "{e}");
+    // Per agent, and a peer overriding it.
+    let text = MINIMAL.replace(
+        "[domain]",
+        "[[peers]]\naddress = \"backup.example\"\naction = \"drop\"\n[domain]",
+    );
+    let c = agent_ok(&format!(
+        "{text}\n[xdp]\naction = \"rate-limit\"\nrate-limit-pps = 1000\nrate-limit-bps = 8000000\n"
+    ));
+    let o = c.to_options().unwrap();
+    assert_eq!(
+        o.actions,
+        vec![
+            SlotAction::RateLimit {
+                pps: 1000,
+                bps: 8_000_000
+            },
+            SlotAction::Drop
+        ]
+    );
+    // A peer rate-limiting on its own, with the agent dropping.
+    let text = MINIMAL.replace(
+        "address = \"isp.example\"",
+        "address = \"isp.example\"\naction = \"rate-limit\"\nrate-limit-pps = 5",
+    );
+    assert_eq!(
+        agent_ok(&text).peer_action(0).unwrap(),
+        SlotAction::RateLimit { pps: 5, bps: 0 }
+    );
+    let text = MINIMAL.replace(
+        "address = \"isp.example\"",
+        "address = \"isp.example\"\naction = \"rate-limit\"",
+    );
+    let e = agent_err(&text);
+    assert_eq!(e.key(), Some("peers[0].rate-limit-pps"), "{e}");
+}
