@@ -92,10 +92,9 @@ pub fn dots_xdp(ctx: XdpContext) -> u32 {
     let Some(policy) = DOTS_POLICY.get(0) else {
         return xdp_action::XDP_PASS;
     };
-    let matched = classify(&packet, policy);
-    if matched.is_empty() {
+    let Some(matched) = classify(&packet, policy) else {
         return xdp_action::XDP_PASS;
-    }
+    };
     // Checked only on the hit path, and only when an exempt prefix overlaps
     // some slot, so misses pay nothing for it.
     if is_exempt(&packet.ip, policy.flags) {
@@ -112,21 +111,21 @@ pub fn dots_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// The slots that match `packet` on every field they constrain. A field's
-/// lookup is skipped when every slot still in the running leaves that field
-/// unconstrained, so a packet pays only for what some candidate slot asks.
+/// The slots that match `packet` on every field they constrain (`None`:
+/// none). A field's lookup is skipped when every slot still in the running
+/// leaves that field unconstrained, so a packet pays only for what some
+/// candidate slot asks. Misses end in `None` rather than an empty mask:
+/// returning a zeroed 32-byte mask made LLVM call `memset` on the miss path.
 #[inline(always)]
-fn classify(packet: &Packet, policy: &Policy) -> SlotMask {
+fn classify(packet: &Packet, policy: &Policy) -> Option<SlotMask> {
     let source = match &packet.ip {
         Ip::V4(a) => source4(a.src, &policy.src4),
         Ip::V6(a) => source6(a.src, &policy.src6),
     };
-    let Some(source) = source else {
-        return SlotMask::EMPTY;
-    };
+    let source = source?;
     let mut m = source.slots.and(&policy.active);
     if m.is_empty() {
-        return m;
+        return None;
     }
     if source.flags & entry::TARGET_HINT != 0 {
         // Every slot of the entry names this one target prefix.
@@ -137,7 +136,7 @@ fn classify(packet: &Packet, policy: &Policy) -> SlotMask {
         if dst[0] & source.target_mask[0] != source.target[0]
             || dst[1] & source.target_mask[1] != source.target[1]
         {
-            return SlotMask::EMPTY;
+            return None;
         }
     } else {
         m = m.and(&match &packet.ip {
@@ -145,14 +144,14 @@ fn classify(packet: &Packet, policy: &Policy) -> SlotMask {
             Ip::V6(a) => lookup(&DOTS_DST6_LPM, v6_key(a.dst), 128),
         });
         if m.is_empty() {
-            return m;
+            return None;
         }
     }
     if !m.is_subset_of(&policy.any_proto) {
         let proto = value(&DOTS_PROTO, u32::from(packet.proto));
         m = m.and(&policy.any_proto.or(&proto));
         if m.is_empty() {
-            return m;
+            return None;
         }
     }
     // Port constraints only match port-carrying packets and ICMP-type
@@ -172,7 +171,7 @@ fn classify(packet: &Packet, policy: &Policy) -> SlotMask {
         };
         m = m.and(&policy.any_dport.or(&dport));
     }
-    m
+    (!m.is_empty()).then_some(m)
 }
 
 #[inline(always)]

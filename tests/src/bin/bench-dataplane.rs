@@ -24,8 +24,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use dots_agent::enforce::{
-    clock, sys, Dataplane, DataplaneOptions, Range, Slot, SlotChange, SlotId, SlotLimits,
-    SlotSpec,
+    clock, sys, Dataplane, DataplaneOptions, Range, Slot, SlotChange, SlotId, SlotLimits, SlotSpec,
 };
 use ipnet::IpNet;
 use serde_json::{json, Value};
@@ -386,7 +385,10 @@ fn control_change(dp: &mut Dataplane) -> Result<(f64, f64)> {
         targets: vec!["198.51.100.0/24".parse()?],
         ..SlotSpec::default()
     };
-    let slot = Slot::new(spec, clock::boot_ns_after(std::time::Duration::from_secs(3600)));
+    let slot = Slot::new(
+        spec,
+        clock::boot_ns_after(std::time::Duration::from_secs(3600)),
+    );
     let (mut add, mut remove) = (Vec::new(), Vec::new());
     for _ in 0..21 {
         let t = Instant::now();
@@ -1127,7 +1129,10 @@ fn main() -> Result<()> {
     fs::write(&args.json, serde_json::to_string_pretty(&json)? + "\n")
         .with_context(|| format!("writing {}", args.json.display()))?;
     if !args.head_to_head {
-        write_doc(&args.doc, &render(&args, &rows, &control, Some(&notes), big))?;
+        write_doc(
+            &args.doc,
+            &render(&args, &rows, &control, Some(&notes), big),
+        )?;
     }
     progress(&format!(
         "done in {:.0}s: {} and {}",
