@@ -4,8 +4,8 @@
 //! statistics (`run_time_ns` / `run_cnt`, turned on with `BPF_ENABLE_STATS`
 //! for the bench's duration only) give the program's cost per frame, to set
 //! beside the BPF_PROG_TEST_RUN figures of `bench-dataplane`. The empty XDP
-//! program is measured the same way, as the anchor. Run it through
-//! `cargo xtask bench traffic`.
+//! program and xdp-filter (xdp-tools) are measured the same way, as the
+//! anchors. Run it through `cargo xtask bench traffic`.
 //!
 //! Arguments: `--json FILE --doc FILE [--frames N]`. The doc's text between
 //! `<!-- traffic:begin -->` and `<!-- traffic:end -->` is replaced.
@@ -141,20 +141,25 @@ impl Lab {
     fn send(&self, packet: &str, frames: u64) -> Result<f64> {
         let conf = self.dir.path.join("packet.cfg");
         fs::write(&conf, packet)?;
-        let t = Instant::now();
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.gen.name))
-            .args(["trafgen", "--dev", "g0", "--conf"])
-            .arg(&conf)
-            .args(["--cpus", "1", "--num", &frames.to_string(), "-C"])
-            .output()
-            .context("starting trafgen")?;
-        ensure!(
-            out.status.success(),
-            "trafgen failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(t.elapsed().as_secs_f64())
+        // trafgen now and then gives up flushing its ring with EAGAIN on a
+        // busy machine: try again.
+        let mut last = String::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            let out = Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", self.gen.name))
+                .args(["trafgen", "--dev", "g0", "--conf"])
+                .arg(&conf)
+                .args(["--cpus", "1", "--num", &frames.to_string(), "-C"])
+                .output()
+                .context("starting trafgen")?;
+            if out.status.success() {
+                return Ok(t.elapsed().as_secs_f64());
+            }
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+            progress(&format!("trafgen failed, trying again: {}", last.trim()));
+        }
+        bail!("trafgen failed: {last}")
     }
 
     fn bpftool(&self, args: &[&str]) -> Result<Value> {
@@ -245,6 +250,7 @@ fn main() -> Result<()> {
     progress(&format!("  {r}"));
     rows.push(json!({"program": "empty", "scope": "-", "path": "pass", "result": r}));
     lab.bpftool(&["net", "detach", "xdpdrv", "dev", "d0"])?;
+    rows.extend(xdp_filter(&lab, hit, miss, a.frames)?);
     let out = json!({
         "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "frames_per_row": a.frames,
@@ -265,6 +271,61 @@ fn main() -> Result<()> {
         a.doc.display()
     ));
     Ok(())
+}
+
+/// Rules xdp-filter gets (one `xdp-filter ip` command each), the hit
+/// source among them.
+const XDP_FILTER_RULES: usize = 1_000;
+
+/// xdp-filter (xdp-tools) on the same veth, the anchor of the data-plane
+/// rows: hit and miss, with its own program's statistics.
+fn xdp_filter(lab: &Lab, hit: Ipv4Addr, miss: Ipv4Addr, frames: u64) -> Result<Vec<Value>> {
+    let pins = std::path::Path::new("/sys/fs/bpf/xdp-filter");
+    if pins.exists() {
+        progress("xdp-filter is loaded elsewhere (/sys/fs/bpf/xdp-filter exists): not measured");
+        return Ok(Vec::new());
+    }
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.dut.name))
+            .args(args)
+            .output()
+            .with_context(|| format!("starting {args:?}"))?;
+        ensure!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    progress(&format!("xdp-filter with {XDP_FILTER_RULES} source rules"));
+    run(&["xdp-filter", "load", "--policy", "allow", "--features", "ipv4", "d0"])?;
+    let result = (|| -> Result<Vec<Value>> {
+        let hit_index = (u32::from(hit) - 0x0a00_0000) as usize;
+        for i in (0..XDP_FILTER_RULES).chain([hit_index]) {
+            run(&["xdp-filter", "ip", &source(i).to_string(), "--mode", "src"])?;
+        }
+        let dir = pins.join("programs").join("d0");
+        let pin = fs::read_dir(&dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .next()
+            .context("no xdp-filter program pinned")??
+            .path();
+        let id = lab.bpftool(&["prog", "show", "pinned", &pin.to_string_lossy()])?["id"]
+            .as_u64()
+            .context("program id")? as u32;
+        let mut rows = Vec::new();
+        for (path, src) in [("hit", hit), ("miss", miss)] {
+            let r = lab.measure(id, &trafgen_packet(src, false), frames)?;
+            progress(&format!("  {path}: {r}"));
+            rows.push(json!({"program": "xdp-filter", "scope": "addresses", "path": path, "result": r}));
+        }
+        Ok(rows)
+    })();
+    if let Err(e) = run(&["xdp-filter", "unload", "d0"]) {
+        progress(&format!("unloading xdp-filter: {e:#}"));
+    }
+    result
 }
 
 fn write_doc(a: &Args, out: &Value) -> Result<()> {
