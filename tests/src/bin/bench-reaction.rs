@@ -30,7 +30,7 @@ use std::{
     fmt::Write as _,
     fs,
     net::UdpSocket,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -40,12 +40,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
-use tests::lab::{Lab, HOSTA4, OTHER_TARGET4, TARGET4};
+use tests::{
+    bench::{write_json, write_section, BenchArgs},
+    lab::{Lab, HOSTA4, OTHER_TARGET4, TARGET4},
+};
 
-const BEGIN: &str = "<!-- reaction:begin -->";
-const END: &str = "<!-- reaction:end -->";
 /// The signal channel's port.
 const DOTS_PORT: u16 = 4647;
 /// UDP port of the flood at the target.
@@ -67,29 +68,19 @@ struct Args {
 }
 
 fn args() -> Result<Args> {
-    let mut a = Args {
-        json: PathBuf::from("target/bench/reaction.json"),
-        doc: PathBuf::from("docs/benchmarks.md"),
-        requests: 50,
-        others: 255,
-        per_request: 60,
-        gap_us: 50,
+    let b = BenchArgs::parse(
+        "reaction",
+        &["--requests", "--others", "--per-request", "--gap-us"],
+        &[],
+    )?;
+    let a = Args {
+        requests: b.value("--requests", 50)?,
+        others: b.value("--others", 255)?,
+        per_request: b.value("--per-request", 60)?,
+        gap_us: b.value("--gap-us", 50)?,
+        json: b.json,
+        doc: b.doc,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--json" => a.json = value()?.into(),
-            "--doc" => a.doc = value()?.into(),
-            "--requests" => a.requests = value()?.parse().context("--requests")?,
-            "--others" => a.others = value()?.parse().context("--others")?,
-            "--per-request" => a.per_request = value()?.parse().context("--per-request")?,
-            "--gap-us" => a.gap_us = value()?.parse().context("--gap-us")?,
-            other => bail!(
-                "unknown argument {other:?} (expected --json, --doc, --requests, --others, --per-request, --gap-us)"
-            ),
-        }
-    }
     ensure!(a.requests >= 1, "--requests must be at least 1");
     ensure!(
         a.others <= 255,
@@ -181,30 +172,7 @@ impl Drop for Sniffer {
 }
 
 fn open_packet_socket(iface: &str) -> Result<OwnedFd> {
-    let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
-    // SAFETY: plain socket(2); the fd is owned right after.
-    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
-    ensure!(raw >= 0, "socket: {}", std::io::Error::last_os_error());
-    // SAFETY: a fresh, valid fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let name = std::ffi::CString::new(iface)?;
-    // SAFETY: valid C string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
-    ensure!(ifindex != 0, "no interface {iface}");
-    // SAFETY: sockaddr_ll is plain data; zeroes are a valid value.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto as u16;
-    sll.sll_ifindex = ifindex;
-    // SAFETY: a valid sockaddr_ll of the size given.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &sll as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    ensure!(rc == 0, "bind: {}", std::io::Error::last_os_error());
+    let (fd, _) = tests::packet_socket(iface, 0)?;
     let on: libc::c_int = 1;
     let tv = libc::timeval {
         tv_sec: 0,
@@ -365,6 +333,20 @@ impl Flood {
         })
     }
 
+    /// The send times so far and the set of what arrived.
+    fn snapshot(&self) -> Result<(Vec<u64>, std::sync::MutexGuard<'_, HashSet<u64>>)> {
+        let sent = self
+            .sent
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .clone();
+        let received = self
+            .received
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?;
+        Ok((sent, received))
+    }
+
     /// Send time of the first datagram sent at or after `after` that was
     /// dropped, with the next [`RUN`] dropped too: when the block began.
     fn wait_blocked(&self, after: u64) -> Result<u64> {
@@ -373,15 +355,7 @@ impl Flood {
             thread::sleep(Duration::from_millis(2));
             // Datagrams younger than this may still be on their way.
             let settled = realtime_ns().saturating_sub(20_000_000);
-            let sent = self
-                .sent
-                .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned"))?
-                .clone();
-            let received = self
-                .received
-                .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned"))?;
+            let (sent, received) = self.snapshot()?;
             let first = sent.partition_point(|&t| t < after);
             let mut run = 0;
             for (i, &t) in sent.iter().enumerate().skip(first) {
@@ -409,15 +383,7 @@ impl Flood {
         let start = Instant::now();
         loop {
             thread::sleep(Duration::from_millis(2));
-            let sent = self
-                .sent
-                .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned"))?
-                .clone();
-            let received = self
-                .received
-                .lock()
-                .map_err(|_| anyhow::anyhow!("poisoned"))?;
+            let (sent, received) = self.snapshot()?;
             let first = sent.partition_point(|&t| t < after);
             if let Some(i) = (first..sent.len()).find(|i| received.contains(&(*i as u64))) {
                 return Ok(sent[i]);
@@ -614,10 +580,7 @@ fn main() -> Result<()> {
         "requests": a.requests,
         "rounds": rounds,
     });
-    if let Some(dir) = a.json.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    fs::write(&a.json, serde_json::to_string_pretty(&out)? + "\n")?;
+    write_json(&a.json, &out)?;
     write_doc(&a, &out)?;
     progress(&format!(
         "done in {:.0} s: {} and {}",
@@ -631,11 +594,6 @@ fn main() -> Result<()> {
 fn write_doc(a: &Args, out: &Value) -> Result<()> {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     let mut s = String::new();
-    writeln!(s, "{BEGIN}")?;
-    writeln!(
-        s,
-        "<!-- Generated by `cargo xtask bench reaction`; edit outside the markers. -->\n"
-    )?;
     writeln!(
         s,
         "Kernel {}, {} PUT/DELETE pairs per row, DTLS over UDP, flood datagrams every {} µs asked (median spacing in the table: the resolution).\n",
@@ -661,17 +619,11 @@ fn write_doc(a: &Args, out: &Value) -> Result<()> {
             f(&x["resolution_us"])
         )?;
     }
-    writeln!(s, "\n{END}")?;
-    let old = fs::read_to_string(&a.doc).unwrap_or_default();
-    let new = match (old.find(BEGIN), old.find(END)) {
-        (Some(b), Some(e)) if b < e => {
-            format!("{}{}{}", &old[..b], s.trim_end(), &old[e + END.len()..])
-        }
-        _ => format!(
-            "{}\n## Reaction time\n\nWritten by `cargo xtask bench reaction`.\n\n{s}",
-            old.trim_end_matches('\n').to_string() + "\n"
-        ),
-    };
-    fs::write(&a.doc, new)?;
-    Ok(())
+    write_section(
+        &a.doc,
+        "reaction",
+        "cargo xtask bench reaction",
+        &s,
+        "## Reaction time\n\nWritten by `cargo xtask bench reaction`.",
+    )
 }
