@@ -762,3 +762,40 @@ fn rate_limited_slots_pass_what_fits_the_limit_and_drop_the_rest() -> Result<()>
     assert!(lab.pass_one(udp("10.1.0.1", t, 1, 2))?);
     Ok(())
 }
+
+#[test]
+fn pins_of_another_layout_are_refused_with_the_way_out() -> Result<()> {
+    let bpffs = BpffsDir::new()?;
+    std::fs::create_dir_all(&bpffs.path)?;
+    // DOTS_STATS as an earlier version pinned it: three counters, not five.
+    let pin = bpffs.path.join("DOTS_STATS");
+    tests::sh(&[
+        "bpftool",
+        "map",
+        "create",
+        &pin.display().to_string(),
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        "3",
+        "name",
+        "DOTS_STATS",
+    ])?;
+    let err = Dataplane::open(&DataplaneOptions {
+        bpffs: bpffs.path.clone(),
+        ..Default::default()
+    })
+    .err()
+    .expect("an old pin must be refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("DOTS_STATS") && text.contains("3 entries"),
+        "{text}"
+    );
+    assert!(text.contains("dots-agent detach"), "{text}");
+    Ok(())
+}

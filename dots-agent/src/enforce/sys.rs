@@ -158,6 +158,35 @@ pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
     Ok(info.id)
 }
 
+/// Key size, value size and entries of the map pinned at `pin`.
+pub fn pinned_map_layout(pin: &Path) -> io::Result<(u32, u32, u32)> {
+    /// The first fields of `struct bpf_map_info`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapInfo {
+        map_type: u32,
+        id: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+    }
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let fd = obj_get(pin)?;
+    let mut info = MapInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<MapInfo>() as u32,
+        info: &mut info as *mut MapInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok((info.key_size, info.value_size, info.max_entries))
+}
+
 /// statfs(2) f_type of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

@@ -34,7 +34,7 @@ use super::{
     maps::{Buckets, Lpm, PerCpu, PerSlot, SlotArray, SlotConfigs, SourceHash, V4, V6},
     plan::{ArrayId, Model},
     spec::{SlotId, SlotLimits},
-    sys::check_bpffs,
+    sys::{self, check_bpffs},
     EnforceError, DEFAULT_BPFFS_DIR,
 };
 
@@ -108,6 +108,7 @@ impl Dataplane {
         check_bpffs(&opts.bpffs)?;
         fs::create_dir_all(&opts.bpffs)
             .map_err(|source| io_error("creating", &opts.bpffs, source))?;
+        check_pinned_layouts(&opts.bpffs)?;
         let mut loader = EbpfLoader::new();
         let pins: Vec<PathBuf> = names::ALL_MAPS.iter().map(|n| opts.bpffs.join(n)).collect();
         for (name, pin) in names::ALL_MAPS.iter().zip(&pins) {
@@ -270,6 +271,85 @@ impl Dataplane {
         }
         program_fd(&mut self.ebpf, names::PASS_PROGRAM)
     }
+}
+
+/// Key size, value size and entries each pinned map must have: a pin left
+/// by a version with another layout would be adopted as it is (aya checks
+/// nothing) and fail in the verifier, or worse.
+fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
+    use dots_common::{
+        Bucket, Ipv4Key, Ipv6Key, SlotConfig, SourceEntry, MAX_SLOTS, MAX_SOURCE_PREFIXES,
+        MAX_TARGET_PREFIXES,
+    };
+    use std::mem::size_of;
+    let size = |n: usize| n as u32;
+    // LPM trie keys are the 4-byte prefix length and the data.
+    let lpm = |data: usize| size(4 + data);
+    let mask = size(size_of::<SlotMask>());
+    let slots = MAX_SLOTS as u32;
+    Some(match name {
+        names::POLICY => (4, size(size_of::<Policy>()), 1),
+        names::SRC4 => (
+            size(size_of::<dots_common::Source4Key>()),
+            size(size_of::<SourceEntry>()),
+            MAX_SOURCE_PREFIXES,
+        ),
+        names::SRC6 => (
+            size(size_of::<dots_common::Source6Key>()),
+            size(size_of::<SourceEntry>()),
+            MAX_SOURCE_PREFIXES,
+        ),
+        names::SRC4_LPM => (
+            lpm(size_of::<Ipv4Key>()),
+            size(size_of::<SourceEntry>()),
+            MAX_SOURCE_PREFIXES,
+        ),
+        names::SRC6_LPM => (
+            lpm(size_of::<Ipv6Key>()),
+            size(size_of::<SourceEntry>()),
+            MAX_SOURCE_PREFIXES,
+        ),
+        names::DST4_LPM => (lpm(size_of::<Ipv4Key>()), mask, MAX_TARGET_PREFIXES),
+        names::DST6_LPM => (lpm(size_of::<Ipv6Key>()), mask, MAX_TARGET_PREFIXES),
+        names::PROTO | names::ICMP_TYPE => (4, mask, 256),
+        names::SPORT | names::DPORT => (4, mask, 65536),
+        names::EXEMPT4 => (lpm(size_of::<Ipv4Key>()), 1, MAX_EXEMPT_PREFIXES),
+        names::EXEMPT6 => (lpm(size_of::<Ipv6Key>()), 1, MAX_EXEMPT_PREFIXES),
+        names::SLOTS => (4, size(size_of::<SlotConfig>()), slots),
+        names::BUCKETS => (4, size(size_of::<Bucket>()), slots),
+        names::COUNTERS => (4, size(size_of::<SlotCounters>()), slots),
+        names::STATS => (4, 8, stats::COUNT),
+        _ => return None,
+    })
+}
+
+/// Refuses pins of another layout under `dir`, saying how to clear them.
+fn check_pinned_layouts(dir: &Path) -> Result<(), EnforceError> {
+    for name in names::ALL_MAPS {
+        let pin = dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let (Ok(found), Some(want)) = (sys::pinned_map_layout(&pin), expected_layout(name)) else {
+            continue;
+        };
+        if found != want {
+            return Err(EnforceError::Load(format!(
+                "pinned map {} has key size {}, value size {} and {} entries, this version needs {}, {} and {}: \
+                 it was left by another version of dots-agent; stop that agent and run \
+                 `dots-agent detach --bpffs {}` (its mitigations come back from the state directory)",
+                pin.display(),
+                found.0,
+                found.1,
+                found.2,
+                want.0,
+                want.1,
+                want.2,
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn program_fd(ebpf: &mut Ebpf, name: &str) -> Result<std::os::fd::OwnedFd, EnforceError> {
