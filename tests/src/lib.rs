@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod bench;
 pub mod detector;
 pub mod lab;
 pub mod packet;
@@ -169,43 +170,50 @@ pub struct PacketSocket {
     ifindex: i32,
 }
 
+/// An AF_PACKET socket (`flags` added to `SOCK_RAW`) bound to `iface`,
+/// receiving every frame; with the interface index. Call inside
+/// [`Netns::enter`] of the interface's namespace.
+pub fn packet_socket(iface: &str, flags: i32) -> Result<(OwnedFd, i32)> {
+    let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+    // SAFETY: plain socket(2) call; the fd is owned right after.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | flags, proto) };
+    if raw < 0 {
+        bail!("socket(AF_PACKET): {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let name = std::ffi::CString::new(iface)?;
+    // SAFETY: valid C string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+    if ifindex == 0 {
+        bail!("no interface {iface}");
+    }
+    // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto as u16;
+    sll.sll_ifindex = ifindex;
+    // SAFETY: `sll` is a valid sockaddr_ll of the size given.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &sll as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "bind AF_PACKET to {iface}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok((fd, ifindex))
+}
+
 impl PacketSocket {
     /// Opens the socket; call inside [`Netns::enter`] of the interface's namespace.
     pub fn open(iface: &str) -> Result<PacketSocket> {
-        let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
-        // SAFETY: plain socket(2) call; the fd is owned right after.
-        let raw =
-            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto) };
-        if raw < 0 {
-            bail!("socket(AF_PACKET): {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh, valid fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let name = std::ffi::CString::new(iface)?;
-        // SAFETY: valid C string.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
-        if ifindex == 0 {
-            bail!("no interface {iface}");
-        }
-        // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto as u16;
-        sll.sll_ifindex = ifindex;
-        // SAFETY: `sll` is a valid sockaddr_ll of the size given.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sll as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if rc != 0 {
-            bail!(
-                "bind AF_PACKET to {iface}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        let (fd, ifindex) = packet_socket(iface, libc::SOCK_NONBLOCK)?;
         Ok(PacketSocket { fd, ifindex })
     }
 
