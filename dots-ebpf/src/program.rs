@@ -7,6 +7,7 @@ use aya_ebpf::{
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
+use aya_log_ebpf::info;
 use dots_common::{
     action, addr_words, entry, flags, stats, Bucket, Ipv4Key, Ipv6Key, Policy, SlotConfig,
     SlotCounters, SlotMask, Source4Key, Source6Key, SourceEntry, SourceLengths, CLOCK_SLACK_NS,
@@ -71,6 +72,12 @@ static DOTS_BUCKETS: Array<Bucket, MAX_SLOTS> = Array::new();
 static DOTS_COUNTERS: PerCpuArray<SlotCounters, MAX_SLOTS> = PerCpuArray::new();
 #[btf_map]
 static DOTS_STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new();
+
+/// The expiry at which each slot's end was last reported (aya-log), so
+/// a slot's end is logged once, not for every packet that arrives after
+/// it. Per program, not pinned: a restarted agent reports again.
+#[btf_map]
+static DOTS_EXPIRY_SEEN: Array<u64, MAX_SLOTS> = Array::new();
 
 /// The boot clock as last read on this CPU, and the jiffies it was read at.
 #[repr(C)]
@@ -323,6 +330,9 @@ fn enforce(matched: &SlotMask, bytes: u64) -> u32 {
                 continue;
             };
             if now >= config.expires_ns {
+                if config.expires_ns != 0 {
+                    dots_report_expiry(slot, config.expires_ns);
+                }
                 continue;
             }
             let drop = match config.action {
@@ -363,6 +373,37 @@ fn enforce(matched: &SlotMask, bytes: u64) -> u32 {
         }
         xdp_action::XDP_PASS
     }
+}
+
+/// Logs, once per expiry, that a slot matched traffic after its expiry:
+/// the kernel ended a block nobody in user space removed (the agent is
+/// gone, or behind). Reached only on that cold path. A global function:
+/// the verifier checks it once on its own instead of at every slot of the
+/// caller's loop, which would take the program past its instruction limit.
+#[inline(never)]
+#[no_mangle]
+pub fn dots_report_expiry(slot: u32, expires_ns: u64) -> u32 {
+    let Some(seen) = DOTS_EXPIRY_SEEN.get_ptr_mut(slot) else {
+        return 0;
+    };
+    // SAFETY: a valid map value pointer (checked above).
+    let old = unsafe { *seen };
+    if old == expires_ns {
+        return 0;
+    }
+    // SAFETY: as above. The exchange makes one CPU the reporter when
+    // several see the same expired slot at once.
+    if unsafe { cmpxchg(seen, old, expires_ns) } == old {
+        // aya-log writes to its ring buffer and reads nothing from the
+        // context it is given.
+        info!(
+            &(),
+            "slot {} matched traffic after its expiry (boot clock {} ns): the kernel ended it",
+            slot,
+            expires_ns
+        );
+    }
+    0
 }
 
 /// Whether a packet of `bytes` exceeds slot `slot`'s rate limit at `now`;

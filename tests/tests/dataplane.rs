@@ -609,12 +609,36 @@ fn exempt_list_survives_later_slot_changes() -> Result<()> {
     Ok(())
 }
 
+/// The XDP program's log records, as a `log` logger receives them.
+#[derive(Clone, Default)]
+struct KernelLog(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl KernelLog {
+    fn lines(&self) -> Vec<String> {
+        self.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if let Ok(mut l) = self.0.lock() {
+            l.push(format!("{} {}", record.level(), record.args()));
+        }
+    }
+    fn flush(&self) {}
+}
+
 #[test]
 fn slots_end_at_their_expiry_without_user_space() -> Result<()> {
     let mut lab = Lab::new()?;
     let f = udp("10.0.0.1", "198.51.100.1", 1, 2);
     let scope = spec(&["10.0.0.0/8"], &["198.51.100.0/24"]);
     let soon = |ms| clock::boot_ns_after(Duration::from_millis(ms));
+    let log = KernelLog::default();
+    let mut reader = lab.dp.kernel_log(log.clone())?;
     lab.dp
         .apply(&BTreeMap::from([(4, Slot::new(scope.clone(), soon(700)))]))?;
     assert!(!lab.pass_one(f.clone())?, "enforced before its expiry");
@@ -636,6 +660,15 @@ fn slots_end_at_their_expiry_without_user_space() -> Result<()> {
     // Nobody removed the slot: the program itself stops matching it.
     assert_eq!(lab.dp.active_slots()?, vec![4]);
     assert!(lab.pass_one(f.clone())?, "traffic passes after the expiry");
+    assert!(lab.pass_one(f.clone())?);
+    // The program says so in its own log (aya-log), once per expiry.
+    reader.flush();
+    let lines = log.lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("slot 4 matched traffic after its expiry"),
+        "{lines:?}"
+    );
     let c = lab.dp.counters(4)?;
     assert_eq!(
         (c.packets, c.passed_packets),

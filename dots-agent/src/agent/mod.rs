@@ -5,6 +5,7 @@
 pub mod control;
 mod counting;
 pub mod enforcer;
+mod kernel_log;
 mod live;
 mod memlock;
 pub mod metrics;
@@ -148,6 +149,12 @@ pub async fn run(opts: AgentOptions, reload: Option<Reloader>) -> Result<()> {
             ..Default::default()
         })
         .context("opening the XDP data plane (use --no-enforce without --lan to run without it)")?;
+        match dp.kernel_log(log::logger()) {
+            Ok(reader) => {
+                tokio::spawn(kernel_log::forward(reader));
+            }
+            Err(e) => warn!(error = %e, "the XDP program's own log is not read"),
+        }
         for lan in &opts.lans {
             let a = dp.attach(lan, opts.attach_mode)?;
             info!(iface = %a.iface, mode = a.mode, "XDP attached");

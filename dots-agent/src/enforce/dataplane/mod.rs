@@ -229,6 +229,17 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// The program's own log (aya-log): the slots the kernel ended at their
+    /// expiry. Taken once; `flush` on the returned reader writes the waiting
+    /// records to `logger`.
+    pub fn kernel_log<T: log::Log>(
+        &mut self,
+        logger: T,
+    ) -> Result<aya_log::EbpfLogger<T>, EnforceError> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .map_err(|e| EnforceError::Load(format!("the program's log (aya-log): {e}")))
+    }
+
     /// The bpffs directory this classifier is pinned under.
     pub fn dir(&self) -> &Path {
         &self.dir
