@@ -239,7 +239,7 @@ fn killed_agent_blocks_no_longer_than_the_lifetime() -> Result<()> {
 fn indefinite_mitigation_lasts_while_the_agent_lives_and_ends_within_the_cap() -> Result<()> {
     let dir = tests::procs::TempDir::new("cap")?;
     let config = dir.path.join("agent.toml");
-    std::fs::write(&config, "[limits]\nmax-lifetime = -1\n")?;
+    std::fs::write(&config, "[policy]\nmax-lifetime = -1\n")?;
     let config = config.display().to_string();
     let (mut lab, sink) = ready_lab(&["--config", &config, "--indefinite-cap", "3"])?;
     let (_, mid, _) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &["--lifetime=-1"])?;

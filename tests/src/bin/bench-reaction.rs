@@ -527,7 +527,8 @@ fn main() -> Result<()> {
     fs::write(
         &config,
         format!(
-            "[limits]\nmax-mitigations-per-cuid = 256\nmax-prefixes = {}\n",
+            "[limits]\nmax-mitigations-per-cuid = 256\nmax-prefixes = {}\n\
+             [policy]\nmax-mitigations-per-peer = 256\nmax-mitigations = 256\n",
             a.per_request.max(32)
         ),
     )?;
