@@ -143,7 +143,8 @@ impl Lab {
         self.start_client_with(&[])
     }
 
-    /// Starts `dots-client listen` in the isp namespace with `extra` flags.
+    /// Starts `dots-client listen` in the isp namespace with `extra` flags
+    /// (a `--customer` among them replaces the lab's customer registry).
     pub fn start_client_with(&mut self, extra: &[String]) -> Result<()> {
         let mut args: Vec<String> = [
             "listen",
@@ -165,12 +166,17 @@ impl Lab {
             // address-following tests renumber it) and the LAN prefixes;
             // 10.9.9.0/24 lies outside the agent's domain, so that the
             // agent's own check is exercised too.
-            "--customer",
-            "cpe1=203.0.113.0/24,192.0.2.0/24,2001:db8:1::/48,10.9.9.0/24",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // A caller's own registry replaces the lab's.
+        if !extra.iter().any(|a| a == "--customer") {
+            args.extend([
+                "--customer".to_string(),
+                "cpe1=203.0.113.0/24,192.0.2.0/24,2001:db8:1::/48,10.9.9.0/24".to_string(),
+            ]);
+        }
         args.extend(extra.iter().cloned());
         let p = Proc::spawn_with_env(
             &self.isp,

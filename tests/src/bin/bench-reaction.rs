@@ -532,7 +532,12 @@ fn main() -> Result<()> {
             a.per_request.max(32)
         ),
     )?;
-    lab.start_client()?;
+    // The other mitigations' sources (10.0.0.0/8) must be the agent's
+    // customer prefixes on the ISP side too (RFC 9066 §5.3.1).
+    lab.start_client_with(&[
+        "--customer".into(),
+        "cpe1=203.0.113.0/24,192.0.2.0/24,2001:db8:1::/48,10.0.0.0/8".into(),
+    ])?;
     let config = config.display().to_string();
     lab.start_agent(&[
         "--config",
