@@ -112,3 +112,40 @@ pub fn write_section(
     }
     fs::write(doc, new).with_context(|| format!("writing {}", doc.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_replaced_between_markers_and_the_rest_kept() {
+        let dir = std::env::temp_dir().join(format!("dots-bench-doc-{}", std::process::id()));
+        let doc = dir.join("benchmarks.md");
+        // No markers yet: appended under the heading.
+        write_section(&doc, "nat", "cargo xtask bench nat", "| a |\n", "## NAT").unwrap();
+        let first = fs::read_to_string(&doc).unwrap();
+        assert!(first.contains("## NAT\n\n<!-- nat:begin -->"), "{first}");
+        // Hand-written text after the markers stays; the table is replaced.
+        fs::write(&doc, first.clone() + "\n### Analysis (NAT)\nkept\n").unwrap();
+        write_section(&doc, "nat", "cargo xtask bench nat", "| b |\n", "## NAT").unwrap();
+        let second = fs::read_to_string(&doc).unwrap();
+        assert!(
+            second.contains("| b |") && !second.contains("| a |"),
+            "{second}"
+        );
+        assert!(second.contains("### Analysis (NAT)\nkept"), "{second}");
+        assert_eq!(second.matches("## NAT").count(), 1, "{second}");
+        // Another bench's section goes after it.
+        write_section(
+            &doc,
+            "sessions",
+            "cargo xtask bench sessions",
+            "x",
+            "## Sessions",
+        )
+        .unwrap();
+        let third = fs::read_to_string(&doc).unwrap();
+        assert!(third.find("kept").unwrap() < third.find("## Sessions").unwrap());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -44,27 +44,6 @@ pub fn sh(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Replaces the section `## {name}` of a benchmarks page (up to the next
-/// `## ` heading or the end) with `section`, or appends it. Hand-written
-/// text under `### Analysis ({name})` after the generated part is kept.
-pub fn replace_doc_section(doc: &str, name: &str, section: &str) -> String {
-    match doc.find(&format!("\n## {name}\n")) {
-        Some(start) => {
-            let body = &doc[start + 1..];
-            let keep_from = body
-                .find(&format!("\n### Analysis ({name})"))
-                .or_else(|| body[3..].find("\n## ").map(|i| i + 3))
-                .map(|i| start + 1 + i + 1);
-            let tail = keep_from.map(|i| &doc[i..]).unwrap_or("");
-            format!("{}{section}{tail}", &doc[..start + 1])
-        }
-        None => format!(
-            "{}\n{section}",
-            doc.trim_end_matches('\n').to_string() + "\n"
-        ),
-    }
-}
-
 /// A network namespace, deleted on drop.
 pub struct Netns {
     pub name: String,
@@ -273,25 +252,5 @@ impl PacketSocket {
             }
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn doc_sections_are_replaced_and_analysis_kept() {
-        let doc = "# B\n\n## NAT\nold\n### Analysis (NAT)\nmine\n## Sessions\nx\n";
-        let new = super::replace_doc_section(doc, "NAT", "## NAT\nnew\n\n");
-        assert_eq!(
-            new,
-            "# B\n\n## NAT\nnew\n\n### Analysis (NAT)\nmine\n## Sessions\nx\n"
-        );
-        let new = super::replace_doc_section(doc, "Sessions", "## Sessions\ny\n");
-        assert_eq!(
-            new,
-            "# B\n\n## NAT\nold\n### Analysis (NAT)\nmine\n## Sessions\ny\n"
-        );
-        let new = super::replace_doc_section("# B\n", "Sessions", "## Sessions\ny\n");
-        assert_eq!(new, "# B\n\n## Sessions\ny\n");
     }
 }
