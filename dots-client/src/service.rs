@@ -609,16 +609,7 @@ impl Service {
         let waiting = o.mitigation.state;
         let deadline = tokio::time::Instant::now() + REMOTE_ANSWER_TIMEOUT;
         loop {
-            let got = tokio::time::timeout_at(deadline, events.recv()).await;
-            if let Ok(Ok(ServiceEvent::Mitigation { mitigation: m })) = &got {
-                if m.id == id {
-                    tracing::debug!(id = %m.id, state = ?m.state, sent_at = ?m.sent_at, code = ?m.last_code, "waiting for the owner: the mitigation changed");
-                }
-            }
-            if let Ok(Err(e)) = &got {
-                tracing::debug!(%id, error = %e, "waiting for the owner: events");
-            }
-            match got {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
                 // The owner's answer: sent (its time and code recorded
                 // together), or over.
                 Ok(Ok(ServiceEvent::Mitigation { mitigation: m }))
@@ -643,8 +634,8 @@ impl Service {
         }
     }
 
-    /// A mitigation as another node wrote it. `act`: this node holds the
-    /// agent's session, so a request waiting in it is sent now.
+    /// A mitigation as another node wrote it. When this node holds the
+    /// agent's session, a request waiting in it is sent now.
     pub fn apply_remote(self: &Arc<Self>, m: Mitigation) {
         let id = m.id.clone();
         let state = m.state;

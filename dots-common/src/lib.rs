@@ -11,24 +11,28 @@
 pub const MAX_SLOTS: usize = 256;
 /// 64-bit words in a [`SlotMask`].
 pub const MASK_WORDS: usize = MAX_SLOTS / 64;
-/// Capacity of each source-prefix map (per address family and per kind:
-/// exact host addresses and shorter prefixes have a map each).
+/// Capacity of each source-prefix map (per address family: the hash of all
+/// source prefixes, and the trie of the shorter ones).
 pub const MAX_SOURCE_PREFIXES: u32 = 131_072;
+/// Distinct source prefix lengths the program probes one by one in the
+/// source hash ([`SourceLengths`]); with more, shorter prefixes take the trie.
+pub const MAX_PROBED_LENGTHS: usize = 4;
 /// Capacity of each target-prefix map (per address family).
 pub const MAX_TARGET_PREFIXES: u32 = 16_384;
 /// Capacity of the exempt (never-block) prefix map, per address family.
 pub const MAX_EXEMPT_PREFIXES: u32 = 4_096;
-/// Capacity of each port/ICMP-type range trie. A range decomposes into at most
-/// 30 (ports) or 14 (ICMP types) prefixes, never one entry per value.
-pub const MAX_RANGE_PREFIXES: u32 = 65_536;
+/// `BPF_F_MMAPABLE`: the value arrays (protocol, ports, ICMP types) are
+/// written by user space through a shared mapping, not one syscall per
+/// value.
+pub const MMAPABLE: u32 = 1024;
 
 /// Pinned map and program names. The pin path is `<bpffs dir>/<name>`.
 pub mod names {
     pub const PROGRAM: &str = "dots_xdp";
     pub const PASS_PROGRAM: &str = "dots_xdp_pass";
     pub const POLICY: &str = "DOTS_POLICY";
-    pub const SRC4_EXACT: &str = "DOTS_SRC4_EXACT";
-    pub const SRC6_EXACT: &str = "DOTS_SRC6_EXACT";
+    pub const SRC4: &str = "DOTS_SRC4";
+    pub const SRC6: &str = "DOTS_SRC6";
     pub const SRC4_LPM: &str = "DOTS_SRC4_LPM";
     pub const SRC6_LPM: &str = "DOTS_SRC6_LPM";
     pub const DST4_LPM: &str = "DOTS_DST4_LPM";
@@ -39,12 +43,14 @@ pub mod names {
     pub const ICMP_TYPE: &str = "DOTS_ICMP_TYPE";
     pub const EXEMPT4: &str = "DOTS_EXEMPT4";
     pub const EXEMPT6: &str = "DOTS_EXEMPT6";
+    pub const SLOTS: &str = "DOTS_SLOTS";
+    pub const BUCKETS: &str = "DOTS_BUCKETS";
     pub const COUNTERS: &str = "DOTS_COUNTERS";
     pub const STATS: &str = "DOTS_STATS";
     /// All maps, in the order user space opens them.
-    pub const ALL_MAPS: [&str; 15] = [
-        POLICY, SRC4_EXACT, SRC6_EXACT, SRC4_LPM, SRC6_LPM, DST4_LPM, DST6_LPM, PROTO, SPORT,
-        DPORT, ICMP_TYPE, EXEMPT4, EXEMPT6, COUNTERS, STATS,
+    pub const ALL_MAPS: [&str; 17] = [
+        POLICY, SRC4, SRC6, SRC4_LPM, SRC6_LPM, DST4_LPM, DST6_LPM, PROTO, SPORT, DPORT, ICMP_TYPE,
+        EXEMPT4, EXEMPT6, SLOTS, BUCKETS, COUNTERS, STATS,
     ];
 }
 
@@ -145,20 +151,95 @@ pub struct Policy {
     /// Slots without target-port constraint.
     pub any_dport: SlotMask,
     /// `flags::*`: which optional lookups have anything to find, so the
-    /// program skips lookups in empty maps.
+    /// program skips lookups that cannot change the verdict.
     pub flags: u64,
+    /// How to find the source entry of an IPv4 packet.
+    pub src4: SourceLengths,
+    /// How to find the source entry of an IPv6 packet.
+    pub src6: SourceLengths,
+}
+
+/// The source prefix lengths present in one family, longest first: the
+/// program probes the source hash once per length (address masked to it)
+/// and stops at the first hit, which holds the slots of every covering
+/// prefix too. When more than [`MAX_PROBED_LENGTHS`] lengths are present,
+/// `trie` is set: `lengths` then holds at most the host length (probed in
+/// the hash), and the shorter prefixes take one lookup in the trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceLengths {
+    pub lengths: [u8; MAX_PROBED_LENGTHS],
+    /// Entries of `lengths` in use.
+    pub count: u8,
+    /// 1: look the shorter prefixes up in the trie.
+    pub trie: u8,
+    pub pad: [u8; 2],
 }
 
 /// Bits of [`Policy::flags`].
 pub mod flags {
-    /// `DOTS_SRC4_LPM` holds entries (else only the exact hash is looked up).
-    pub const SRC4_LPM: u64 = 1 << 0;
-    pub const SRC6_LPM: u64 = 1 << 1;
-    /// `DOTS_EXEMPT4` holds entries.
+    /// `DOTS_EXEMPT4` holds a prefix that a slot's sources or targets
+    /// overlap: only then can an exempt prefix spare a matching packet, so
+    /// only then does the program look.
     pub const EXEMPT4: u64 = 1 << 2;
     pub const EXEMPT6: u64 = 1 << 3;
     /// The bits owned by the exempt list (the rest follow the slots).
     pub const EXEMPT: u64 = EXEMPT4 | EXEMPT6;
+}
+
+/// Hash key of an IPv4 source prefix: the address masked to `prefix_len`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Source4Key {
+    pub addr: [u8; 4],
+    pub prefix_len: u32,
+}
+
+/// Hash key of an IPv6 source prefix: the address masked to `prefix_len`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Source6Key {
+    pub addr: [u8; 16],
+    pub prefix_len: u32,
+}
+
+/// Value of a source prefix (hash and trie): the slots it matches, folded
+/// with those of every covering prefix, and, when all those slots name the
+/// same single target prefix of the family, that prefix, so the program
+/// checks the target with a mask instead of a lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceEntry {
+    pub slots: SlotMask,
+    /// `entry::TARGET_HINT`.
+    pub flags: u64,
+    /// The target prefix and its netmask, as address words ([`addr_words`]).
+    pub target: [u64; 2],
+    pub target_mask: [u64; 2],
+}
+
+/// Bits of [`SourceEntry::flags`].
+pub mod entry {
+    /// `target` / `target_mask` decide the target match for every slot of
+    /// the entry: no target lookup.
+    pub const TARGET_HINT: u64 = 1;
+}
+
+/// An address as the two words the program compares ([`SourceEntry`]):
+/// the bytes in network order, IPv4 in the first four bytes, zero-padded.
+#[inline(always)]
+pub fn addr_words(addr: &[u8]) -> [u64; 2] {
+    let mut b = [0u8; 16];
+    let n = if addr.len() < 16 { addr.len() } else { 16 };
+    let mut i = 0;
+    while i < n {
+        b[i] = addr[i];
+        i += 1;
+    }
+    [
+        u64::from_ne_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+        u64::from_ne_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+    ]
 }
 
 // Trie keys are padded to a multiple of 8 bytes: the kernel stores the value
@@ -187,53 +268,80 @@ pub struct Ipv6Key {
     pub addr: [u8; 16],
 }
 
-/// LPM trie key data for a 16-bit port (network byte order).
+/// One element of the `DOTS_SLOTS` array (index = slot): what a slot does
+/// with the packets it matches, and until when. Written by user space only;
+/// the program reads it on the hit path.
+///
+/// The expiry is what makes a block end even when the agent is gone: the
+/// program itself ignores a slot from `expires_ns` on, whoever is (or is
+/// not) left to clean up.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PortKey {
-    pub port: [u8; 2],
-    pub pad: [u8; 6],
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotConfig {
+    /// `CLOCK_BOOTTIME` in nanoseconds (the program's
+    /// `bpf_ktime_get_boot_ns`) from which the slot matches nothing (up to
+    /// [`CLOCK_SLACK_NS`] earlier). 0, as in a slot never configured:
+    /// already expired.
+    pub expires_ns: u64,
+    /// `action::*`.
+    pub action: u64,
+    /// `action::RATE_LIMIT`: nanoseconds of budget one packet costs
+    /// (10^9 / packets per second); 0: no packet-rate limit.
+    pub ns_per_packet: u64,
+    /// `action::RATE_LIMIT`: picoseconds of budget one byte costs
+    /// (8 x 10^12 / bits per second); 0: no bit-rate limit.
+    pub ps_per_byte: u64,
+    /// `action::RATE_LIMIT`: how far a bucket may run ahead of the clock,
+    /// in nanoseconds: the burst allowed above the rate.
+    pub burst_ns: u64,
 }
 
-impl PortKey {
-    #[inline(always)]
-    pub fn new(port: u16) -> Self {
-        PortKey {
-            port: port.to_be_bytes(),
-            pad: [0; 6],
-        }
-    }
+/// How much earlier than `expires_ns` a slot may end: the program reads the
+/// boot clock at most once per scheduler tick per CPU and counts a reading
+/// this much ahead, so that a slot ends early rather than late. Longer than
+/// a tick at any HZ (100 or more).
+pub const CLOCK_SLACK_NS: u64 = 10_000_000;
+
+/// Values of [`SlotConfig::action`].
+pub mod action {
+    /// Drop every matching packet.
+    pub const DROP: u64 = 0;
+    /// Drop nothing; count what would have been dropped (monitor mode).
+    pub const MONITOR: u64 = 1;
+    /// Drop what exceeds the slot's rate limit, pass the rest.
+    pub const RATE_LIMIT: u64 = 2;
 }
 
-/// LPM trie key data for an 8-bit ICMP or ICMPv6 type.
+/// One element of the `DOTS_BUCKETS` array (index = slot): the rate limit's
+/// state, shared by all CPUs and written by the program only, with atomic
+/// compare-and-swap. Generic cell rate algorithm: each bucket is the
+/// "theoretical arrival time" in `CLOCK_BOOTTIME` nanoseconds; a packet
+/// conforms when moving it forward by the packet's cost keeps it within
+/// `burst_ns` of the clock.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct IcmpTypeKey {
-    pub icmp_type: u8,
-    pub pad: [u8; 7],
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub packets_tat: u64,
+    pub bytes_tat: u64,
 }
 
-impl IcmpTypeKey {
-    #[inline(always)]
-    pub fn new(icmp_type: u8) -> Self {
-        IcmpTypeKey {
-            icmp_type,
-            pad: [0; 7],
-        }
-    }
-}
-
-/// Per-slot, per-CPU drop counters.
+/// Per-slot, per-CPU counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotCounters {
+    /// Packets and bytes dropped.
     pub packets: u64,
     pub bytes: u64,
+    /// Packets and bytes that matched the slot but passed: what a monitor
+    /// slot would have dropped, or what stayed within a rate limit.
+    pub passed_packets: u64,
+    pub passed_bytes: u64,
 }
 
 /// Indices of the per-CPU `DOTS_STATS` array: how the program classified
-/// packets. Packets that simply pass are not counted (interface counters
-/// have them), so the common path pays for no counter.
+/// packets, each packet counted once. Packets that match no slot are not
+/// counted (interface counters have them), so the common path pays for no
+/// counter.
 pub mod stats {
     /// Packets passed because they could not be parsed (unknown ethertype, truncated...).
     pub const UNPARSED: u32 = 0;
@@ -241,7 +349,11 @@ pub mod stats {
     pub const EXEMPT: u32 = 1;
     /// Packets dropped.
     pub const DROPPED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Packets passed that a monitor slot would have dropped.
+    pub const MONITORED: u32 = 3;
+    /// Packets passed by a rate-limited slot (within its limit).
+    pub const CONFORMING: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 #[cfg(feature = "user")]
@@ -257,11 +369,17 @@ mod pod {
     // SAFETY: see above.
     unsafe impl aya::Pod for super::Ipv6Key {}
     // SAFETY: see above.
-    unsafe impl aya::Pod for super::PortKey {}
-    // SAFETY: see above.
-    unsafe impl aya::Pod for super::IcmpTypeKey {}
-    // SAFETY: see above.
     unsafe impl aya::Pod for super::SlotCounters {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::SlotConfig {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::Source4Key {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::Source6Key {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::SourceEntry {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::Bucket {}
 }
 
 #[cfg(test)]
@@ -288,12 +406,26 @@ mod tests {
     }
 
     #[test]
+    fn address_words_keep_network_order() {
+        let w = addr_words(&[192, 0, 2, 1]);
+        assert_eq!(w[0].to_ne_bytes(), [192, 0, 2, 1, 0, 0, 0, 0]);
+        assert_eq!(w[1], 0);
+        let v6: [u8; 16] = core::array::from_fn(|i| i as u8);
+        let w = addr_words(&v6);
+        assert_eq!(w[1].to_ne_bytes(), [8, 9, 10, 11, 12, 13, 14, 15]);
+    }
+
+    #[test]
     fn layouts_have_no_padding() {
         assert_eq!(core::mem::size_of::<SlotMask>(), 32);
-        assert_eq!(core::mem::size_of::<Policy>(), 136);
-        assert_eq!(core::mem::size_of::<SlotCounters>(), 16);
-        assert_eq!(core::mem::size_of::<IcmpTypeKey>(), 8);
+        assert_eq!(core::mem::size_of::<Policy>(), 152);
+        assert_eq!(core::mem::size_of::<SourceLengths>(), 8);
+        assert_eq!(core::mem::size_of::<Source4Key>(), 8);
+        assert_eq!(core::mem::size_of::<Source6Key>(), 20);
+        assert_eq!(core::mem::size_of::<SourceEntry>(), 72);
+        assert_eq!(core::mem::size_of::<SlotCounters>(), 32);
+        assert_eq!(core::mem::size_of::<SlotConfig>(), 40);
+        assert_eq!(core::mem::size_of::<Bucket>(), 16);
         assert_eq!(core::mem::size_of::<Ipv4Key>(), 8);
-        assert_eq!(core::mem::size_of::<PortKey>(), 8);
     }
 }

@@ -36,6 +36,47 @@ pub fn man_pages<C: CommandFactory>(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Checks what a binary's packaging relies on: the command calls itself
+/// `name`, `--version` prints `NAME VERSION` (the version of the crate that
+/// calls this), and the man pages carry it in their titles, for the main
+/// page and for the page of subcommand `sub`. For the binaries' tests.
+pub fn check_identity<C: CommandFactory + clap::Parser>(
+    name: &str,
+    version: &str,
+    sub: &str,
+) -> Result<()> {
+    let cmd = C::command();
+    anyhow::ensure!(cmd.get_name() == name, "named {:?}", cmd.get_name());
+    anyhow::ensure!(
+        cmd.get_version() == Some(version),
+        "version {:?}",
+        cmd.get_version()
+    );
+    match C::try_parse_from([name, "--version"]) {
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayVersion => {
+            let printed = e.to_string();
+            anyhow::ensure!(
+                printed.trim() == format!("{name} {version}"),
+                "--version printed {printed:?}"
+            );
+        }
+        _ => anyhow::bail!("--version did not print the version"),
+    }
+    let dir = std::env::temp_dir().join(format!("{name}-man-{}", std::process::id()));
+    man_pages::<C>(&dir)?;
+    for page in [name.to_string(), format!("{name}-{sub}")] {
+        let path = dir.join(format!("{page}.1"));
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        anyhow::ensure!(
+            text.contains(&format!("\"{page} {version}\"")),
+            "{page}.1 does not carry its name and version"
+        );
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
 fn write_page(cmd: &clap::Command, dir: &Path, name: &str) -> Result<()> {
     let mut out = Vec::new();
     clap_mangen::Man::new(cmd.clone()).render(&mut out)?;

@@ -8,6 +8,9 @@
 //! prefixes or ranges. Layouts and names: `dots-common`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Packet fields are read with BPF load instructions of their own width
+// (parse.rs); the eBPF crate builds with the pinned nightly only.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod parse;

@@ -143,7 +143,8 @@ impl Lab {
         self.start_client_with(&[])
     }
 
-    /// Starts `dots-client listen` in the isp namespace with `extra` flags.
+    /// Starts `dots-client listen` in the isp namespace with `extra` flags
+    /// (a `--customer` among them replaces the lab's customer registry).
     pub fn start_client_with(&mut self, extra: &[String]) -> Result<()> {
         let mut args: Vec<String> = [
             "listen",
@@ -165,12 +166,17 @@ impl Lab {
             // address-following tests renumber it) and the LAN prefixes;
             // 10.9.9.0/24 lies outside the agent's domain, so that the
             // agent's own check is exercised too.
-            "--customer",
-            "cpe1=203.0.113.0/24,192.0.2.0/24,2001:db8:1::/48,10.9.9.0/24",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // A caller's own registry replaces the lab's.
+        if !extra.iter().any(|a| a == "--customer") {
+            args.extend([
+                "--customer".to_string(),
+                "cpe1=203.0.113.0/24,192.0.2.0/24,2001:db8:1::/48,10.9.9.0/24".to_string(),
+            ]);
+        }
         args.extend(extra.iter().cloned());
         let p = Proc::spawn_with_env(
             &self.isp,
@@ -188,6 +194,12 @@ impl Lab {
     /// Starts the agent in the cpe namespace with XDP on both LAN interfaces.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
         let mut args = self.agent_args(true);
+        // The caller's notify interval replaces the lab's one-second one.
+        if extra.contains(&"--notify-interval") {
+            if let Some(j) = args.iter().position(|a| a == "--notify-interval") {
+                args.drain(j..j + 2);
+            }
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         self.start_agent_with(args)
     }
@@ -454,6 +466,28 @@ pub fn refused_as_outside(code: &str, body: &Value) -> bool {
             .as_str()
             .unwrap_or_default()
             .contains("outside")
+}
+
+/// Sends datagrams tagged `tag` from `ns` to `dst` port 9 at about `pps`
+/// for `duration`; returns how many were sent.
+pub fn flood(ns: &Netns, dst: &str, duration: Duration, pps: u64, tag: &str) -> Result<usize> {
+    let dst: SocketAddr = format!("{dst}:9").parse()?;
+    let tag = tag.to_string();
+    ns.enter(move || -> Result<usize> {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        let start = std::time::Instant::now();
+        let mut sent = 0usize;
+        while start.elapsed() < duration {
+            // Catch up with the schedule, then wait a little.
+            let due = (start.elapsed().as_secs_f64() * pps as f64) as usize;
+            while sent < due {
+                sock.send_to(format!("{tag} {sent:07}").as_bytes(), dst)?;
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        Ok(sent)
+    })?
 }
 
 pub fn scope_counter(scope: &Value, key: &str) -> u64 {

@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod bench;
 pub mod detector;
 pub mod lab;
 pub mod packet;
@@ -41,27 +42,6 @@ pub fn sh(args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Replaces the section `## {name}` of a benchmarks page (up to the next
-/// `## ` heading or the end) with `section`, or appends it. Hand-written
-/// text under `### Analysis ({name})` after the generated part is kept.
-pub fn replace_doc_section(doc: &str, name: &str, section: &str) -> String {
-    match doc.find(&format!("\n## {name}\n")) {
-        Some(start) => {
-            let body = &doc[start + 1..];
-            let keep_from = body
-                .find(&format!("\n### Analysis ({name})"))
-                .or_else(|| body[3..].find("\n## ").map(|i| i + 3))
-                .map(|i| start + 1 + i + 1);
-            let tail = keep_from.map(|i| &doc[i..]).unwrap_or("");
-            format!("{}{section}{tail}", &doc[..start + 1])
-        }
-        None => format!(
-            "{}\n{section}",
-            doc.trim_end_matches('\n').to_string() + "\n"
-        ),
-    }
 }
 
 /// A network namespace, deleted on drop.
@@ -169,43 +149,50 @@ pub struct PacketSocket {
     ifindex: i32,
 }
 
+/// An AF_PACKET socket (`flags` added to `SOCK_RAW`) bound to `iface`,
+/// receiving every frame; with the interface index. Call inside
+/// [`Netns::enter`] of the interface's namespace.
+pub fn packet_socket(iface: &str, flags: i32) -> Result<(OwnedFd, i32)> {
+    let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+    // SAFETY: plain socket(2) call; the fd is owned right after.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | flags, proto) };
+    if raw < 0 {
+        bail!("socket(AF_PACKET): {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let name = std::ffi::CString::new(iface)?;
+    // SAFETY: valid C string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+    if ifindex == 0 {
+        bail!("no interface {iface}");
+    }
+    // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto as u16;
+    sll.sll_ifindex = ifindex;
+    // SAFETY: `sll` is a valid sockaddr_ll of the size given.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &sll as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "bind AF_PACKET to {iface}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok((fd, ifindex))
+}
+
 impl PacketSocket {
     /// Opens the socket; call inside [`Netns::enter`] of the interface's namespace.
     pub fn open(iface: &str) -> Result<PacketSocket> {
-        let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
-        // SAFETY: plain socket(2) call; the fd is owned right after.
-        let raw =
-            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto) };
-        if raw < 0 {
-            bail!("socket(AF_PACKET): {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh, valid fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let name = std::ffi::CString::new(iface)?;
-        // SAFETY: valid C string.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
-        if ifindex == 0 {
-            bail!("no interface {iface}");
-        }
-        // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto as u16;
-        sll.sll_ifindex = ifindex;
-        // SAFETY: `sll` is a valid sockaddr_ll of the size given.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sll as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if rc != 0 {
-            bail!(
-                "bind AF_PACKET to {iface}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        let (fd, ifindex) = packet_socket(iface, libc::SOCK_NONBLOCK)?;
         Ok(PacketSocket { fd, ifindex })
     }
 
@@ -265,25 +252,5 @@ impl PacketSocket {
             }
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn doc_sections_are_replaced_and_analysis_kept() {
-        let doc = "# B\n\n## NAT\nold\n### Analysis (NAT)\nmine\n## Sessions\nx\n";
-        let new = super::replace_doc_section(doc, "NAT", "## NAT\nnew\n\n");
-        assert_eq!(
-            new,
-            "# B\n\n## NAT\nnew\n\n### Analysis (NAT)\nmine\n## Sessions\nx\n"
-        );
-        let new = super::replace_doc_section(doc, "Sessions", "## Sessions\ny\n");
-        assert_eq!(
-            new,
-            "# B\n\n## NAT\nold\n### Analysis (NAT)\nmine\n## Sessions\ny\n"
-        );
-        let new = super::replace_doc_section("# B\n", "Sessions", "## Sessions\ny\n");
-        assert_eq!(new, "# B\n\n## Sessions\ny\n");
     }
 }

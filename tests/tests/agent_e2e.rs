@@ -4,7 +4,7 @@
 //! hosts and targets are not, and the counters reported back agree with what
 //! was sent. The lab: `tests::lab`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -200,6 +200,147 @@ fn lifetime_expiry_restores_traffic() -> Result<()> {
     );
     let (ok, out) = lab.agent_cmd(&["mitigations"])?;
     assert!(ok && out.contains("no mitigation"), "{out}");
+    Ok(())
+}
+
+/// Sleeps until `at` (at once when it is past).
+fn sleep_until(at: Instant) {
+    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+}
+
+#[test]
+fn killed_agent_blocks_no_longer_than_the_lifetime() -> Result<()> {
+    let (mut lab, sink) = ready_lab(&[])?;
+    let asked = Instant::now();
+    let (_, mid, _) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &["--lifetime", "5"])?;
+    lab.wait_status(mid, "attack-successfully-mitigated")?;
+    assert_eq!(probe(&lab, &sink, "during")?, 0);
+    // SIGKILL: nothing removes the slot, the pinned program keeps running.
+    lab.agent.take().context("agent")?.kill();
+    assert_eq!(
+        probe(&lab, &sink, "killed")?,
+        0,
+        "still dropped while the lifetime runs"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "the lab was too slow to tell"
+    );
+    sleep_until(asked + Duration::from_millis(5300));
+    assert_eq!(
+        probe(&lab, &sink, "ended")?,
+        50,
+        "the kernel ends the block with its lifetime"
+    );
+    Ok(())
+}
+
+#[test]
+fn indefinite_mitigation_lasts_while_the_agent_lives_and_ends_within_the_cap() -> Result<()> {
+    let dir = tests::procs::TempDir::new("cap")?;
+    let config = dir.path.join("agent.toml");
+    std::fs::write(&config, "[policy]\nmax-lifetime = -1\n")?;
+    let config = config.display().to_string();
+    let (mut lab, sink) = ready_lab(&["--config", &config, "--indefinite-cap", "3"])?;
+    let (_, mid, _) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &["--lifetime=-1"])?;
+    let scope = lab.wait_status(mid, "attack-successfully-mitigated")?;
+    assert_eq!(scope["lifetime"], -1, "granted indefinite: {scope}");
+    // Longer than the cap: the running agent renews it.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        probe(&lab, &sink, "alive")?,
+        0,
+        "renewed while the agent runs"
+    );
+    lab.agent.take().context("agent")?.kill();
+    let killed = Instant::now();
+    assert_eq!(probe(&lab, &sink, "killed")?, 0);
+    sleep_until(killed + Duration::from_millis(3300));
+    assert_eq!(
+        probe(&lab, &sink, "capped")?,
+        50,
+        "an indefinite block ends within the cap once the agent is gone"
+    );
+    Ok(())
+}
+
+#[test]
+fn monitor_mode_counts_what_it_would_drop() -> Result<()> {
+    let (lab, sink) = ready_lab(&["--no-enforce"])?;
+    let (code, mid, body) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &[])?;
+    assert_eq!(code, "2.01 Created");
+    assert_eq!(
+        body["ietf-dots-signal-channel:mitigation-scope"]["scope"][0]["status"],
+        "attack-mitigation-in-progress"
+    );
+    // Nothing changes for the peer once the slot is in place: wait until
+    // the operator sees it counting.
+    let counting = tests::procs::eventually(Duration::from_secs(10), || {
+        let (_, out) = lab.agent_cmd(&["mitigations"]).ok()?;
+        out.contains("monitor: would have dropped").then_some(())
+    });
+    assert!(counting.is_some(), "{}", lab.agent_cmd(&["mitigations"])?.1);
+    assert_eq!(
+        probe(&lab, &sink, "watched")?,
+        50,
+        "monitor mode drops nothing"
+    );
+    // The operator sees what it would have dropped, and so does the log.
+    let shown = tests::procs::eventually(Duration::from_secs(5), || {
+        let (_, out) = lab.agent_cmd(&["mitigations"]).ok()?;
+        out.contains("would have dropped 50 packets").then_some(out)
+    });
+    assert!(shown.is_some(), "{}", lab.agent_cmd(&["mitigations"])?.1);
+    lab.agent
+        .as_ref()
+        .context("agent")?
+        .wait_log("would have dropped", Duration::from_secs(5))?;
+    // The peer still hears status 1 and no drop counters.
+    let scope = lab.scope(mid)?;
+    assert_eq!(scope["status"], "attack-mitigation-in-progress", "{scope}");
+    assert!(scope.get("pkts-dropped").is_none(), "{scope}");
+    // Withdrawn: its slot goes.
+    let (ok, r) = lab.client(&["withdraw", "--mid", &mid.to_string()])?;
+    assert!(ok, "{r:?}");
+    let status = || -> Result<String> {
+        let bpffs = lab.bpffs.path.display().to_string();
+        let out = tests::procs::run_in(
+            &lab.cpe,
+            &tests::procs::bin("dots-agent")?,
+            &["dataplane".into(), "status".into(), "--bpffs".into(), bpffs],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let gone = tests::procs::eventually(Duration::from_secs(5), || {
+        status().ok().filter(|s| s.contains("slots:      0"))
+    });
+    assert!(gone.is_some(), "{}", status()?);
+    Ok(())
+}
+
+#[test]
+fn rate_limit_holds_the_target_within_ten_percent_of_the_limit() -> Result<()> {
+    let (lab, sink) = ready_lab(&["--action", "rate-limit", "--rate-limit-pps", "1000"])?;
+    let (_, mid, _) = lab.mitigate("192.0.2.2/32", "198.51.100.10/32", &[])?;
+    lab.wait_status(mid, "attack-successfully-mitigated")?;
+    // About 4,000 packets per second for 3 seconds, 4 times the limit.
+    let started = Instant::now();
+    let sent = flood(&lab.hosta, TARGET4, Duration::from_secs(3), 4_000, "flood")?;
+    let secs = started.elapsed().as_secs_f64();
+    let got = sink.count("flood");
+    let rate = got as f64 / secs;
+    assert!(
+        sent as f64 / secs > 2_000.0,
+        "the flood must exceed the limit: {sent} in {secs:.2} s"
+    );
+    assert!(
+        (900.0..=1_100.0).contains(&rate),
+        "{got} of {sent} datagrams in {secs:.2} s: {rate:.0}/s at the target, limit 1000/s"
+    );
+    // What went over the limit is reported as dropped.
+    std::thread::sleep(Duration::from_millis(1500));
+    let dropped = scope_counter(&lab.scope(mid)?, "pkts-dropped");
+    assert_eq!(dropped as usize, sent - got, "drops counted: {dropped}");
     Ok(())
 }
 

@@ -461,8 +461,12 @@ fn session_survives_30_percent_packet_loss() -> Result<()> {
             created += 1;
         }
     }
+    // A request and its answer both get through one attempt with
+    // probability 0.7 x 0.7 = 0.49; with CoAP's 3 retransmissions a request
+    // fails with probability 0.51^4, about 7%. Three or more of five then
+    // succeed 99.7% of the time (four or more only 96%: a flaky bar).
     assert!(
-        created >= 4,
+        created >= 3,
         "only {created} of 5 requests succeeded under 30% loss"
     );
     let (ok, _) = lab.client("isp", &["status"])?;

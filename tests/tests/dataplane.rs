@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use anyhow::Result;
 use dots_agent::enforce::{
-    AttachMode, Dataplane, DataplaneOptions, EnforceError, Range, SlotId, SlotSpec,
+    clock, AttachMode, Dataplane, DataplaneOptions, EnforceError, Range, Slot, SlotAction, SlotId,
+    SlotSpec,
 };
 use tests::packet::{ExtHeader, Frame, L4};
 use tests::{veth, BpffsDir, Netns, PacketSocket};
@@ -75,10 +76,17 @@ impl Lab {
     }
 
     fn apply(&mut self, slots: &[(SlotId, SlotSpec)]) -> Result<()> {
-        self.dp
-            .apply(&slots.iter().cloned().collect::<BTreeMap<_, _>>())?;
+        self.dp.apply(&unbounded(slots.iter().cloned()))?;
         Ok(())
     }
+}
+
+/// Slots that never expire on their own (expiry has its own test).
+fn unbounded(slots: impl IntoIterator<Item = (SlotId, SlotSpec)>) -> BTreeMap<SlotId, Slot> {
+    slots
+        .into_iter()
+        .map(|(id, spec)| (id, Slot::without_expiry(spec)))
+        .collect()
 }
 
 const MARKER_LEN: usize = "DOTS-MARK-00000000".len();
@@ -380,7 +388,7 @@ fn removal_restores_traffic_and_reuse_starts_at_zero() -> Result<()> {
     assert!(lab.pass_one(f.clone())?, "removal stops drops at once");
     assert!(lab.dp.active_slots()?.is_empty());
     // Reusing slot 11 for another scope starts its counters at zero.
-    let report = lab.dp.apply(&BTreeMap::from([(
+    let report = lab.dp.apply(&unbounded([(
         11,
         spec(&["10.0.0.0/8"], &["198.51.100.0/24"]),
     )]))?;
@@ -389,7 +397,7 @@ fn removal_restores_traffic_and_reuse_starts_at_zero() -> Result<()> {
     assert!(!lab.pass_one(f)?);
     assert_eq!(lab.dp.counters(11)?.packets, 1);
     // Applying the same state again writes nothing.
-    let again = lab.dp.apply(&BTreeMap::from([(
+    let again = lab.dp.apply(&unbounded([(
         11,
         spec(&["10.0.0.0/8"], &["198.51.100.0/24"]),
     )]))?;
@@ -482,7 +490,7 @@ fn errors_name_their_cause_and_write_nothing() -> Result<()> {
     bad.source_ports = vec![Range::new(10, 5)];
     let err = lab
         .dp
-        .apply(&BTreeMap::from([
+        .apply(&unbounded([
             (1, spec(&["10.0.0.0/8"], &["198.51.100.0/24"])),
             (2, bad),
         ]))
@@ -494,7 +502,7 @@ fn errors_name_their_cause_and_write_nothing() -> Result<()> {
     assert!(err.to_string().contains("10-5"), "{err}");
     let err = lab
         .dp
-        .apply(&BTreeMap::from([(
+        .apply(&unbounded([(
             300,
             spec(&["10.0.0.0/8"], &["198.51.100.0/24"]),
         )]))
@@ -598,5 +606,229 @@ fn exempt_list_survives_later_slot_changes() -> Result<()> {
             "after adding {extra}"
         );
     }
+    Ok(())
+}
+
+/// The XDP program's log records, as a `log` logger receives them.
+#[derive(Clone, Default)]
+struct KernelLog(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl KernelLog {
+    fn lines(&self) -> Vec<String> {
+        self.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if let Ok(mut l) = self.0.lock() {
+            l.push(format!("{} {}", record.level(), record.args()));
+        }
+    }
+    fn flush(&self) {}
+}
+
+#[test]
+fn slots_end_at_their_expiry_without_user_space() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let f = udp("10.0.0.1", "198.51.100.1", 1, 2);
+    let scope = spec(&["10.0.0.0/8"], &["198.51.100.0/24"]);
+    let soon = |ms| clock::boot_ns_after(Duration::from_millis(ms));
+    let log = KernelLog::default();
+    let mut reader = lab.dp.kernel_log(log.clone())?;
+    lab.dp
+        .apply(&BTreeMap::from([(4, Slot::new(scope.clone(), soon(700)))]))?;
+    assert!(!lab.pass_one(f.clone())?, "enforced before its expiry");
+    // Renewal moves the expiry in place: the slot is never switched off.
+    let renewed = lab
+        .dp
+        .apply(&BTreeMap::from([(4, Slot::new(scope.clone(), soon(1500)))]))?;
+    assert_eq!(
+        (
+            renewed.writes,
+            renewed.activated.len(),
+            renewed.deactivated.len()
+        ),
+        (1, 0, 0)
+    );
+    std::thread::sleep(Duration::from_millis(900));
+    assert!(!lab.pass_one(f.clone())?, "the renewed expiry holds");
+    std::thread::sleep(Duration::from_millis(800));
+    // Nobody removed the slot: the program itself stops matching it.
+    assert_eq!(lab.dp.active_slots()?, vec![4]);
+    assert!(lab.pass_one(f.clone())?, "traffic passes after the expiry");
+    assert!(lab.pass_one(f.clone())?);
+    // The program says so in its own log (aya-log), once per expiry.
+    reader.flush();
+    let lines = log.lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("slot 4 matched traffic after its expiry"),
+        "{lines:?}"
+    );
+    let c = lab.dp.counters(4)?;
+    assert_eq!(
+        (c.packets, c.passed_packets),
+        (2, 0),
+        "expired hits are not charged"
+    );
+    // A slot given a past expiry never enforces.
+    lab.dp
+        .apply(&BTreeMap::from([(5, Slot::new(scope, clock::boot_ns()))]))?;
+    assert!(lab.pass_one(f)?);
+    Ok(())
+}
+
+#[test]
+fn many_source_lengths_take_the_trie_and_a_restart_writes_nothing() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let t = "198.51.100.1";
+    // Six lengths: more than the program probes one by one.
+    let sources = [
+        "10.0.0.0/12",
+        "10.16.0.0/14",
+        "10.20.0.0/16",
+        "10.21.0.0/20",
+        "10.21.16.0/24",
+        "10.21.17.9/32",
+    ];
+    let slots = [
+        (1, spec(&sources, &["198.51.100.0/24"])),
+        (2, spec(&["10.21.17.0/24"], &["198.51.100.1/32"])),
+    ];
+    lab.apply(&slots)?;
+    let frames = [
+        udp("10.15.255.255", t, 1, 2), // /12
+        udp("10.17.0.1", t, 1, 2),     // /14
+        udp("10.20.9.9", t, 1, 2),     // /16
+        udp("10.21.15.1", t, 1, 2),    // /20
+        udp("10.21.16.200", t, 1, 2),  // /24
+        udp("10.21.17.9", t, 1, 2),    // /32 (and slot 2's /24)
+        udp("10.21.17.10", t, 1, 2),   // slot 2 only
+        udp("10.22.0.1", t, 1, 2),     // none
+    ];
+    assert_eq!(
+        lab.passes(&frames)?,
+        vec![false, false, false, false, false, false, false, true]
+    );
+    assert_eq!(lab.dp.counters(1)?.packets, 6);
+    assert_eq!(lab.dp.counters(2)?.packets, 2);
+    // A second loader (a restarted agent) reads the maps back: same slots,
+    // nothing to write.
+    let mut adopted = Dataplane::open(&DataplaneOptions {
+        bpffs: lab.bpffs.path.clone(),
+        ..Default::default()
+    })?;
+    let report = adopted.apply(&unbounded(slots.iter().cloned()))?;
+    assert_eq!((report.writes, report.activated.len()), (0, 0));
+    // Back to few lengths: the hash alone again.
+    adopted.apply(&unbounded([(
+        2,
+        spec(&["10.21.17.0/24"], &["198.51.100.1/32"]),
+    )]))?;
+    assert_eq!(
+        lab.passes(&frames[5..])?,
+        vec![false, false, true],
+        "slot 2 still enforced, slot 1 gone"
+    );
+    Ok(())
+}
+
+#[test]
+fn monitor_slots_count_what_they_would_drop_and_drop_nothing() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let t = "198.51.100.1";
+    let mut watch = spec(&["10.0.0.0/8"], &["198.51.100.0/24"]);
+    watch.action = SlotAction::Monitor;
+    let block = spec(&["10.1.0.0/16"], &["198.51.100.0/24"]);
+    lab.apply(&[(1, watch), (2, block)])?;
+    let frames = [
+        udp("10.0.0.1", t, 1, 2), // monitor only: passes
+        udp("10.0.0.2", t, 1, 2), // monitor only: passes
+        udp("10.1.0.1", t, 1, 2), // both: dropped by slot 2, counted by slot 1
+    ];
+    assert_eq!(lab.passes(&frames)?, vec![true, true, false]);
+    let watched = lab.dp.counters(1)?;
+    assert_eq!(
+        (watched.packets, watched.passed_packets),
+        (0, 3),
+        "a monitor slot drops nothing and counts every match"
+    );
+    assert_eq!(watched.passed_bytes, 3 * wire_len(&frames[0]));
+    assert_eq!(lab.dp.counters(2)?.packets, 1);
+    let stats = lab.dp.stats()?;
+    assert_eq!((stats.monitored, stats.dropped), (2, 1));
+    Ok(())
+}
+
+#[test]
+fn rate_limited_slots_pass_what_fits_the_limit_and_drop_the_rest() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let t = "198.51.100.1";
+    // 2 packets per second (one per 500 ms, 50 ms of burst): of a quick
+    // burst, the first passes and the rest are over the limit.
+    let mut pps = spec(&["10.1.0.0/16"], &["198.51.100.0/24"]);
+    pps.action = SlotAction::RateLimit { pps: 2, bps: 0 };
+    // 8,000 bits per second: a ~70-byte frame costs 70 ms, more than the
+    // 50 ms burst, so again one frame passes.
+    let mut bps = spec(&["10.2.0.0/16"], &["198.51.100.0/24"]);
+    bps.action = SlotAction::RateLimit { pps: 0, bps: 8_000 };
+    lab.apply(&[(1, pps), (2, bps)])?;
+    let burst = |net: &str| -> Vec<Frame> { (0..10).map(|_| udp(net, t, 1, 2)).collect() };
+    let passed = lab.passes(&burst("10.1.0.1"))?;
+    assert_eq!(passed.iter().filter(|p| **p).count(), 1, "{passed:?}");
+    assert!(passed[0], "the first packet fits the bucket");
+    let passed = lab.passes(&burst("10.2.0.1"))?;
+    assert_eq!(passed.iter().filter(|p| **p).count(), 1, "{passed:?}");
+    let c = lab.dp.counters(1)?;
+    assert_eq!(
+        (c.passed_packets, c.packets),
+        (1, 9),
+        "over the limit is dropped and counted"
+    );
+    assert_eq!(lab.dp.stats()?.conforming, 2);
+    // The bucket refills with time.
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(lab.pass_one(udp("10.1.0.1", t, 1, 2))?);
+    Ok(())
+}
+
+#[test]
+fn pins_of_another_layout_are_refused_with_the_way_out() -> Result<()> {
+    let bpffs = BpffsDir::new()?;
+    std::fs::create_dir_all(&bpffs.path)?;
+    // DOTS_STATS as an earlier version pinned it: three counters, not five.
+    let pin = bpffs.path.join("DOTS_STATS");
+    tests::sh(&[
+        "bpftool",
+        "map",
+        "create",
+        &pin.display().to_string(),
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        "3",
+        "name",
+        "DOTS_STATS",
+    ])?;
+    let err = Dataplane::open(&DataplaneOptions {
+        bpffs: bpffs.path.clone(),
+        ..Default::default()
+    })
+    .err()
+    .expect("an old pin must be refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("DOTS_STATS") && text.contains("3 entries"),
+        "{text}"
+    );
+    assert!(text.contains("dots-agent detach"), "{text}");
     Ok(())
 }

@@ -1,8 +1,7 @@
-//! `cargo xtask bench dataplane`: the XDP classifier's per-packet cost with
-//! BPF_PROG_TEST_RUN, against an empty XDP program and against xdp-filter.
-//! The measuring program is the `bench-dataplane` binary of the `tests`
-//! crate, built in release mode; it writes `target/bench/dataplane.json` and
-//! the generated part of `docs/benchmarks.md`.
+//! `cargo xtask bench dataplane | nat | sessions | reaction | traffic | cluster`. Each runs a measuring
+//! program of the `tests` crate (`bench-<name>`), built in release mode,
+//! which writes `target/bench/<name>.json` and its part of
+//! `docs/benchmarks.md`.
 
 use anyhow::Result;
 
@@ -16,6 +15,12 @@ pub(crate) enum Which {
     Nat,
     /// One dots-client against 1,000 and 10,000 simulated agents (DTLS and TLS).
     Sessions,
+    /// Reaction time end to end: PUT leaving dots-client to the first packet
+    /// dropped, DELETE to the first packet passing, and PUT to 2.01.
+    Reaction,
+    /// The classifier under real frames (trafgen into a veth): its cost per
+    /// frame from the kernel's BPF statistics.
+    Traffic,
     /// Three dots-client nodes sharing etcd, 1,000 agents: failover and API through a non-owner.
     Cluster,
 }
@@ -25,6 +30,32 @@ pub(crate) fn run(which: Which) -> Result<()> {
         Which::Dataplane => dataplane(),
         Which::Nat => nat(),
         Which::Sessions => sessions(),
+        Which::Reaction => {
+            // The lab runs the daemons next to the measuring program: the
+            // release builds, as deployed.
+            step("building dots-agent and dots-client (release)");
+            let mut cmd = cargo();
+            cmd.args([
+                "build",
+                "--release",
+                "-p",
+                "dots-agent",
+                "-p",
+                "dots-client",
+                "--bins",
+            ]);
+            crate::run(&mut cmd)?;
+            run_bench(
+                "bench-reaction",
+                "reaction.json",
+                "benchmarking reaction time (lab, 2 x 50 requests, 255 other mitigations; a few minutes)",
+            )
+        }
+        Which::Traffic => run_bench(
+            "bench-traffic",
+            "traffic.json",
+            "benchmarking the classifier under trafgen frames (bpf_stats; a minute or two)",
+        ),
         Which::Cluster => cluster(),
     }
 }

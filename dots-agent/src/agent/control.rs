@@ -357,6 +357,11 @@ mod tests {
             devices: Vec::new(),
             exempt: vec!["192.0.2.250/32".into()],
             over_limit: None,
+            action: "monitor".into(),
+            passed_packets: 3,
+            passed_bytes: 300,
+            passed_pps: 1,
+            made_from: Default::default(),
         };
         let l = line(&Reply::ok(Body::Mitigations(vec![m.clone()])));
         assert!(l.contains(r#""state":"pending-consent""#), "{l}");

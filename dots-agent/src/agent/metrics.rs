@@ -80,7 +80,7 @@ impl Collector for AgentCollector {
             &mut enc,
             "dots_agent_slots_used",
             "Classifier slots in use.",
-            [(Vec::new(), t.export().len() as i64)],
+            [(Vec::new(), t.keys().len() as i64)],
         )?;
         gauge(
             &mut enc,
@@ -238,6 +238,11 @@ mod tests {
                 devices: Vec::new(),
                 exempt: Vec::new(),
                 over_limit: None,
+                action: "drop".into(),
+                passed_packets: 0,
+                passed_bytes: 0,
+                passed_pps: 0,
+                made_from: Default::default(),
             },
         );
         let opts = crate::config::AgentConfig::from_str(

@@ -3,7 +3,9 @@
 //! that turns mitigations into XDP drops.
 
 pub mod control;
+mod counting;
 pub mod enforcer;
+mod kernel_log;
 mod live;
 mod memlock;
 pub mod metrics;
@@ -55,6 +57,11 @@ pub struct AgentOptions {
     pub lans: Vec<String>,
     pub attach_mode: AttachMode,
     pub bpffs: PathBuf,
+    /// How long an indefinite mitigation stays in force in the kernel
+    /// without the agent renewing it (`[xdp] indefinite-cap`).
+    pub indefinite_cap: std::time::Duration,
+    /// What each peer's mitigations do (drop, or rate-limit), by peer index.
+    pub actions: Vec<crate::enforce::SlotAction>,
     pub consent: ConsentMode,
     pub never_block: Vec<IpNet>,
     pub limits: Limits,
@@ -130,15 +137,24 @@ pub async fn run(opts: AgentOptions, reload: Option<Reloader>) -> Result<()> {
     let mut saved = state::StateFile::load(&opts.state_dir);
     renumber_saved(&mut saved, &opts.peers);
     let mut attached = Vec::new();
-    let enforcer = if opts.monitor {
-        info!("monitor mode: requests are validated, answered and logged; nothing is installed");
+    let enforcer = if opts.monitor && opts.lans.is_empty() {
+        info!("monitor mode without a LAN interface: requests are validated, answered and logged; nothing is installed or counted");
         None
     } else {
+        if opts.monitor {
+            info!("monitor mode: the classifier counts what each mitigation would drop, and drops nothing");
+        }
         let mut dp = Dataplane::open(&DataplaneOptions {
             bpffs: opts.bpffs.clone(),
             ..Default::default()
         })
-        .context("opening the XDP data plane (use --no-enforce to run without it)")?;
+        .context("opening the XDP data plane (use --no-enforce without --lan to run without it)")?;
+        match dp.kernel_log(log::logger()) {
+            Ok(reader) => {
+                tokio::spawn(kernel_log::forward(reader));
+            }
+            Err(e) => warn!(error = %e, "the XDP program's own log is not read"),
+        }
         for lan in &opts.lans {
             let a = dp.attach(lan, opts.attach_mode)?;
             info!(iface = %a.iface, mode = a.mode, "XDP attached");
@@ -147,7 +163,7 @@ pub async fn run(opts: AgentOptions, reload: Option<Reloader>) -> Result<()> {
         if opts.lans.is_empty() {
             warn!("no --lan interface: mitigations are installed in the maps but no interface runs the classifier");
         }
-        let mut table = SlotTable::new(dp);
+        let mut table = SlotTable::new(dp, opts.indefinite_cap);
         table.set_never_block(&opts.never_block)?;
         // Re-adopt the slots of the previous run (for the same peers): the
         // pinned maps already hold them, so this writes nothing.
@@ -159,7 +175,9 @@ pub async fn run(opts: AgentOptions, reload: Option<Reloader>) -> Result<()> {
             }
             info!(slots = n, "classifier slots of the previous run re-adopted");
         }
-        Some(Arc::new(Mutex::new(table)))
+        let table = Arc::new(Mutex::new(table));
+        tokio::spawn(enforcer::keep_indefinite(table.clone()));
+        Some(table)
     };
     let interfaces = match &enforcer {
         Some(t) => t
@@ -193,6 +211,13 @@ pub async fn run(opts: AgentOptions, reload: Option<Reloader>) -> Result<()> {
     }));
     let store = Arc::new(state::StateStore::new(&opts.state_dir, enforcer.clone())?);
     let consent = Arc::new(Mutex::new(BTreeMap::new()));
+    if let Some(table) = &enforcer {
+        tokio::spawn(counting::report(
+            table.clone(),
+            view.clone(),
+            opts.notify_interval,
+        ));
+    }
     let control = control::bind(&opts.control)?;
     info!(socket = %opts.control.display(), "control socket ready");
     tokio::spawn(control::serve(
@@ -337,6 +362,17 @@ struct Runtime {
 }
 
 impl Runtime {
+    /// What the mitigations of a configured peer do (its `[xdp] action`,
+    /// or the peer's own override).
+    fn action_of(&self, target: &PeerTarget) -> crate::enforce::SlotAction {
+        self.opts
+            .peers
+            .iter()
+            .position(|p| p == target)
+            .and_then(|i| self.opts.actions.get(i).copied())
+            .unwrap_or_default()
+    }
+
     fn spawn_peer(
         &mut self,
         index: usize,
@@ -374,6 +410,7 @@ impl Runtime {
             discovery,
             nat_rx: self.nat.as_ref().map(|n| n.add_peer(index)),
             store: self.store.clone(),
+            action: self.action_of(&target),
             seed: seed(index),
             redirect_fallback: self.opts.policy.redirect_fallback(),
         };
@@ -455,6 +492,7 @@ impl Runtime {
             ("state-dir", new.state_dir != self.opts.state_dir),
             ("metrics", new.metrics != self.opts.metrics),
             ("nat-action", new.nat_action != self.opts.nat_action),
+            ("xdp.action", new.actions != self.opts.actions),
         ] {
             if changed {
                 restart.push(what);

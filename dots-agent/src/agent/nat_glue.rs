@@ -349,7 +349,7 @@ async fn follow(
             }
         }
         for (k, spec) in changed {
-            let installed = table.lock().map(|mut t| t.install(&k, spec));
+            let installed = table.lock().map(|mut t| t.install(&k, spec, None));
             match installed {
                 Ok(Ok(slot)) => {
                     info!(cuid = %k.cuid, mid = k.mid, slot, "NATed device enforced");

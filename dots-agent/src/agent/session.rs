@@ -15,7 +15,7 @@ use std::{
 
 use dots_proto::{
     coap::{DatagramConfig, DatagramEndpoint, Endpoint, StreamConfig, StreamEndpoint},
-    model::RedirectedSignal,
+    model::{RedirectedSignal, ValidatedRequest},
     signal::{Action, ExemptSet, MitigationKey, MitigationRecord, Phase, SessionEnd, SignalServer},
 };
 use ipnet::IpNet;
@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     control::ConsentCommand,
-    enforcer::{slot_spec, SlotKey, SlotTable},
+    enforcer::{slot_spec, Lifetime, SlotKey, SlotTable},
     live::Live,
     nat_glue::{NatInstall, NatResolved, NatService},
     redirect::Redirected,
@@ -33,6 +33,7 @@ use super::{
 };
 use crate::{
     discovery::{DiscoveryContext, Rediscovery},
+    enforce::{SlotAction, SlotId},
     peer::PeerTarget,
 };
 use dots_daemon::{
@@ -72,6 +73,8 @@ pub(crate) struct PeerTask {
     pub(crate) consent: mpsc::Receiver<ConsentCommand>,
     /// Mitigations of this peer from the state directory.
     pub(crate) restore: Vec<MitigationRecord>,
+    /// What this peer's mitigations do (the local policy).
+    pub(crate) action: SlotAction,
     pub(crate) store: Arc<StateStore>,
     pub(crate) nat: Option<Arc<NatService>>,
     pub(crate) nat_rx: Option<mpsc::UnboundedReceiver<NatResolved>>,
@@ -86,6 +89,8 @@ pub(crate) struct PeerTask {
 /// connection state: data plane, operator view, consent decisions.
 struct Shell {
     peer: usize,
+    /// What this peer's mitigations do (the local policy).
+    action: SlotAction,
     enforcer: Option<Arc<Mutex<SlotTable>>>,
     view: Arc<Mutex<AgentView>>,
     consent: mpsc::Receiver<ConsentCommand>,
@@ -128,6 +133,7 @@ impl PeerTask {
             view,
             consent,
             restore,
+            action,
             store,
             nat,
             nat_rx,
@@ -138,6 +144,7 @@ impl PeerTask {
         let name = target.to_string();
         let mut shell = Shell {
             peer: index,
+            action,
             enforcer,
             view,
             consent,
@@ -441,7 +448,7 @@ impl Shell {
                 }
             }
         }
-        self.store.update(self.peer, &self.name, Vec::new());
+        self.store.forget_peer(self.peer);
         if let Ok(mut v) = self.view.lock() {
             v.mitigations.retain(|(p, _, _), _| *p != self.peer);
             v.peers.remove(&self.peer);
@@ -460,6 +467,11 @@ impl Shell {
 
     async fn run_connection(&mut self, server: &mut Server, conn: &mut Connection) -> Ended {
         loop {
+            // Answers go out before the work they announce (RFC 9132
+            // §4.4.1: 2.01 first, status 2 once the data plane confirms).
+            if let Err(e) = flush(server, conn).await {
+                return Ended::Closed(format!("send failed: {e}"));
+            }
             let end = self.step(server);
             if let Err(e) = flush(server, conn).await {
                 return Ended::Closed(format!("send failed: {e}"));
@@ -556,8 +568,8 @@ impl Shell {
         let revision = server.mitigations().revision();
         if self.saved != Some(revision) {
             self.saved = Some(revision);
-            self.store
-                .update(self.peer, &self.name, server.snapshot(now));
+            self.sync_slots(server);
+            self.store.sync(self.peer, &self.name, now, server);
         }
         end
     }
@@ -582,6 +594,33 @@ impl Shell {
         };
         if let Ok(mut v) = self.view.lock() {
             *v.requests.entry((self.peer, code)).or_default() += 1;
+        }
+    }
+
+    /// Renewed lifetimes move the expiries the XDP program enforces, and
+    /// slots whose mitigation is gone without a `Remove` (monitor mode) go.
+    fn sync_slots(&self, server: &Server) {
+        let Some(e) = &self.enforcer else {
+            return;
+        };
+        let Ok(mut t) = e.lock() else {
+            return;
+        };
+        for k in t.keys_of(self.peer) {
+            let key = MitigationKey::new(k.cuid.clone(), k.mid);
+            if server.mitigations().get(&key).is_none() {
+                if let Err(err) = t.remove(&k) {
+                    warn!(cuid = %k.cuid, mid = k.mid, error = %err, "could not remove the slot of an ended mitigation");
+                }
+            }
+        }
+        let counted =
+            |m: &dots_proto::signal::Mitigation| m.enforced() || m.phase == Phase::Monitoring;
+        for (key, m) in server.mitigations().iter().filter(|(_, m)| counted(m)) {
+            let lifetime = Lifetime::from_expiry(m.expires);
+            if let Err(err) = t.set_lifetime(&self.slot_key(key), lifetime) {
+                warn!(cuid = %key.cuid, mid = key.mid, error = %err, "could not move the expiry in the data plane");
+            }
         }
     }
 
@@ -681,43 +720,61 @@ impl Shell {
         }
     }
 
+    /// Puts `request`'s slot in the data plane, doing `action`; `None` while
+    /// behind NAT no device is known yet (the NAT service installs it).
+    fn install_slot(
+        &mut self,
+        server: &Server,
+        key: &MitigationKey,
+        request: &ValidatedRequest,
+        action: SlotAction,
+    ) -> Result<Option<SlotId>, String> {
+        let spec = slot_spec(request, action);
+        let lifetime = server
+            .mitigations()
+            .get(key)
+            .map(|m| Lifetime::from_expiry(m.expires));
+        // Behind NAT the slot names the internal devices, or waits for one.
+        let spec = match self
+            .nat
+            .as_ref()
+            .map(|n| n.install(&self.slot_key(key), &spec))
+        {
+            None | Some(NatInstall::Direct) => spec,
+            Some(NatInstall::Resolved(s)) => s,
+            Some(NatInstall::Pending) => {
+                info!(cuid = %key.cuid, mid = key.mid, sources = %list(&request.scope.source_prefix),
+                      "the router's own address: waiting for a matching flow in conntrack");
+                return Ok(None);
+            }
+        };
+        match &self.enforcer {
+            Some(e) => e
+                .lock()
+                .map_err(|_| "slot table poisoned".to_string())
+                .and_then(|mut t| {
+                    t.install(&self.slot_key(key), spec, lifetime)
+                        .map(Some)
+                        .map_err(|e| e.to_string())
+                }),
+            None => Err("no data plane".to_string()),
+        }
+    }
+
     /// Carries out one action of the signal layer; returns how the session
     /// ends when the action ends it.
     fn perform(&mut self, server: &mut Server, action: Action) -> Option<Ended> {
         let now = Instant::now();
         match action {
             Action::Install { key, request } => {
-                let spec = slot_spec(&request);
-                // Behind NAT the slot names the internal devices, or waits for one.
-                let spec = match self
-                    .nat
-                    .as_ref()
-                    .map(|n| n.install(&self.slot_key(&key), &spec))
-                {
-                    None | Some(NatInstall::Direct) => spec,
-                    Some(NatInstall::Resolved(s)) => s,
-                    Some(NatInstall::Pending) => {
-                        info!(cuid = %key.cuid, mid = key.mid, sources = %list(&request.scope.source_prefix),
-                              "the router's own address: waiting for a matching flow in conntrack");
-                        return None;
-                    }
-                };
-                let result = match &self.enforcer {
-                    Some(e) => e
-                        .lock()
-                        .map_err(|_| "slot table poisoned".to_string())
-                        .and_then(|mut t| {
-                            t.install(&self.slot_key(&key), spec)
-                                .map_err(|e| e.to_string())
-                        }),
-                    None => Err("no data plane".to_string()),
-                };
-                match result {
-                    Ok(slot) => {
+                let action = self.action;
+                match self.install_slot(server, &key, &request, action) {
+                    Ok(Some(slot)) => {
                         info!(cuid = %key.cuid, mid = key.mid, slot, sources = %list(&request.scope.source_prefix),
                               targets = %list(&request.scope.target_prefix), lifetime = request.lifetime, "mitigation enforced");
                         let _ = server.installed(now, &key);
                     }
+                    Ok(None) => {}
                     Err(reason) => {
                         warn!(cuid = %key.cuid, mid = key.mid, %reason, "mitigation could not be installed");
                         let _ = server.install_failed(now, &key);
@@ -790,9 +847,24 @@ impl Shell {
                 warn!(cuid = cuid.as_deref().unwrap_or("-"), mid = ?mid, %code, %diagnostic, "request refused");
             }
             Action::Monitored { key, request } => {
-                info!(cuid = %key.cuid, mid = key.mid, sources = %list(&request.scope.source_prefix),
-                      targets = %list(&request.scope.target_prefix), lifetime = request.lifetime,
-                      "monitor mode: mitigation validated and answered, nothing installed");
+                // Monitor mode: the slot counts what it would drop and drops
+                // nothing; the peer still hears status 1.
+                let counted = match &self.enforcer {
+                    Some(_) => self.install_slot(server, &key, &request, SlotAction::Monitor),
+                    None => Err("no data plane (no --lan interface)".to_string()),
+                };
+                match counted {
+                    Ok(slot) => {
+                        info!(cuid = %key.cuid, mid = key.mid, slot, sources = %list(&request.scope.source_prefix),
+                              targets = %list(&request.scope.target_prefix), lifetime = request.lifetime,
+                              "monitor mode: mitigation validated and answered; counting what it would drop, dropping nothing");
+                    }
+                    Err(reason) => {
+                        info!(cuid = %key.cuid, mid = key.mid, sources = %list(&request.scope.source_prefix),
+                              targets = %list(&request.scope.target_prefix), lifetime = request.lifetime, %reason,
+                              "monitor mode: mitigation validated and answered; nothing installed, nothing counted");
+                    }
+                }
             }
             Action::Redirect { target } => return Some(Ended::Redirect(target)),
             Action::SessionLost { reason } => return Some(Ended::Lost(reason)),

@@ -159,6 +159,43 @@ pub struct MitigationView {
     /// consent with `over-limit = "consent"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub over_limit: Option<String>,
+    /// What the classifier slot does: "drop", "monitor", "rate-limit ..."
+    /// (empty while no slot holds the mitigation).
+    #[serde(default)]
+    pub action: String,
+    /// Packets and bytes the slot matched but let through: what a monitor
+    /// slot would have dropped, or what stayed within a rate limit.
+    #[serde(default)]
+    pub passed_packets: u64,
+    #[serde(default)]
+    pub passed_bytes: u64,
+    /// Packets per second of those, over the last reading.
+    #[serde(default)]
+    pub passed_pps: u64,
+    /// What the view was made from, so that it is made again only when that
+    /// changes; not part of the reply.
+    #[serde(skip)]
+    pub made_from: ViewMark,
+}
+
+/// The parts of a mitigation a [`MitigationView`] shows, besides its
+/// remaining lifetime (updated in place): a new scope always comes with a
+/// new phase start.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ViewMark {
+    phase: Option<Phase>,
+    since: Option<Instant>,
+    counters: Option<dots_proto::signal::Counters>,
+}
+
+impl ViewMark {
+    fn of(m: &Mitigation) -> ViewMark {
+        ViewMark {
+            phase: Some(m.phase),
+            since: Some(m.phase_since()),
+            counters: m.counters,
+        }
+    }
 }
 
 fn range<T: std::fmt::Display + PartialEq + Copy>(lower: T, upper: Option<T>) -> String {
@@ -209,6 +246,11 @@ impl MitigationView {
                 .map(ToString::to_string)
                 .collect(),
             over_limit: m.over_limit.as_ref().map(ToString::to_string),
+            action: String::new(),
+            passed_packets: 0,
+            passed_bytes: 0,
+            passed_pps: 0,
+            made_from: ViewMark::of(m),
         }
     }
 }
@@ -260,19 +302,29 @@ pub struct AgentView {
 
 impl AgentView {
     /// Replaces peer `peer`'s mitigations with the server's current table.
+    /// Views are made again only for mitigations that changed (the others
+    /// get their remaining lifetime), so a step costs little whatever the
+    /// number or size of the mitigations.
     pub fn set_mitigations<'a>(
         &mut self,
         peer: usize,
         now: Instant,
         table: impl Iterator<Item = (&'a MitigationKey, &'a Mitigation)>,
     ) {
-        self.mitigations.retain(|(p, _, _), _| *p != peer);
+        let mut present = std::collections::HashSet::new();
         for (k, m) in table {
-            self.mitigations.insert(
-                (peer, k.cuid.clone(), k.mid),
-                MitigationView::new(peer, k, m, now),
-            );
+            let key = (peer, k.cuid.clone(), k.mid);
+            match self.mitigations.get_mut(&key) {
+                Some(v) if v.made_from == ViewMark::of(m) => v.lifetime_left = m.remaining(now),
+                _ => {
+                    self.mitigations
+                        .insert(key.clone(), MitigationView::new(peer, k, m, now));
+                }
+            }
+            present.insert(key);
         }
+        self.mitigations
+            .retain(|k, _| k.0 != peer || present.contains(k));
     }
 
     /// The `status` reply at `now`.
@@ -333,6 +385,11 @@ pub struct SlotStatus {
     pub slot: SlotId,
     pub packets: u64,
     pub bytes: u64,
+    /// Matched but let through (monitor or rate-limit slots).
+    #[serde(default)]
+    pub passed_packets: u64,
+    #[serde(default)]
+    pub passed_bytes: u64,
 }
 
 impl DataplaneStatus {
@@ -354,6 +411,8 @@ impl DataplaneStatus {
                     slot,
                     packets: c.packets,
                     bytes: c.bytes,
+                    passed_packets: c.passed_packets,
+                    passed_bytes: c.passed_bytes,
                 })
             })
             .collect::<anyhow::Result<_>>()?;

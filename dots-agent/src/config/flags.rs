@@ -48,8 +48,10 @@ pub struct RunFlags {
     /// (repeatable; the router's own addresses are added).
     #[arg(long = "domain", value_name = "PREFIX", value_parser = prefix_arg)]
     pub domain: Vec<IpNet>,
-    /// Monitor mode: validate, answer and log requests, install nothing
-    /// (status stays 1 "attack-mitigation-in-progress").
+    /// Monitor mode: validate, answer and log requests and drop nothing
+    /// (status stays 1 "attack-mitigation-in-progress"). With --lan the
+    /// classifier counts what each mitigation would drop (`dots-agent
+    /// mitigations`, the log); without, nothing is installed.
     #[arg(long)]
     pub no_enforce: bool,
     /// LAN interface to enforce on (repeatable).
@@ -67,6 +69,21 @@ pub struct RunFlags {
     /// bpffs directory for pinned maps and links [default: /sys/fs/bpf/dots-agent].
     #[arg(long)]
     pub bpffs: Option<PathBuf>,
+    /// Seconds an indefinite mitigation stays in force in the kernel without
+    /// the agent renewing it: it ends within this long after the agent dies
+    /// [default: 600].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX)))]
+    pub indefinite_cap: Option<u64>,
+    /// What mitigations do: drop every matching packet, or drop only what
+    /// exceeds --rate-limit-pps / --rate-limit-bps [default: drop].
+    #[arg(long, value_enum)]
+    pub action: Option<super::LocalAction>,
+    /// With --action rate-limit: packets per second let through per mitigation.
+    #[arg(long, value_name = "PPS")]
+    pub rate_limit_pps: Option<u64>,
+    /// With --action rate-limit: bits per second let through per mitigation.
+    #[arg(long, value_name = "BPS")]
+    pub rate_limit_bps: Option<u64>,
     /// Control socket for `dots-agent status`, `mitigations`, `approve`,
     /// `reject` [default: /run/dots-agent/control.sock].
     #[arg(long)]
@@ -180,6 +197,18 @@ impl RunFlags {
         c.never_block.extend(self.never_block.iter().copied());
         if let Some(b) = &self.bpffs {
             c.xdp.bpffs = b.clone();
+        }
+        if let Some(cap) = self.indefinite_cap {
+            c.xdp.indefinite_cap = cap;
+        }
+        if let Some(a) = self.action {
+            c.xdp.action = a;
+        }
+        if self.rate_limit_pps.is_some() {
+            c.xdp.rate_limit_pps = self.rate_limit_pps;
+        }
+        if self.rate_limit_bps.is_some() {
+            c.xdp.rate_limit_bps = self.rate_limit_bps;
         }
         if let Some(s) = &self.control {
             c.control_socket = s.clone();

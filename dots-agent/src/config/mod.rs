@@ -39,7 +39,7 @@ use dots_daemon::{
 
 use crate::{
     agent::AgentOptions,
-    enforce::{AttachMode, DEFAULT_BPFFS_DIR},
+    enforce::{AttachMode, SlotAction, DEFAULT_BPFFS_DIR},
     netif::{interface_prefixes, InterfaceFilter},
     paths::{DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_DIR},
     peer::PeerTarget,
@@ -81,7 +81,8 @@ pub struct AgentConfig {
     pub domain: DomainConfig,
     /// Where and how the XDP classifier runs (`[xdp]`).
     pub xdp: XdpConfig,
-    /// `false`: monitor mode, validate, answer and log requests, install nothing.
+    /// `false`: monitor mode, validate, answer and log requests, drop nothing;
+    /// with XDP interfaces, count what each mitigation would drop.
     pub enforce: bool,
     /// `auto` or `require` (an operator approves each mitigation).
     pub consent: ConsentMode,
@@ -164,6 +165,14 @@ pub struct PeerConfig {
     pub cert: Option<PathBuf>,
     #[serde(default)]
     pub key: Option<PathBuf>,
+    /// Override `xdp.action`, `xdp.rate-limit-pps`, `xdp.rate-limit-bps`
+    /// for the mitigations this peer asks for.
+    #[serde(default)]
+    pub action: Option<LocalAction>,
+    #[serde(default)]
+    pub rate_limit_pps: Option<u64>,
+    #[serde(default)]
+    pub rate_limit_bps: Option<u64>,
 }
 
 impl PeerConfig {
@@ -171,13 +180,21 @@ impl PeerConfig {
     pub fn new(address: impl Into<String>) -> Self {
         Self {
             address: address.into(),
-            peer_name: None,
-            transport: None,
-            ca: None,
-            cert: None,
-            key: None,
+            ..Self::default()
         }
     }
+}
+
+/// What the classifier does with the traffic of a mitigation: the local
+/// policy (RFC 9066 lets the Call Home DOTS server choose how it mitigates).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LocalAction {
+    /// Drop every matching packet.
+    #[default]
+    Drop,
+    /// Drop what exceeds the rate limit (packets and/or bits per second).
+    RateLimit,
 }
 
 /// Which transports to dial: `transport` in the file, `--transport` on the
@@ -251,6 +268,18 @@ pub struct XdpConfig {
     pub mode: AttachMode,
     /// bpffs directory for the pinned maps and links.
     pub bpffs: PathBuf,
+    /// Seconds an indefinite mitigation stays in force in the kernel without
+    /// the agent renewing it: it lasts while the agent runs, and ends within
+    /// this long after the agent dies.
+    pub indefinite_cap: u64,
+    /// What mitigations do: `drop` or `rate-limit` (peers may override).
+    pub action: LocalAction,
+    /// With `action = "rate-limit"`: packets per second let through per
+    /// mitigation.
+    pub rate_limit_pps: Option<u64>,
+    /// With `action = "rate-limit"`: bits per second let through per
+    /// mitigation.
+    pub rate_limit_bps: Option<u64>,
 }
 
 impl Default for XdpConfig {
@@ -259,6 +288,10 @@ impl Default for XdpConfig {
             interfaces: Vec::new(),
             mode: AttachMode::Auto,
             bpffs: PathBuf::from(DEFAULT_BPFFS_DIR),
+            indefinite_cap: crate::agent::enforcer::DEFAULT_INDEFINITE_CAP.as_secs(),
+            action: LocalAction::Drop,
+            rate_limit_pps: None,
+            rate_limit_bps: None,
         }
     }
 }
@@ -430,6 +463,25 @@ impl AgentConfig {
             }
         }
         check_path_set(&self.origin, "xdp.bpffs", &self.xdp.bpffs)?;
+        self.slot_action(
+            "xdp.",
+            self.xdp.action,
+            self.xdp.rate_limit_pps,
+            self.xdp.rate_limit_bps,
+        )?;
+        for i in 0..self.peers.len() {
+            self.peer_action(i)?;
+        }
+        if !(1..=u64::from(u32::MAX)).contains(&self.xdp.indefinite_cap) {
+            return Err(self.value_error(
+                "xdp.indefinite-cap",
+                self.xdp.indefinite_cap.to_string(),
+                format!(
+                    "must be 1 to {} seconds (an indefinite mitigation is never forever in the kernel)",
+                    u32::MAX
+                ),
+            ));
+        }
         check_path_set(&self.origin, "state-dir", &self.state_dir)?;
         check_socket_path(&self.origin, "control-socket", &self.control_socket)?;
         if self.notify_interval < 1 {
@@ -522,6 +574,84 @@ impl AgentConfig {
             }
         }
         Ok(())
+    }
+
+    /// The slot action of `action` with these rates; errors name `prefix`
+    /// + the key.
+    fn slot_action(
+        &self,
+        prefix: &str,
+        action: LocalAction,
+        pps: Option<u64>,
+        bps: Option<u64>,
+    ) -> Result<SlotAction, ConfigError> {
+        match action {
+            LocalAction::Drop => {
+                for (key, v) in [("rate-limit-pps", pps), ("rate-limit-bps", bps)] {
+                    if let Some(v) = v {
+                        return Err(self.value_error(
+                            format!("{prefix}{key}"),
+                            v.to_string(),
+                            format!("only applies with {prefix}action = \"rate-limit\" (the action is \"drop\")"),
+                        ));
+                    }
+                }
+                Ok(SlotAction::Drop)
+            }
+            LocalAction::RateLimit => {
+                for (key, v) in [("rate-limit-pps", pps), ("rate-limit-bps", bps)] {
+                    if v == Some(0) {
+                        return Err(self.value_error(
+                            format!("{prefix}{key}"),
+                            "0".into(),
+                            "must be at least 1 (leave it out for no limit of this kind)",
+                        ));
+                    }
+                }
+                if pps.is_none() && bps.is_none() {
+                    return Err(self.missing(
+                        format!("{prefix}rate-limit-pps"),
+                        format!("{prefix}action = \"rate-limit\" needs rate-limit-pps, rate-limit-bps or both"),
+                    ));
+                }
+                Ok(SlotAction::RateLimit {
+                    pps: pps.unwrap_or(0),
+                    bps: bps.unwrap_or(0),
+                })
+            }
+        }
+    }
+
+    /// What peer `i`'s mitigations do: its own settings over `[xdp]`'s.
+    pub fn peer_action(&self, i: usize) -> Result<SlotAction, ConfigError> {
+        let Some(p) = self.peers.get(i) else {
+            return self.slot_action(
+                "xdp.",
+                self.xdp.action,
+                self.xdp.rate_limit_pps,
+                self.xdp.rate_limit_bps,
+            );
+        };
+        let own = p.action.is_some() || p.rate_limit_pps.is_some() || p.rate_limit_bps.is_some();
+        if !own {
+            return self.slot_action(
+                "xdp.",
+                self.xdp.action,
+                self.xdp.rate_limit_pps,
+                self.xdp.rate_limit_bps,
+            );
+        }
+        let action = p.action.unwrap_or(self.xdp.action);
+        // A peer that drops has no use for the agent's rates; one that
+        // rate-limits takes those it does not set itself.
+        let (pps, bps) = match action {
+            LocalAction::Drop => (p.rate_limit_pps, p.rate_limit_bps),
+            LocalAction::RateLimit => (
+                p.rate_limit_pps.or(self.xdp.rate_limit_pps),
+                p.rate_limit_bps.or(self.xdp.rate_limit_bps),
+            ),
+        };
+        self.slot_action(&format!("peers[{i}]."), action, pps, bps)
     }
 
     fn peer_target(&self, i: usize, p: &PeerConfig) -> Result<PeerTarget, ConfigError> {
@@ -644,6 +774,10 @@ impl AgentConfig {
             lans: self.xdp.interfaces.clone(),
             attach_mode: self.xdp.mode,
             bpffs: self.xdp.bpffs.clone(),
+            indefinite_cap: Duration::from_secs(self.xdp.indefinite_cap),
+            actions: (0..self.peers.len())
+                .map(|i| self.peer_action(i))
+                .collect::<Result<_, _>>()?,
             consent: self.consent,
             never_block: self.never_block.clone(),
             limits: self.limits.to_limits(&self.policy),

@@ -349,6 +349,17 @@ fn policy_section_is_read_and_checked() {
 }
 
 #[test]
+fn indefinite_cap_is_bounded() {
+    // Indefinite is never forever in the kernel: the cap has bounds.
+    for bad in ["0", "4294967296"] {
+        let e = agent_err(&format!("{MINIMAL}\n[xdp]\nindefinite-cap = {bad}\n"));
+        assert_eq!(e.key(), Some("xdp.indefinite-cap"), "{e}");
+        assert!(e.to_string().contains("never forever"), "{e}");
+    }
+    assert_eq!(agent_ok(MINIMAL).xdp.indefinite_cap, 600);
+}
+
+#[test]
 fn interfaces_credentials_and_domain() {
     for bad in ["eth0/1", "this-is-far-too-long0", "eth 1", ""] {
         let e = agent_err(&format!(
@@ -452,6 +463,7 @@ interface-addresses = false
 interfaces = ["eth1", "wlan0"]
 mode = "generic"
 bpffs = "/sys/fs/bpf/test"
+indefinite-cap = 120
 
 [limits]
 max-mitigations-per-cuid = 8
@@ -491,6 +503,7 @@ fn full_config_round_trips_into_agent_options() {
     assert_eq!(o.lans, vec!["eth1".to_string(), "wlan0".to_string()]);
     assert_eq!(o.attach_mode, AttachMode::Generic);
     assert_eq!(o.bpffs, PathBuf::from("/sys/fs/bpf/test"));
+    assert_eq!(o.indefinite_cap, Duration::from_secs(120));
     assert_eq!(o.consent, ConsentMode::Require);
     assert_eq!(
         o.never_block,
@@ -617,4 +630,57 @@ fn error_messages_read_well() {
         e.to_string().starts_with(&format!("{FILE}:11: xdp.mode: ")),
         "{e}"
     );
+}
+
+#[test]
+fn local_action_drop_or_rate_limit_per_agent_and_per_peer() {
+    use crate::enforce::SlotAction;
+    // Default: drop.
+    assert_eq!(agent_ok(MINIMAL).peer_action(0).unwrap(), SlotAction::Drop);
+    let e = agent_err(&format!("{MINIMAL}\n[xdp]\naction = \"rate-limit\"\n"));
+    assert_eq!(e.key(), Some("xdp.rate-limit-pps"), "{e}");
+    assert!(e.to_string().contains("needs rate-limit-pps"), "{e}");
+    let e = agent_err(&format!("{MINIMAL}\n[xdp]\nrate-limit-pps = 10\n"));
+    assert_eq!(e.key(), Some("xdp.rate-limit-pps"), "{e}");
+    assert!(e.to_string().contains("only applies"), "{e}");
+    let e = agent_err(&format!(
+        "{MINIMAL}\n[xdp]\naction = \"rate-limit\"\nrate-limit-bps = 0\n"
+    ));
+    assert_eq!(e.key(), Some("xdp.rate-limit-bps"), "{e}");
+    let e = agent_err(&format!("{MINIMAL}\n[xdp]\naction = \"throttle\"\n"));
+    assert_eq!(e.key(), Some("xdp.action"), "{e}");
+    // Per agent, and a peer overriding it.
+    let text = MINIMAL.replace(
+        "[domain]",
+        "[[peers]]\naddress = \"backup.example\"\naction = \"drop\"\n[domain]",
+    );
+    let c = agent_ok(&format!(
+        "{text}\n[xdp]\naction = \"rate-limit\"\nrate-limit-pps = 1000\nrate-limit-bps = 8000000\n"
+    ));
+    let o = c.to_options().unwrap();
+    assert_eq!(
+        o.actions,
+        vec![
+            SlotAction::RateLimit {
+                pps: 1000,
+                bps: 8_000_000
+            },
+            SlotAction::Drop
+        ]
+    );
+    // A peer rate-limiting on its own, with the agent dropping.
+    let text = MINIMAL.replace(
+        "address = \"isp.example\"",
+        "address = \"isp.example\"\naction = \"rate-limit\"\nrate-limit-pps = 5",
+    );
+    assert_eq!(
+        agent_ok(&text).peer_action(0).unwrap(),
+        SlotAction::RateLimit { pps: 5, bps: 0 }
+    );
+    let text = MINIMAL.replace(
+        "address = \"isp.example\"",
+        "address = \"isp.example\"\naction = \"rate-limit\"",
+    );
+    let e = agent_err(&text);
+    assert_eq!(e.key(), Some("peers[0].rate-limit-pps"), "{e}");
 }

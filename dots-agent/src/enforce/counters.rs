@@ -4,6 +4,17 @@ use std::time::{Duration, Instant};
 
 use dots_common::SlotCounters;
 
+/// Two counter sets added field by field (CPUs, or earlier slots of one
+/// mitigation).
+pub fn sum(a: &SlotCounters, b: &SlotCounters) -> SlotCounters {
+    SlotCounters {
+        packets: a.packets + b.packets,
+        bytes: a.bytes + b.bytes,
+        passed_packets: a.passed_packets + b.passed_packets,
+        passed_bytes: a.passed_bytes + b.passed_bytes,
+    }
+}
+
 /// Packets and bytes per second over the last sampling interval.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Rates {
@@ -54,21 +65,13 @@ mod tests {
     fn rates_from_deltas() {
         let t0 = Instant::now();
         let mut m = RateMeter::default();
-        assert_eq!(
-            m.sample(
-                t0,
-                SlotCounters {
-                    packets: 0,
-                    bytes: 0
-                }
-            ),
-            Rates::default()
-        );
+        assert_eq!(m.sample(t0, SlotCounters::default()), Rates::default());
         let r = m.sample(
             t0 + Duration::from_secs(2),
             SlotCounters {
                 packets: 200,
                 bytes: 1000,
+                ..Default::default()
             },
         );
         assert_eq!(
@@ -84,6 +87,7 @@ mod tests {
             SlotCounters {
                 packets: 5,
                 bytes: 5,
+                ..Default::default()
             },
         );
         assert_eq!(r, Rates::default());

@@ -1,34 +1,27 @@
 //! Typed access to the pinned classifier maps, in terms of [`Prefix`] tables.
 
-use std::collections::BTreeMap;
-
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues},
     Pod,
 };
-use dots_common::{IcmpTypeKey, Ipv4Key, Ipv6Key, PortKey, SlotCounters, SlotMask};
-
-use super::{
-    plan::{Prefix, Table},
-    EnforceError,
+use dots_common::{
+    Bucket, Ipv4Key, Ipv6Key, SlotConfig, SlotCounters, SlotMask, Source4Key, Source6Key,
+    SourceEntry,
 };
+
+use super::{plan::Prefix, EnforceError};
 
 /// How a map key encodes a right-aligned prefix value.
 pub(super) trait Codec {
     type K: Pod;
-    const WIDTH: u8;
     fn encode(bits: u128) -> Self::K;
     fn decode(k: &Self::K) -> u128;
 }
 
 pub(super) struct V4;
 pub(super) struct V6;
-pub(super) struct Port;
-pub(super) struct IcmpType;
-
 impl Codec for V4 {
     type K = Ipv4Key;
-    const WIDTH: u8 = 32;
     fn encode(bits: u128) -> Ipv4Key {
         Ipv4Key::new((bits as u32).to_be_bytes())
     }
@@ -39,7 +32,6 @@ impl Codec for V4 {
 
 impl Codec for V6 {
     type K = Ipv6Key;
-    const WIDTH: u8 = 128;
     fn encode(bits: u128) -> Ipv6Key {
         Ipv6Key {
             addr: bits.to_be_bytes(),
@@ -47,28 +39,6 @@ impl Codec for V6 {
     }
     fn decode(k: &Ipv6Key) -> u128 {
         u128::from_be_bytes(k.addr)
-    }
-}
-
-impl Codec for Port {
-    type K = PortKey;
-    const WIDTH: u8 = 16;
-    fn encode(bits: u128) -> PortKey {
-        PortKey::new(bits as u16)
-    }
-    fn decode(k: &PortKey) -> u128 {
-        u128::from(u16::from_be_bytes(k.port))
-    }
-}
-
-impl Codec for IcmpType {
-    type K = IcmpTypeKey;
-    const WIDTH: u8 = 8;
-    fn encode(bits: u128) -> IcmpTypeKey {
-        IcmpTypeKey::new(bits as u8)
-    }
-    fn decode(k: &IcmpTypeKey) -> u128 {
-        u128::from(k.icmp_type)
     }
 }
 
@@ -122,42 +92,75 @@ impl<C: Codec, V: Pod> PrefixMap<V> for Lpm<C, V> {
     }
 }
 
-/// An exact-match hash of host addresses (prefix length = the key's width).
-pub(super) struct Exact<C: Codec> {
-    pub name: &'static str,
-    pub capacity: u32,
-    pub map: HashMap<MapData, C::K, SlotMask>,
+/// How a source hash key encodes a prefix (address masked, and length).
+pub(super) trait SourceCodec {
+    type K: Pod;
+    fn encode(p: Prefix) -> Self::K;
+    fn decode(k: &Self::K) -> Prefix;
 }
 
-impl<C: Codec> PrefixMap<SlotMask> for Exact<C> {
+impl SourceCodec for V4 {
+    type K = Source4Key;
+    fn encode(p: Prefix) -> Source4Key {
+        Source4Key {
+            addr: (p.bits as u32).to_be_bytes(),
+            prefix_len: u32::from(p.len),
+        }
+    }
+    fn decode(k: &Source4Key) -> Prefix {
+        Prefix {
+            bits: u128::from(u32::from_be_bytes(k.addr)),
+            len: k.prefix_len as u8,
+        }
+    }
+}
+
+impl SourceCodec for V6 {
+    type K = Source6Key;
+    fn encode(p: Prefix) -> Source6Key {
+        Source6Key {
+            addr: p.bits.to_be_bytes(),
+            prefix_len: u32::from(p.len),
+        }
+    }
+    fn decode(k: &Source6Key) -> Prefix {
+        Prefix {
+            bits: u128::from_be_bytes(k.addr),
+            len: k.prefix_len as u8,
+        }
+    }
+}
+
+/// The hash of every source prefix of one family.
+pub(super) struct SourceHash<C: SourceCodec> {
+    pub name: &'static str,
+    pub capacity: u32,
+    pub map: HashMap<MapData, C::K, SourceEntry>,
+}
+
+impl<C: SourceCodec> PrefixMap<SourceEntry> for SourceHash<C> {
     fn name(&self) -> &'static str {
         self.name
     }
     fn capacity(&self) -> u32 {
         self.capacity
     }
-    fn read(&self) -> Result<Table, EnforceError> {
+    fn read(&self) -> Result<std::collections::HashMap<Prefix, SourceEntry>, EnforceError> {
         self.map
             .iter()
             .map(|r| {
-                r.map(|(k, v)| {
-                    let p = Prefix {
-                        bits: C::decode(&k),
-                        len: C::WIDTH,
-                    };
-                    (p, v)
-                })
-                .map_err(EnforceError::map(self.name))
+                r.map(|(k, v)| (C::decode(&k), v))
+                    .map_err(EnforceError::map(self.name))
             })
             .collect()
     }
-    fn upsert(&mut self, p: Prefix, v: SlotMask) -> Result<(), EnforceError> {
+    fn upsert(&mut self, p: Prefix, v: SourceEntry) -> Result<(), EnforceError> {
         self.map
-            .insert(C::encode(p.bits), v, 0)
+            .insert(C::encode(p), v, 0)
             .map_err(EnforceError::map(self.name))
     }
     fn delete(&mut self, p: Prefix) -> Result<(), EnforceError> {
-        ignore_missing(self.map.remove(&C::encode(p.bits))).map_err(EnforceError::map(self.name))
+        ignore_missing(self.map.remove(&C::encode(p))).map_err(EnforceError::map(self.name))
     }
 }
 
@@ -173,34 +176,123 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
     }
 }
 
-/// The protocol array: index = IP protocol number.
-pub(super) struct Protocols {
-    pub map: Array<MapData, SlotMask>,
+/// An array of slot masks indexed by a field's value (protocol, port, ICMP
+/// type), created `BPF_F_MMAPABLE` and written through a shared mapping: a
+/// port range writes thousands of values, each a store, not a syscall. The
+/// program only reads these arrays, and every word is stored whole
+/// (aligned 8-byte stores), so a reader sees each word old or new.
+pub(super) struct SlotArray {
+    pub name: &'static str,
+    /// Keeps the map alive as long as the mapping.
+    _map: MapData,
+    ptr: std::ptr::NonNull<SlotMask>,
+    len: usize,
+    bytes: usize,
 }
 
-impl Protocols {
-    pub(super) const NAME: &'static str = dots_common::names::PROTO;
+// SAFETY: the mapping belongs to this value alone and is reached only
+// through it, so moving it to another thread moves the only access.
+unsafe impl Send for SlotArray {}
 
-    pub(super) fn read(&self) -> Result<BTreeMap<u8, SlotMask>, EnforceError> {
-        let mut out = BTreeMap::new();
-        for proto in 0..=255u8 {
-            let m = self
-                .map
-                .get(&u32::from(proto), 0)
-                .map_err(EnforceError::map(Self::NAME))?;
-            if !m.is_empty() {
-                out.insert(proto, m);
+impl SlotArray {
+    /// Maps `len` slot masks of array `map`.
+    pub(super) fn open(
+        name: &'static str,
+        map: MapData,
+        len: usize,
+    ) -> Result<SlotArray, EnforceError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let bytes = (len * std::mem::size_of::<SlotMask>()).div_ceil(page) * page;
+        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
+        // that the map is mmapable and at least this large.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(EnforceError::Io {
+                action: "mapping",
+                path: name.into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<SlotMask>()).ok_or(EnforceError::Io {
+            action: "mapping",
+            path: name.into(),
+            source: std::io::Error::other("mmap returned null"),
+        })?;
+        Ok(SlotArray {
+            name,
+            _map: map,
+            ptr,
+            len,
+            bytes,
+        })
+    }
+
+    pub(super) fn get(&self, i: usize) -> SlotMask {
+        assert!(i < self.len, "{}: index {i} out of range", self.name);
+        // SAFETY: in bounds (checked above) of a live mapping of slot masks.
+        unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(i)) }
+    }
+
+    pub(super) fn set(&mut self, i: usize, m: SlotMask) {
+        assert!(i < self.len, "{}: index {i} out of range", self.name);
+        // SAFETY: in bounds of a live mapping; each word is an aligned u64
+        // (the mapping is page-aligned and a mask is four words).
+        unsafe {
+            let words = self.ptr.as_ptr().add(i).cast::<u64>();
+            for (w, bits) in m.bits.iter().enumerate() {
+                std::ptr::write_volatile(words.add(w), *bits);
             }
         }
-        Ok(out)
     }
 
-    pub(super) fn set(&mut self, proto: u8, m: SlotMask) -> Result<(), EnforceError> {
-        self.map
-            .set(u32::from(proto), m, 0)
-            .map_err(EnforceError::map(Self::NAME))
+    /// Every value.
+    pub(super) fn read(&self) -> Vec<SlotMask> {
+        (0..self.len).map(|i| self.get(i)).collect()
     }
 }
+
+impl Drop for SlotArray {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `open`, used no more.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// One value per slot in a plain array (`DOTS_SLOTS`, `DOTS_BUCKETS`).
+pub(super) struct PerSlot<V: Pod> {
+    pub name: &'static str,
+    pub map: Array<MapData, V>,
+}
+
+impl<V: Pod> PerSlot<V> {
+    pub(super) fn get(&self, slot: u16) -> Result<V, EnforceError> {
+        self.map
+            .get(&u32::from(slot), 0)
+            .map_err(EnforceError::map(self.name))
+    }
+
+    pub(super) fn set(&mut self, slot: u16, value: V) -> Result<(), EnforceError> {
+        self.map
+            .set(u32::from(slot), value, 0)
+            .map_err(EnforceError::map(self.name))
+    }
+}
+
+/// The slot configurations (expiry, action).
+pub(super) type SlotConfigs = PerSlot<SlotConfig>;
+/// The rate limits' buckets.
+pub(super) type Buckets = PerSlot<Bucket>;
 
 /// Per-CPU values summed, and reset.
 pub(super) struct PerCpu<V: Pod> {
@@ -214,12 +306,9 @@ impl PerCpu<SlotCounters> {
             .map
             .get(&index, 0)
             .map_err(EnforceError::map(self.name))?;
-        Ok(values
-            .iter()
-            .fold(SlotCounters::default(), |acc, c| SlotCounters {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            }))
+        Ok(values.iter().fold(SlotCounters::default(), |acc, c| {
+            crate::enforce::counters::sum(&acc, c)
+        }))
     }
 }
 

@@ -46,6 +46,44 @@ impl<T: fmt::Display + PartialEq> fmt::Display for Range<T> {
     }
 }
 
+/// What a slot does with the packets it matches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotAction {
+    /// Drop every matching packet.
+    #[default]
+    Drop,
+    /// Drop nothing; count what would have been dropped (monitor mode).
+    Monitor,
+    /// Drop what exceeds these rates, pass the rest. 0 leaves that kind of
+    /// rate unlimited; at least one is set.
+    RateLimit {
+        /// Packets per second.
+        pps: u64,
+        /// Bits per second.
+        bps: u64,
+    },
+}
+
+impl fmt::Display for SlotAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SlotAction::Drop => f.write_str("drop"),
+            SlotAction::Monitor => f.write_str("monitor"),
+            SlotAction::RateLimit { pps, bps } => {
+                f.write_str("rate-limit")?;
+                if *pps > 0 {
+                    write!(f, " {pps} pps")?;
+                }
+                if *bps > 0 {
+                    write!(f, " {bps} bps")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// A validated mitigation scope: what one slot drops.
 ///
 /// A packet matches when it matches on every field the slot constrains:
@@ -61,6 +99,34 @@ pub struct SlotSpec {
     pub targets: Vec<IpNet>,
     pub protocols: Vec<u8>,
     pub target_ports: Vec<Range<u16>>,
+    /// What to do with the packets matched (drop unless said otherwise).
+    #[serde(default)]
+    pub action: SlotAction,
+}
+
+/// A slot as the classifier holds it: what it matches, and when it ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub spec: SlotSpec,
+    /// `CLOCK_BOOTTIME` nanoseconds ([`super::clock`]) from which the XDP
+    /// program itself ignores the slot, whether or not user space is still
+    /// there to remove it.
+    pub expires_ns: u64,
+}
+
+impl Slot {
+    pub fn new(spec: SlotSpec, expires_ns: u64) -> Slot {
+        Slot { spec, expires_ns }
+    }
+
+    /// A slot that never expires on its own: for tests and benchmarks of the
+    /// data plane alone. The agent always gives its slots an expiry.
+    pub fn without_expiry(spec: SlotSpec) -> Slot {
+        Slot {
+            spec,
+            expires_ns: u64::MAX,
+        }
+    }
 }
 
 /// Per-slot limits, so one request cannot fill the maps on its own.
@@ -138,6 +204,9 @@ impl SlotSpec {
                 "ICMP type range {}-{} is reversed",
                 r.lower, r.upper
             )));
+        }
+        if let SlotAction::RateLimit { pps: 0, bps: 0 } = self.action {
+            return Err(bad("a rate limit needs packets or bits per second".into()));
         }
         let family = |p: &IpNet| matches!(p.addr(), IpAddr::V4(_));
         let meets = self

@@ -114,6 +114,79 @@ pub fn test_run(prog: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> io::Result<
     })
 }
 
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_ENABLE_STATS: libc::c_long = 32;
+
+/// Turns on the kernel's run-time statistics of BPF programs (`run_time_ns`,
+/// `run_cnt`) for as long as the returned fd is open: like
+/// `kernel.bpf_stats_enabled = 1`, but undone when the holder exits.
+pub fn enable_stats() -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct EnableStats {
+        stats_type: u32,
+    }
+    // BPF_STATS_RUN_TIME.
+    let mut attr = EnableStats { stats_type: 0 };
+    let fd = bpf(BPF_ENABLE_STATS, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The kernel's id of the BPF program `prog`.
+pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
+    /// The first fields of `struct bpf_prog_info`: the kernel fills no more
+    /// than `info_len` bytes.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgInfo {
+        prog_type: u32,
+        id: u32,
+    }
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = ProgInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: prog.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<ProgInfo>() as u32,
+        info: &mut info as *mut ProgInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info.id)
+}
+
+/// Key size, value size and entries of the map pinned at `pin`.
+pub fn pinned_map_layout(pin: &Path) -> io::Result<(u32, u32, u32)> {
+    /// The first fields of `struct bpf_map_info`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapInfo {
+        map_type: u32,
+        id: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+    }
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let fd = obj_get(pin)?;
+    let mut info = MapInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<MapInfo>() as u32,
+        info: &mut info as *mut MapInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok((info.key_size, info.value_size, info.max_entries))
+}
+
 /// statfs(2) f_type of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

@@ -153,8 +153,44 @@ fn expiry(now: Instant, lifetime: i64) -> Option<Instant> {
 }
 
 fn prefixes_overlap(a: &[IpNet], b: &[IpNet]) -> bool {
-    a.iter()
-        .any(|x| b.iter().any(|y| x.contains(y) || y.contains(x)))
+    // Pairwise for small lists; for larger ones (a request carries up to a
+    // few dozen prefixes, compared with every mitigation of the client) a
+    // sweep over sorted address ranges, so admitting a request does not
+    // cost lists x lists x mitigations.
+    if a.len() * b.len() <= 64 {
+        return a
+            .iter()
+            .any(|x| b.iter().any(|y| x.contains(y) || y.contains(x)));
+    }
+    let (ra, rb) = (ranges(a), ranges(b));
+    let (mut i, mut j) = (0, 0);
+    while i < ra.len() && j < rb.len() {
+        let (x, y) = (ra[i], rb[j]);
+        if x.1 < y.0 {
+            i += 1;
+        } else if y.1 < x.0 {
+            j += 1;
+        } else {
+            return true;
+        }
+    }
+    false
+}
+
+/// The prefixes as (family, first, last) address ranges, sorted.
+fn ranges(p: &[IpNet]) -> Vec<((u8, u128), (u8, u128))> {
+    let mut out: Vec<((u8, u128), (u8, u128))> = p
+        .iter()
+        .map(|n| match n {
+            IpNet::V4(n) => (
+                (4, u128::from(u32::from(n.network()))),
+                (4, u128::from(u32::from(n.broadcast()))),
+            ),
+            IpNet::V6(n) => ((6, u128::from(n.network())), (6, u128::from(n.broadcast()))),
+        })
+        .collect();
+    out.sort_unstable();
+    out
 }
 
 /// An empty list means "any", so it overlaps everything.
@@ -404,6 +440,27 @@ mod tests {
                 ..stored.clone()
             }
         ));
+    }
+
+    #[test]
+    fn long_prefix_lists_overlap_as_pairwise_checks_say() {
+        let net = |s: &str| s.parse::<IpNet>().expect("prefix");
+        let many: Vec<IpNet> = (0..40).map(|i| net(&format!("10.0.{i}.0/24"))).collect();
+        let others: Vec<IpNet> = (0..40).map(|i| net(&format!("10.1.{i}.7/32"))).collect();
+        let pairwise = |a: &[IpNet], b: &[IpNet]| {
+            a.iter()
+                .any(|x| b.iter().any(|y| x.contains(y) || y.contains(x)))
+        };
+        for (a, b) in [
+            (many.clone(), others.clone()),
+            (many.clone(), vec![net("10.0.39.200/32"); 90]),
+            (others.clone(), vec![net("10.1.0.0/16"); 80]),
+            (many.clone(), vec![net("2001:db8::/32"); 100]),
+            (vec![net("0.0.0.0/0"); 10], others.clone()),
+        ] {
+            assert_eq!(prefixes_overlap(&a, &b), pairwise(&a, &b), "{a:?} {b:?}");
+            assert_eq!(prefixes_overlap(&b, &a), pairwise(&a, &b));
+        }
     }
 
     #[test]

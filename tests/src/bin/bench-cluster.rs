@@ -41,7 +41,10 @@ use dots_proto::{
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde_json::{json, Value};
-use tests::procs::{bin, TempDir};
+use tests::{
+    bench::{write_json, write_section, BenchArgs},
+    procs::{bin, TempDir},
+};
 use tokio::sync::{watch, Semaphore};
 
 const TOKEN: &str = "bench-cluster-token-0123456789";
@@ -60,31 +63,18 @@ struct Args {
     doc: PathBuf,
     agents: usize,
     lease_ttl: u64,
-    requests: usize,
 }
 
 fn args() -> Result<Args> {
-    let mut a = Args {
-        json: PathBuf::from("target/bench/cluster.json"),
-        doc: PathBuf::from("docs/benchmarks.md"),
-        agents: 1000,
-        lease_ttl: 5,
-        requests: 200,
+    let b = BenchArgs::parse("cluster", &["--agents", "--lease-ttl"], &[])?;
+    let a = Args {
+        agents: b.value("--agents", 1000)?,
+        lease_ttl: b.value("--lease-ttl", 5)?,
+        json: b.json,
+        doc: b.doc,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut v = || it.next().with_context(|| format!("{k} needs a value"));
-        match k.as_str() {
-            "--json" => a.json = v()?.into(),
-            "--doc" => a.doc = v()?.into(),
-            "--agents" => a.agents = v()?.parse()?,
-            "--lease-ttl" => a.lease_ttl = v()?.parse()?,
-            "--requests" => a.requests = v()?.parse()?,
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    if a.agents == 0 || a.requests == 0 {
-        bail!("--agents and --requests must be at least 1");
+    if a.agents == 0 {
+        bail!("--agents must be at least 1");
     }
     Ok(a)
 }
@@ -706,7 +696,7 @@ async fn measure(
 }
 
 fn doc_section(r: &Report) -> String {
-    let mut s = String::from("## Cluster\n\n");
+    let mut s = String::new();
     s.push_str(&format!(
         "`cargo xtask bench cluster`: {} simulated agents (real TLS handshakes, the agent's protocol core, each keeping its mitigations across reconnects) over {} `dots-client` nodes (release build) sharing one etcd 3.4 (Debian's), lease TTL {} s, all on loopback on this 2-core machine (etcd, the nodes and the agents share the two cores). One mitigation per agent, all requested through node 0's API, one at a time. Then the node holding the most agents is killed (SIGKILL).\n\n",
         r.agents, r.nodes, r.lease_ttl_s
@@ -771,14 +761,13 @@ fn main() -> Result<()> {
         .build()?;
     let report = rt.block_on(measure(&a, &dir, &pki, &agents))?;
     eprintln!("{}", serde_json::to_string(&report)?);
-    if let Some(d) = a.json.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    std::fs::write(&a.json, serde_json::to_string_pretty(&report)?)?;
-    let text = std::fs::read_to_string(&a.doc).unwrap_or_default();
-    std::fs::write(
+    write_json(&a.json, &serde_json::to_value(&report)?)?;
+    write_section(
         &a.doc,
-        tests::replace_doc_section(&text, "Cluster", &doc_section(&report)),
+        "cluster",
+        "cargo xtask bench cluster",
+        &doc_section(&report),
+        "## Cluster",
     )?;
     Ok(())
 }

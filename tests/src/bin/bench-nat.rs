@@ -38,7 +38,10 @@ use dots_agent::{
     nat::{self, Conntrack, CtMirror, EventSocket, NatAction, NatTracker},
 };
 use serde_json::json;
-use tests::{sh, unique, veth, Netns};
+use tests::{
+    bench::{write_json, write_section, BenchArgs},
+    sh, unique, veth, Netns,
+};
 
 const HOSTS: u32 = 100;
 const TARGET: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
@@ -54,23 +57,13 @@ struct Args {
 }
 
 fn args() -> Result<Args> {
-    let mut a = Args {
-        json: PathBuf::from("target/bench/nat.json"),
-        doc: PathBuf::from("docs/benchmarks.md"),
-        flows: 100_000,
-        runs: 9,
+    let b = BenchArgs::parse("nat", &["--flows", "--runs"], &[])?;
+    let a = Args {
+        flows: b.value("--flows", 100_000)?,
+        runs: b.value("--runs", 9)?,
+        json: b.json,
+        doc: b.doc,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut v = || it.next().with_context(|| format!("{k} needs a value"));
-        match k.as_str() {
-            "--json" => a.json = v()?.into(),
-            "--doc" => a.doc = v()?.into(),
-            "--flows" => a.flows = v()?.parse()?,
-            "--runs" => a.runs = v()?.parse()?,
-            other => bail!("unknown argument {other}"),
-        }
-    }
     if !a.flows.is_multiple_of(HOSTS) || a.flows / HOSTS > 50_000 {
         bail!(
             "--flows must be a multiple of {HOSTS}, at most {}",
@@ -245,10 +238,7 @@ fn main() -> Result<()> {
         "fill_s": fill_s,
         "tables": tables,
     });
-    if let Some(dir) = a.json.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&a.json, serde_json::to_string_pretty(&out)? + "\n")?;
+    write_json(&a.json, &out)?;
     write_doc(&a, &out)?;
     eprintln!("wrote {} and {}", a.json.display(), a.doc.display());
     Ok(())
@@ -406,12 +396,6 @@ fn measure(
 fn write_doc(a: &Args, out: &serde_json::Value) -> Result<()> {
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     let mut s = String::new();
-    writeln!(s, "## NAT\n")?;
-    writeln!(
-        s,
-        "Written by `cargo xtask bench nat` (edit the analysis below the table by hand; the table is regenerated)."
-    )?;
-    writeln!(s)?;
     writeln!(
         s,
         "Time from a request naming the router's external address to the resolved device set. *mirror* (what the agent does): match every entry of the in-memory mirror of the conntrack table's source-NATed entries (`CtMirror`, loaded once at start by a dump, kept current by NEW/DESTROY events; `NatTracker::track_entries`). For comparison, the former per-request path: open a ctnetlink socket, dump the conntrack table (*full*, or *filtered* in the kernel with `CTA_FILTER` on reply address 203.0.113.1, original destination and protocol), match every entry returned (`NatTracker::track`). Each table holds {} real entries: UDP flows of {HOSTS} LAN addresses from one port each to 1,000 destination ports, masqueraded by nftables to 203.0.113.1; *all to target*: every flow goes to the target; *spread*: over 100 destinations, 1 % to the target. Kernel {}, median of {} runs; *ports*: scope = external address + one attacker's translated ports + target + UDP (1 device); *address*: external address + target + UDP (all {HOSTS} devices).\n",
@@ -472,8 +456,5 @@ fn write_doc(a: &Args, out: &serde_json::Value) -> Result<()> {
         )?;
     }
     writeln!(s)?;
-    let doc = std::fs::read_to_string(&a.doc).unwrap_or_default();
-    let new = tests::replace_doc_section(&doc, "NAT", &s);
-    std::fs::write(&a.doc, new)?;
-    Ok(())
+    write_section(&a.doc, "nat", "cargo xtask bench nat", &s, "## NAT")
 }

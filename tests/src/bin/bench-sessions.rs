@@ -39,7 +39,10 @@ use dots_proto::{
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde_json::{json, Value};
-use tests::procs::{bin, TempDir};
+use tests::{
+    bench::{write_json, write_section, BenchArgs},
+    procs::{bin, TempDir},
+};
 use tokio::sync::{watch, Semaphore};
 
 const TOKEN: &str = "bench-sessions-token-0123456789";
@@ -58,42 +61,33 @@ struct Args {
 }
 
 fn args() -> Result<Args> {
-    let mut a = Args {
-        json: PathBuf::from("target/bench/sessions.json"),
-        doc: PathBuf::from("docs/benchmarks.md"),
-        sizes: vec![1000, 10_000],
-        transports: vec![Transport::Udp, Transport::Tcp],
-        requests: 200,
-        steady: Duration::from_secs(60),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut v = || it.next().with_context(|| format!("{k} needs a value"));
-        match k.as_str() {
-            "--json" => a.json = v()?.into(),
-            "--doc" => a.doc = v()?.into(),
-            "--sizes" => {
-                a.sizes = v()?
-                    .split(',')
-                    .map(|s| s.parse().context("--sizes N,N"))
-                    .collect::<Result<_>>()?
-            }
-            "--transports" => {
-                a.transports = v()?
-                    .split(',')
-                    .map(|s| match s {
-                        "udp" => Ok(Transport::Udp),
-                        "tcp" => Ok(Transport::Tcp),
-                        _ => bail!("--transports udp,tcp"),
-                    })
-                    .collect::<Result<_>>()?
-            }
-            "--requests" => a.requests = v()?.parse()?,
-            "--steady" => a.steady = Duration::from_secs(v()?.parse()?),
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    Ok(a)
+    let b = BenchArgs::parse(
+        "sessions",
+        &["--sizes", "--transports", "--requests", "--steady"],
+        &[],
+    )?;
+    let sizes = b
+        .value("--sizes", "1000,10000".to_string())?
+        .split(',')
+        .map(|s| s.parse().context("--sizes N,N"))
+        .collect::<Result<_>>()?;
+    let transports = b
+        .value("--transports", "udp,tcp".to_string())?
+        .split(',')
+        .map(|s| match s {
+            "udp" => Ok(Transport::Udp),
+            "tcp" => Ok(Transport::Tcp),
+            _ => bail!("--transports udp,tcp"),
+        })
+        .collect::<Result<_>>()?;
+    Ok(Args {
+        sizes,
+        transports,
+        requests: b.value("--requests", 200)?,
+        steady: Duration::from_secs(b.value("--steady", 60)?),
+        json: b.json,
+        doc: b.doc,
+    })
 }
 
 /// Open files: every simulated agent holds a socket here, every TLS agent
@@ -565,7 +559,7 @@ fn wait_for(socket: &Path, log: &Path, timeout: Duration) -> Result<()> {
 }
 
 fn doc_section(rows: &[Row], a: &Args) -> String {
-    let mut s = String::from("## Sessions\n\n");
+    let mut s = String::new();
     s.push_str(&format!(
         "`cargo xtask bench sessions`: N simulated agents in one process (each its own certificate, a real (D)TLS handshake, the protocol core in the server role, heartbeats every 30 s) against one `dots-client listen` (release build) over loopback, on this 2-core machine shared with other builds (numbers are noisy: compare rows of one run). Handshakes: {DIAL_CONCURRENCY} in flight. CPU: the client process over {} s of heartbeats only. API: {} mitigations through HTTPS, one at a time, each to another agent, time until the agent's 2.01 is back in the HTTP answer.\n\n",
         a.steady.as_secs(),
@@ -582,14 +576,6 @@ fn doc_section(rows: &[Row], a: &Args) -> String {
     }
     s.push('\n');
     s
-}
-
-/// Replaces the "## Sessions" section of the benchmarks page, keeping the
-/// hand-written "### Analysis (Sessions)".
-fn write_doc(path: &Path, section: &str) -> Result<()> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    std::fs::write(path, tests::replace_doc_section(&text, "Sessions", section))?;
-    Ok(())
 }
 
 /// Moves this thread (and the threads and processes it starts later) into
@@ -624,10 +610,13 @@ fn main() -> Result<()> {
             rows.push(row);
         }
     }
-    if let Some(dir) = a.json.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&a.json, serde_json::to_string_pretty(&rows)?)?;
-    write_doc(&a.doc, &doc_section(&rows, &a))?;
+    write_json(&a.json, &serde_json::to_value(&rows)?)?;
+    write_section(
+        &a.doc,
+        "sessions",
+        "cargo xtask bench sessions",
+        &doc_section(&rows, &a),
+        "## Sessions",
+    )?;
     Ok(())
 }

@@ -104,10 +104,24 @@ pub(crate) fn mitigations(list: &[MitigationView]) {
         if !m.devices.is_empty() {
             println!("  behind NAT: {}", m.devices.join(", "));
         }
-        println!(
-            "  dropped {} packets, {} bytes; now {} pps, {} bps",
-            m.packets, m.bytes, m.pps, m.bps
-        );
+        if m.action == "monitor" {
+            // Monitor mode: nothing is dropped; this is what would be.
+            println!(
+                "  monitor: would have dropped {} packets, {} bytes; now {} pps (none dropped)",
+                m.passed_packets, m.passed_bytes, m.passed_pps
+            );
+        } else {
+            println!(
+                "  dropped {} packets, {} bytes; now {} pps, {} bps",
+                m.packets, m.bytes, m.pps, m.bps
+            );
+        }
+        if m.action.starts_with("rate-limit") {
+            println!(
+                "  {}: passed {} packets, {} bytes within the limit; now {} pps",
+                m.action, m.passed_packets, m.passed_bytes, m.passed_pps
+            );
+        }
     }
 }
 
@@ -123,14 +137,14 @@ pub(crate) fn dataplane(d: &DataplaneStatus) {
         }
     );
     println!(
-        "packets:    dropped {} exempt {} unparsed {}",
-        d.stats.dropped, d.stats.exempt, d.stats.unparsed
+        "packets:    dropped {} exempt {} unparsed {} monitored (would drop) {} within a rate limit {}",
+        d.stats.dropped, d.stats.exempt, d.stats.unparsed, d.stats.monitored, d.stats.conforming
     );
     println!("slots:      {}", d.slots.len());
     for s in &d.slots {
         println!(
-            "  slot {}: {} packets, {} bytes dropped",
-            s.slot, s.packets, s.bytes
+            "  slot {}: {} packets, {} bytes dropped; {} packets, {} bytes passed",
+            s.slot, s.packets, s.bytes, s.passed_packets, s.passed_bytes
         );
     }
 }

@@ -24,17 +24,17 @@ use aya::{
     programs::{ProgramError, Xdp},
     Ebpf, EbpfLoader,
 };
-use dots_common::{names, stats, Policy, SlotCounters, SlotMask, MAX_EXEMPT_PREFIXES};
+use dots_common::{names, stats, Policy, SlotCounters, SlotMask, SourceEntry, MAX_EXEMPT_PREFIXES};
 
-pub use apply::ApplyReport;
+pub use apply::{ApplyReport, SlotChange};
 pub use attach::{AttachMode, Attachment};
 
 use super::{
     error::{io_error, load_error, load_error_program},
-    maps::{Exact, IcmpType, Lpm, PerCpu, Port, Protocols, V4, V6},
-    plan::Contents,
+    maps::{Buckets, Lpm, PerCpu, PerSlot, SlotArray, SlotConfigs, SourceHash, V4, V6},
+    plan::{ArrayId, Model},
     spec::{SlotId, SlotLimits},
-    sys::check_bpffs,
+    sys::{self, check_bpffs},
     EnforceError, DEFAULT_BPFFS_DIR,
 };
 
@@ -46,9 +46,6 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub struct DataplaneOptions {
     /// bpffs directory for the pinned maps and links.
     pub bpffs: PathBuf,
-    /// Level of the XDP program's own log statements (aya-log); levels above
-    /// it are removed by the verifier and cost nothing.
-    pub ebpf_log_level: log::LevelFilter,
     pub limits: SlotLimits,
 }
 
@@ -56,7 +53,6 @@ impl Default for DataplaneOptions {
     fn default() -> Self {
         DataplaneOptions {
             bpffs: PathBuf::from(DEFAULT_BPFFS_DIR),
-            ebpf_log_level: log::LevelFilter::Info,
             limits: SlotLimits::default(),
         }
     }
@@ -68,6 +64,10 @@ pub struct DataplaneStats {
     pub unparsed: u64,
     pub exempt: u64,
     pub dropped: u64,
+    /// Passed, but a monitor slot would have dropped them.
+    pub monitored: u64,
+    /// Passed by a rate-limited slot, within its limit.
+    pub conforming: u64,
 }
 
 /// The loaded classifier and its maps.
@@ -76,23 +76,31 @@ pub struct Dataplane {
     ebpf: Ebpf,
     limits: SlotLimits,
     policy: Array<MapData, Policy>,
-    src4_exact: Exact<V4>,
-    src6_exact: Exact<V6>,
-    src4_lpm: Lpm<V4, SlotMask>,
-    src6_lpm: Lpm<V6, SlotMask>,
+    src4: SourceHash<V4>,
+    src6: SourceHash<V6>,
+    src4_lpm: Lpm<V4, SourceEntry>,
+    src6_lpm: Lpm<V6, SourceEntry>,
     dst4: Lpm<V4, SlotMask>,
     dst6: Lpm<V6, SlotMask>,
-    sport: Lpm<Port, SlotMask>,
-    dport: Lpm<Port, SlotMask>,
-    icmp_type: Lpm<IcmpType, SlotMask>,
-    proto: Protocols,
+    /// The value arrays, in [`ArrayId::ALL`] order.
+    arrays: [SlotArray; 4],
     exempt4: Lpm<V4, u8>,
     exempt6: Lpm<V6, u8>,
+    configs: SlotConfigs,
+    buckets: Buckets,
     counters: PerCpu<SlotCounters>,
     stats: PerCpu<u64>,
-    /// What the maps hold after the last successful apply; `None` means
-    /// "read them back from the kernel first" (after open, or after an error).
-    mirror: Option<Contents>,
+    /// The slots the maps hold, with their prefixes per map: what the maps
+    /// hold after the last successful apply, when `in_sync`.
+    model: Model,
+    /// `false` until the maps were read back and reconciled (after open, or
+    /// after an error): the next apply then compares with the kernel.
+    in_sync: bool,
+    /// The policy as last written (valid when `in_sync`).
+    written: Policy,
+    /// `flags::EXEMPT4` / `EXEMPT6` for the families whose exempt trie holds
+    /// prefixes.
+    exempt_present: u64,
 }
 impl Dataplane {
     /// Loads the classifier, creating or adopting the pinned maps.
@@ -100,13 +108,12 @@ impl Dataplane {
         check_bpffs(&opts.bpffs)?;
         fs::create_dir_all(&opts.bpffs)
             .map_err(|source| io_error("creating", &opts.bpffs, source))?;
-        let level = log_level_byte(opts.ebpf_log_level);
+        check_pinned_layouts(&opts.bpffs)?;
         let mut loader = EbpfLoader::new();
         let pins: Vec<PathBuf> = names::ALL_MAPS.iter().map(|n| opts.bpffs.join(n)).collect();
         for (name, pin) in names::ALL_MAPS.iter().zip(&pins) {
             loader.map_pin_path(name, pin.as_path());
         }
-        loader.override_global("AYA_LOG_LEVEL", &level, false);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(load_error)?;
         let program: &mut Xdp = xdp_program(&mut ebpf, names::PROGRAM)?;
         program
@@ -131,33 +138,42 @@ impl Dataplane {
                 }
             };
         }
-        use dots_common::{
-            MAX_RANGE_PREFIXES as RANGES, MAX_SOURCE_PREFIXES as SOURCES,
-            MAX_TARGET_PREFIXES as TARGETS,
-        };
+        use dots_common::{MAX_SOURCE_PREFIXES as SOURCES, MAX_TARGET_PREFIXES as TARGETS};
         let policy = typed!(names::POLICY);
-        let src4_exact = Exact {
-            name: names::SRC4_EXACT,
+        let src4 = SourceHash {
+            name: names::SRC4,
             capacity: SOURCES,
-            map: typed!(names::SRC4_EXACT),
+            map: typed!(names::SRC4),
         };
-        let src6_exact = Exact {
-            name: names::SRC6_EXACT,
+        let src6 = SourceHash {
+            name: names::SRC6,
             capacity: SOURCES,
-            map: typed!(names::SRC6_EXACT),
+            map: typed!(names::SRC6),
         };
         let src4_lpm = lpm!(names::SRC4_LPM, SOURCES);
         let src6_lpm = lpm!(names::SRC6_LPM, SOURCES);
         let dst4 = lpm!(names::DST4_LPM, TARGETS);
         let dst6 = lpm!(names::DST6_LPM, TARGETS);
-        let sport = lpm!(names::SPORT, RANGES);
-        let dport = lpm!(names::DPORT, RANGES);
-        let icmp_type = lpm!(names::ICMP_TYPE, RANGES);
-        let proto = Protocols {
-            map: typed!(names::PROTO),
+        let mut array = |name: &'static str, a: ArrayId| match take(name)? {
+            aya::maps::Map::Array(data) => SlotArray::open(name, data, a.entries()),
+            _ => Err(EnforceError::Load(format!("map {name} is not an array"))),
         };
+        let arrays = [
+            array(names::PROTO, ArrayId::Proto)?,
+            array(names::SPORT, ArrayId::Sport)?,
+            array(names::DPORT, ArrayId::Dport)?,
+            array(names::ICMP_TYPE, ArrayId::Icmp)?,
+        ];
         let exempt4 = lpm!(names::EXEMPT4, MAX_EXEMPT_PREFIXES);
         let exempt6 = lpm!(names::EXEMPT6, MAX_EXEMPT_PREFIXES);
+        let configs = PerSlot {
+            name: names::SLOTS,
+            map: typed!(names::SLOTS),
+        };
+        let buckets = PerSlot {
+            name: names::BUCKETS,
+            map: typed!(names::BUCKETS),
+        };
         let counters = PerCpu {
             name: names::COUNTERS,
             map: typed!(names::COUNTERS),
@@ -171,22 +187,57 @@ impl Dataplane {
             ebpf,
             limits: opts.limits,
             policy,
-            src4_exact,
-            src6_exact,
+            src4,
+            src6,
             src4_lpm,
             src6_lpm,
             dst4,
             dst6,
-            sport,
-            dport,
-            icmp_type,
-            proto,
+            arrays,
             exempt4,
             exempt6,
+            configs,
+            buckets,
             counters,
             stats,
-            mirror: None,
+            model: Model::default(),
+            in_sync: false,
+            written: Policy::default(),
+            exempt_present: 0,
         })
+        .and_then(|mut dp| {
+            // The exempt list of an earlier run stays until set again.
+            let exempt = dp.read_exempt()?;
+            dp.set_exempt(&exempt)?;
+            Ok(dp)
+        })
+    }
+
+    /// The never-dropped prefixes the tries hold.
+    fn read_exempt(&self) -> Result<Vec<ipnet::IpNet>, EnforceError> {
+        use crate::enforce::maps::PrefixMap;
+        let mut out = Vec::new();
+        for p in self.exempt4.read()?.keys() {
+            let addr = std::net::Ipv4Addr::from(p.bits as u32);
+            out.extend(ipnet::Ipv4Net::new(addr, p.len).ok().map(ipnet::IpNet::V4));
+        }
+        for p in self.exempt6.read()?.keys() {
+            let addr = std::net::Ipv6Addr::from(p.bits);
+            out.extend(ipnet::Ipv6Net::new(addr, p.len).ok().map(ipnet::IpNet::V6));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The program's own log (aya-log): the slots the kernel ended at their
+    /// expiry. Taken once; `flush` on the returned reader writes the waiting
+    /// records to `logger`.
+    pub fn kernel_log<T: log::Log>(
+        &mut self,
+        logger: T,
+    ) -> Result<aya_log::EbpfLogger<T>, EnforceError> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .map_err(|e| EnforceError::Load(format!("the program's log (aya-log): {e}")))
     }
 
     /// The bpffs directory this classifier is pinned under.
@@ -194,12 +245,13 @@ impl Dataplane {
         &self.dir
     }
 
-    /// The aya object, e.g. to start an `aya_log::EbpfLogger` on it.
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+    /// When `slot` expires, as the kernel holds it (`CLOCK_BOOTTIME` ns; 0
+    /// for a slot never configured).
+    pub fn expiry(&self, slot: SlotId) -> Result<u64, EnforceError> {
+        Ok(self.configs.get(slot)?.expires_ns)
     }
 
-    /// Drop counters of `slot`, summed over CPUs.
+    /// Counters of `slot`, summed over CPUs.
     pub fn counters(&self, slot: SlotId) -> Result<SlotCounters, EnforceError> {
         self.counters.total(u32::from(slot))
     }
@@ -209,6 +261,8 @@ impl Dataplane {
             unparsed: self.stats.total(stats::UNPARSED)?,
             exempt: self.stats.total(stats::EXEMPT)?,
             dropped: self.stats.total(stats::DROPPED)?,
+            monitored: self.stats.total(stats::MONITORED)?,
+            conforming: self.stats.total(stats::CONFORMING)?,
         })
     }
 
@@ -230,6 +284,85 @@ impl Dataplane {
     }
 }
 
+/// Key size, value size and entries each pinned map must have: a pin left
+/// by a version with another layout would be adopted as it is (aya checks
+/// nothing) and fail in the verifier, or worse.
+fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
+    use dots_common::{
+        Bucket, Ipv4Key, Ipv6Key, SlotConfig, SourceEntry, MAX_SLOTS, MAX_SOURCE_PREFIXES,
+        MAX_TARGET_PREFIXES,
+    };
+    use std::mem::size_of;
+    let size = |n: usize| n as u32;
+    // LPM trie keys are the 4-byte prefix length and the data.
+    let lpm = |data: usize| size(4 + data);
+    let mask = size(size_of::<SlotMask>());
+    let slots = MAX_SLOTS as u32;
+    Some(match name {
+        names::POLICY => (4, size(size_of::<Policy>()), 1),
+        names::SRC4 => (
+            size(size_of::<dots_common::Source4Key>()),
+            size(size_of::<SourceEntry>()),
+            MAX_SOURCE_PREFIXES,
+        ),
+        names::SRC6 => (
+            size(size_of::<dots_common::Source6Key>()),
+            size(size_of::<SourceEntry>()),
+            MAX_SOURCE_PREFIXES,
+        ),
+        names::SRC4_LPM => (
+            lpm(size_of::<Ipv4Key>()),
+            size(size_of::<SourceEntry>()),
+            MAX_SOURCE_PREFIXES,
+        ),
+        names::SRC6_LPM => (
+            lpm(size_of::<Ipv6Key>()),
+            size(size_of::<SourceEntry>()),
+            MAX_SOURCE_PREFIXES,
+        ),
+        names::DST4_LPM => (lpm(size_of::<Ipv4Key>()), mask, MAX_TARGET_PREFIXES),
+        names::DST6_LPM => (lpm(size_of::<Ipv6Key>()), mask, MAX_TARGET_PREFIXES),
+        names::PROTO | names::ICMP_TYPE => (4, mask, 256),
+        names::SPORT | names::DPORT => (4, mask, 65536),
+        names::EXEMPT4 => (lpm(size_of::<Ipv4Key>()), 1, MAX_EXEMPT_PREFIXES),
+        names::EXEMPT6 => (lpm(size_of::<Ipv6Key>()), 1, MAX_EXEMPT_PREFIXES),
+        names::SLOTS => (4, size(size_of::<SlotConfig>()), slots),
+        names::BUCKETS => (4, size(size_of::<Bucket>()), slots),
+        names::COUNTERS => (4, size(size_of::<SlotCounters>()), slots),
+        names::STATS => (4, 8, stats::COUNT),
+        _ => return None,
+    })
+}
+
+/// Refuses pins of another layout under `dir`, saying how to clear them.
+fn check_pinned_layouts(dir: &Path) -> Result<(), EnforceError> {
+    for name in names::ALL_MAPS {
+        let pin = dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let (Ok(found), Some(want)) = (sys::pinned_map_layout(&pin), expected_layout(name)) else {
+            continue;
+        };
+        if found != want {
+            return Err(EnforceError::Load(format!(
+                "pinned map {} has key size {}, value size {} and {} entries, this version needs {}, {} and {}: \
+                 it was left by another version of dots-agent; stop that agent and run \
+                 `dots-agent detach --bpffs {}` (its mitigations come back from the state directory)",
+                pin.display(),
+                found.0,
+                found.1,
+                found.2,
+                want.0,
+                want.1,
+                want.2,
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn program_fd(ebpf: &mut Ebpf, name: &str) -> Result<std::os::fd::OwnedFd, EnforceError> {
     let program: &mut Xdp = xdp_program(ebpf, name)?;
     let fd = program.fd().map_err(|e| load_error_program(e, name))?;
@@ -243,16 +376,4 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, Enforc
         .ok_or_else(|| EnforceError::Load(format!("program {name} missing from the object")))?
         .try_into()
         .map_err(|e: ProgramError| EnforceError::Load(format!("program {name}: {e}")))
-}
-
-/// aya-log's level byte: Error = 1 ... Trace = 5; 0 silences everything.
-fn log_level_byte(level: log::LevelFilter) -> u8 {
-    match level {
-        log::LevelFilter::Off => 0,
-        log::LevelFilter::Error => 1,
-        log::LevelFilter::Warn => 2,
-        log::LevelFilter::Info => 3,
-        log::LevelFilter::Debug => 4,
-        log::LevelFilter::Trace => 5,
-    }
 }

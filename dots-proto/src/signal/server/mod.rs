@@ -402,6 +402,15 @@ impl<E: Endpoint> SignalServer<E> {
             .collect()
     }
 
+    /// The record of one mitigation (see [`Self::snapshot`]): what a shell
+    /// that persists mitigations one by one writes when only `key` changed,
+    /// at a cost that does not grow with the number of mitigations.
+    pub fn record(&self, now: Instant, key: &MitigationKey) -> Option<MitigationRecord> {
+        self.mitigations
+            .get(key)
+            .and_then(|m| MitigationRecord::of(now, key, m))
+    }
+
     /// Re-creates persisted mitigations, their remaining lifetime counted
     /// from `now`; returns the keys restored, in key order.
     ///
