@@ -1,11 +1,11 @@
-//! `cargo xtask bench dataplane | nat | sessions | reaction | traffic`. Each runs a measuring
+//! `cargo xtask bench dataplane | nat | sessions | reaction | traffic | footprint`. Each runs a measuring
 //! program of the `tests` crate (`bench-<name>`), built in release mode,
 //! which writes `target/bench/<name>.json` and its part of
 //! `docs/benchmarks.md`.
 
 use anyhow::Result;
 
-use crate::{cargo, step, workspace_root};
+use crate::{cargo, package, step, workspace_root};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub(crate) enum Which {
@@ -21,6 +21,9 @@ pub(crate) enum Which {
     /// The classifier under real frames (trafgen into a veth): its cost per
     /// frame from the kernel's BPF statistics.
     Traffic,
+    /// The packaged agent (amd64 and arm64): stripped size, memory idle and
+    /// loaded (256 mitigations, 100,000 prefixes, 16,384 NAT entries), idle CPU.
+    Footprint,
 }
 
 pub(crate) fn run(which: Which) -> Result<()> {
@@ -54,7 +57,43 @@ pub(crate) fn run(which: Which) -> Result<()> {
             "traffic.json",
             "benchmarking the classifier under trafgen frames (bpf_stats; a minute or two)",
         ),
+        Which::Footprint => footprint(),
     }
+}
+
+/// `cargo xtask bench footprint`: builds the packages' binaries (profile
+/// `package`, amd64 and the arm64 cross build), then measures them; writes
+/// `target/bench/footprint.json` and the "## Footprint" section of
+/// docs/benchmarks.md.
+fn footprint() -> Result<()> {
+    const ARM64: &str = "aarch64-unknown-linux-gnu";
+    step("building the packaged binaries (amd64)");
+    package::release_build(None)?;
+    let root = workspace_root();
+    let mut extra = Vec::new();
+    match package::cross_tools(ARM64) {
+        Ok(prefix) => {
+            step("building the packaged binaries (arm64)");
+            package::rust_target(ARM64)?;
+            package::release_build(Some((ARM64, prefix)))?;
+            let agent = root
+                .join("target")
+                .join(ARM64)
+                .join(package::PROFILE)
+                .join("dots-agent");
+            extra.push("--arm64-agent".to_string());
+            extra.push(agent.display().to_string());
+        }
+        Err(e) => step(&format!("no arm64 build: {e:#}")),
+    }
+    let bins = root.join("target").join(package::PROFILE);
+    run_bench_with(
+        "bench-footprint",
+        "footprint.json",
+        "measuring the packaged agent (lab, 2 runs of a few minutes, arm64 under qemu)",
+        &extra,
+        &[("DOTS_BIN_DIR", bins.display().to_string())],
+    )
 }
 
 fn dataplane() -> Result<()> {
@@ -95,6 +134,17 @@ fn sessions() -> Result<()> {
 /// Runs a measuring program of the tests crate in release mode; it writes
 /// `target/bench/<json>` and its section of docs/benchmarks.md.
 fn run_bench(bin: &str, json: &str, what: &str) -> Result<()> {
+    run_bench_with(bin, json, what, &[], &[])
+}
+
+/// [`run_bench`] with more arguments and environment variables.
+fn run_bench_with(
+    bin: &str,
+    json: &str,
+    what: &str,
+    args: &[String],
+    env: &[(&str, String)],
+) -> Result<()> {
     let root = workspace_root();
     let json = root.join("target/bench").join(json);
     let doc = root.join("docs/benchmarks.md");
@@ -102,6 +152,8 @@ fn run_bench(bin: &str, json: &str, what: &str) -> Result<()> {
     let mut cmd = cargo();
     cmd.args(["run", "--release", "-p", "tests", "--bin", bin, "--"]);
     cmd.arg("--json").arg(&json).arg("--doc").arg(&doc);
+    cmd.args(args);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     // Extra arguments for the measuring program, e.g. "--runs 11".
     if let Ok(extra) = std::env::var("DOTS_BENCH_ARGS") {
         cmd.args(extra.split_whitespace());
