@@ -62,7 +62,11 @@ fn real_main(cli: Cli) -> Result<()> {
 fn run(flags: &RunFlags, log_format: Option<LogFormat>) -> Result<()> {
     let config = flags.load(log_format)?;
     logging::init(config.log_format);
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // One thread: the agent's tasks do short work (a request, a heartbeat,
+    // a counter read); what blocks (conntrack and address events, state
+    // files) has threads of its own. No worker threads to keep, nor their
+    // allocator arenas: a router's memory is small.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
