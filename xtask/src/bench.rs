@@ -62,31 +62,47 @@ pub(crate) fn run(which: Which) -> Result<()> {
 }
 
 /// `cargo xtask bench footprint`: builds the packages' binaries (profile
-/// `package`, amd64 and the arm64 cross build), then measures them; writes
+/// `dist`) for amd64 and arm64 (cross), each also without the default
+/// features (the small-router build, kept aside under
+/// `target/bench/footprint/`), then measures them; writes
 /// `target/bench/footprint.json` and the "## Footprint" section of
-/// docs/benchmarks.md.
+/// docs/benchmarks.md. The packaged amd64 build is the one run in the lab.
 fn footprint() -> Result<()> {
     const ARM64: &str = "aarch64-unknown-linux-gnu";
-    step("building the packaged binaries (amd64)");
-    package::release_build(None)?;
     let root = workspace_root();
+    let aside = root.join("target/bench/footprint");
+    std::fs::create_dir_all(&aside)?;
     let mut extra = Vec::new();
     match package::cross_tools(ARM64) {
         Ok(prefix) => {
-            step("building the packaged binaries (arm64)");
             package::rust_target(ARM64)?;
+            let built = root.join("target").join(ARM64).join(package::PROFILE);
+            step("building the small-router agent (arm64, no default features)");
+            small_build(Some((ARM64, prefix)))?;
+            let cpe = aside.join("dots-agent-arm64-small");
+            std::fs::copy(built.join("dots-agent"), &cpe)?;
+            step("building the packaged binaries (arm64)");
             package::release_build(Some((ARM64, prefix)))?;
-            let agent = root
-                .join("target")
-                .join(ARM64)
-                .join(package::PROFILE)
-                .join("dots-agent");
-            extra.push("--arm64-agent".to_string());
-            extra.push(agent.display().to_string());
+            let full = aside.join("dots-agent-arm64");
+            std::fs::copy(built.join("dots-agent"), &full)?;
+            extra.extend([
+                "--arm64-agent".to_string(),
+                full.display().to_string(),
+                "--arm64-small".to_string(),
+                cpe.display().to_string(),
+            ]);
         }
         Err(e) => step(&format!("no arm64 build: {e:#}")),
     }
     let bins = root.join("target").join(package::PROFILE);
+    step("building the small-router agent (amd64, no default features)");
+    small_build(None)?;
+    let cpe = aside.join("dots-agent-amd64-small");
+    std::fs::copy(bins.join("dots-agent"), &cpe)?;
+    extra.extend(["--amd64-small".to_string(), cpe.display().to_string()]);
+    // Last, so that target/dist holds the packaged binaries the lab runs.
+    step("building the packaged binaries (amd64)");
+    package::release_build(None)?;
     run_bench_with(
         "bench-footprint",
         "footprint.json",
@@ -94,6 +110,19 @@ fn footprint() -> Result<()> {
         &extra,
         &[("DOTS_BIN_DIR", bins.display().to_string())],
     )
+}
+
+/// The agent of profile `dist` without its default features (no DNS
+/// discovery, no metrics endpoint), for the host or `(triple, tool prefix)`.
+fn small_build(cross: Option<(&str, &str)>) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--profile", package::PROFILE, "-p", "dots-agent"]);
+    cmd.args(["--bin", "dots-agent", "--no-default-features"]);
+    if let Some((triple, prefix)) = cross {
+        package::cross_env(&mut cmd, triple, prefix);
+        cmd.args(["--features", "vendored-openssl"]);
+    }
+    crate::run(&mut cmd)
 }
 
 fn dataplane() -> Result<()> {

@@ -167,16 +167,23 @@ pub(crate) fn release_build(cross: Option<(&str, &str)>) -> Result<()> {
             .iter()
             .map(|p| format!("{p}/vendored-openssl"))
             .collect();
-        cmd.args(["--target", triple, "--features", &features.join(",")]);
-        let var = triple.replace('-', "_");
-        cmd.env(
-            format!("CARGO_TARGET_{}_LINKER", var.to_uppercase()),
-            format!("{prefix}-gcc"),
-        )
-        .env(format!("CC_{var}"), format!("{prefix}-gcc"))
-        .env(format!("AR_{var}"), format!("{prefix}-ar"));
+        cmd.args(["--features", &features.join(",")]);
+        cross_env(&mut cmd, triple, prefix);
     }
     run(&mut cmd)
+}
+
+/// `--target triple` and Debian's cross tools (`prefix`-gcc, -ar) as
+/// linker and C compiler for a cargo build.
+pub(crate) fn cross_env(cmd: &mut Command, triple: &str, prefix: &str) {
+    cmd.args(["--target", triple]);
+    let var = triple.replace('-', "_");
+    cmd.env(
+        format!("CARGO_TARGET_{}_LINKER", var.to_uppercase()),
+        format!("{prefix}-gcc"),
+    )
+    .env(format!("CC_{var}"), format!("{prefix}-gcc"))
+    .env(format!("AR_{var}"), format!("{prefix}-ar"));
 }
 
 /// Runs `bin man` and `bin completions SHELL` into `out` (emptied first, so

@@ -4,7 +4,8 @@
 //!
 //! * Size: the packaged `dots-agent` stripped (amd64, and arm64 when
 //!   `--arm64-agent` names the cross build), and the shared libraries it
-//!   needs at run time.
+//!   needs at run time; the same for the small-router builds (without the
+//!   default features) that `--amd64-small` and `--arm64-small` name.
 //! * Memory (VmRSS, VmHWM from /proc) of the agent in the namespace lab
 //!   (`tests::lab`), enforcing on two LAN interfaces: idle with a session;
 //!   with `--mitigations` (256) active mitigations holding `--prefixes`
@@ -20,7 +21,8 @@
 //!   CPU are reported as such (they include qemu's own).
 //!
 //! Arguments: `--json FILE --doc FILE [--cpu-secs N] [--mitigations N]
-//! [--prefixes N] [--flows N] [--arm64-agent PATH]`. The doc's text between
+//! [--prefixes N] [--flows N] [--arm64-agent PATH] [--amd64-small PATH]
+//! [--arm64-small PATH]`. The doc's text between
 //! `<!-- footprint:begin -->` and `<!-- footprint:end -->` is replaced.
 
 use std::{
@@ -79,6 +81,8 @@ struct Args {
     prefixes: usize,
     flows: usize,
     arm64_agent: Option<PathBuf>,
+    amd64_small: Option<PathBuf>,
+    arm64_small: Option<PathBuf>,
 }
 
 fn args() -> Result<Args> {
@@ -90,16 +94,23 @@ fn args() -> Result<Args> {
             "--prefixes",
             "--flows",
             "--arm64-agent",
+            "--amd64-small",
+            "--arm64-small",
         ],
         &[],
     )?;
-    let arm64: String = b.value("--arm64-agent", String::new())?;
+    let path = |o: &str| -> Result<Option<PathBuf>> {
+        let v: String = b.value(o, String::new())?;
+        Ok((!v.is_empty()).then(|| v.into()))
+    };
     let a = Args {
         cpu_secs: b.value("--cpu-secs", 60)?,
         mitigations: b.value("--mitigations", 256)?,
         prefixes: b.value("--prefixes", 100_000)?,
         flows: b.value("--flows", 16_384)?,
-        arm64_agent: (!arm64.is_empty()).then(|| arm64.into()),
+        arm64_agent: path("--arm64-agent")?,
+        amd64_small: path("--amd64-small")?,
+        arm64_small: path("--arm64-small")?,
         json: b.json,
         doc: b.doc,
     };
@@ -485,8 +496,14 @@ fn main() -> Result<()> {
     let agent = bin("dots-agent")?;
     progress(&format!("agent: {}", agent.display()));
     let mut sizes = json!({"amd64": size(&agent, "strip", "readelf")?});
-    if let Some(p) = &a.arm64_agent {
-        sizes["arm64"] = size(p, "aarch64-linux-gnu-strip", "readelf")?;
+    for (key, path, strip) in [
+        ("arm64", &a.arm64_agent, "aarch64-linux-gnu-strip"),
+        ("amd64_small", &a.amd64_small, "strip"),
+        ("arm64_small", &a.arm64_small, "aarch64-linux-gnu-strip"),
+    ] {
+        if let Some(p) = path {
+            sizes[key] = size(p, strip, "readelf")?;
+        }
     }
     progress(&format!("sizes: {sizes}"));
     let heap = json!({
@@ -532,10 +549,18 @@ fn write_doc(a: &Args, out: &Value) -> Result<()> {
         "Kernel {}, the binaries of `cargo xtask package` (profile `dist`).\n",
         out["kernel"].as_str().unwrap_or("?")
     )?;
-    writeln!(s, "| binary | stripped (MiB) | shared libraries |")?;
-    writeln!(s, "|---|---:|---|")?;
-    for arch in ["amd64", "arm64"] {
-        let x = &out["sizes"][arch];
+    writeln!(
+        s,
+        "| dots-agent | features | stripped (MiB) | stripped (bytes) | shared libraries |"
+    )?;
+    writeln!(s, "|---|---|---:|---:|---|")?;
+    for (key, arch, features) in [
+        ("amd64", "amd64", "default (all)"),
+        ("amd64_small", "amd64", "none (`--no-default-features`)"),
+        ("arm64", "arm64", "default (all), OpenSSL static"),
+        ("arm64_small", "arm64", "none, OpenSSL static"),
+    ] {
+        let x = &out["sizes"][key];
         if x.is_null() {
             continue;
         }
@@ -547,8 +572,9 @@ fn write_doc(a: &Args, out: &Value) -> Result<()> {
             .collect();
         writeln!(
             s,
-            "| dots-agent {arch} | {:.2} | {} |",
+            "| {arch} | {features} | {:.2} | {} | {} |",
             f(&x["stripped_mib"]),
+            x["stripped_bytes"],
             libs.join(", ")
         )?;
     }
