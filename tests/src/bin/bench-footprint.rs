@@ -213,7 +213,7 @@ fn write_config(lab: &Lab, per_request: usize) -> Result<String> {
     fs::write(
         &config,
         format!(
-            "[limits]\nmax-mitigations-per-cuid = 256\nmax-prefixes = {}\n",
+            "[limits]\nmax-mitigations-per-cuid = 256\nmax-prefixes = {}\n\n[policy]\nmax-mitigations-per-peer = 256\n",
             per_request.max(32)
         ),
     )?;
