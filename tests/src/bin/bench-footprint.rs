@@ -149,7 +149,35 @@ fn memory(pid: u32) -> Result<Value> {
         "hwm_mib": mib(status_kib(pid, "VmHWM")?),
         "anon_mib": mib(status_kib(pid, "RssAnon")?),
         "file_mib": mib(status_kib(pid, "RssFile")?),
+        "shmem_mib": mib(status_kib(pid, "RssShmem")?),
+        "bpf_maps_mib": mib(bpf_map_kib(pid)?),
     }))
+}
+
+/// Resident KiB of the BPF maps the process has mmapped (the data plane's
+/// value arrays): kernel memory the maps hold anyway, counted in VmRSS
+/// because the agent maps them.
+fn bpf_map_kib(pid: u32) -> Result<u64> {
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut in_map = false;
+    let mut kib = 0;
+    for l in smaps.lines() {
+        if l.split_whitespace()
+            .next()
+            .is_some_and(|a| a.contains('-') && !a.ends_with(':'))
+        {
+            in_map = l.ends_with("anon_inode:bpf-map");
+        } else if in_map {
+            if let Some(v) = l.strip_prefix("Rss:") {
+                kib += v
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    Ok(kib)
 }
 
 /// User plus system CPU time of `pid`, in milliseconds.
@@ -587,15 +615,17 @@ fn write_doc(a: &Args, out: &Value) -> Result<()> {
         s,
         "\nThe agent (amd64) in the lab, enforcing on two LAN interfaces, one TLS session, notifications every 30 s:\n"
     )?;
-    writeln!(s, "| state | VmRSS (MiB) | VmHWM (MiB) | anonymous (MiB) |")?;
-    writeln!(s, "|---|---:|---:|---:|")?;
+    writeln!(s, "| state | VmRSS (MiB) | anonymous: the agent's own (MiB) | files: binary, libraries (MiB) | BPF maps mapped (MiB) | VmHWM (MiB) |")?;
+    writeln!(s, "|---|---:|---:|---:|---:|---:|")?;
     let mut row = |what: String, m: &Value| {
         writeln!(
             s,
-            "| {what} | {:.1} | {:.1} | {:.1} |",
+            "| {what} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             f(&m["rss_mib"]),
+            f(&m["anon_mib"]),
+            f(&m["rss_mib"]) - f(&m["anon_mib"]) - f(&m["bpf_maps_mib"]),
+            f(&m["bpf_maps_mib"]),
             f(&m["hwm_mib"]),
-            f(&m["anon_mib"])
         )
     };
     row("idle".into(), &am["idle"])?;

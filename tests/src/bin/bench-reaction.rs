@@ -527,10 +527,12 @@ fn main() -> Result<()> {
     fs::write(
         &config,
         format!(
-            "[limits]\nmax-mitigations-per-cuid = 256\nmax-prefixes = {}\n",
+            "[limits]\nmax-mitigations-per-cuid = 256\nmax-prefixes = {}\n\n[policy]\nmax-mitigations = 256\nmax-mitigations-per-peer = 256\n",
             a.per_request.max(32)
         ),
     )?;
+    // The other mitigations' sources are in 10.0.0.0/8: a customer prefix.
+    lab.customer = format!("{},10.0.0.0/8", lab.customer.replace(",10.9.9.0/24", ""));
     lab.start_client()?;
     let config = config.display().to_string();
     lab.start_agent(&[
