@@ -492,7 +492,7 @@ impl AgentConfig {
         }
         #[cfg(not(feature = "metrics"))]
         if let Some(addr) = self.metrics {
-            return Err(self.value_error("metrics", quoted(&addr.to_string()), WITHOUT_METRICS));
+            return Err(self.value_error("metrics", quoted(addr), WITHOUT_METRICS));
         }
         check_path_set(&self.origin, "state-dir", &self.state_dir)?;
         check_socket_path(&self.origin, "control-socket", &self.control_socket)?;
