@@ -14,7 +14,8 @@
 //!   statuses (78 for configuration errors).
 //! - [`notify`]: the systemd notification protocol (READY, STATUS,
 //!   WATCHDOG, RELOADING).
-//! - [`metrics`]: the Prometheus registry and its HTTP endpoint.
+//! - `metrics`: the Prometheus registry and its HTTP endpoint (feature
+//!   `metrics`).
 //!
 //! Nothing here needs the eBPF toolchain: the ISP side builds with stable
 //! Rust alone.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod exit;
 pub mod local_socket;
 pub mod logging;
+#[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod notify;
 pub mod pki;

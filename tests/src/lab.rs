@@ -49,6 +49,8 @@ pub struct Lab {
     pub lans: (String, String),
     /// More environment for the agent (e.g. NOTIFY_SOCKET).
     pub agent_env: Vec<(String, String)>,
+    /// The `--customer` entry of the lab's client (its agent's prefixes).
+    pub customer: String,
     /// More environment for the client.
     pub client_env: Vec<(String, String)>,
 }
@@ -131,6 +133,15 @@ impl Lab {
             pki,
             lans,
             agent_env: Vec::new(),
+            // The router's WAN network (its address may change: the
+            // address-following tests renumber it) and the LAN prefixes;
+            // 10.9.9.0/24 lies outside the agent's domain, so that the
+            // agent's own check is exercised too.
+            // The router's WAN network (its address may change: the
+            // address-following tests renumber it) and the LAN prefixes;
+            // 10.9.9.0/24 lies outside the agent's domain, so that the
+            // agent's own check is exercised too.
+            customer: "cpe1=203.0.113.0/24,192.0.2.0/24,2001:db8:1::/48,10.9.9.0/24".into(),
             client_env: Vec::new(),
         })
     }
@@ -143,8 +154,7 @@ impl Lab {
         self.start_client_with(&[])
     }
 
-    /// Starts `dots-client listen` in the isp namespace with `extra` flags
-    /// (a `--customer` among them replaces the lab's customer registry).
+    /// Starts `dots-client listen` in the isp namespace with `extra` flags.
     pub fn start_client_with(&mut self, extra: &[String]) -> Result<()> {
         let mut args: Vec<String> = [
             "listen",
@@ -162,21 +172,12 @@ impl Lab {
             &self.path("client.sock"),
             "--state-dir",
             &self.path("client-state"),
-            // The router's WAN network (its address may change: the
-            // address-following tests renumber it) and the LAN prefixes;
-            // 10.9.9.0/24 lies outside the agent's domain, so that the
-            // agent's own check is exercised too.
+            "--customer",
+            &self.customer,
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-        // A caller's own registry replaces the lab's.
-        if !extra.iter().any(|a| a == "--customer") {
-            args.extend([
-                "--customer".to_string(),
-                "cpe1=203.0.113.0/24,192.0.2.0/24,2001:db8:1::/48,10.9.9.0/24".to_string(),
-            ]);
-        }
         args.extend(extra.iter().cloned());
         let p = Proc::spawn_with_env(
             &self.isp,

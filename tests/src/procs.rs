@@ -16,9 +16,24 @@ use dots_daemon::{
 
 use crate::Netns;
 
+/// Where [`bin`] finds the daemons instead, when set.
+pub const BIN_DIR_ENV: &str = "DOTS_BIN_DIR";
+
 /// A binary of this workspace, built next to the test executable
-/// (`cargo xtask test` builds them first).
+/// (`cargo xtask test` builds them first), or in [`BIN_DIR_ENV`].
 pub fn bin(name: &str) -> Result<PathBuf> {
+    // A bench may run other builds than its own (`cargo xtask bench
+    // footprint`: the packaged ones).
+    if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
+        let path = PathBuf::from(dir).join(name);
+        if !path.exists() {
+            bail!(
+                "{} not built ({BIN_DIR_ENV} names its directory)",
+                path.display()
+            );
+        }
+        return Ok(path);
+    }
     let exe = std::env::current_exe()?;
     // A test runs from target/<profile>/deps/, a binary of this crate (the
     // demo) from target/<profile>/: look next to it, then one level up.

@@ -75,7 +75,7 @@ fn target_dir() -> Result<PathBuf> {
 
 /// Runs `cargo xtask package [--target T]` and returns the paths of both
 /// packages for `arch`. Through cargo, so xtask itself is rebuilt when it
-/// changed; the release build uses its own directory, so this does not wait
+/// changed; the `dist` build uses its own directory, so this does not wait
 /// for the `cargo test` running this test.
 fn build_packages(target: Option<&str>, arch: &str) -> Result<[PathBuf; 2]> {
     let start = Instant::now();

@@ -4,8 +4,10 @@
 //! * `build`: build everything, including the XDP object.
 //! * `test`: setup, build, then unit and integration tests.
 //! * `demo`: the whole story in a lab of network namespaces.
-//! * `bench dataplane|nat|sessions`: the XDP classifier's per-packet cost,
-//!   NAT resolution time, agents one dots-client holds.
+//! * `bench dataplane|nat|sessions|reaction|traffic|footprint`: the XDP
+//!   classifier's per-packet cost, NAT resolution time, agents one
+//!   dots-client holds, reaction time, cost under real frames, and the
+//!   packaged agent's size, memory and CPU.
 //! * `package [--target TRIPLE]`: Debian packages of both daemons.
 
 mod bench;

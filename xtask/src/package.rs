@@ -3,12 +3,18 @@
 //! `[package.metadata.deb]` in each crate's Cargo.toml, then checked with
 //! lintian.
 //!
-//! cargo-deb packs files that must exist first: this task builds the release
+//! The binaries are built with the `dist` profile of the workspace's
+//! Cargo.toml (release, plus LTO, one codegen unit, size optimisation,
+//! stripped, abort on panic: a home router's flash is small), into
+//! `<target dir>/[TRIPLE/]dist/`; cargo-deb takes the `target/release/`
+//! paths of the metadata from there (`--profile`).
+//!
+//! cargo-deb packs files that must exist first: this task builds the
 //! binaries, then generates what the packages ship besides them (man pages,
 //! bash/zsh/fish completions) by running the binaries' own `man` and
-//! `completions` subcommands, into `<target dir>/[TRIPLE/]release/package-assets/`,
+//! `completions` subcommands, into `<target dir>/[TRIPLE/]dist/package-assets/`,
 //! where the Cargo.toml metadata expects them. A cross build cannot run its
-//! binaries, so the host's release build of the same sources generates them.
+//! binaries, so the host's build of the same sources generates them.
 //!
 //! Cross builds use Debian's cross compiler (`gcc-aarch64-linux-gnu`, which
 //! setup installs) as linker and C compiler, and OpenSSL built from source
@@ -45,6 +51,10 @@ const SHELLS: &[(&str, &str)] = &[("bash", "{}"), ("zsh", "_{}"), ("fish", "{}.f
 /// Debian's cross tools for it.
 const CROSS: &[(&str, &str)] = &[("aarch64-unknown-linux-gnu", "aarch64-linux-gnu")];
 
+/// The Cargo profile of the packaged binaries (and their directory under
+/// the target directory).
+pub(crate) const PROFILE: &str = "dist";
+
 /// Builds both packages; returns their paths.
 pub(crate) fn run_package(target: Option<&str>) -> Result<Vec<PathBuf>> {
     let start = Instant::now();
@@ -59,16 +69,16 @@ pub(crate) fn run_package(target: Option<&str>) -> Result<Vec<PathBuf>> {
     }
 
     // The host's binaries also generate the man pages of a cross build.
-    step("building release binaries (host)");
+    step(&format!("building {PROFILE} binaries (host)"));
     release_build(None)?;
     if let (Some(triple), Some(prefix)) = (target, cross) {
-        step(&format!("building release binaries ({triple})"));
+        step(&format!("building {PROFILE} binaries ({triple})"));
         release_build(Some((triple, prefix)))?;
     }
 
-    let host_release = meta.target_dir.join("release");
+    let host_release = meta.target_dir.join(PROFILE);
     let release = match target {
-        Some(t) => meta.target_dir.join(t).join("release"),
+        Some(t) => meta.target_dir.join(t).join(PROFILE),
         None => host_release.clone(),
     };
     let mut debs = Vec::new();
@@ -96,7 +106,7 @@ pub(crate) fn run_package(target: Option<&str>) -> Result<Vec<PathBuf>> {
 }
 
 /// The prefix of Debian's cross tools for `triple`, checked to be installed.
-fn cross_tools(triple: &str) -> Result<&'static str> {
+pub(crate) fn cross_tools(triple: &str) -> Result<&'static str> {
     let Some(&(_, prefix)) = CROSS.iter().find(|(t, _)| *t == triple) else {
         let known: Vec<&str> = CROSS.iter().map(|(t, _)| *t).collect();
         bail!(
@@ -114,7 +124,7 @@ fn cross_tools(triple: &str) -> Result<&'static str> {
 /// Adds the target's standard library to the toolchain this workspace builds
 /// with (the one `cargo` resolves to here, normally the user's stable), if
 /// it is missing.
-fn rust_target(triple: &str) -> Result<()> {
+pub(crate) fn rust_target(triple: &str) -> Result<()> {
     let sysroot = output(cargo_rustc().args(["--print", "sysroot"]))?;
     let lib = Path::new(sysroot.trim()).join("lib/rustlib").join(triple);
     if lib.is_dir() {
@@ -144,11 +154,11 @@ fn cargo_rustc() -> Command {
     cmd
 }
 
-/// `cargo build --release` of the packaged binaries, for the host or, with
-/// `cross` = (triple, tool prefix), for another target.
-fn release_build(cross: Option<(&str, &str)>) -> Result<()> {
+/// `cargo build --profile dist` of the packaged binaries, for the host
+/// or, with `cross` = (triple, tool prefix), for another target.
+pub(crate) fn release_build(cross: Option<(&str, &str)>) -> Result<()> {
     let mut cmd = cargo();
-    cmd.args(["build", "--release", "--bins"]);
+    cmd.args(["build", "--profile", PROFILE, "--bins"]);
     for pkg in PACKAGES {
         cmd.args(["-p", pkg]);
     }
@@ -157,16 +167,23 @@ fn release_build(cross: Option<(&str, &str)>) -> Result<()> {
             .iter()
             .map(|p| format!("{p}/vendored-openssl"))
             .collect();
-        cmd.args(["--target", triple, "--features", &features.join(",")]);
-        let var = triple.replace('-', "_");
-        cmd.env(
-            format!("CARGO_TARGET_{}_LINKER", var.to_uppercase()),
-            format!("{prefix}-gcc"),
-        )
-        .env(format!("CC_{var}"), format!("{prefix}-gcc"))
-        .env(format!("AR_{var}"), format!("{prefix}-ar"));
+        cmd.args(["--features", &features.join(",")]);
+        cross_env(&mut cmd, triple, prefix);
     }
     run(&mut cmd)
+}
+
+/// `--target triple` and Debian's cross tools (`prefix`-gcc, -ar) as
+/// linker and C compiler for a cargo build.
+pub(crate) fn cross_env(cmd: &mut Command, triple: &str, prefix: &str) {
+    cmd.args(["--target", triple]);
+    let var = triple.replace('-', "_");
+    cmd.env(
+        format!("CARGO_TARGET_{}_LINKER", var.to_uppercase()),
+        format!("{prefix}-gcc"),
+    )
+    .env(format!("CC_{var}"), format!("{prefix}-gcc"))
+    .env(format!("AR_{var}"), format!("{prefix}-ar"));
 }
 
 /// Runs `bin man` and `bin completions SHELL` into `out` (emptied first, so
@@ -210,7 +227,8 @@ fn generate_assets(bin: &Path, out: &Path) -> Result<()> {
 fn cargo_deb(pkg: &str, target: Option<&str>) -> Result<PathBuf> {
     let mut cmd = Command::new(setup::cargo_deb_bin()?);
     cmd.current_dir(workspace_root())
-        .args(["-p", pkg, "--no-build", "--strip", "--no-dbgsym"]);
+        .args(["-p", pkg, "--no-build", "--strip", "--no-dbgsym"])
+        .args(["--profile", PROFILE]);
     if let Some(triple) = target {
         cmd.args(["--target", triple]);
     }

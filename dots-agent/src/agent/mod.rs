@@ -8,6 +8,7 @@ pub mod enforcer;
 mod kernel_log;
 mod live;
 mod memlock;
+#[cfg(feature = "metrics")]
 pub mod metrics;
 mod nat_glue;
 mod redirect;
@@ -236,8 +237,15 @@ pub async fn run(opts: AgentOptions, reload: Option<Reloader>) -> Result<()> {
     let (live_tx, _) = watch::channel(Arc::new(opts.live(&router, 0, &shared)));
     let live_tx = Arc::new(live_tx);
     if let Some(addr) = opts.metrics {
-        let registry = metrics::registry(view.clone(), enforcer.clone(), live_tx.subscribe());
-        tokio::spawn(dots_daemon::metrics::serve(addr, Arc::new(registry)));
+        #[cfg(feature = "metrics")]
+        {
+            let registry = metrics::registry(view.clone(), enforcer.clone(), live_tx.subscribe());
+            tokio::spawn(dots_daemon::metrics::serve(addr, Arc::new(registry)));
+        }
+        // The configuration check refuses this first; options built in code
+        // are refused here.
+        #[cfg(not(feature = "metrics"))]
+        bail!("metrics = {addr}: {}", crate::config::WITHOUT_METRICS);
     }
     let mut rt = Runtime {
         opts,

@@ -80,6 +80,13 @@ async fn discover_peer(
     config: &AgentConfig,
     flags: &DiscoveryFlags,
 ) -> Result<(PeerTarget, DiscoveryContext)> {
+    #[cfg(not(feature = "discovery"))]
+    if flags.domain.is_some() || flags.resolver.is_some() {
+        anyhow::bail!(
+            "--discovery-domain/--resolver: {}",
+            crate::config::WITHOUT_DISCOVERY
+        );
+    }
     let opts = DiscoverOptions {
         state_dir: Some(config.state_dir.clone()),
         domain: flags.domain.clone(),

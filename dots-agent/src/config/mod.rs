@@ -57,6 +57,14 @@ pub use policy::{PolicyConfig, DEFAULT_MAX_HEARTBEAT_INTERVAL, DEFAULT_REDIRECT_
 /// Default `notify-interval`, in seconds.
 pub const DEFAULT_NOTIFY_INTERVAL_SECS: u64 = 30;
 
+/// Why a build without the `metrics` feature refuses `metrics`.
+pub const WITHOUT_METRICS: &str =
+    "this build has no metrics endpoint (built without feature `metrics`)";
+
+/// Why a build without the `discovery` feature refuses DNS-based discovery.
+pub const WITHOUT_DISCOVERY: &str =
+    "this build has no S-NAPTR/DNS-SD discovery nor DNS lookups of discovered names (built without feature `discovery`)";
+
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 const MAX_IFNAME: usize = 15;
 
@@ -481,6 +489,10 @@ impl AgentConfig {
                     u32::MAX
                 ),
             ));
+        }
+        #[cfg(not(feature = "metrics"))]
+        if let Some(addr) = self.metrics {
+            return Err(self.value_error("metrics", quoted(addr), WITHOUT_METRICS));
         }
         check_path_set(&self.origin, "state-dir", &self.state_dir)?;
         check_socket_path(&self.origin, "control-socket", &self.control_socket)?;

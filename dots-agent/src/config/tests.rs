@@ -684,3 +684,15 @@ fn local_action_drop_or_rate_limit_per_agent_and_per_peer() {
     let e = agent_err(&text);
     assert_eq!(e.key(), Some("peers[0].rate-limit-pps"), "{e}");
 }
+
+#[test]
+fn metrics_needs_the_feature() {
+    let text = format!("metrics = \"127.0.0.1:9464\"\n{MINIMAL}");
+    if cfg!(feature = "metrics") {
+        agent_ok(&text);
+    } else {
+        let e = agent_err(&text).to_string();
+        assert!(e.contains("metrics"), "{e}");
+        assert!(e.contains("built without feature `metrics`"), "{e}");
+    }
+}

@@ -19,11 +19,16 @@
 //!   writes and the running agent watches.
 //! - [`srv`]: RFC 2782 ordering (priority, weighted random) with a seedable
 //!   RNG.
-//! - [`dns`]: S-NAPTR and DNS-SD lookups through `hickory-resolver`.
+//! - [`dns`]: S-NAPTR and DNS-SD lookups through `hickory-resolver`
+//!   (feature `discovery`; without it, lookups fail saying so).
 //! - [`retry`]: how long to wait before retrying a failed lookup.
 
 pub mod cli;
 pub mod dhcp;
+#[cfg(feature = "discovery")]
+pub mod dns;
+#[cfg(not(feature = "discovery"))]
+#[path = "no_dns.rs"]
 pub mod dns;
 pub mod rediscover;
 pub mod retry;

@@ -243,3 +243,17 @@ fn cert_expiry_of_a_generated_certificate() {
     );
     assert!(cert_expiry(std::path::Path::new("/nonexistent")).is_none());
 }
+
+#[cfg(not(feature = "discovery"))]
+#[tokio::test]
+async fn dns_discovery_needs_the_feature() {
+    let opts = DiscoverOptions {
+        domain: Some("example.net".into()),
+        ..Default::default()
+    };
+    let e = discover(&opts).await.expect_err("no DNS in this build");
+    assert!(
+        e.to_string().contains("built without feature `discovery`"),
+        "{e}"
+    );
+}

@@ -176,7 +176,9 @@ impl Default for Model {
         Model {
             slots: BTreeMap::new(),
             tables: TableId::ALL.map(|t| PrefixTable::new(t.width())),
-            arrays: ArrayId::ALL.map(|a| vec![SlotMask::EMPTY; a.entries()]),
+            // Allocated by the first slot with values in them: the port
+            // arrays are 2 MiB each, and most mitigations name no port.
+            arrays: Default::default(),
             any_proto: SlotMask::EMPTY,
             any_l4: SlotMask::EMPTY,
             any_dport: SlotMask::EMPTY,
@@ -320,7 +322,11 @@ impl Model {
             });
         }
         for (a, lo, hi) in slot_ranges(slot) {
-            for v in &mut self.arrays[a as usize][lo..=hi] {
+            let values = &mut self.arrays[a as usize];
+            if values.is_empty() {
+                values.resize(a.entries(), SlotMask::EMPTY);
+            }
+            for v in &mut values[lo..=hi] {
                 v.set(s);
             }
             self.changed_arrays.push((a, lo, hi));
@@ -348,7 +354,8 @@ impl Model {
             });
         }
         for (a, lo, hi) in slot_ranges(&info.slot) {
-            for v in &mut self.arrays[a as usize][lo..=hi] {
+            // Allocated when the slot was added.
+            for v in self.arrays[a as usize].iter_mut().take(hi + 1).skip(lo) {
                 v.clear(s);
             }
             self.changed_arrays.push((a, lo, hi));
@@ -476,7 +483,8 @@ impl Model {
         self.table(table).folded(p)
     }
 
-    /// The value array `a`.
+    /// The value array `a`; empty while no slot ever had values in it
+    /// (every value [`SlotMask::EMPTY`]).
     pub fn array(&self, a: ArrayId) -> &[SlotMask] {
         &self.arrays[a as usize]
     }
@@ -506,7 +514,10 @@ impl Model {
                 out.insert(*p, self.mask_entry(table, p));
             }
         }
-        c.arrays = self.arrays.clone();
+        c.arrays = ArrayId::ALL.map(|a| match &self.arrays[a as usize] {
+            v if v.is_empty() => vec![SlotMask::EMPTY; a.entries()],
+            v => v.clone(),
+        });
         c.configs = self
             .slots
             .iter()

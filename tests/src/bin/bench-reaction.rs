@@ -527,17 +527,13 @@ fn main() -> Result<()> {
     fs::write(
         &config,
         format!(
-            "[limits]\nmax-mitigations-per-cuid = 256\nmax-prefixes = {}\n\
-             [policy]\nmax-mitigations-per-peer = 256\nmax-mitigations = 256\n",
+            "[limits]\nmax-mitigations-per-cuid = 256\nmax-prefixes = {}\n\n[policy]\nmax-mitigations = 256\nmax-mitigations-per-peer = 256\n",
             a.per_request.max(32)
         ),
     )?;
-    // The other mitigations' sources (10.0.0.0/8) must be the agent's
-    // customer prefixes on the ISP side too (RFC 9066 §5.3.1).
-    lab.start_client_with(&[
-        "--customer".into(),
-        "cpe1=203.0.113.0/24,192.0.2.0/24,2001:db8:1::/48,10.0.0.0/8".into(),
-    ])?;
+    // The other mitigations' sources are in 10.0.0.0/8: a customer prefix.
+    lab.customer = format!("{},10.0.0.0/8", lab.customer.replace(",10.9.9.0/24", ""));
+    lab.start_client()?;
     let config = config.display().to_string();
     lab.start_agent(&[
         "--config",
