@@ -3,7 +3,8 @@
 //! through leases (see "ISP cluster" in docs/architecture.md).
 //!
 //! Keys, under `/dots/<cluster>/`:
-//! - `nodes/<node>`: the node is up (bound to its lease).
+//! - `nodes/<node>`: the node is up, with its load and where agents reach
+//!   it (bound to its lease).
 //! - `owners/<agent>`: the node holding the agent's session, bound to that
 //!   node's lease, created only when absent: one owner per agent.
 //! - `registry/<agent>`: the agent's API prefixes (JSON list).
@@ -320,11 +321,6 @@ impl Cluster {
     /// Whether the node takes agents: in touch with etcd, not draining.
     pub fn accepting(&self) -> bool {
         self.acting() && !self.draining.load(Ordering::SeqCst)
-    }
-
-    /// The other nodes up, with their load.
-    pub fn nodes(&self) -> BTreeMap<String, NodeInfo> {
-        lock(&self.nodes).clone()
     }
 
     /// Moves this node's agents to the least loaded other nodes with the

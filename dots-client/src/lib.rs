@@ -8,6 +8,8 @@
 //!   offline agents, the audit trail.
 //! - [`registry`]: customer prefixes per agent identity.
 //! - [`book`], [`mids`], [`audit`], [`store`]: the state kept on disk.
+//! - [`cluster`]: several nodes sharing that state through etcd, agents
+//!   owned by lease (behind [`service::SharedState`]).
 //! - [`api`]: the HTTPS JSON API (axum over hyper and OpenSSL).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`control`]: the control socket's requests and replies, shared by the
