@@ -113,6 +113,92 @@ pub fn write_section(
     fs::write(doc, new).with_context(|| format!("writing {}", doc.display()))
 }
 
+/// The `p` quantile (0 to 1) of `sorted` (ascending); NaN when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Moves the calling thread (and the threads and processes it starts
+/// later) into `ns`.
+pub fn enter_netns(ns: &crate::Netns) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(format!("/run/netns/{}", ns.name))?;
+    // SAFETY: setns on a valid namespace fd changes only this thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The name (certificate identity) of simulated agent `i`.
+pub fn agent_name(i: usize) -> String {
+    format!("agent{i}.bench")
+}
+
+/// The customer address of simulated agent `i`: 198.18.0.0/15, the
+/// benchmarking range (RFC 2544).
+pub fn customer_addr(i: usize) -> String {
+    format!("198.{}.{}.{}", 18 + i / 65536, (i / 256) % 256, i % 256)
+}
+
+/// A kept-alive HTTPS connection to a dots-client API, with a bearer token.
+pub struct ApiClient {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<hyper::body::Bytes>>,
+    host: String,
+    token: String,
+}
+
+impl ApiClient {
+    /// Connects to `addr` (`HOST:PORT`), checking the server's certificate
+    /// against `ca` for the name `tls_name`.
+    pub async fn connect(ca: &Path, tls_name: &str, addr: &str, token: &str) -> Result<ApiClient> {
+        let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls())?;
+        b.set_ca_file(ca)?;
+        let ssl = b.build().configure()?.into_ssl(tls_name)?;
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let mut stream = tokio_openssl::SslStream::new(ssl, tcp)?;
+        std::pin::Pin::new(&mut stream).connect().await?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(ApiClient {
+            sender,
+            host: addr.to_string(),
+            token: token.to_string(),
+        })
+    }
+
+    /// One call; the status and the JSON body (`null` when there is none).
+    pub async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        use http_body_util::BodyExt;
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))?;
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok((status, v))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,6 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -38,11 +37,12 @@ use dots_proto::{
     coap::{Endpoint, StreamConfig, StreamEndpoint},
     signal::{Action, Counters, EnforcementMode, ServerConfig, SignalServer},
 };
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use serde_json::{json, Value};
 use tests::{
-    bench::{write_json, write_section, BenchArgs},
+    bench::{
+        agent_name, customer_addr, enter_netns, percentile, write_json, write_section, ApiClient,
+        BenchArgs,
+    },
     procs::{bin, TempDir},
 };
 use tokio::sync::{watch, Semaphore};
@@ -77,15 +77,6 @@ fn args() -> Result<Args> {
         bail!("--agents must be at least 1");
     }
     Ok(a)
-}
-
-/// The customer address of agent `i`: 198.18.0.0/15 (benchmarking range).
-fn customer_addr(i: usize) -> String {
-    format!("198.{}.{}.{}", 18 + i / 65536, (i / 256) % 256, i % 256)
-}
-
-fn agent_name(i: usize) -> String {
-    format!("agent{i}.bench")
 }
 
 /// One simulated agent: dials the nodes (its own order, so that agents
@@ -198,53 +189,6 @@ async fn run_agent(
     }
 }
 
-/// A kept-alive HTTPS connection to one node's API.
-struct ApiClient {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    host: String,
-}
-
-impl ApiClient {
-    async fn connect(ca: &Path, node: usize) -> Result<ApiClient> {
-        let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls())?;
-        b.set_ca_file(ca)?;
-        let cfg = b.build().configure()?;
-        let ssl = cfg.into_ssl(CLUSTER_NAME)?;
-        let host = format!("{}:8443", node_ip(node));
-        let tcp = tokio::net::TcpStream::connect(&host).await?;
-        tcp.set_nodelay(true)?;
-        let mut stream = tokio_openssl::SslStream::new(ssl, tcp)?;
-        Pin::new(&mut stream).connect().await?;
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        Ok(ApiClient { sender, host })
-    }
-
-    async fn call(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<(u16, Value)> {
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", &self.host)
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(
-                body.map(|b| b.to_string()).unwrap_or_default(),
-            )))?;
-        self.sender.ready().await?;
-        let resp = self.sender.send_request(req).await?;
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await?.to_bytes();
-        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Ok((status, v))
-    }
-}
-
 /// etcd's current revision (one per write), through its JSON gateway.
 fn etcd_revision() -> Result<i64> {
     let body = r#"{"key":"AA=="}"#;
@@ -279,14 +223,6 @@ fn logs(dir: &TempDir) -> String {
         }
     }
     out
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 /// A child process, stopped (SIGTERM, then SIGKILL) when dropped.
@@ -485,7 +421,15 @@ async fn measure(
     }
     let mut apis: Vec<Option<ApiClient>> = Vec::new();
     for k in 0..NODES {
-        apis.push(Some(ApiClient::connect(&pki.ca, k).await?));
+        apis.push(Some(
+            ApiClient::connect(
+                &pki.ca,
+                CLUSTER_NAME,
+                &format!("{}:8443", node_ip(k)),
+                TOKEN,
+            )
+            .await?,
+        ));
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut owner = loop {
@@ -724,22 +668,10 @@ fn doc_section(r: &Report) -> String {
     s
 }
 
-/// Moves this thread (and the threads and processes it starts later) into
-/// `ns`.
-fn enter(ns: &tests::Netns) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(format!("/run/netns/{}", ns.name))?;
-    // SAFETY: setns on a valid namespace fd changes only this thread.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 fn main() -> Result<()> {
     let a = args()?;
     let ns = tests::Netns::new("bench")?;
-    enter(&ns)?;
+    enter_netns(&ns)?;
     let dir = TempDir::new("bench-cluster")?;
     let pki = pki::create_lab_pki(&dir.path.join("pki"), &[San::parse(CLUSTER_NAME)], &[], 1)?;
     let ca = pki::Identity::load(&pki.ca, &dir.path.join("pki/ca.key"))?;

@@ -19,7 +19,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -36,11 +35,12 @@ use dots_proto::{
     coap::{DatagramConfig, DatagramEndpoint, Endpoint, StreamConfig, StreamEndpoint},
     signal::{Action, Counters, EnforcementMode, ServerConfig, SignalServer},
 };
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use serde_json::{json, Value};
+use serde_json::json;
 use tests::{
-    bench::{write_json, write_section, BenchArgs},
+    bench::{
+        agent_name, customer_addr, enter_netns, percentile, write_json, write_section, ApiClient,
+        BenchArgs,
+    },
     procs::{bin, TempDir},
 };
 use tokio::sync::{watch, Semaphore};
@@ -114,15 +114,6 @@ fn raise_fd_limit(want: u64) {
     }
 }
 
-/// The customer address of agent `i`: 198.18.0.0/15 (benchmarking range).
-fn customer_addr(i: usize) -> String {
-    format!("198.{}.{}.{}", 18 + i / 65536, (i / 256) % 256, i % 256)
-}
-
-fn agent_name(i: usize) -> String {
-    format!("agent{i}.bench")
-}
-
 /// One simulated agent: the server role over its connection until stopped.
 async fn run_agent(mut conn: Connection, i: usize, mut stop: watch::Receiver<bool>) {
     let now = std::time::Instant::now();
@@ -184,51 +175,6 @@ async fn run_agent(mut conn: Connection, i: usize, mut stop: watch::Receiver<boo
     }
 }
 
-/// A kept-alive HTTPS connection to the API.
-struct ApiClient {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-}
-
-impl ApiClient {
-    async fn connect(ca: &Path) -> Result<ApiClient> {
-        let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls())?;
-        b.set_ca_file(ca)?;
-        let cfg = b.build().configure()?;
-        let ssl = cfg.into_ssl("127.0.0.1")?;
-        let tcp = tokio::net::TcpStream::connect(API).await?;
-        tcp.set_nodelay(true)?;
-        let mut stream = tokio_openssl::SslStream::new(ssl, tcp)?;
-        Pin::new(&mut stream).connect().await?;
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        Ok(ApiClient { sender })
-    }
-
-    async fn call(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<(u16, Value)> {
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", API)
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(
-                body.map(|b| b.to_string()).unwrap_or_default(),
-            )))?;
-        self.sender.ready().await?;
-        let resp = self.sender.send_request(req).await?;
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await?.to_bytes();
-        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Ok((status, v))
-    }
-}
-
 /// Resident memory (kB) and CPU time (clock ticks) of a process.
 fn rss_kb(pid: u32) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -253,14 +199,6 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
         }
     }
     Ok(ns as f64 / 1e9)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 struct Setup {
@@ -408,7 +346,7 @@ async fn measure(s: &Setup, n: usize, transport: Transport, a: &Args) -> Result<
     let up = connected.load(Ordering::Relaxed);
     eprintln!("{transport}: {up}/{n} agents connected in {dial_secs:.1}s");
 
-    let mut api = ApiClient::connect(&s.pki.ca).await?;
+    let mut api = ApiClient::connect(&s.pki.ca, "127.0.0.1", API, TOKEN).await?;
     // The client's own count.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -578,24 +516,12 @@ fn doc_section(rows: &[Row], a: &Args) -> String {
     s
 }
 
-/// Moves this thread (and the threads and processes it starts later) into
-/// `ns`.
-fn enter(ns: &tests::Netns) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(format!("/run/netns/{}", ns.name))?;
-    // SAFETY: setns on a valid namespace fd changes only this thread.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 fn main() -> Result<()> {
     let a = args()?;
     let max = a.sizes.iter().copied().max().unwrap_or(0);
     raise_fd_limit(2 * max as u64 + 4096);
     let ns = tests::Netns::new("bench")?;
-    enter(&ns)?;
+    enter_netns(&ns)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
