@@ -391,5 +391,10 @@ fn never_block_overlap_is_refused_or_reported() -> Result<()> {
     );
     let (ok, out) = lab.agent_cmd(&["mitigations", "--json"])?;
     assert!(ok && out.contains(&format!("{HOSTB4}/32")), "{out}");
+    let (ok, out) = lab.agent_cmd(&["mitigations"])?;
+    assert!(
+        ok && out.contains(&format!("exempt, not dropped: {HOSTB4}/32")),
+        "{out}"
+    );
     Ok(())
 }

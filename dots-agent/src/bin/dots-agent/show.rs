@@ -104,6 +104,13 @@ pub(crate) fn mitigations(list: &[MitigationView]) {
         if !m.devices.is_empty() {
             println!("  behind NAT: {}", m.devices.join(", "));
         }
+        if !m.exempt.is_empty() {
+            // Never-block prefixes and peers' addresses: left out of the drop.
+            println!("  exempt, not dropped: {}", m.exempt.join(", "));
+        }
+        if let Some(bound) = &m.over_limit {
+            println!("  past local policy: {bound}");
+        }
         if m.action == "monitor" {
             // Monitor mode: nothing is dropped; this is what would be.
             println!(
