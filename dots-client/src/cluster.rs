@@ -190,16 +190,6 @@ fn unescape(s: &str) -> String {
     s.replace("%2F", "/").replace("%25", "%")
 }
 
-/// Where an agent's mid counter starts: from the clock, as the single-node
-/// counter does, so that mids stay above those of a node's past.
-fn clock_start() -> u32 {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(1);
-    (secs % u64::from(u32::MAX / 2)).max(1) as u32
-}
-
 /// The time to live, less the margin a node stops acting before its lease
 /// could expire (clocks of etcd and the node run at the same rate; the
 /// margin covers the keep-alive's trip).
@@ -899,7 +889,7 @@ impl SharedState for Cluster {
                             .ok_or_else(|| format!("{key}: not a mid counter"))?,
                         kv.mod_revision(),
                     ),
-                    None => (clock_start(), 0),
+                    None => (crate::mids::clock_start(), 0),
                 };
                 let after = next
                     .checked_add(1)

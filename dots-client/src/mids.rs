@@ -51,8 +51,8 @@ pub struct MidAllocator {
 /// client that lost its state directory still does not go back below the
 /// mids it used before (the clock moves forward faster than mitigations
 /// are requested, one a second). Half the u32 range leaves room for two
-/// billion more.
-fn clock_start() -> u32 {
+/// billion more. A cluster's per-agent counters start the same way.
+pub(crate) fn clock_start() -> u32 {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

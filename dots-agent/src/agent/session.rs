@@ -97,7 +97,8 @@ struct Shell {
     store: Arc<StateStore>,
     /// The configured peer, as the state file names it.
     name: String,
-    /// `Mitigations::revision` last written to the state file.
+    /// `Mitigations::revision` last seen by `step`: the state files, the
+    /// slots' expiries and `known` are brought up to date when it moves.
     saved: Option<u64>,
     nat: Option<Arc<NatService>>,
     nat_rx: Option<mpsc::UnboundedReceiver<NatResolved>>,
@@ -560,14 +561,16 @@ impl Shell {
                 }
             }
         }
-        self.known = server
-            .mitigations()
-            .iter()
-            .map(|(k, m)| (k.clone(), m.phase == Phase::AwaitingConsent))
-            .collect();
         let revision = server.mitigations().revision();
+        // The revision grows with every change of the mitigations: what
+        // is derived from them is made again only then.
         if self.saved != Some(revision) {
             self.saved = Some(revision);
+            self.known = server
+                .mitigations()
+                .iter()
+                .map(|(k, m)| (k.clone(), m.phase == Phase::AwaitingConsent))
+                .collect();
             self.sync_slots(server);
             self.store.sync(self.peer, &self.name, now, server);
         }

@@ -45,20 +45,7 @@ use super::{
 /// Depth limit of non-terminal NAPTR chains (loops in the zone).
 const MAX_NAPTR_DEPTH: usize = 8;
 
-/// A failed lookup: what kind (for [`super::RetryPolicy`]) and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LookupFailure {
-    pub kind: LookupErrorKind,
-    pub message: String,
-}
-
-impl std::fmt::Display for LookupFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for LookupFailure {}
+pub use super::retry::LookupFailure;
 
 /// Maps a resolver error to the retry policy's error kinds.
 pub fn classify(e: &NetError) -> LookupErrorKind {

@@ -7,23 +7,10 @@ use std::{convert::Infallible, net::SocketAddr};
 
 use anyhow::{bail, Result};
 
-use super::{retry::LookupErrorKind, Candidate};
+use super::Candidate;
 use crate::config::WITHOUT_DISCOVERY;
 
-/// A failed lookup: what kind (for [`super::RetryPolicy`]) and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LookupFailure {
-    pub kind: LookupErrorKind,
-    pub message: String,
-}
-
-impl std::fmt::Display for LookupFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for LookupFailure {}
+pub use super::retry::LookupFailure;
 
 /// Never made: [`DnsDiscovery::new`] always fails in this build.
 pub struct DnsDiscovery {

@@ -33,6 +33,21 @@ pub enum LookupErrorKind {
     Network,
 }
 
+/// A failed lookup: what kind (for [`RetryPolicy`]) and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LookupFailure {
+    pub kind: LookupErrorKind,
+    pub message: String,
+}
+
+impl std::fmt::Display for LookupFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for LookupFailure {}
+
 /// Retry delays per error kind, with exponential backoff for transient
 /// errors.
 #[derive(Clone, Debug)]
