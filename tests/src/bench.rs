@@ -113,6 +113,14 @@ pub fn write_section(
     fs::write(doc, new).with_context(|| format!("writing {}", doc.display()))
 }
 
+/// The running kernel's release, as the result files record it.
+pub fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 /// The `p` quantile (0 to 1) of `sorted` (ascending); NaN when empty.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

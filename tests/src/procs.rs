@@ -252,6 +252,51 @@ pub fn run_in(ns: &Netns, bin: &Path, args: &[String]) -> Result<Output> {
         .with_context(|| format!("running {}", bin.display()))
 }
 
+/// An HTTPS call with curl from `ns` to `url`, trusting `ca`, giving up
+/// after `max_time` seconds; `extra` are more curl arguments (credentials).
+/// The status and the body as JSON (a JSON string when it is not JSON).
+pub fn curl_json(
+    ns: &Netns,
+    ca: &Path,
+    max_time: u32,
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    extra: &[&str],
+) -> Result<(u16, serde_json::Value)> {
+    let mut args: Vec<String> = vec![
+        "-sS".into(),
+        "--max-time".into(),
+        max_time.to_string(),
+        "--cacert".into(),
+        ca.display().to_string(),
+        "-X".into(),
+        method.into(),
+        "-w".into(),
+        "\n%{http_code}".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    if let Some(b) = body {
+        args.extend([
+            "-H".into(),
+            "Content-Type: application/json".into(),
+            "--data-binary".into(),
+            b.into(),
+        ]);
+    }
+    args.push(url.to_string());
+    let out = run_in(ns, Path::new("/usr/bin/curl"), &args)?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').context("no status line")?;
+    let code: u16 = code
+        .trim()
+        .parse()
+        .with_context(|| format!("curl: {text}"))?;
+    let value =
+        serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_string()));
+    Ok((code, value))
+}
+
 /// Polls `f` until it returns `Some` or `timeout` passes.
 pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();

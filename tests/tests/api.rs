@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use dots_daemon::pki::{self, San};
 use serde_json::{json, Value};
 use tests::{
-    procs::{bin, eventually, run_in, Proc, TempDir},
+    procs::{bin, curl_json, eventually, Proc, TempDir},
     Netns,
 };
 
@@ -139,36 +139,8 @@ impl Lab {
         body: Option<&str>,
         auth: &[&str],
     ) -> Result<(u16, Value)> {
-        let mut args: Vec<String> = vec![
-            "-sS".into(),
-            "--max-time".into(),
-            "20".into(),
-            "--cacert".into(),
-            self.pki.ca.display().to_string(),
-            "-X".into(),
-            method.into(),
-            "-w".into(),
-            "\n%{http_code}".into(),
-        ];
-        args.extend(auth.iter().map(|s| s.to_string()));
-        if let Some(b) = body {
-            args.extend([
-                "-H".into(),
-                "Content-Type: application/json".into(),
-                "--data-binary".into(),
-                b.into(),
-            ]);
-        }
-        args.push(format!("{API}{path}"));
-        let out = run_in(&self.ns, std::path::Path::new("/usr/bin/curl"), &args)?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').context("no status line")?;
-        let code: u16 = code
-            .trim()
-            .parse()
-            .with_context(|| format!("curl: {text}"))?;
-        let value = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_string()));
-        Ok((code, value))
+        let url = format!("{API}{path}");
+        curl_json(&self.ns, &self.pki.ca, 20, method, &url, body, auth)
     }
 
     fn audit(&self) -> Vec<Value> {

@@ -23,7 +23,7 @@ use dots_daemon::pki::{self, San};
 use serde_json::Value;
 use tests::{
     lab::{send, Sink},
-    procs::{bin, eventually, run_in, Proc, TempDir},
+    procs::{bin, curl_json, eventually, run_in, Proc, TempDir},
     unique, veth, BpffsDir, Netns,
 };
 
@@ -309,37 +309,17 @@ naptr-record=signal.example.org,100,10,s,DOTS-CALL-HOME:signal.tcp,,_dots-call-h
 
     /// An API call to node `i` (from the hub); status and JSON body.
     fn call(&self, i: usize, method: &str, path: &str, body: Option<&str>) -> Result<(u16, Value)> {
-        let mut args: Vec<String> = vec![
-            "-sS".into(),
-            "--max-time".into(),
-            "25".into(),
-            "--cacert".into(),
-            self.pki.ca.display().to_string(),
-            "-H".into(),
-            format!("Authorization: Bearer {TOKEN}"),
-            "-X".into(),
-            method.into(),
-            "-w".into(),
-            "\n%{http_code}".into(),
-        ];
-        if let Some(b) = body {
-            args.extend([
-                "-H".into(),
-                "Content-Type: application/json".into(),
-                "--data-binary".into(),
-                b.into(),
-            ]);
-        }
-        args.push(format!("https://{}:8443{path}", node_addr(i)));
-        let out = run_in(&self.hub, Path::new("/usr/bin/curl"), &args)?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').context("no status line")?;
-        let code: u16 = code
-            .trim()
-            .parse()
-            .with_context(|| format!("curl: {text}"))?;
-        let value = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_string()));
-        Ok((code, value))
+        let url = format!("https://{}:8443{path}", node_addr(i));
+        let auth = format!("Authorization: Bearer {TOKEN}");
+        curl_json(
+            &self.hub,
+            &self.pki.ca,
+            25,
+            method,
+            &url,
+            body,
+            &["-H", &auth],
+        )
     }
 
     /// The nodes running.
@@ -422,6 +402,17 @@ naptr-record=signal.example.org,100,10,s,DOTS-CALL-HOME:signal.tcp,,_dots-call-h
         Ok(m)
     }
 
+    /// Mitigation `id` as node `i` shows it once the agent confirmed it
+    /// again (2.04: re-sent by the node that took the agent over).
+    fn wait_reconfirmed(&self, i: usize, id: &str) -> Result<Value> {
+        eventually(Duration::from_secs(10), || {
+            self.mitigation(i, id)
+                .ok()
+                .filter(|m| m["last-code"] == "2.04 Changed")
+        })
+        .with_context(|| format!("{id} not re-confirmed by n{}\n{}", i + 1, self.logs()))
+    }
+
     /// Cuts node `i` from etcd (both ways), or mends it.
     fn partition(&self, i: usize, cut: bool) -> Result<()> {
         let ns = &self.node_ns[i];
@@ -501,12 +492,7 @@ fn request_through_any_node_and_failover_without_loss() -> Result<()> {
     let moved = killed.elapsed();
     eprintln!("agent moved from n{} to n{} in {moved:?}", b + 1, c + 1);
     // Re-sent with its mid, confirmed by the agent (2.04), still one.
-    let m = eventually(Duration::from_secs(10), || {
-        lab.mitigation(c, &id)
-            .ok()
-            .filter(|m| m["last-code"] == "2.04 Changed")
-    })
-    .with_context(|| format!("{id} not re-confirmed by n{}\n{}", c + 1, lab.logs()))?;
+    let m = lab.wait_reconfirmed(c, &id)?;
     assert_eq!(m["state"], "active", "{m}");
     assert_eq!(m["mid"], mid);
     let held = lab.agent_mitigations()?;
@@ -582,12 +568,7 @@ fn partition_and_etcd_restart() -> Result<()> {
     let n = lab.wait_owner(&[o], Duration::from_secs(LEASE_TTL + 15))?;
     let node = lab.nodes[o].as_ref().context("cut node")?;
     node.wait_log("out of touch with etcd", Duration::from_secs(1))?;
-    let m = eventually(Duration::from_secs(10), || {
-        lab.mitigation(n, &id)
-            .ok()
-            .filter(|m| m["last-code"] == "2.04 Changed")
-    })
-    .with_context(|| format!("{id} not re-confirmed by n{}\n{}", n + 1, lab.logs()))?;
+    let m = lab.wait_reconfirmed(n, &id)?;
     assert_eq!(m["mid"], mid);
     assert_eq!(lab.agent_mitigations()?.len(), 1);
 
@@ -680,12 +661,7 @@ fn drain_redirects_agents_to_another_node() -> Result<()> {
     assert_eq!(moved, 1, "{reply}");
 
     let n = lab.wait_owner(&[o], Duration::from_secs(LEASE_TTL + 10))?;
-    let m = eventually(Duration::from_secs(10), || {
-        lab.mitigation(n, &id)
-            .ok()
-            .filter(|m| m["last-code"] == "2.04 Changed")
-    })
-    .with_context(|| format!("{id} not re-confirmed by n{}\n{}", n + 1, lab.logs()))?;
+    let m = lab.wait_reconfirmed(n, &id)?;
     assert_eq!(m["mid"], mid);
     let held = lab.agent_mitigations()?;
     assert_eq!(held.len(), 1, "{held:?}");

@@ -843,10 +843,7 @@ fn machine() -> String {
                 .map(|(_, m)| m.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    let kernel = tests::bench::kernel_release();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);

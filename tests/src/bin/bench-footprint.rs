@@ -550,7 +550,7 @@ fn main() -> Result<()> {
         None => Value::Null,
     };
     let out = json!({
-        "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "kernel": tests::bench::kernel_release(),
         "sizes": sizes,
         "nat_mirror_heap": heap,
         "amd64": {

@@ -578,7 +578,7 @@ fn main() -> Result<()> {
         }));
     }
     let out = json!({
-        "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "kernel": tests::bench::kernel_release(),
         "requests": a.requests,
         "rounds": rounds,
     });

@@ -242,7 +242,7 @@ fn main() -> Result<()> {
     lab.bpftool(&["net", "detach", "xdpdrv", "dev", "d0"])?;
     rows.extend(xdp_filter(&lab, hit, miss, a.frames)?);
     let out = json!({
-        "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "kernel": tests::bench::kernel_release(),
         "frames_per_row": a.frames,
         "rows": rows,
     });
