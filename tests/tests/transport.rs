@@ -108,9 +108,11 @@ fn addr_of(l: &Listener, t: Transport) -> Result<SocketAddr> {
 
 /// Logs to the test output with RUST_LOG=debug.
 fn logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, Layer};
+    let filter = dots_daemon::logging::filter_from_env().unwrap_or_default();
+    let layer = tracing_subscriber::fmt::layer().with_test_writer();
+    let _ = tracing_subscriber::registry()
+        .with(layer.with_filter(filter))
         .try_init();
 }
 

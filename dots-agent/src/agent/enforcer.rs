@@ -19,6 +19,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -68,14 +69,15 @@ pub struct SlotKey {
 pub struct SlotRecord {
     pub key: SlotKey,
     pub slot: SlotId,
-    pub spec: SlotSpec,
+    pub spec: Arc<SlotSpec>,
     pub carried_packets: u64,
     pub carried_bytes: u64,
 }
 
 struct Entry {
     slot: SlotId,
-    spec: SlotSpec,
+    /// Shared with the data plane's model and the state file's record.
+    spec: Arc<SlotSpec>,
     /// `None` for a slot re-adopted from the previous run whose mitigation
     /// is not restored yet: it keeps the expiry the kernel holds.
     lifetime: Option<Lifetime>,
@@ -206,6 +208,7 @@ impl SlotTable {
         spec: SlotSpec,
         lifetime: Option<Lifetime>,
     ) -> Result<SlotId, EnforceError> {
+        let spec = Arc::new(spec);
         let known = self.entries.get(key).and_then(|e| e.lifetime);
         let lifetime = lifetime.or(known).unwrap_or(Lifetime::Indefinite);
         if let Some(slot) = self

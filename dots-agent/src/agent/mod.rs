@@ -5,6 +5,7 @@
 pub mod control;
 mod counting;
 pub mod enforcer;
+pub mod heap;
 mod kernel_log;
 mod live;
 mod memlock;
@@ -219,6 +220,7 @@ pub async fn run(opts: AgentOptions, reload: Option<Reloader>) -> Result<()> {
             opts.notify_interval,
         ));
     }
+    tokio::spawn(heap::return_freed());
     let control = control::bind(&opts.control)?;
     info!(socket = %opts.control.display(), "control socket ready");
     tokio::spawn(control::serve(

@@ -428,7 +428,7 @@ mod tests {
                 mid,
             },
             slot,
-            spec: SlotSpec::default(),
+            spec: SlotSpec::default().into(),
             carried_packets: 7,
             carried_bytes: 700,
         }

@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::Context;
 use dots_proto::signal::{Mitigation, MitigationKey, Phase};
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::enforce::{dataplane::DataplaneStats, Attachment, Dataplane, DataplaneOptions, SlotId};
@@ -136,10 +137,13 @@ pub struct MitigationView {
     pub state: MitigationState,
     /// DOTS status code (1 in progress, 2 successfully mitigated).
     pub status: u8,
-    pub sources: Vec<String>,
+    /// Prefixes, not their text: a router may hold 256 mitigations of many
+    /// prefixes each, and a string per prefix costs about three times the
+    /// prefix. Written as text in JSON all the same.
+    pub sources: Vec<IpNet>,
     pub source_ports: Vec<String>,
     pub icmp_types: Vec<String>,
-    pub targets: Vec<String>,
+    pub targets: Vec<IpNet>,
     pub protocols: Vec<u8>,
     pub target_ports: Vec<String>,
     /// Seconds left, -1 for indefinite.
@@ -154,7 +158,7 @@ pub struct MitigationView {
     /// Sources and targets of the scope that are exempt (never-block, a
     /// peer's address) and so not dropped; the peer is told too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub exempt: Vec<String>,
+    pub exempt: Vec<IpNet>,
     /// The local policy bound this request goes past (why it waits for
     /// consent with `over-limit = "consent"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -215,7 +219,7 @@ impl MitigationView {
             mid: key.mid,
             state: m.phase.into(),
             status: m.status().code() as u8,
-            sources: s.source_prefix.iter().map(ToString::to_string).collect(),
+            sources: s.source_prefix.clone(),
             source_ports: s
                 .source_port_range
                 .iter()
@@ -226,7 +230,7 @@ impl MitigationView {
                 .iter()
                 .map(|r| range(r.lower, r.upper))
                 .collect(),
-            targets: s.target_prefix.iter().map(ToString::to_string).collect(),
+            targets: s.target_prefix.clone(),
             protocols: s.target_protocol.clone(),
             target_ports: s
                 .target_port_range
@@ -243,7 +247,7 @@ impl MitigationView {
                 .exempt
                 .iter()
                 .flat_map(|e| e.sources.iter().chain(&e.targets))
-                .map(ToString::to_string)
+                .copied()
                 .collect(),
             over_limit: m.over_limit.as_ref().map(ToString::to_string),
             action: String::new(),

@@ -181,90 +181,163 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
 /// port range writes thousands of values, each a store, not a syscall. The
 /// program only reads these arrays, and every word is stored whole
 /// (aligned 8-byte stores), so a reader sees each word old or new.
+///
+/// A mapping covers only the pages one read or write needs and lasts as
+/// long as it: the two port arrays are 2 MiB each, kernel memory the maps
+/// hold anyway, and a lasting mapping of them would count 4 MiB in the
+/// agent's resident set.
 pub(super) struct SlotArray {
     pub name: &'static str,
-    /// Keeps the map alive as long as the mapping.
-    _map: MapData,
-    ptr: std::ptr::NonNull<SlotMask>,
+    map: MapData,
     len: usize,
-    bytes: usize,
 }
 
-// SAFETY: the mapping belongs to this value alone and is reached only
-// through it, so moving it to another thread moves the only access.
-unsafe impl Send for SlotArray {}
-
 impl SlotArray {
-    /// Maps `len` slot masks of array `map`.
+    /// The `len` slot masks of array `map`; fails if the map cannot be
+    /// mapped (not created mmapable, or shorter than `len`).
     pub(super) fn open(
         name: &'static str,
         map: MapData,
         len: usize,
     ) -> Result<SlotArray, EnforceError> {
-        use std::os::fd::{AsFd, AsRawFd};
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let bytes = (len * std::mem::size_of::<SlotMask>()).div_ceil(page) * page;
-        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
-        // that the map is mmapable and at least this large.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(EnforceError::Io {
-                action: "mapping",
-                path: name.into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let ptr = std::ptr::NonNull::new(ptr.cast::<SlotMask>()).ok_or(EnforceError::Io {
-            action: "mapping",
-            path: name.into(),
-            source: std::io::Error::other("mmap returned null"),
-        })?;
-        Ok(SlotArray {
-            name,
-            _map: map,
-            ptr,
-            len,
-            bytes,
-        })
-    }
-
-    pub(super) fn get(&self, i: usize) -> SlotMask {
-        assert!(i < self.len, "{}: index {i} out of range", self.name);
-        // SAFETY: in bounds (checked above) of a live mapping of slot masks.
-        unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(i)) }
-    }
-
-    pub(super) fn set(&mut self, i: usize, m: SlotMask) {
-        assert!(i < self.len, "{}: index {i} out of range", self.name);
-        // SAFETY: in bounds of a live mapping; each word is an aligned u64
-        // (the mapping is page-aligned and a mask is four words).
-        unsafe {
-            let words = self.ptr.as_ptr().add(i).cast::<u64>();
-            for (w, bits) in m.bits.iter().enumerate() {
-                std::ptr::write_volatile(words.add(w), *bits);
-            }
-        }
+        let array = SlotArray { name, map, len };
+        array.window(0..len)?;
+        Ok(array)
     }
 
     /// Every value.
-    pub(super) fn read(&self) -> Vec<SlotMask> {
-        (0..self.len).map(|i| self.get(i)).collect()
+    pub(super) fn read(&self) -> Result<Vec<SlotMask>, EnforceError> {
+        let window = self.window(0..self.len)?;
+        Ok((0..self.len).map(|i| window.get(i)).collect())
+    }
+
+    /// Writes `values` to the indices from `first` on.
+    pub(super) fn write(&mut self, first: usize, values: &[SlotMask]) -> Result<(), EnforceError> {
+        let mut window = self.window(first..first + values.len())?;
+        for (i, v) in values.iter().enumerate() {
+            window.set(first + i, v);
+        }
+        Ok(())
+    }
+
+    /// Writes each `(index, value)`, through one mapping from the lowest
+    /// index to the highest.
+    pub(super) fn write_each(&mut self, writes: &[(usize, SlotMask)]) -> Result<(), EnforceError> {
+        let (Some(lo), Some(hi)) = (
+            writes.iter().map(|w| w.0).min(),
+            writes.iter().map(|w| w.0).max(),
+        ) else {
+            return Ok(());
+        };
+        let mut window = self.window(lo..hi + 1)?;
+        for (i, v) in writes {
+            window.set(*i, v);
+        }
+        Ok(())
+    }
+
+    /// Maps the pages that hold `indices`.
+    fn window(&self, indices: std::ops::Range<usize>) -> Result<Window, EnforceError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        if indices.start > indices.end || indices.end > self.len {
+            return Err(EnforceError::Io {
+                action: "mapping",
+                path: self.name.into(),
+                source: std::io::Error::other(format!(
+                    "indices {indices:?} outside the array's {}",
+                    self.len
+                )),
+            });
+        }
+        const SIZE: usize = std::mem::size_of::<SlotMask>();
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let offset = indices.start * SIZE / page * page;
+        let bytes = (indices.end * SIZE).div_ceil(page) * page - offset;
+        let failed = |source| EnforceError::Io {
+            action: "mapping",
+            path: self.name.into(),
+            source,
+        };
+        let file_offset = libc::off_t::try_from(offset)
+            .map_err(|_| failed(std::io::Error::other("offset too large")))?;
+        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
+        // that the map is mmapable and holds `offset + bytes`.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes.max(page),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.map.fd().as_fd().as_raw_fd(),
+                file_offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(failed(std::io::Error::last_os_error()));
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| failed(std::io::Error::other("mmap returned null")))?;
+        Ok(Window {
+            ptr,
+            bytes: bytes.max(page),
+            first: offset / SIZE,
+            indices,
+        })
     }
 }
 
-impl Drop for SlotArray {
+/// A mapping of some pages of a [`SlotArray`], unmapped when dropped.
+struct Window {
+    ptr: std::ptr::NonNull<u8>,
+    bytes: usize,
+    /// The array index at the mapping's first byte.
+    first: usize,
+    /// The indices this window may touch.
+    indices: std::ops::Range<usize>,
+}
+
+impl Window {
+    fn slot(&self, i: usize) -> *mut u64 {
+        assert!(
+            self.indices.contains(&i),
+            "index {i} outside {:?}",
+            self.indices
+        );
+        // SAFETY: `i` is within the mapped indices (checked above), so the
+        // offset stays inside the mapping.
+        unsafe {
+            self.ptr
+                .as_ptr()
+                .add((i - self.first) * std::mem::size_of::<SlotMask>())
+                .cast::<u64>()
+        }
+    }
+
+    fn get(&self, i: usize) -> SlotMask {
+        let words = self.slot(i);
+        let mut m = SlotMask::EMPTY;
+        for (w, bits) in m.bits.iter_mut().enumerate() {
+            // SAFETY: an aligned word of a live mapping (pages are aligned,
+            // a mask is four words).
+            *bits = unsafe { std::ptr::read_volatile(words.add(w)) };
+        }
+        m
+    }
+
+    fn set(&mut self, i: usize, m: &SlotMask) {
+        let words = self.slot(i);
+        for (w, bits) in m.bits.iter().enumerate() {
+            // SAFETY: as in `get`; each word is stored whole.
+            unsafe { std::ptr::write_volatile(words.add(w), *bits) };
+        }
+    }
+}
+
+impl Drop for Window {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `open`, used no more.
+        // SAFETY: unmaps exactly the mapping made in `SlotArray::window`,
+        // used no more.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
     }
 }

@@ -502,16 +502,16 @@ impl Model {
         ] {
             let t = self.table(table);
             for p in t.prefixes() {
-                let e = self.source_entry(table, p);
+                let e = self.source_entry(table, &p);
                 if p.len < t.width() {
-                    trie.insert(*p, e);
+                    trie.insert(p, e);
                 }
-                hash.insert(*p, e);
+                hash.insert(p, e);
             }
         }
         for (table, out) in [(TableId::Dst4, &mut c.dst4), (TableId::Dst6, &mut c.dst6)] {
             for p in self.table(table).prefixes() {
-                out.insert(*p, self.mask_entry(table, p));
+                out.insert(p, self.mask_entry(table, &p));
             }
         }
         c.arrays = ArrayId::ALL.map(|a| match &self.arrays[a as usize] {
@@ -768,11 +768,12 @@ mod tests {
     #[test]
     fn constraints_split_any_masks() {
         let mut s = spec(&["10.0.0.0/8"], &["192.0.2.1/32"]);
-        s.spec.protocols = vec![17];
-        s.spec.source_ports = vec![Range::new(1000, 1001)];
-        s.spec.target_ports = vec![Range::single(53)];
+        let spec_s = std::sync::Arc::make_mut(&mut s.spec);
+        spec_s.protocols = vec![17];
+        spec_s.source_ports = vec![Range::new(1000, 1001)];
+        spec_s.target_ports = vec![Range::single(53)];
         let mut t = spec(&["10.0.0.0/8"], &["192.0.2.1/32"]);
-        t.spec.icmp_types = vec![Range::new(0, 255)];
+        std::sync::Arc::make_mut(&mut t.spec).icmp_types = vec![Range::new(0, 255)];
         let c = build(&[(3, s), (4, t)]);
         assert_eq!(c.policy.any_proto, SlotMask::single(4));
         assert_eq!(c.policy.any_l4, SlotMask::EMPTY);

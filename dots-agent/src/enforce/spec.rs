@@ -107,7 +107,9 @@ pub struct SlotSpec {
 /// A slot as the classifier holds it: what it matches, and when it ends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slot {
-    pub spec: SlotSpec,
+    /// Shared, not copied: the agent's slot table and the data plane's
+    /// model both hold the slot, and a spec may name thousands of prefixes.
+    pub spec: std::sync::Arc<SlotSpec>,
     /// `CLOCK_BOOTTIME` nanoseconds ([`super::clock`]) from which the XDP
     /// program itself ignores the slot, whether or not user space is still
     /// there to remove it.
@@ -115,17 +117,17 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub fn new(spec: SlotSpec, expires_ns: u64) -> Slot {
-        Slot { spec, expires_ns }
+    pub fn new(spec: impl Into<std::sync::Arc<SlotSpec>>, expires_ns: u64) -> Slot {
+        Slot {
+            spec: spec.into(),
+            expires_ns,
+        }
     }
 
     /// A slot that never expires on its own: for tests and benchmarks of the
     /// data plane alone. The agent always gives its slots an expiry.
     pub fn without_expiry(spec: SlotSpec) -> Slot {
-        Slot {
-            spec,
-            expires_ns: u64::MAX,
-        }
+        Slot::new(spec, u64::MAX)
     }
 }
 

@@ -62,7 +62,7 @@ fn real_main(cli: Cli) -> Result<()> {
 fn run(flags: &RunFlags, log_format: Option<LogFormat>) -> Result<()> {
     let config = flags.load(log_format)?;
     logging::init(config.log_format);
-    fixed_mmap_threshold();
+    dots_agent::agent::heap::fixed_mmap_threshold();
     // One thread: the agent's tasks do short work (a request, a heartbeat,
     // a counter read); what blocks (conntrack and address events, state
     // files) has threads of its own. No worker threads to keep, nor their
@@ -75,20 +75,6 @@ fn run(flags: &RunFlags, log_format: Option<LogFormat>) -> Result<()> {
         let reload = agent::startup::reloader(flags.clone());
         agent::run(opts, Some(reload)).await
     })
-}
-
-/// Large blocks (the data plane's port tables, 2 MiB each, copied on every
-/// change; the kernel's BTF read at load) straight from mmap and back to the
-/// kernel when freed. By default glibc raises this threshold to the size
-/// of the last large block freed, and keeps every later one on its heap:
-/// measured, 12 MiB more resident after the first mitigations, never
-/// returned.
-fn fixed_mmap_threshold() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a malloc parameter, under malloc's own lock.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-    }
 }
 
 /// `dots-agent detach`: the bpffs directory from `--bpffs`, else from the

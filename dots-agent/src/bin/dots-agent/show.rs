@@ -106,7 +106,10 @@ pub(crate) fn mitigations(list: &[MitigationView]) {
         }
         if !m.exempt.is_empty() {
             // Never-block prefixes and peers' addresses: left out of the drop.
-            println!("  exempt, not dropped: {}", m.exempt.join(", "));
+            println!(
+                "  exempt, not dropped: {}",
+                dots_daemon::logging::list(&m.exempt)
+            );
         }
         if let Some(bound) = &m.over_limit {
             println!("  past local policy: {bound}");

@@ -267,11 +267,11 @@ impl Dataplane {
         }
         for &(a, lo, hi) in &changes.arrays {
             let values = self.model.array(a);
-            let array = &mut self.arrays[a as usize];
-            for (i, v) in values.iter().enumerate().take(hi + 1).skip(lo) {
-                array.set(i, *v);
-            }
-            writes += hi + 1 - lo;
+            let Some(values) = values.get(lo..=hi) else {
+                continue;
+            };
+            self.arrays[a as usize].write(lo, values)?;
+            writes += values.len();
         }
         Ok(writes)
     }
@@ -349,6 +349,10 @@ impl Dataplane {
         for slot in slots_of(&policy.active) {
             configs.insert(slot, self.configs.get(slot)?);
         }
+        let mut arrays: [Vec<SlotMask>; 4] = Default::default();
+        for a in ArrayId::ALL {
+            arrays[a as usize] = self.arrays[a as usize].read()?;
+        }
         Ok(Contents {
             slots: policy.active,
             policy,
@@ -359,7 +363,7 @@ impl Dataplane {
             src6_lpm: self.src6_lpm.read()?,
             dst4: self.dst4.read()?,
             dst6: self.dst6.read()?,
-            arrays: ArrayId::ALL.map(|a| self.arrays[a as usize].read()),
+            arrays,
         })
     }
 
@@ -415,8 +419,13 @@ impl Dataplane {
         for (map, d) in mask_maps.into_iter().zip(&masks) {
             report.writes += write_diff(map, d)?;
         }
-        for (a, i, v) in &array_writes {
-            self.arrays[*a].set(*i, *v);
+        for (a, array) in self.arrays.iter_mut().enumerate() {
+            let writes: Vec<(usize, SlotMask)> = array_writes
+                .iter()
+                .filter(|w| w.0 == a)
+                .map(|w| (w.1, w.2))
+                .collect();
+            array.write_each(&writes)?;
         }
         report.writes += array_writes.len();
 
