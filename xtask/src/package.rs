@@ -175,15 +175,53 @@ pub(crate) fn release_build(cross: Option<(&str, &str)>) -> Result<()> {
 
 /// `--target triple` and Debian's cross tools (`prefix`-gcc, -ar) as
 /// linker and C compiler for a cargo build.
+///
+/// gcc links with the toolchain's own lld (`rust-lld`, shipped with
+/// rustc) when it is there: Debian 12's cross ld (binutils 2.40) ignores
+/// `-z pack-relative-relocs` for arm64, and the unpacked relative
+/// relocations of a position-independent binary cost about 0.75 MB of the
+/// arm64 agent (measured: 8.62 MB with ld, 7.84 MB with lld).
 pub(crate) fn cross_env(cmd: &mut Command, triple: &str, prefix: &str) {
     cmd.args(["--target", triple]);
     let var = triple.replace('-', "_");
+    let upper = var.to_uppercase();
     cmd.env(
-        format!("CARGO_TARGET_{}_LINKER", var.to_uppercase()),
+        format!("CARGO_TARGET_{upper}_LINKER"),
         format!("{prefix}-gcc"),
     )
     .env(format!("CC_{var}"), format!("{prefix}-gcc"))
     .env(format!("AR_{var}"), format!("{prefix}-ar"));
+    match rust_lld_dir() {
+        Some(dir) => {
+            cmd.env(
+                format!("CARGO_TARGET_{upper}_RUSTFLAGS"),
+                format!("-Clink-arg=-fuse-ld=lld -Clink-arg=-B{}", dir.display()),
+            );
+        }
+        None => {
+            step("no rust-lld in the toolchain: linking with the cross ld (larger arm64 binary)")
+        }
+    }
+}
+
+/// The directory of the toolchain's `ld.lld` wrapper around rust-lld
+/// (`<sysroot>/lib/rustlib/<host>/bin/gcc-ld`), for `gcc -fuse-ld=lld -B`.
+fn rust_lld_dir() -> Option<PathBuf> {
+    let out = cargo_rustc().args(["--print", "sysroot"]).output().ok()?;
+    let host = cargo_rustc()
+        .args(["--print", "host-tuple"])
+        .output()
+        .ok()?;
+    if !out.status.success() || !host.status.success() {
+        return None;
+    }
+    let sysroot = String::from_utf8(out.stdout).ok()?;
+    let host = String::from_utf8(host.stdout).ok()?;
+    let dir = Path::new(sysroot.trim())
+        .join("lib/rustlib")
+        .join(host.trim())
+        .join("bin/gcc-ld");
+    dir.join("ld.lld").is_file().then_some(dir)
 }
 
 /// Runs `bin man` and `bin completions SHELL` into `out` (emptied first, so
