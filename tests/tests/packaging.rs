@@ -187,6 +187,18 @@ impl Unpacked {
             depends.contains("libc6") && depends.contains("adduser"),
             "{name}: Depends: {depends}"
         );
+        // Packed relative relocations need glibc 2.36, which
+        // dpkg-shlibdeps does not infer from the binary.
+        let versions = Command::new("readelf")
+            .arg("-V")
+            .arg(self.root().join(format!("usr/bin/{name}")))
+            .output()?;
+        if String::from_utf8_lossy(&versions.stdout).contains("GLIBC_ABI_DT_RELR") {
+            ensure!(
+                depends.contains("libc6 (>= 2.36)"),
+                "{name} packs its relocations (DT_RELR) but Depends: {depends}"
+            );
+        }
         for rel in [
             "usr/bin/{}",
             "lib/systemd/system/{}.service",
