@@ -116,9 +116,7 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(load_error)?;
         let program: &mut Xdp = xdp_program(&mut ebpf, names::PROGRAM)?;
-        program
-            .load()
-            .map_err(|e| load_error_program(e, names::PROGRAM))?;
+        load_program(program, names::PROGRAM)?;
 
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
@@ -276,11 +274,28 @@ impl Dataplane {
     pub fn pass_program_fd(&mut self) -> Result<std::os::fd::OwnedFd, EnforceError> {
         let program: &mut Xdp = xdp_program(&mut self.ebpf, names::PASS_PROGRAM)?;
         if program.fd().is_err() {
-            program
-                .load()
-                .map_err(|e| load_error_program(e, names::PASS_PROGRAM))?;
+            load_program(program, names::PASS_PROGRAM)?;
         }
         program_fd(&mut self.ebpf, names::PASS_PROGRAM)
+    }
+}
+
+/// Loads `program`, again when the kernel answers EAGAIN: the verifier
+/// gives up on a long verification when a signal is pending for the
+/// process (a child exiting, a SIGHUP), and the classifier takes long to
+/// verify. libbpf retries the same way, as many times.
+fn load_program(program: &mut Xdp, name: &str) -> Result<(), EnforceError> {
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 1;
+    loop {
+        match program.load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            other => return other.map_err(|e| load_error_program(e, name)),
+        }
     }
 }
 
