@@ -469,8 +469,15 @@ fn session_survives_30_percent_packet_loss() -> Result<()> {
         created >= 3,
         "only {created} of 5 requests succeeded under 30% loss"
     );
-    let (ok, _) = lab.client("isp", &["status"])?;
-    assert!(ok);
+    // The session is still up: the listener holds it, and a GET over the
+    // same lossy path gets through within three tries (one try fails about
+    // 7% of the time, like a PUT above; three in a row 0.03%).
+    assert!(
+        lab.connected("isp")?.iter().any(|a| a["id"] == "cpe1"),
+        "the agent's session is gone"
+    );
+    let status_ok = (0..3).any(|_| lab.client("isp", &["status"]).is_ok_and(|(ok, _)| ok));
+    assert!(status_ok, "status failed three times under 30% loss");
     Ok(())
 }
 
