@@ -151,11 +151,34 @@ impl Proc {
         log: PathBuf,
         env: &[(String, String)],
     ) -> Result<Proc> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", ns.name)).arg(bin);
+        Proc::start(cmd, name, args, log, env)
+    }
+
+    /// [`Proc::spawn_with_env`] in this process's own network namespace
+    /// (the benchmarks' daemons on loopback addresses).
+    pub fn spawn_here(
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        log: PathBuf,
+        env: &[(String, String)],
+    ) -> Result<Proc> {
+        Proc::start(Command::new(bin), name, args, log, env)
+    }
+
+    /// Runs `cmd args...`, logging stdout and stderr to `log`.
+    fn start(
+        mut cmd: Command,
+        name: &str,
+        args: &[String],
+        log: PathBuf,
+        env: &[(String, String)],
+    ) -> Result<Proc> {
         let out = fs::File::create(&log)?;
         let err = out.try_clone()?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", ns.name))
-            .arg(bin)
+        let child = cmd
             .args(args)
             .env(
                 "RUST_LOG",

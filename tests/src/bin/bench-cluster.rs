@@ -43,7 +43,7 @@ use tests::{
         agent_name, customer_addr, enter_netns, percentile, write_json, write_section, ApiClient,
         BenchArgs,
     },
-    procs::{bin, TempDir},
+    procs::{bin, Proc, TempDir},
 };
 use tokio::sync::{watch, Semaphore};
 
@@ -225,45 +225,21 @@ fn logs(dir: &TempDir) -> String {
     out
 }
 
-/// A child process, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Child(std::process::Child);
-
-impl Child {
-    fn kill9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(program: &Path, args: &[String], log: &Path) -> Result<Child> {
-    let out = std::fs::File::create(log)?;
-    let err = out.try_clone()?;
-    std::process::Command::new(program)
-        .args(args)
-        .env(
-            "RUST_LOG",
-            std::env::var("DOTS_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .map(Child)
-        .with_context(|| format!("starting {}", program.display()))
+/// `program args...` in the bench's own namespace, logging to `log` at
+/// `DOTS_BENCH_LOG` (default warn); stopped when dropped.
+fn spawn(program: &Path, args: &[String], log: &Path) -> Result<Proc> {
+    let level = std::env::var("DOTS_BENCH_LOG").unwrap_or_else(|_| "warn".into());
+    let name = program.file_name().map_or_else(
+        || program.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    Proc::spawn_here(
+        &name,
+        program,
+        args,
+        log.to_path_buf(),
+        &[("RUST_LOG".into(), level)],
+    )
 }
 
 fn wait_log(log: &Path, needle: &str, timeout: Duration) -> Result<()> {
@@ -366,7 +342,7 @@ async fn measure(
             customer_addr(i)
         ));
     }
-    let mut nodes: Vec<Option<Child>> = Vec::new();
+    let mut nodes: Vec<Option<Proc>> = Vec::new();
     for k in 0..NODES {
         let state = dir.path.join(format!("n{k}"));
         std::fs::create_dir_all(&state)?;
@@ -535,7 +511,7 @@ async fn measure(
     let killed_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
-    nodes[victim].as_mut().context("victim")?.kill9();
+    nodes[victim].as_mut().context("victim")?.kill();
     nodes[victim] = None;
     apis[victim] = None;
     let survivor = (0..NODES).find(|k| *k != victim).context("survivor")?;

@@ -41,7 +41,7 @@ use tests::{
         agent_name, customer_addr, enter_netns, percentile, write_json, write_section, ApiClient,
         BenchArgs,
     },
-    procs::{bin, TempDir},
+    procs::{bin, Proc, TempDir},
 };
 use tokio::sync::{watch, Semaphore};
 
@@ -282,7 +282,7 @@ async fn measure(s: &Setup, n: usize, transport: Transport, a: &Args) -> Result<
     let state = s.dir.path.join(format!("state-{n}-{}", transport.as_str()));
     let config = client_config(s, n, transport, &state)?;
     let client = spawn_client(&config, &s.dir.path.join(format!("client-{n}.log")))?;
-    let pid = client.id();
+    let pid = client.pid();
     wait_for(
         &state.join("control.sock"),
         &s.dir.path.join(format!("client-{n}.log")),
@@ -441,43 +441,20 @@ async fn measure(s: &Setup, n: usize, transport: Transport, a: &Args) -> Result<
     })
 }
 
-/// The client process; stopped (SIGTERM, then SIGKILL) when dropped, also
+/// The client process, stopped (SIGTERM, then SIGKILL) when dropped, also
 /// when a measurement fails half-way.
-struct Client(std::process::Child);
-
-impl Client {
-    fn id(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_client(config: &Path, log: &Path) -> Result<Client> {
-    let out = std::fs::File::create(log)?;
-    let err = out.try_clone()?;
-    std::process::Command::new(bin("dots-client")?)
-        .args(["listen", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .map(Client)
-        .context("starting dots-client")
+fn spawn_client(config: &Path, log: &Path) -> Result<Proc> {
+    Proc::spawn_here(
+        "dots-client",
+        &bin("dots-client")?,
+        &[
+            "listen".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+        log.to_path_buf(),
+        &[("RUST_LOG".into(), "warn".into())],
+    )
 }
 
 /// Waits until the client's control socket exists (it is bound last).
