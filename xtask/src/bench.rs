@@ -152,10 +152,7 @@ fn nat() -> Result<()> {
 /// `target/bench/sessions.json` and the "## Sessions" section of
 /// docs/benchmarks.md.
 fn sessions() -> Result<()> {
-    step("building the release dots-client the benchmark runs");
-    let mut build = cargo();
-    build.args(["build", "--release", "-p", "dots-client"]);
-    crate::run(&mut build)?;
+    release_client()?;
     run_bench(
         "bench-sessions",
         "sessions.json",
@@ -168,15 +165,20 @@ fn sessions() -> Result<()> {
 /// failover; writes `target/bench/cluster.json` and the "## Cluster"
 /// section of docs/benchmarks.md.
 fn cluster() -> Result<()> {
-    step("building the release dots-client the benchmark runs");
-    let mut build = cargo();
-    build.args(["build", "--release", "-p", "dots-client"]);
-    crate::run(&mut build)?;
+    release_client()?;
     run_bench(
         "bench-cluster",
         "cluster.json",
         "benchmarking the cluster (3 nodes, etcd, 1,000 agents; a few minutes)",
     )
+}
+
+/// Builds the release dots-client that the sessions and cluster benches run.
+fn release_client() -> Result<()> {
+    step("building the release dots-client the benchmark runs");
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "dots-client"]);
+    crate::run(&mut build)
 }
 
 /// Runs a measuring program of the tests crate in release mode; it writes
